@@ -1,0 +1,25 @@
+//! The policy model of the data sandbox: datasets with per-column levels and roles, grants of modes
+//! to principals, and the decisions derived from them.
+//!
+//! This crate is pure on purpose: it knows nothing of tokio, tonic, DataFusion or wasmtime, so the
+//! rules can be read, tested and fuzzed on their own. The stages that enforce the rules (the plan
+//! guard in `sandbox-sql`, the release gate in `sandbox-release`) take their parameters from here.
+//!
+//! Key types:
+//! - [`PolicySet`]: every dataset and grant, loaded strictly from TOML by [`load_dir`] or
+//!   [`load_sources`]; errors name the file and line.
+//! - [`DatasetPolicy`] / [`ColumnPolicy`]: a dataset, its privacy unit and its columns with
+//!   [`Level`] and [`Role`]. A column that is not listed is hidden.
+//! - [`Grant`] and [`AggregateMode`]: what a principal, an org or a role may do with a dataset.
+//! - [`Principal`]: an authenticated caller (id, org, roles).
+
+mod error;
+mod load;
+mod model;
+
+pub use error::{PolicyError, Result};
+pub use load::{load_dir, load_sources};
+pub use model::{
+    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
+    PolicySet, Principal, PrincipalRole, Role,
+};

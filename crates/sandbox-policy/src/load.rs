@@ -1,0 +1,393 @@
+//! Strict loading of policy files. An unknown key, a missing field, an unknown level or role, a
+//! column the dataset does not declare, or a grant to an unknown dataset is an error naming the file
+//! and line.
+//!
+//! A policy file is one department's policy: `org = "..."`, the datasets it owns (`[[dataset]]`
+//! with `[[dataset.column]]`) and the grants it gives on them (`[[grant]]`). A department can only
+//! grant what it owns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{PolicyError, Result};
+use crate::model::{
+    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level,
+    Location, PolicySet, PrincipalRole, Role,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    org: Spanned<String>,
+    #[serde(default)]
+    dataset: Vec<Spanned<RawDataset>>,
+    #[serde(default)]
+    grant: Vec<Spanned<RawGrant>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataset {
+    id: Spanned<String>,
+    #[serde(default)]
+    description: String,
+    source: Spanned<Vec<String>>,
+    privacy_unit: Spanned<String>,
+    column: Vec<Spanned<RawColumn>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumn {
+    name: Spanned<String>,
+    level: Spanned<String>,
+    role: Spanned<String>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    dataset: Spanned<String>,
+    principal: Option<String>,
+    org: Option<String>,
+    role: Option<Spanned<String>>,
+    aggregate: Option<Spanned<RawAggregate>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAggregate {
+    min_units: Spanned<i64>,
+    functions: Option<Vec<Spanned<String>>>,
+}
+
+/// Loads every `*.toml` file of a directory, in name order.
+pub fn load_dir(dir: &Path) -> Result<PolicySet> {
+    let entries = std::fs::read_dir(dir).map_err(|source| PolicyError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| PolicyError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+            paths.push(path);
+        }
+    }
+    if paths.is_empty() {
+        return Err(PolicyError::Empty(dir.to_path_buf()));
+    }
+    paths.sort();
+    let mut sources = Vec::with_capacity(paths.len());
+    for path in paths {
+        let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        sources.push((path.display().to_string(), text));
+    }
+    load_sources(&sources)
+}
+
+/// Loads policy files given as (name, text) pairs; the name is used in error messages.
+pub fn load_sources(sources: &[(String, String)]) -> Result<PolicySet> {
+    let mut parsed = Vec::with_capacity(sources.len());
+    for (name, text) in sources {
+        let raw: RawFile = toml::from_str(text).map_err(|e| PolicyError::Syntax {
+            file: name.clone(),
+            line: e.span().map_or(1, |s| line_of(text, s.start)),
+            message: e.message().to_string(),
+        })?;
+        parsed.push((name.as_str(), text.as_str(), raw));
+    }
+
+    let mut set = PolicySet::default();
+    // Datasets first, from every file, so that grants can be checked against all of them.
+    for (file, text, raw) in &parsed {
+        let at = |offset: usize| Location {
+            file: file.to_string(),
+            line: line_of(text, offset),
+        };
+        check_identifier(raw.org.get_ref(), "org", &at(raw.org.span().start))?;
+        for dataset in &raw.dataset {
+            let dataset_policy = build_dataset(raw.org.get_ref(), dataset, &at)?;
+            if let Some(previous) = set.datasets.get(&dataset_policy.id) {
+                return Err(invalid(
+                    &dataset_policy.location,
+                    format!(
+                        "dataset `{}` is already declared at {}",
+                        dataset_policy.id, previous.location
+                    ),
+                ));
+            }
+            set.datasets
+                .insert(dataset_policy.id.clone(), dataset_policy);
+        }
+    }
+    for (file, text, raw) in &parsed {
+        let at = |offset: usize| Location {
+            file: file.to_string(),
+            line: line_of(text, offset),
+        };
+        for grant in &raw.grant {
+            let grant = build_grant(raw.org.get_ref(), grant, &set.datasets, &at)?;
+            set.grants.push(grant);
+        }
+    }
+    Ok(set)
+}
+
+fn build_dataset(
+    org: &str,
+    raw: &Spanned<RawDataset>,
+    at: &dyn Fn(usize) -> Location,
+) -> Result<DatasetPolicy> {
+    let location = at(raw.span().start);
+    let raw = raw.get_ref();
+    let id = raw.id.get_ref().clone();
+    check_identifier(&id, "dataset id", &at(raw.id.span().start))?;
+    let source_location = at(raw.source.span().start);
+    if raw.source.get_ref().is_empty() {
+        return Err(invalid(&source_location, format!("dataset `{id}` has no source")));
+    }
+    for source in raw.source.get_ref() {
+        let path = Path::new(source);
+        let escapes = path.is_absolute()
+            || path
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)));
+        if source.is_empty() || escapes {
+            return Err(invalid(
+                &source_location,
+                format!(
+                    "dataset `{id}`: source `{source}` must be a relative path inside the data dir"
+                ),
+            ));
+        }
+    }
+
+    let mut columns: Vec<ColumnPolicy> = Vec::with_capacity(raw.column.len());
+    for column in &raw.column {
+        let column_location = at(column.span().start);
+        let column = column.get_ref();
+        let name = column.name.get_ref().clone();
+        check_identifier(&name, "column name", &column_location)?;
+        if let Some(previous) = columns.iter().find(|c| c.name == name) {
+            return Err(invalid(
+                &column_location,
+                format!(
+                    "column `{name}` of dataset `{id}` is already declared at line {}",
+                    previous.location.line
+                ),
+            ));
+        }
+        let level: Level = column
+            .level
+            .get_ref()
+            .parse()
+            .map_err(|m| invalid(&at(column.level.span().start), m))?;
+        let role: Role = column
+            .role
+            .get_ref()
+            .parse()
+            .map_err(|m| invalid(&at(column.role.span().start), m))?;
+        if !level.allows_role(role) {
+            return Err(invalid(
+                &at(column.role.span().start),
+                format!(
+                    "column `{name}` of dataset `{id}`: level {} does not allow role `{}` \
+                     (L4 columns may only be measures or hidden)",
+                    level.as_str(),
+                    role.as_str()
+                ),
+            ));
+        }
+        columns.push(ColumnPolicy {
+            name,
+            level,
+            role,
+            description: column.description.clone(),
+            location: column_location,
+        });
+    }
+
+    let unit = raw.privacy_unit.get_ref();
+    let unit_location = at(raw.privacy_unit.span().start);
+    match columns.iter().find(|c| &c.name == unit) {
+        None => {
+            return Err(invalid(
+                &unit_location,
+                format!("dataset `{id}`: privacy unit `{unit}` is not a declared column"),
+            ));
+        }
+        Some(c) if c.role != Role::Identifier => {
+            return Err(invalid(
+                &unit_location,
+                format!(
+                    "dataset `{id}`: privacy unit `{unit}` must have role `identifier`, not `{}`",
+                    c.role.as_str()
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
+    if let Some(other) = columns
+        .iter()
+        .find(|c| c.role == Role::Identifier && &c.name != unit)
+    {
+        return Err(invalid(
+            &other.location,
+            format!(
+                "dataset `{id}`: column `{}` has role `identifier` but only the privacy unit \
+                 `{unit}` may",
+                other.name
+            ),
+        ));
+    }
+
+    Ok(DatasetPolicy {
+        id,
+        owner: org.to_string(),
+        description: raw.description.clone(),
+        source: raw.source.get_ref().clone(),
+        privacy_unit: unit.clone(),
+        columns,
+        location,
+    })
+}
+
+fn build_grant(
+    org: &str,
+    raw: &Spanned<RawGrant>,
+    datasets: &BTreeMap<String, DatasetPolicy>,
+    at: &dyn Fn(usize) -> Location,
+) -> Result<Grant> {
+    let location = at(raw.span().start);
+    let raw = raw.get_ref();
+    let dataset_id = raw.dataset.get_ref();
+    let dataset_location = at(raw.dataset.span().start);
+    let Some(dataset) = datasets.get(dataset_id) else {
+        return Err(invalid(
+            &dataset_location,
+            format!("grant to unknown dataset `{dataset_id}`"),
+        ));
+    };
+    if dataset.owner != org {
+        return Err(invalid(
+            &dataset_location,
+            format!(
+                "grant on dataset `{dataset_id}` owned by `{}`: only the owning org `{}` may grant it",
+                dataset.owner, dataset.owner
+            ),
+        ));
+    }
+
+    let grantee = match (&raw.principal, &raw.org, &raw.role) {
+        (Some(p), None, None) => Grantee::Principal(p.clone()),
+        (None, Some(o), None) => Grantee::Org(o.clone()),
+        (None, None, Some(r)) => Grantee::Role(
+            r.get_ref()
+                .parse::<PrincipalRole>()
+                .map_err(|m| invalid(&at(r.span().start), m))?,
+        ),
+        _ => {
+            return Err(invalid(
+                &location,
+                "a grant names exactly one of `principal`, `org` or `role`".to_string(),
+            ));
+        }
+    };
+
+    let aggregate = match &raw.aggregate {
+        None => None,
+        Some(mode) => {
+            let mode_location = at(mode.span().start);
+            let mode = mode.get_ref();
+            let min_units = *mode.min_units.get_ref();
+            if min_units < 2 {
+                return Err(invalid(
+                    &at(mode.min_units.span().start),
+                    format!("min_units must be at least 2, got {min_units}"),
+                ));
+            }
+            let functions: BTreeSet<AggregateFunction> = match &mode.functions {
+                None => AggregateFunction::DEFAULT.into_iter().collect(),
+                Some(list) => {
+                    let mut set = BTreeSet::new();
+                    for name in list {
+                        set.insert(
+                            name.get_ref()
+                                .parse::<AggregateFunction>()
+                                .map_err(|m| invalid(&at(name.span().start), m))?,
+                        );
+                    }
+                    set
+                }
+            };
+            if functions.is_empty() {
+                return Err(invalid(
+                    &mode_location,
+                    "aggregate mode allows no function".to_string(),
+                ));
+            }
+            Some(AggregateMode {
+                min_units: u64::try_from(min_units).expect("checked to be at least 2"),
+                functions,
+            })
+        }
+    };
+    if aggregate.is_none() {
+        return Err(invalid(
+            &location,
+            format!("grant on `{dataset_id}` gives no mode (expected `[grant.aggregate]`)"),
+        ));
+    }
+
+    Ok(Grant {
+        dataset: dataset_id.clone(),
+        grantee,
+        aggregate,
+        location,
+    })
+}
+
+/// Ids and names are lowercase ASCII identifiers, so they can be used as SQL names unquoted and
+/// cannot smuggle path separators or quotes.
+fn check_identifier(value: &str, what: &str, location: &Location) -> Result<()> {
+    let mut chars = value.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid && value.len() <= 64 {
+        Ok(())
+    } else {
+        Err(invalid(
+            location,
+            format!("{what} `{value}` must be a lowercase identifier ([a-z][a-z0-9_]*, at most 64)"),
+        ))
+    }
+}
+
+fn invalid(location: &Location, message: String) -> PolicyError {
+    PolicyError::Invalid {
+        file: location.file.clone(),
+        line: location.line,
+        message,
+    }
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}

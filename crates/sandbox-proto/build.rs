@@ -1,0 +1,19 @@
+//! Compiles `proto/sandbox/v1/*.proto` with protox (pure Rust, no system protoc) and generates
+//! tonic client and server code with tonic-prost-build.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = [
+        root.join("sandbox/v1/sandbox.proto"),
+        root.join("sandbox/v1/audit.proto"),
+    ];
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    let descriptors = protox::compile(&files, [&root])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! The release gate: the one way a result leaves the sandbox, for SQL and (later) WASM jobs alike.
+//!
+//! The execute stage hands the gate Arrow batches that still carry hidden columns added by the
+//! plan guard's rewrite: [`UNITS_COLUMN`] holds, per output row, how many distinct privacy units
+//! contributed to it (capped at the threshold, which is all the gate needs to know). The gate
+//!
+//! 1. refuses input without the hidden unit count (fail closed: a plan that lost it is not
+//!    released at all);
+//! 2. suppresses every row below `min_units` and counts it;
+//! 3. applies the query's `OFFSET`/`LIMIT` *after* suppression, so a limit cannot be used to learn
+//!    which rows would have been suppressed;
+//! 4. strips every hidden column (any name starting with [`HIDDEN_PREFIX`]).
+//!
+//! The result is a [`Released`], which only [`release`] can build: the delivery stage takes a
+//! `Released`, so no code path can send rows that did not pass the gate.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow::ipc::writer::StreamWriter;
+
+/// Prefix of every column the sandbox adds for its own checks. Users may not name columns so.
+pub const HIDDEN_PREFIX: &str = "__sandbox_";
+/// Hidden column with the (capped) count of distinct privacy units behind an output row.
+pub const UNITS_COLUMN: &str = "__sandbox_units";
+
+/// Why the gate refused to release anything.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("result lacks the hidden unit count column; nothing is released")]
+    MissingUnitCount,
+    #[error("hidden unit count column has type {0}, expected UInt64; nothing is released")]
+    UnitCountType(DataType),
+    #[error("batch schema differs from the result schema; nothing is released")]
+    SchemaMismatch,
+    #[error("result exceeds the release limit of {limit} rows")]
+    TooManyRows { limit: usize },
+    #[error("cannot process result batches: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+impl ReleaseError {
+    /// Stable code, shown to clients and recorded in the journal.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReleaseError::MissingUnitCount => "release-missing-unit-count",
+            ReleaseError::UnitCountType(_) => "release-unit-count-type",
+            ReleaseError::SchemaMismatch => "release-schema-mismatch",
+            ReleaseError::TooManyRows { .. } => "release-too-many-rows",
+            ReleaseError::Arrow(_) => "release-arrow",
+        }
+    }
+}
+
+pub type Result<T, E = ReleaseError> = std::result::Result<T, E>;
+
+/// What the gate enforces for one job.
+#[derive(Debug, Clone)]
+pub struct GatePolicy {
+    /// Distinct privacy units every released row must cover.
+    pub min_units: u64,
+    /// Rows to skip after suppression (the query's `OFFSET`).
+    pub skip: usize,
+    /// Most rows to release after suppression (the query's `LIMIT`).
+    pub fetch: Option<usize>,
+    /// Hard cap on released rows; above it nothing is released.
+    pub max_rows: usize,
+}
+
+/// What the caller is told about the release.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReleaseSummary {
+    pub rows_released: u64,
+    pub rows_suppressed: u64,
+    pub min_units: u64,
+}
+
+/// A result that passed the gate. Only [`release`] constructs it.
+#[derive(Debug, Clone)]
+pub struct Released {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    summary: ReleaseSummary,
+}
+
+impl Released {
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+    pub fn batches(&self) -> &[RecordBatch] {
+        &self.batches
+    }
+    pub fn summary(&self) -> ReleaseSummary {
+        self.summary
+    }
+
+    /// The released rows as one Arrow IPC stream (schema, batches, end marker): the exact bytes
+    /// whose SHA-256 the journal records and the client receives.
+    pub fn to_ipc_stream(&self) -> Result<Vec<u8>> {
+        let mut buffer = Vec::new();
+        {
+            let mut writer = StreamWriter::try_new(&mut buffer, &self.schema)?;
+            for batch in &self.batches {
+                writer.write(batch)?;
+            }
+            writer.finish()?;
+        }
+        Ok(buffer)
+    }
+}
+
+/// Passes a result through the gate.
+pub fn release(schema: SchemaRef, batches: Vec<RecordBatch>, policy: &GatePolicy) -> Result<Released> {
+    let units_index = schema
+        .index_of(UNITS_COLUMN)
+        .map_err(|_| ReleaseError::MissingUnitCount)?;
+    let units_type = schema.field(units_index).data_type();
+    if units_type != &DataType::UInt64 {
+        return Err(ReleaseError::UnitCountType(units_type.clone()));
+    }
+    let visible: Vec<usize> = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| !f.name().starts_with(HIDDEN_PREFIX))
+        .map(|(i, _)| i)
+        .collect();
+    let out_schema = Arc::new(schema.project(&visible)?);
+
+    let mut summary = ReleaseSummary {
+        min_units: policy.min_units,
+        ..ReleaseSummary::default()
+    };
+    let mut to_skip = policy.skip;
+    let mut remaining = policy.fetch.unwrap_or(usize::MAX);
+    let mut released = Vec::new();
+    for batch in batches {
+        if batch.schema().fields() != schema.fields() {
+            return Err(ReleaseError::SchemaMismatch);
+        }
+        let units = batch
+            .column(units_index)
+            .as_any()
+            .downcast_ref::<UInt64Array>()
+            .ok_or_else(|| ReleaseError::UnitCountType(batch.column(units_index).data_type().clone()))?;
+        // A null count means the guard could not count: treat as zero units, i.e. suppress.
+        let keep: BooleanArray = units
+            .iter()
+            .map(|u| Some(u.unwrap_or(0) >= policy.min_units))
+            .collect();
+        let kept_rows = keep.true_count();
+        summary.rows_suppressed += (batch.num_rows() - kept_rows) as u64;
+        if kept_rows == 0 || remaining == 0 {
+            continue;
+        }
+        let kept = filter_record_batch(&batch, &keep)?.project(&visible)?;
+        let skip_here = to_skip.min(kept.num_rows());
+        to_skip -= skip_here;
+        let take = (kept.num_rows() - skip_here).min(remaining);
+        if take == 0 {
+            continue;
+        }
+        remaining -= take;
+        summary.rows_released += take as u64;
+        if summary.rows_released > policy.max_rows as u64 {
+            return Err(ReleaseError::TooManyRows {
+                limit: policy.max_rows,
+            });
+        }
+        released.push(kept.slice(skip_here, take));
+    }
+    Ok(Released {
+        schema: out_schema,
+        batches: released,
+        summary,
+    })
+}
+
+/// Whether a column name is reserved for the sandbox's hidden columns.
+pub fn is_hidden_name(name: &str) -> bool {
+    name.starts_with(HIDDEN_PREFIX)
+}
+
+/// Builds a `UInt64` array, for tests and for guests that report unit counts.
+pub fn unit_counts(values: &[u64]) -> ArrayRef {
+    Arc::new(UInt64Array::from(values.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::Field;
+
+    fn batch(groups: &[&str], counts: &[i64], units: &[u64]) -> (SchemaRef, RecordBatch) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("industry", DataType::Utf8, false),
+            Field::new("n", DataType::Int64, false),
+            Field::new(UNITS_COLUMN, DataType::UInt64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(groups.to_vec())),
+                Arc::new(Int64Array::from(counts.to_vec())),
+                unit_counts(units),
+            ],
+        )
+        .expect("valid batch");
+        (schema, batch)
+    }
+
+    fn policy(min_units: u64) -> GatePolicy {
+        GatePolicy {
+            min_units,
+            skip: 0,
+            fetch: None,
+            max_rows: 1000,
+        }
+    }
+
+    #[test]
+    fn suppresses_small_groups_and_strips_hidden_columns() {
+        let (schema, b) = batch(&["A", "C", "F"], &[50, 3, 12], &[10, 3, 9]);
+        let released = release(schema, vec![b], &policy(10)).expect("released");
+        assert_eq!(released.summary().rows_released, 1);
+        assert_eq!(released.summary().rows_suppressed, 2);
+        assert_eq!(released.schema().fields().len(), 2);
+        assert!(released.schema().index_of(UNITS_COLUMN).is_err());
+        let groups = released.batches()[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("utf8")
+            .value(0)
+            .to_string();
+        assert_eq!(groups, "A");
+    }
+
+    #[test]
+    fn refuses_results_without_unit_count() {
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1]))])
+            .expect("valid batch");
+        let err = release(schema, vec![b], &policy(2)).expect_err("must refuse");
+        assert_eq!(err.code(), "release-missing-unit-count");
+    }
+
+    #[test]
+    fn limit_applies_after_suppression() {
+        // With LIMIT 1 before the gate, the caller would see zero rows and learn the first group
+        // is small; after the gate, the first *releasable* row is returned.
+        let (schema, b) = batch(&["A", "C", "F"], &[1, 30, 40], &[1, 30, 40]);
+        let mut p = policy(10);
+        p.fetch = Some(1);
+        let released = release(schema, vec![b], &p).expect("released");
+        assert_eq!(released.summary().rows_released, 1);
+        assert_eq!(released.summary().rows_suppressed, 1);
+        let n = released.batches()[0]
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("int64")
+            .value(0);
+        assert_eq!(n, 30);
+    }
+
+    #[test]
+    fn row_cap_refuses_everything() {
+        let (schema, b) = batch(&["A", "C"], &[10, 10], &[10, 10]);
+        let mut p = policy(2);
+        p.max_rows = 1;
+        assert_eq!(
+            release(schema, vec![b], &p).expect_err("over cap").code(),
+            "release-too-many-rows"
+        );
+    }
+}

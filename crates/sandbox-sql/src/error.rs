@@ -1,0 +1,196 @@
+//! Errors of the SQL path and the rules of the plan guard.
+
+use std::fmt;
+
+/// A rule of the plan guard. The code is stable: clients, the journal and the policy suite use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rule {
+    /// Only one `SELECT` query; no DDL, DML, `COPY`, `SET`, `EXPLAIN` or `SHOW`.
+    StatementNotQuery,
+    /// The query text exceeds the length limit.
+    QueryTooLong,
+    /// A table that is not a dataset granted to the caller.
+    DatasetNotGranted,
+    /// The dataset is granted, but not in aggregate mode.
+    ModeNotGranted,
+    /// The query does not aggregate, so it would release rows.
+    AggregateRequired,
+    /// A plan node the guard does not allow (window, union, distinct, values, ...).
+    PlanNodeNotAllowed,
+    /// Joins are not supported yet.
+    JoinNotSupported,
+    /// Aggregates over aggregates are not supported yet.
+    NestedAggregateNotSupported,
+    /// `HAVING` is not supported yet.
+    HavingNotSupported,
+    /// The privacy unit would appear in the output.
+    IdentifierOutput,
+    /// The privacy unit in `GROUP BY`.
+    IdentifierGrouped,
+    /// The privacy unit compared to a value or used in an expression.
+    IdentifierInExpression,
+    /// A measure outside an aggregate function (output, grouping, filter).
+    MeasureOutsideAggregate,
+    /// An aggregate over something other than a plain column.
+    AggregateArgumentNotPlain,
+    /// An aggregate function the grant does not allow.
+    FunctionNotAllowed,
+    /// `DISTINCT` inside an aggregate on something other than the privacy unit or a dimension.
+    DistinctNotAllowed,
+    /// `FILTER (WHERE ...)` or `ORDER BY` inside an aggregate.
+    AggregateModifierNotAllowed,
+    /// An expression kind the guard does not allow (`CASE`, placeholders, ...).
+    ExpressionNotAllowed,
+    /// A scalar function outside the allow-list.
+    ScalarFunctionNotAllowed,
+    /// A subquery in an expression.
+    SubqueryNotAllowed,
+    /// A column whose level does not allow this use.
+    LevelCap,
+    /// An output named like the sandbox's hidden columns.
+    ReservedName,
+    /// `LIMIT`/`OFFSET` must be constants.
+    LimitNotConstant,
+    /// The privacy unit is not available where the guard must count it.
+    PrivacyUnitUnavailable,
+}
+
+impl Rule {
+    pub fn code(self) -> &'static str {
+        match self {
+            Rule::StatementNotQuery => "statement-not-query",
+            Rule::QueryTooLong => "query-too-long",
+            Rule::DatasetNotGranted => "dataset-not-granted",
+            Rule::ModeNotGranted => "mode-not-granted",
+            Rule::AggregateRequired => "aggregate-required",
+            Rule::PlanNodeNotAllowed => "plan-node-not-allowed",
+            Rule::JoinNotSupported => "join-not-supported",
+            Rule::NestedAggregateNotSupported => "nested-aggregate-not-supported",
+            Rule::HavingNotSupported => "having-not-supported",
+            Rule::IdentifierOutput => "identifier-output",
+            Rule::IdentifierGrouped => "identifier-grouped",
+            Rule::IdentifierInExpression => "identifier-in-expression",
+            Rule::MeasureOutsideAggregate => "measure-outside-aggregate",
+            Rule::AggregateArgumentNotPlain => "aggregate-argument-not-plain",
+            Rule::FunctionNotAllowed => "function-not-allowed",
+            Rule::DistinctNotAllowed => "distinct-not-allowed",
+            Rule::AggregateModifierNotAllowed => "aggregate-modifier-not-allowed",
+            Rule::ExpressionNotAllowed => "expression-not-allowed",
+            Rule::ScalarFunctionNotAllowed => "scalar-function-not-allowed",
+            Rule::SubqueryNotAllowed => "subquery-not-allowed",
+            Rule::LevelCap => "level-cap",
+            Rule::ReservedName => "reserved-name",
+            Rule::LimitNotConstant => "limit-not-constant",
+            Rule::PrivacyUnitUnavailable => "privacy-unit-unavailable",
+        }
+    }
+
+    /// Every rule, for documentation and for tests that check the suite covers them.
+    pub const ALL: [Rule; 24] = [
+        Rule::StatementNotQuery,
+        Rule::QueryTooLong,
+        Rule::DatasetNotGranted,
+        Rule::ModeNotGranted,
+        Rule::AggregateRequired,
+        Rule::PlanNodeNotAllowed,
+        Rule::JoinNotSupported,
+        Rule::NestedAggregateNotSupported,
+        Rule::HavingNotSupported,
+        Rule::IdentifierOutput,
+        Rule::IdentifierGrouped,
+        Rule::IdentifierInExpression,
+        Rule::MeasureOutsideAggregate,
+        Rule::AggregateArgumentNotPlain,
+        Rule::FunctionNotAllowed,
+        Rule::DistinctNotAllowed,
+        Rule::AggregateModifierNotAllowed,
+        Rule::ExpressionNotAllowed,
+        Rule::ScalarFunctionNotAllowed,
+        Rule::SubqueryNotAllowed,
+        Rule::LevelCap,
+        Rule::ReservedName,
+        Rule::LimitNotConstant,
+        Rule::PrivacyUnitUnavailable,
+    ];
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A policy denial: the rule and a message that names query elements, never data values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub rule: Rule,
+    pub message: String,
+}
+
+impl Denial {
+    pub fn new(rule: Rule, message: impl Into<String>) -> Self {
+        Denial {
+            rule,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "denied by rule `{}`: {}", self.rule, self.message)
+    }
+}
+
+/// Errors of the SQL path.
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    #[error("{0}")]
+    Denied(Denial),
+    /// The SQL does not parse. The message quotes only the query itself.
+    #[error("invalid SQL: {0}")]
+    Syntax(String),
+    /// The query does not plan (unknown column, type mismatch). Planning reads no data.
+    #[error("cannot plan query: {0}")]
+    Plan(String),
+    /// Running the query failed. The cause may contain data values, so it is logged, not shown.
+    #[error("query execution failed")]
+    Execution(String),
+    #[error("query exceeded its memory or row limit")]
+    ResourcesExhausted(String),
+    #[error("query exceeded its time limit of {0} ms")]
+    TimeLimit(u64),
+    #[error("query was cancelled")]
+    Cancelled,
+    /// A dataset could not be set up at start; names the policy location.
+    #[error("dataset `{dataset}` ({location}): {message}")]
+    Dataset {
+        dataset: String,
+        location: String,
+        message: String,
+    },
+}
+
+impl SqlError {
+    /// Stable code of the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SqlError::Denied(d) => d.rule.code(),
+            SqlError::Syntax(_) => "sql-syntax",
+            SqlError::Plan(_) => "sql-plan",
+            SqlError::Execution(_) => "execution-failed",
+            SqlError::ResourcesExhausted(_) => "resources-exhausted",
+            SqlError::TimeLimit(_) => "time-limit",
+            SqlError::Cancelled => "cancelled",
+            SqlError::Dataset { .. } => "dataset-setup",
+        }
+    }
+}
+
+impl From<Denial> for SqlError {
+    fn from(d: Denial) -> Self {
+        SqlError::Denied(d)
+    }
+}
+
+pub type Result<T, E = SqlError> = std::result::Result<T, E>;

@@ -1,0 +1,856 @@
+//! The plan guard: walks a DataFusion `LogicalPlan` (never the SQL text), tracks which source
+//! columns flow into every expression, enforces the column roles of the policy, and rewrites the
+//! aggregate to carry the hidden count of distinct privacy units per group.
+//!
+//! The accepted shape, outermost first:
+//!
+//! ```text
+//! [Limit] (Sort | Projection | SubqueryAlias)*  Aggregate  (Filter | Projection | SubqueryAlias)*  TableScan
+//! ```
+//!
+//! Everything else is denied with the rule that explains why. The guard is an allow-list: a plan
+//! node, expression kind or function it does not know is denied.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use datafusion::common::{Column, DFSchema};
+use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::{
+    Aggregate, AggregateUDF, BinaryExpr, Expr, FetchType, LogicalPlan, Operator, Projection,
+    SkipType, Sort, SubqueryAlias,
+};
+use sandbox_policy::{AggregateFunction as Allowed, AggregateMode, DatasetPolicy, Level, Role};
+
+use crate::error::{Denial, Rule, SqlError};
+use crate::units::CappedUnits;
+
+/// Prefix and name of the hidden unit-count column. They match `sandbox-release`'s constants; the
+/// engine checks that at start so the two cannot drift.
+pub const HIDDEN_PREFIX: &str = "__sandbox_";
+pub const UNITS_COLUMN: &str = "__sandbox_units";
+
+/// Scalar functions allowed on dimensions and on aggregated outputs. Anything else is denied.
+const SCALAR_FUNCTIONS: &[&str] = &[
+    "lower",
+    "upper",
+    "substr",
+    "left",
+    "right",
+    "character_length",
+    "length",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "concat",
+    "starts_with",
+    "coalesce",
+    "date_part",
+    "date_trunc",
+    "abs",
+    "round",
+    "floor",
+    "ceil",
+];
+
+/// A dataset as the guard sees it for one caller: its policy and the caller's aggregate mode.
+#[derive(Debug, Clone)]
+pub struct GrantedDataset {
+    pub policy: Arc<DatasetPolicy>,
+    pub aggregate: Option<AggregateMode>,
+}
+
+/// The guard's verdict on an allowed query: the rewritten plan and what the gate must enforce.
+#[derive(Debug, Clone)]
+pub struct Guarded {
+    /// The plan with the hidden unit count added; its output has [`UNITS_COLUMN`] last.
+    pub plan: LogicalPlan,
+    pub min_units: u64,
+    /// The query's `OFFSET`, applied by the gate after suppression.
+    pub skip: usize,
+    /// The query's `LIMIT`, applied by the gate after suppression.
+    pub fetch: Option<usize>,
+    pub datasets: Vec<String>,
+    /// Columns touched, as `dataset.column`.
+    pub columns: Vec<String>,
+}
+
+/// Where a value in the plan comes from.
+#[derive(Debug, Clone)]
+struct Source {
+    dataset: Arc<str>,
+    column: Arc<str>,
+    role: Role,
+    level: Level,
+    is_unit: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Lineage {
+    /// Exactly one source column, unmodified (aliases and subquery aliases keep a column plain).
+    Plain(Source),
+    /// An expression over these source columns (none: a constant).
+    Derived(Vec<Source>),
+}
+
+impl Lineage {
+    fn sources(&self) -> Vec<&Source> {
+        match self {
+            Lineage::Plain(s) => vec![s],
+            Lineage::Derived(v) => v.iter().collect(),
+        }
+    }
+}
+
+/// How a row-level expression is used, for the rule that names a violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Filter,
+    Group,
+    Derive,
+}
+
+struct Guard<'a> {
+    granted: &'a HashMap<String, GrantedDataset>,
+    datasets: BTreeSet<String>,
+    columns: BTreeSet<String>,
+    /// The aggregate mode of the (single) dataset scanned.
+    mode: Option<AggregateMode>,
+}
+
+/// Checks a plan against the caller's grants and rewrites it for the release gate.
+pub fn guard(
+    plan: &LogicalPlan,
+    granted: &HashMap<String, GrantedDataset>,
+) -> Result<Guarded, SqlError> {
+    let mut guard = Guard {
+        granted,
+        datasets: BTreeSet::new(),
+        columns: BTreeSet::new(),
+        mode: None,
+    };
+    for field in plan.schema().fields() {
+        if field.name().starts_with(HIDDEN_PREFIX) {
+            return Err(deny(
+                Rule::ReservedName,
+                format!("output names starting with `{HIDDEN_PREFIX}` are reserved"),
+            ));
+        }
+    }
+
+    // Walk down from the root to the aggregate, remembering the nodes above it.
+    let mut chain: Vec<&LogicalPlan> = Vec::new();
+    let mut node = plan;
+    let aggregate = loop {
+        match node {
+            LogicalPlan::Aggregate(aggregate) => break aggregate,
+            LogicalPlan::Limit(_)
+            | LogicalPlan::Sort(_)
+            | LogicalPlan::Projection(_)
+            | LogicalPlan::SubqueryAlias(_) => {
+                chain.push(node);
+                node = single_input(node)?;
+            }
+            LogicalPlan::Filter(filter) => {
+                if contains_aggregate(&filter.input) {
+                    return Err(deny(
+                        Rule::HavingNotSupported,
+                        "HAVING (a filter over aggregated rows) is not supported yet",
+                    ));
+                }
+                return Err(guard.no_aggregate(plan));
+            }
+            LogicalPlan::TableScan(_) | LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => {
+                return Err(guard.no_aggregate(plan));
+            }
+            other => return Err(node_denial(other)),
+        }
+    };
+
+    let (input_lineage, _) = guard.below(&aggregate.input)?;
+    let mode = guard
+        .mode
+        .clone()
+        .expect("below() sets the mode whenever it returns Ok");
+    let input_schema = aggregate.input.schema();
+    for expr in &aggregate.group_expr {
+        if matches!(expr, Expr::GroupingSet(_)) {
+            return Err(deny(
+                Rule::ExpressionNotAllowed,
+                "GROUPING SETS, ROLLUP and CUBE are not supported",
+            ));
+        }
+        guard.row_expr(expr, input_schema, &input_lineage, Use::Group)?;
+    }
+    for expr in &aggregate.aggr_expr {
+        guard.aggregate_expr(expr, input_schema, &input_lineage, &mode)?;
+    }
+
+    // Every node above the aggregate only sees aggregated values; check the expression kinds.
+    let mut skip = 0;
+    let mut fetch = None;
+    for (position, node) in chain.iter().enumerate() {
+        match node {
+            LogicalPlan::Projection(projection) => {
+                for expr in &projection.expr {
+                    post_aggregate_expr(expr)?;
+                }
+            }
+            LogicalPlan::Sort(sort) => {
+                if sort.fetch.is_some() {
+                    return Err(deny(Rule::PlanNodeNotAllowed, "a sort with a fetch limit"));
+                }
+                for sort_expr in &sort.expr {
+                    post_aggregate_expr(&sort_expr.expr)?;
+                }
+            }
+            LogicalPlan::Limit(limit) => {
+                if position != 0 {
+                    return Err(deny(
+                        Rule::PlanNodeNotAllowed,
+                        "LIMIT/OFFSET is only allowed on the outermost query",
+                    ));
+                }
+                skip = match limit.get_skip_type() {
+                    Ok(SkipType::Literal(n)) => n,
+                    _ => return Err(deny(Rule::LimitNotConstant, "OFFSET must be a constant")),
+                };
+                fetch = match limit.get_fetch_type() {
+                    Ok(FetchType::Literal(n)) => n,
+                    _ => return Err(deny(Rule::LimitNotConstant, "LIMIT must be a constant")),
+                };
+            }
+            LogicalPlan::SubqueryAlias(_) => {}
+            other => return Err(node_denial(other)),
+        }
+    }
+
+    // The rewrite: count distinct privacy units per group, and carry the count to the output.
+    let unit_index = input_lineage
+        .iter()
+        .position(|l| matches!(l, Lineage::Plain(s) if s.is_unit))
+        .ok_or_else(|| {
+            deny(
+                Rule::PrivacyUnitUnavailable,
+                "the privacy unit column must reach the aggregate; derived tables that drop it \
+                 are not supported",
+            )
+        })?;
+    let (qualifier, field) = input_schema.qualified_field(unit_index);
+    let unit_column = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+    if let Lineage::Plain(source) = &input_lineage[unit_index] {
+        guard
+            .columns
+            .insert(format!("{}.{}", source.dataset, source.column));
+    }
+    let units = Expr::AggregateFunction(AggregateFunction::new_udf(
+        Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(mode.min_units))),
+        vec![unit_column],
+        false,
+        None,
+        vec![],
+        None,
+    ))
+    .alias(UNITS_COLUMN);
+    let mut aggr_expr = aggregate.aggr_expr.clone();
+    aggr_expr.push(units);
+    let mut rewritten = LogicalPlan::Aggregate(
+        Aggregate::try_new(aggregate.input.clone(), aggregate.group_expr.clone(), aggr_expr)
+            .map_err(rewrite_error)?,
+    );
+    for node in chain.iter().rev() {
+        rewritten = match node {
+            LogicalPlan::Projection(projection) => {
+                let mut exprs = projection.expr.clone();
+                exprs.push(Expr::Column(Column::new_unqualified(UNITS_COLUMN)));
+                LogicalPlan::Projection(
+                    Projection::try_new(exprs, Arc::new(rewritten)).map_err(rewrite_error)?,
+                )
+            }
+            LogicalPlan::Sort(sort) => LogicalPlan::Sort(Sort {
+                expr: sort.expr.clone(),
+                input: Arc::new(rewritten),
+                fetch: None,
+            }),
+            LogicalPlan::SubqueryAlias(alias) => LogicalPlan::SubqueryAlias(
+                SubqueryAlias::try_new(Arc::new(rewritten), alias.alias.clone())
+                    .map_err(rewrite_error)?,
+            ),
+            // The gate applies LIMIT/OFFSET after suppression.
+            LogicalPlan::Limit(_) => rewritten,
+            other => return Err(node_denial(other)),
+        };
+    }
+
+    Ok(Guarded {
+        plan: rewritten,
+        min_units: mode.min_units,
+        skip,
+        fetch,
+        datasets: guard.datasets.into_iter().collect(),
+        columns: guard.columns.into_iter().collect(),
+    })
+}
+
+fn deny(rule: Rule, message: impl Into<String>) -> SqlError {
+    SqlError::Denied(Denial::new(rule, message))
+}
+
+fn rewrite_error(e: datafusion::error::DataFusionError) -> SqlError {
+    // Fail closed: a plan the rewrite cannot rebuild is not run.
+    SqlError::Plan(format!("cannot add the hidden unit count: {e}"))
+}
+
+fn single_input(node: &LogicalPlan) -> Result<&LogicalPlan, SqlError> {
+    match node.inputs().as_slice() {
+        [input] => Ok(input),
+        _ => Err(node_denial(node)),
+    }
+}
+
+fn contains_aggregate(plan: &LogicalPlan) -> bool {
+    matches!(plan, LogicalPlan::Aggregate(_)) || plan.inputs().into_iter().any(contains_aggregate)
+}
+
+/// The denial for a plan node outside the accepted shape.
+fn node_denial(node: &LogicalPlan) -> SqlError {
+    match node {
+        LogicalPlan::Join(_) => deny(Rule::JoinNotSupported, "joins are not supported yet"),
+        LogicalPlan::Aggregate(_) => deny(
+            Rule::NestedAggregateNotSupported,
+            "aggregates over aggregates are not supported yet",
+        ),
+        LogicalPlan::Window(_) => deny(Rule::PlanNodeNotAllowed, "window functions are not allowed"),
+        LogicalPlan::Union(_) => deny(Rule::PlanNodeNotAllowed, "UNION is not allowed"),
+        LogicalPlan::Distinct(_) => deny(
+            Rule::PlanNodeNotAllowed,
+            "SELECT DISTINCT is not allowed; use GROUP BY",
+        ),
+        LogicalPlan::Limit(_) | LogicalPlan::Sort(_) => deny(
+            Rule::PlanNodeNotAllowed,
+            "ORDER BY and LIMIT are only allowed over aggregated output",
+        ),
+        LogicalPlan::Subquery(_) => deny(Rule::SubqueryNotAllowed, "subqueries are not allowed"),
+        LogicalPlan::Statement(_)
+        | LogicalPlan::Ddl(_)
+        | LogicalPlan::Dml(_)
+        | LogicalPlan::Copy(_)
+        | LogicalPlan::Explain(_)
+        | LogicalPlan::Analyze(_)
+        | LogicalPlan::DescribeTable(_) => deny(
+            Rule::StatementNotQuery,
+            "only SELECT queries are allowed",
+        ),
+        LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => deny(
+            Rule::AggregateRequired,
+            "the query must aggregate a granted dataset",
+        ),
+        other => deny(
+            Rule::PlanNodeNotAllowed,
+            format!("plan node `{}` is not allowed", node_name(other)),
+        ),
+    }
+}
+
+fn node_name(node: &LogicalPlan) -> String {
+    let display = node.display().to_string();
+    display
+        .split(|c: char| c == ':' || c.is_whitespace())
+        .next()
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+impl Guard<'_> {
+    /// Lineage of every output column of a node below the aggregate, and the dataset scanned.
+    fn below(&mut self, node: &LogicalPlan) -> Result<(Vec<Lineage>, Arc<str>), SqlError> {
+        match node {
+            LogicalPlan::TableScan(scan) => {
+                let name = scan.table_name.table();
+                let known_qualifier = match (scan.table_name.catalog(), scan.table_name.schema()) {
+                    (None | Some("datafusion"), None | Some("public")) => true,
+                    _ => false,
+                };
+                let granted = self.granted.get(name).filter(|_| known_qualifier).ok_or_else(|| {
+                    deny(
+                        Rule::DatasetNotGranted,
+                        format!("`{}` is not a dataset granted to you", scan.table_name),
+                    )
+                })?;
+                let Some(mode) = granted.aggregate.clone() else {
+                    return Err(deny(
+                        Rule::ModeNotGranted,
+                        format!("dataset `{name}` is not granted to you in aggregate mode"),
+                    ));
+                };
+                if !scan.filters.is_empty() || scan.fetch.is_some() {
+                    return Err(deny(Rule::PlanNodeNotAllowed, "pre-filtered table scans"));
+                }
+                if self.mode.is_some() {
+                    return Err(deny(Rule::JoinNotSupported, "only one dataset per query"));
+                }
+                self.mode = Some(mode);
+                self.datasets.insert(name.to_string());
+                let dataset: Arc<str> = Arc::from(name);
+                let policy = &granted.policy;
+                let mut lineage = Vec::new();
+                for field in scan.projected_schema.fields() {
+                    let Some(column) = policy.column(field.name()).filter(|c| c.role != Role::Hidden)
+                    else {
+                        return Err(deny(
+                            Rule::PlanNodeNotAllowed,
+                            format!("column `{}` of `{name}` is hidden", field.name()),
+                        ));
+                    };
+                    lineage.push(Lineage::Plain(Source {
+                        dataset: dataset.clone(),
+                        column: Arc::from(column.name.as_str()),
+                        role: column.role,
+                        level: column.level,
+                        is_unit: column.name == policy.privacy_unit,
+                    }));
+                }
+                Ok((lineage, dataset))
+            }
+            LogicalPlan::Filter(filter) => {
+                let (lineage, dataset) = self.below(&filter.input)?;
+                self.row_expr(&filter.predicate, filter.input.schema(), &lineage, Use::Filter)?;
+                Ok((lineage, dataset))
+            }
+            LogicalPlan::SubqueryAlias(alias) => self.below(&alias.input),
+            LogicalPlan::Projection(projection) => {
+                let (lineage, dataset) = self.below(&projection.input)?;
+                let schema = projection.input.schema();
+                let mut out = Vec::with_capacity(projection.expr.len());
+                for expr in &projection.expr {
+                    out.push(self.row_expr(expr, schema, &lineage, Use::Derive)?);
+                }
+                Ok((out, dataset))
+            }
+            other => Err(node_denial(other)),
+        }
+    }
+
+    /// The denial for a query without an aggregate: the most specific rule that explains why its
+    /// rows cannot be released.
+    fn no_aggregate(&mut self, plan: &LogicalPlan) -> SqlError {
+        let mut sources = Vec::new();
+        raw_sources(plan, self.granted, &mut sources);
+        if sources.iter().any(|(_, role)| *role == Role::Identifier) {
+            deny(
+                Rule::IdentifierOutput,
+                "the privacy unit may never be output; the query must aggregate",
+            )
+        } else if sources.iter().any(|(_, role)| *role == Role::Measure) {
+            deny(
+                Rule::MeasureOutsideAggregate,
+                "measures may only be output inside an allowed aggregate function",
+            )
+        } else {
+            deny(
+                Rule::AggregateRequired,
+                "the query must aggregate a granted dataset (GROUP BY or an aggregate function)",
+            )
+        }
+    }
+
+    fn lookup(
+        &mut self,
+        column: &Column,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+    ) -> Result<Lineage, SqlError> {
+        let index = schema
+            .index_of_column(column)
+            .map_err(|e| SqlError::Plan(e.to_string()))?;
+        let found = lineage
+            .get(index)
+            .cloned()
+            .ok_or_else(|| SqlError::Plan(format!("column `{column}` has no lineage")))?;
+        for source in found.sources() {
+            self.columns
+                .insert(format!("{}.{}", source.dataset, source.column));
+        }
+        Ok(found)
+    }
+
+    /// Checks a row-level expression (below the aggregate) and returns its lineage.
+    fn row_expr(
+        &mut self,
+        expr: &Expr,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+        use_: Use,
+    ) -> Result<Lineage, SqlError> {
+        let result = match expr {
+            Expr::Column(column) => self.lookup(column, schema, lineage)?,
+            Expr::Alias(alias) => self.row_expr(&alias.expr, schema, lineage, use_)?,
+            Expr::Literal(..) => Lineage::Derived(Vec::new()),
+            _ => {
+                let children = allowed_children(expr)?;
+                let mut sources = Vec::new();
+                for child in children {
+                    let child_lineage = self.row_expr(child, schema, lineage, Use::Derive)?;
+                    sources.extend(child_lineage.sources().into_iter().cloned());
+                }
+                check_derived_sources(&sources)?;
+                Lineage::Derived(sources)
+            }
+        };
+        // A plain column passes through a projection whatever its role; the aggregate or the
+        // output decides. Filters and groupings use the value itself.
+        if use_ != Use::Derive {
+            for source in result.sources() {
+                check_level(source)?;
+                match (source.role, use_) {
+                    (Role::Identifier, Use::Group) => {
+                        return Err(deny(
+                            Rule::IdentifierGrouped,
+                            format!("the privacy unit `{}` may not be grouped on", source.column),
+                        ));
+                    }
+                    (Role::Identifier, _) => {
+                        return Err(deny(
+                            Rule::IdentifierInExpression,
+                            format!(
+                                "the privacy unit `{}` may not be compared to values or used in expressions",
+                                source.column
+                            ),
+                        ));
+                    }
+                    (Role::Measure, _) => {
+                        return Err(deny(
+                            Rule::MeasureOutsideAggregate,
+                            format!(
+                                "measure `{}` may only be used as the argument of an allowed aggregate",
+                                source.column
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    fn aggregate_expr(
+        &mut self,
+        expr: &Expr,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+        mode: &AggregateMode,
+    ) -> Result<(), SqlError> {
+        let function = match expr {
+            Expr::Alias(alias) => return self.aggregate_expr(&alias.expr, schema, lineage, mode),
+            Expr::AggregateFunction(function) => function,
+            _ => {
+                return Err(deny(
+                    Rule::ExpressionNotAllowed,
+                    "only aggregate function calls are allowed in the aggregate",
+                ));
+            }
+        };
+        let params = &function.params;
+        let name = function.func.name().to_ascii_lowercase();
+        if params.filter.is_some() || !params.order_by.is_empty() {
+            return Err(deny(
+                Rule::AggregateModifierNotAllowed,
+                format!("FILTER and ORDER BY inside `{name}` are not allowed"),
+            ));
+        }
+        let kind = match (name.as_str(), params.distinct) {
+            ("count", false) => Allowed::Count,
+            ("count", true) => Allowed::CountDistinct,
+            ("sum", _) => Allowed::Sum,
+            ("avg", _) => Allowed::Avg,
+            ("min", _) => Allowed::Min,
+            ("max", _) => Allowed::Max,
+            _ => {
+                return Err(deny(
+                    Rule::FunctionNotAllowed,
+                    format!("aggregate function `{name}` is not allowed"),
+                ));
+            }
+        };
+        if !mode.functions.contains(&kind) {
+            return Err(deny(
+                Rule::FunctionNotAllowed,
+                format!("aggregate `{}` is not allowed by your grant", kind.as_str()),
+            ));
+        }
+        if params.distinct && kind != Allowed::CountDistinct {
+            return Err(deny(
+                Rule::DistinctNotAllowed,
+                format!("DISTINCT inside `{name}` is not allowed"),
+            ));
+        }
+        let [argument] = params.args.as_slice() else {
+            return Err(deny(
+                Rule::AggregateArgumentNotPlain,
+                format!("`{name}` must take exactly one argument"),
+            ));
+        };
+        let argument = strip_alias(argument);
+        if let Expr::Literal(..) = argument {
+            // COUNT(*) is planned as COUNT(1); a constant reveals nothing but the row count.
+            return if kind == Allowed::Count {
+                Ok(())
+            } else {
+                Err(deny(
+                    Rule::AggregateArgumentNotPlain,
+                    format!("`{name}` must aggregate a column"),
+                ))
+            };
+        }
+        let Expr::Column(column) = argument else {
+            // Check the expression anyway, so an identifier hidden in it gets its own rule.
+            self.row_expr(argument, schema, lineage, Use::Derive)?;
+            return Err(deny(
+                Rule::AggregateArgumentNotPlain,
+                format!(
+                    "`{name}` must aggregate a plain column, not an expression (predicates smuggled into aggregates are refused)"
+                ),
+            ));
+        };
+        let source = match self.lookup(column, schema, lineage)? {
+            Lineage::Plain(source) => source,
+            Lineage::Derived(sources) => {
+                check_derived_sources(&sources)?;
+                return Err(deny(
+                    Rule::AggregateArgumentNotPlain,
+                    format!("`{name}` must aggregate a plain column, not a derived one"),
+                ));
+            }
+        };
+        check_level(&source)?;
+        match (source.role, kind) {
+            (Role::Identifier, Allowed::CountDistinct) if source.is_unit => Ok(()),
+            (Role::Identifier, _) => Err(deny(
+                Rule::IdentifierInExpression,
+                format!(
+                    "the privacy unit `{}` may only be used in COUNT(DISTINCT ...)",
+                    source.column
+                ),
+            )),
+            (Role::Measure, Allowed::CountDistinct) => Err(deny(
+                Rule::DistinctNotAllowed,
+                format!("COUNT(DISTINCT) of measure `{}` is not allowed", source.column),
+            )),
+            (Role::Measure | Role::Dimension, _) => Ok(()),
+            (Role::Hidden, _) => Err(deny(
+                Rule::PlanNodeNotAllowed,
+                format!("column `{}` is hidden", source.column),
+            )),
+        }
+    }
+}
+
+fn strip_alias(expr: &Expr) -> &Expr {
+    match expr {
+        Expr::Alias(alias) => strip_alias(&alias.expr),
+        other => other,
+    }
+}
+
+fn check_level(source: &Source) -> Result<(), SqlError> {
+    if source.level.allows_ad_hoc_aggregate() {
+        Ok(())
+    } else {
+        Err(deny(
+            Rule::LevelCap,
+            format!(
+                "column `{}.{}` is {}: it needs differential privacy or approved code, not ad-hoc SQL",
+                source.dataset,
+                source.column,
+                source.level.as_str()
+            ),
+        ))
+    }
+}
+
+/// Identifiers and measures may not enter expressions; L4 columns may not be used at all.
+fn check_derived_sources(sources: &[Source]) -> Result<(), SqlError> {
+    for source in sources {
+        check_level(source)?;
+        match source.role {
+            Role::Identifier => {
+                return Err(deny(
+                    Rule::IdentifierInExpression,
+                    format!(
+                        "the privacy unit `{}` may not be compared to values or used in expressions",
+                        source.column
+                    ),
+                ));
+            }
+            Role::Measure => {
+                return Err(deny(
+                    Rule::MeasureOutsideAggregate,
+                    format!(
+                        "measure `{}` may only be used as the plain argument of an allowed aggregate",
+                        source.column
+                    ),
+                ));
+            }
+            Role::Dimension | Role::Hidden => {}
+        }
+    }
+    Ok(())
+}
+
+/// The children of an expression kind the guard allows, or the denial for any other kind.
+fn allowed_children(expr: &Expr) -> Result<Vec<&Expr>, SqlError> {
+    Ok(match expr {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            if !allowed_operator(*op) {
+                return Err(deny(
+                    Rule::ExpressionNotAllowed,
+                    format!("operator `{op}` is not allowed"),
+                ));
+            }
+            vec![left.as_ref(), right.as_ref()]
+        }
+        Expr::Like(like) if like.escape_char.is_none() => vec![like.expr.as_ref(), like.pattern.as_ref()],
+        Expr::Not(e)
+        | Expr::IsNull(e)
+        | Expr::IsNotNull(e)
+        | Expr::IsTrue(e)
+        | Expr::IsFalse(e)
+        | Expr::IsUnknown(e)
+        | Expr::IsNotTrue(e)
+        | Expr::IsNotFalse(e)
+        | Expr::IsNotUnknown(e)
+        | Expr::Negative(e) => vec![e.as_ref()],
+        Expr::Between(between) => vec![
+            between.expr.as_ref(),
+            between.low.as_ref(),
+            between.high.as_ref(),
+        ],
+        Expr::Cast(cast) => vec![cast.expr.as_ref()],
+        Expr::TryCast(cast) => vec![cast.expr.as_ref()],
+        Expr::InList(in_list) => {
+            let mut children = vec![in_list.expr.as_ref()];
+            children.extend(in_list.list.iter());
+            children
+        }
+        Expr::ScalarFunction(function) => {
+            let name = function.func.name();
+            if !SCALAR_FUNCTIONS.contains(&name) {
+                return Err(deny(
+                    Rule::ScalarFunctionNotAllowed,
+                    format!("function `{name}` is not allowed"),
+                ));
+            }
+            function.args.iter().collect()
+        }
+        Expr::Case(_) => {
+            return Err(deny(
+                Rule::ExpressionNotAllowed,
+                "CASE is not allowed (data-dependent branches)",
+            ));
+        }
+        Expr::Exists(_) | Expr::InSubquery(_) | Expr::ScalarSubquery(_) | Expr::SetComparison(_) => {
+            return Err(deny(Rule::SubqueryNotAllowed, "subqueries are not allowed"));
+        }
+        Expr::WindowFunction(_) => {
+            return Err(deny(Rule::PlanNodeNotAllowed, "window functions are not allowed"));
+        }
+        Expr::AggregateFunction(_) => {
+            return Err(deny(
+                Rule::NestedAggregateNotSupported,
+                "aggregate functions are only allowed in the select list of an aggregate query",
+            ));
+        }
+        other => {
+            return Err(deny(
+                Rule::ExpressionNotAllowed,
+                format!("expression `{}` is not allowed", expr_kind(other)),
+            ));
+        }
+    })
+}
+
+fn expr_kind(expr: &Expr) -> &str {
+    expr.variant_name()
+}
+
+fn allowed_operator(op: Operator) -> bool {
+    use Operator::*;
+    matches!(
+        op,
+        Eq | NotEq
+            | Lt
+            | LtEq
+            | Gt
+            | GtEq
+            | Plus
+            | Minus
+            | Multiply
+            | Divide
+            | Modulo
+            | And
+            | Or
+            | IsDistinctFrom
+            | IsNotDistinctFrom
+            | StringConcat
+    )
+}
+
+/// Expressions over aggregated values (above the aggregate): the same expression kinds, over
+/// columns that are group keys or allowed aggregates.
+fn post_aggregate_expr(expr: &Expr) -> Result<(), SqlError> {
+    match expr {
+        Expr::Column(_) | Expr::Literal(..) => Ok(()),
+        Expr::Alias(alias) => post_aggregate_expr(&alias.expr),
+        other => {
+            for child in allowed_children(other)? {
+                post_aggregate_expr(child)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Source columns (and roles) reaching the output of a plan without aggregate, for the most
+/// specific denial. Best effort: nodes it does not know contribute nothing.
+fn raw_sources(
+    plan: &LogicalPlan,
+    granted: &HashMap<String, GrantedDataset>,
+    out: &mut Vec<(String, Role)>,
+) {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            if let Some(dataset) = granted.get(scan.table_name.table()) {
+                for field in scan.projected_schema.fields() {
+                    out.push((field.name().clone(), dataset.policy.role_of(field.name())));
+                }
+            }
+        }
+        LogicalPlan::Projection(projection) => {
+            let mut inner = Vec::new();
+            raw_sources(&projection.input, granted, &mut inner);
+            let schema = projection.input.schema();
+            // One entry per output column: the most sensitive role among its inputs.
+            for expr in &projection.expr {
+                let mut role = Role::Dimension;
+                for column in expr.column_refs() {
+                    if let Ok(index) = schema.index_of_column(column)
+                        && let Some((_, found)) = inner.get(index)
+                    {
+                        role = match (role, *found) {
+                            (Role::Identifier, _) | (_, Role::Identifier) => Role::Identifier,
+                            (Role::Measure, _) | (_, Role::Measure) => Role::Measure,
+                            (current, _) => current,
+                        };
+                    }
+                }
+                out.push((expr.schema_name().to_string(), role));
+            }
+        }
+        other => {
+            for input in other.inputs() {
+                raw_sources(input, granted, out);
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The SQL path of the sandbox: plan and execute.
+//!
+//! [`SqlEngine::plan`] parses one query in a fresh DataFusion session whose catalog holds only the
+//! caller's granted datasets, refuses anything but `SELECT`, and hands the `LogicalPlan` to
+//! [`guard`]. The guard walks the plan (never the SQL text), tracks which source columns flow into
+//! each expression, enforces the roles of the policy and rewrites the aggregate to carry a hidden,
+//! capped count of distinct privacy units per group ([`units::CappedUnits`]).
+//!
+//! [`SqlEngine::execute`] runs the rewritten plan under a shared memory pool (operators spill beyond
+//! it), a time limit, a row cap and a cancellation token, and returns [`Executed`]: batches that
+//! still carry the hidden column and must pass the release gate before anything leaves.
+
+mod error;
+mod guard;
+mod session;
+pub mod units;
+
+pub use error::{Denial, Result, Rule, SqlError};
+pub use guard::{GrantedDataset, Guarded, HIDDEN_PREFIX, UNITS_COLUMN, guard};
+pub use session::{Executed, PlannedQuery, SqlEngine, SqlLimits};
+pub use tokio_util::sync::CancellationToken;

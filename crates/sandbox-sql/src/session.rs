@@ -1,0 +1,326 @@
+//! The SQL engine: one DataFusion session per job whose catalog holds only the caller's granted
+//! datasets, planning through the guard, and bounded execution.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::memory_pool::FairSpillPool;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use futures::StreamExt;
+use sandbox_policy::{DatasetPolicy, PolicySet};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Denial, Result, Rule, SqlError};
+use crate::guard::{GrantedDataset, Guarded, guard};
+
+/// Limits of the SQL path.
+#[derive(Debug, Clone)]
+pub struct SqlLimits {
+    /// Longest query text accepted, in bytes.
+    pub max_query_bytes: usize,
+    /// Memory all running queries may use together; operators spill to disk beyond it.
+    pub memory_pool_bytes: usize,
+    /// Wall-clock limit per query.
+    pub time_limit: Duration,
+    /// Most rows a query may produce before the gate; beyond it the job fails.
+    pub max_result_rows: usize,
+    /// Parallelism of one query.
+    pub target_partitions: usize,
+}
+
+impl Default for SqlLimits {
+    fn default() -> Self {
+        SqlLimits {
+            max_query_bytes: 64 * 1024,
+            memory_pool_bytes: 2 << 30,
+            time_limit: Duration::from_secs(60),
+            max_result_rows: 1_000_000,
+            target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// A query that passed the guard, with the session it was planned in.
+pub struct PlannedQuery {
+    context: SessionContext,
+    pub guarded: Guarded,
+}
+
+impl std::fmt::Debug for PlannedQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlannedQuery")
+            .field("guarded", &self.guarded)
+            .finish()
+    }
+}
+
+/// The output of a query, still carrying the hidden columns: it must go through the release gate.
+#[derive(Debug)]
+pub struct Executed {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub rows_scanned: u64,
+}
+
+/// Planning and execution of SQL jobs.
+pub struct SqlEngine {
+    runtime: Arc<RuntimeEnv>,
+    config: SessionConfig,
+    tables: HashMap<String, Arc<dyn TableProvider>>,
+    limits: SqlLimits,
+}
+
+impl std::fmt::Debug for SqlEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlEngine")
+            .field("tables", &self.tables.keys().collect::<Vec<_>>())
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl SqlEngine {
+    /// Opens every dataset of the policy over its Parquet files under `data_dir`. Each table
+    /// exposes only the declared, non-hidden columns, so hidden data is never even read. A
+    /// declared column missing from the files is an error naming the policy file and line.
+    pub async fn new(policy: &PolicySet, data_dir: &Path, limits: SqlLimits) -> Result<Self> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_pool_bytes)))
+            .build_arc()
+            .map_err(|e| SqlError::Plan(format!("cannot create runtime: {e}")))?;
+        let config = SessionConfig::new()
+            .with_information_schema(false)
+            .with_target_partitions(limits.target_partitions.max(1));
+        let setup = SessionContext::new_with_config_rt(config.clone(), runtime.clone());
+        let mut tables = HashMap::new();
+        for dataset in policy.datasets.values() {
+            let provider = open_dataset(&setup, dataset, data_dir).await?;
+            tables.insert(dataset.id.clone(), provider);
+        }
+        Ok(SqlEngine {
+            runtime,
+            config,
+            tables,
+            limits,
+        })
+    }
+
+    pub fn limits(&self) -> &SqlLimits {
+        &self.limits
+    }
+
+    /// The schema a consumer sees for a dataset: its visible columns.
+    pub fn visible_schema(&self, dataset: &str) -> Option<SchemaRef> {
+        self.tables.get(dataset).map(|t| t.schema())
+    }
+
+    /// A fresh session whose catalog holds only the granted datasets.
+    fn session(&self, granted: &HashMap<String, GrantedDataset>) -> Result<SessionContext> {
+        let state = SessionStateBuilder::new()
+            .with_config(self.config.clone())
+            .with_runtime_env(self.runtime.clone())
+            .with_default_features()
+            .build();
+        let context = SessionContext::new_with_state(state);
+        for id in granted.keys() {
+            if let Some(table) = self.tables.get(id) {
+                context
+                    .register_table(id.as_str(), table.clone())
+                    .map_err(|e| SqlError::Plan(format!("cannot register `{id}`: {e}")))?;
+            }
+        }
+        Ok(context)
+    }
+
+    /// Parses and plans a query, then passes it through the guard. Reads no data.
+    pub async fn plan(
+        &self,
+        sql: &str,
+        granted: &HashMap<String, GrantedDataset>,
+    ) -> Result<PlannedQuery> {
+        if sql.len() > self.limits.max_query_bytes {
+            return Err(Denial::new(
+                Rule::QueryTooLong,
+                format!(
+                    "query text is {} bytes; the limit is {}",
+                    sql.len(),
+                    self.limits.max_query_bytes
+                ),
+            )
+            .into());
+        }
+        let context = self.session(granted)?;
+        let state = context.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state
+            .sql_to_statement(sql, &dialect)
+            .map_err(|e| SqlError::Syntax(root_message(&e)))?;
+        let is_query = matches!(&statement, DfStatement::Statement(s) if matches!(s.as_ref(), SqlStatement::Query(_)));
+        if !is_query {
+            return Err(Denial::new(
+                Rule::StatementNotQuery,
+                "only SELECT queries are allowed (no DDL, DML, COPY, SET, EXPLAIN or SHOW)",
+            )
+            .into());
+        }
+        let references = state
+            .resolve_table_references(&statement)
+            .map_err(|e| SqlError::Plan(root_message(&e)))?;
+        for reference in &references {
+            let default_qualifier = matches!(
+                (reference.catalog(), reference.schema()),
+                (None | Some("datafusion"), None | Some("public"))
+            );
+            if !default_qualifier || !granted.contains_key(reference.table()) {
+                // The same answer whether or not such a table exists.
+                return Err(Denial::new(
+                    Rule::DatasetNotGranted,
+                    format!("`{reference}` is not a dataset granted to you"),
+                )
+                .into());
+            }
+        }
+        let plan = state
+            .statement_to_plan(statement)
+            .await
+            .map_err(|e| SqlError::Plan(root_message(&e)))?;
+        let guarded = guard(&plan, granted)?;
+        Ok(PlannedQuery { context, guarded })
+    }
+
+    /// Runs a planned query under the memory pool, the time limit and the row cap.
+    pub async fn execute(&self, planned: PlannedQuery, cancel: CancellationToken) -> Result<Executed> {
+        let time_limit = self.limits.time_limit;
+        let max_rows = self.limits.max_result_rows;
+        let run = async {
+            let physical = planned
+                .context
+                .state()
+                .create_physical_plan(&planned.guarded.plan)
+                .await
+                .map_err(execution_error)?;
+            let schema = physical.schema();
+            let mut stream =
+                execute_stream(physical.clone(), planned.context.task_ctx()).map_err(execution_error)?;
+            let mut batches = Vec::new();
+            let mut rows = 0usize;
+            while let Some(batch) = stream.next().await {
+                let batch = batch.map_err(execution_error)?;
+                rows += batch.num_rows();
+                if rows > max_rows {
+                    return Err(SqlError::ResourcesExhausted(format!(
+                        "result exceeds {max_rows} rows before release"
+                    )));
+                }
+                batches.push(batch);
+            }
+            Ok(Executed {
+                schema,
+                batches,
+                rows_scanned: rows_scanned(physical.as_ref()),
+            })
+        };
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => Err(SqlError::Cancelled),
+            outcome = tokio::time::timeout(time_limit, run) => match outcome {
+                Ok(result) => result,
+                Err(_) => Err(SqlError::TimeLimit(time_limit.as_millis() as u64)),
+            },
+        }
+    }
+}
+
+impl PlannedQuery {
+    /// The rewritten plan, as shown by `explain`.
+    pub fn display_plan(&self) -> String {
+        self.guarded.plan.display_indent().to_string()
+    }
+}
+
+async fn open_dataset(
+    context: &SessionContext,
+    dataset: &DatasetPolicy,
+    data_dir: &Path,
+) -> Result<Arc<dyn TableProvider>> {
+    let fail = |message: String| SqlError::Dataset {
+        dataset: dataset.id.clone(),
+        location: dataset.location.to_string(),
+        message,
+    };
+    let mut urls = Vec::new();
+    for source in &dataset.source {
+        let path = data_dir.join(source);
+        if !path.exists() {
+            return Err(fail(format!("source `{source}` does not exist in the data dir")));
+        }
+        let mut text = path.to_string_lossy().into_owned();
+        if path.is_dir() && !text.ends_with('/') {
+            text.push('/');
+        }
+        urls.push(ListingTableUrl::parse(&text).map_err(|e| fail(format!("source `{source}`: {e}")))?);
+    }
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let state = context.state();
+    let file_schema = options
+        .infer_schema(&state, &urls[0])
+        .await
+        .map_err(|e| fail(format!("cannot read the schema of its Parquet files: {}", root_message(&e))))?;
+    let mut fields = Vec::new();
+    for column in &dataset.columns {
+        let Ok(field) = file_schema.field_with_name(&column.name) else {
+            return Err(SqlError::Dataset {
+                dataset: dataset.id.clone(),
+                location: column.location.to_string(),
+                message: format!("declared column `{}` is not in the dataset's files", column.name),
+            });
+        };
+        if column.role != sandbox_policy::Role::Hidden {
+            fields.push(field.clone());
+        }
+    }
+    let visible = Arc::new(Schema::new(fields));
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(visible);
+    let table = ListingTable::try_new(config).map_err(|e| fail(root_message(&e)))?;
+    Ok(Arc::new(table))
+}
+
+/// Rows read from the sources: the output of every leaf of the physical plan.
+fn rows_scanned(plan: &dyn ExecutionPlan) -> u64 {
+    if plan.children().is_empty() {
+        return plan
+            .metrics()
+            .and_then(|m| m.output_rows())
+            .unwrap_or(0) as u64;
+    }
+    plan.children().into_iter().map(|c| rows_scanned(c.as_ref())).sum()
+}
+
+fn root_message(error: &DataFusionError) -> String {
+    error.find_root().to_string()
+}
+
+fn execution_error(error: DataFusionError) -> SqlError {
+    match error.find_root() {
+        DataFusionError::ResourcesExhausted(message) => SqlError::ResourcesExhausted(message.clone()),
+        root => SqlError::Execution(root.to_string()),
+    }
+}
