@@ -1,1 +1,519 @@
-fn main() {}
+//! `sandbox`: the command-line client of the data sandbox.
+//!
+//! Exit codes: 0 success; 1 audit verification failed; 2 usage error; 3 denied by policy;
+//! 4 unauthenticated or not permitted; 5 any other failure.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use arrow::array::RecordBatch;
+use arrow::ipc::reader::StreamReader;
+use clap::{Parser, Subcommand, ValueEnum};
+use sandbox_proto::v1 as pb;
+use sandbox_proto::v1::audit_client::AuditClient;
+use sandbox_proto::v1::sandbox_client::SandboxClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+/// Prints a line to stdout. A closed pipe (`sandbox ... | head`) ends output quietly instead of
+/// panicking like `println!` would.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+const EXIT_VERIFY_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_DENIED: u8 = 3;
+const EXIT_NOT_PERMITTED: u8 = 4;
+const EXIT_OTHER: u8 = 5;
+
+#[derive(Debug, Parser)]
+#[command(name = "sandbox", version, about = "Client of the data sandbox")]
+struct Cli {
+    /// Server address.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:50051", env = "SANDBOX_ADDR")]
+    addr: String,
+    /// Act as this principal: reads `<data-dir>/credentials/NAME.token`.
+    #[arg(long = "as", global = true, value_name = "NAME", conflicts_with = "token_file")]
+    as_principal: Option<String>,
+    /// Read the bearer token from this file.
+    #[arg(long, global = true, value_name = "F")]
+    token_file: Option<PathBuf>,
+    /// Data dir of a local server (for `--as` and `audit verify`).
+    #[arg(long, global = true, default_value = "./sandbox-data")]
+    data_dir: PathBuf,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the datasets you may use: schemas, roles and levels.
+    Datasets,
+    /// Run an aggregate query and print the released rows; the release summary goes to stderr.
+    Sql { query: String },
+    /// Show the policy decision for a query without running it.
+    Explain { query: String },
+    /// Read the audit journal (auditor role).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Validate policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// The newest events.
+    Tail {
+        #[arg(short = 'n', default_value_t = 20)]
+        n: u32,
+    },
+    /// Verify the journal offline: framing, checksums, hash chain, sequence. Needs no server.
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Load a policy directory strictly and report the first error with file and line.
+    Check {
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure {
+            code: EXIT_OTHER,
+            message: format!("{e:#}"),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        let code = match status.code() {
+            tonic::Code::FailedPrecondition => EXIT_DENIED,
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => EXIT_NOT_PERMITTED,
+            _ => EXIT_OTHER,
+        };
+        Failure {
+            code,
+            message: format!("{}: {}", code_name(status.code()), status.message()),
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::FailedPrecondition => "denied",
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::PermissionDenied => "not permitted",
+        tonic::Code::InvalidArgument => "invalid request",
+        tonic::Code::ResourceExhausted => "resources exhausted",
+        tonic::Code::Unavailable => "server unavailable",
+        _ => "error",
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(EXIT_OTHER);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("{}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Command::Audit(AuditCommand::Verify) => verify(&cli.data_dir),
+        Command::Policy(PolicyCommand::Check { dir }) => policy_check(dir),
+        Command::Datasets => datasets(&cli).await,
+        Command::Sql { query } => sql(&cli, query).await,
+        Command::Explain { query } => explain(&cli, query).await,
+        Command::Audit(AuditCommand::Tail { n }) => tail(&cli, *n).await,
+    }
+}
+
+fn verify(data_dir: &Path) -> Result<(), Failure> {
+    let path = data_dir.join("audit").join("journal.log");
+    match sandbox_audit::verify_file(&path) {
+        Ok(Ok(report)) => {
+            out!(
+                "journal OK: {} records, head {}",
+                report.records, report.head_hash
+            );
+            Ok(())
+        }
+        Ok(Err(failure)) => Err(Failure {
+            code: EXIT_VERIFY_FAILED,
+            message: format!("journal verification FAILED: {failure}"),
+        }),
+        Err(e) => Err(Failure {
+            code: EXIT_VERIFY_FAILED,
+            message: format!("journal verification FAILED: {e}"),
+        }),
+    }
+}
+
+fn policy_check(dir: &Path) -> Result<(), Failure> {
+    let policy = sandbox_policy::load_dir(dir).map_err(|e| Failure {
+        code: EXIT_OTHER,
+        message: format!("policy invalid: {e}"),
+    })?;
+    out!(
+        "policy OK: {} datasets, {} grants in {}",
+        policy.datasets.len(),
+        policy.grants.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn token(cli: &Cli) -> Result<String, Failure> {
+    let from_file = |path: &Path| -> Result<String, Failure> {
+        let text = std::fs::read_to_string(path).map_err(|e| Failure {
+            code: EXIT_USAGE,
+            message: format!("cannot read token file {}: {e}", path.display()),
+        })?;
+        Ok(text.trim().to_string())
+    };
+    if let Some(path) = &cli.token_file {
+        return from_file(path);
+    }
+    if let Some(name) = &cli.as_principal {
+        return from_file(&cli.data_dir.join("credentials").join(format!("{name}.token")));
+    }
+    match std::env::var("SANDBOX_TOKEN") {
+        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+        _ => Err(Failure {
+            code: EXIT_USAGE,
+            message: "no credentials: use --as NAME, --token-file F or SANDBOX_TOKEN".into(),
+        }),
+    }
+}
+
+async fn channel(cli: &Cli) -> Result<Channel, Failure> {
+    let endpoint = Channel::from_shared(cli.addr.clone()).map_err(|e| Failure {
+        code: EXIT_USAGE,
+        message: format!("invalid --addr {}: {e}", cli.addr),
+    })?;
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure {
+            code: EXIT_OTHER,
+            message: format!("cannot connect to {}: {e}", cli.addr),
+        })
+}
+
+fn authorized<T>(message: T, token: &str) -> Result<tonic::Request<T>, Failure> {
+    let mut request = tonic::Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| Failure {
+        code: EXIT_USAGE,
+        message: "the token contains characters not allowed in a header".into(),
+    })?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+fn sql_spec(query: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob {
+            query: query.to_string(),
+        })),
+    }
+}
+
+async fn sql(cli: &Cli, query: &str) -> Result<(), Failure> {
+    let token = token(cli)?;
+    let mut client = SandboxClient::new(channel(cli).await?);
+    let submitted = client
+        .submit_job(authorized(
+            pb::SubmitJobRequest {
+                spec: Some(sql_spec(query)),
+                label: String::new(),
+            },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    let mut stream = client
+        .fetch_result(authorized(
+            pb::FetchResultRequest {
+                job_id: submitted.job_id.clone(),
+            },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    let mut bytes = Vec::new();
+    let mut summary = None;
+    while let Some(message) = stream.message().await? {
+        match message.part {
+            Some(pb::fetch_result_response::Part::ArrowIpc(chunk)) => bytes.extend(chunk),
+            Some(pb::fetch_result_response::Part::Summary(s)) => summary = Some(s),
+            None => {}
+        }
+    }
+    let summary = summary.context("the server sent no release summary")?;
+    let batches = decode(&bytes)?;
+    print_batches(&batches, cli.format)?;
+    eprintln!(
+        "released {} rows, suppressed {} rows (min_units {}); rows scanned {}; job {}; audit seq {}; sha256 {}",
+        summary.rows_released,
+        summary.rows_suppressed,
+        summary.min_units,
+        summary.rows_scanned,
+        submitted.job_id,
+        summary.audit_seq,
+        summary.result_sha256
+    );
+    Ok(())
+}
+
+fn decode(bytes: &[u8]) -> anyhow::Result<Vec<RecordBatch>> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .context("the result is not an Arrow IPC stream")?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .context("cannot decode the result")
+}
+
+fn print_batches(batches: &[RecordBatch], format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Table => {
+            out!("{}", arrow::util::pretty::pretty_format_batches(batches)?);
+        }
+        Format::Csv => {
+            let mut writer = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(std::io::stdout());
+            for batch in batches {
+                writer.write(batch)?;
+            }
+        }
+        Format::Json => {
+            let mut writer = arrow::json::ArrayWriter::new(std::io::stdout());
+            let refs: Vec<&RecordBatch> = batches.iter().collect();
+            writer.write_batches(&refs)?;
+            writer.finish()?;
+            out!("");
+        }
+    }
+    Ok(())
+}
+
+async fn explain(cli: &Cli, query: &str) -> Result<(), Failure> {
+    let token = token(cli)?;
+    let mut client = SandboxClient::new(channel(cli).await?);
+    let explanation = client
+        .explain_job(authorized(
+            pb::ExplainJobRequest {
+                spec: Some(sql_spec(query)),
+            },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    match cli.format {
+        Format::Json => out!(
+            "{}",
+            serde_json::json!({
+                "decision": explanation.decision,
+                "rule": explanation.rule,
+                "message": explanation.message,
+                "datasets": explanation.datasets,
+                "columns": explanation.columns,
+                "min_units": explanation.min_units,
+                "plan": explanation.plan,
+            })
+        ),
+        _ => {
+            out!("decision: {}", explanation.decision);
+            if !explanation.rule.is_empty() {
+                out!("rule:     {}", explanation.rule);
+            }
+            out!("message:  {}", explanation.message);
+            if explanation.decision == "allow" {
+                out!("datasets: {}", explanation.datasets.join(", "));
+                out!("columns:  {}", explanation.columns.join(", "));
+                out!("min_units: {}", explanation.min_units);
+                out!("plan:\n{}", explanation.plan);
+            }
+        }
+    }
+    if explanation.decision == "allow" {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: EXIT_DENIED,
+            message: format!(
+                "denied by rule `{}`: {}",
+                explanation.rule, explanation.message
+            ),
+        })
+    }
+}
+
+async fn datasets(cli: &Cli) -> Result<(), Failure> {
+    let token = token(cli)?;
+    let mut client = SandboxClient::new(channel(cli).await?);
+    let response = client
+        .list_datasets(authorized(pb::ListDatasetsRequest {}, &token)?)
+        .await?
+        .into_inner();
+    match cli.format {
+        Format::Json => {
+            let list: Vec<_> = response
+                .datasets
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "id": d.id, "owner": d.owner, "description": d.description,
+                        "privacy_unit": d.privacy_unit, "modes": d.modes,
+                        "min_units": d.min_units, "functions": d.functions,
+                        "columns": d.columns.iter().map(|c| serde_json::json!({
+                            "name": c.name, "type": c.data_type, "level": c.level,
+                            "role": c.role, "description": c.description,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            out!("{}", serde_json::Value::Array(list));
+        }
+        Format::Csv => {
+            out!("dataset,column,type,level,role");
+            for d in &response.datasets {
+                for c in &d.columns {
+                    out!("{},{},{},{},{}", d.id, c.name, c.data_type, c.level, c.role);
+                }
+            }
+        }
+        Format::Table => {
+            for d in &response.datasets {
+                out!(
+                    "{}  (owner {}; privacy unit {}; modes {}; min_units {}; functions {})",
+                    d.id,
+                    d.owner,
+                    d.privacy_unit,
+                    if d.modes.is_empty() { "-".to_string() } else { d.modes.join(",") },
+                    d.min_units,
+                    if d.functions.is_empty() { "-".to_string() } else { d.functions.join(",") },
+                );
+                for c in &d.columns {
+                    out!(
+                        "    {:<22} {:<10} {:<3} {:<11} {}",
+                        c.name, c.data_type, c.level, c.role, c.description
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn tail(cli: &Cli, n: u32) -> Result<(), Failure> {
+    let token = token(cli)?;
+    let mut client = AuditClient::new(channel(cli).await?);
+    let response = client
+        .list_events(authorized(
+            pb::ListEventsRequest {
+                from_seq: 0,
+                limit: n,
+                tail: true,
+            },
+            &token,
+        )?)
+        .await?
+        .into_inner();
+    match cli.format {
+        Format::Json => {
+            for e in &response.events {
+                out!(
+                    "{}",
+                    serde_json::json!({
+                        "seq": e.seq, "time": e.time, "action": e.action, "principal": e.principal,
+                        "org": e.org, "request_id": e.request_id, "job_id": e.job_id, "kind": e.kind,
+                        "query": e.query, "datasets": e.datasets, "columns": e.columns,
+                        "decision": e.decision, "rule": e.rule, "message": e.message,
+                        "rows_scanned": e.rows_scanned, "rows_released": e.rows_released,
+                        "rows_suppressed": e.rows_suppressed, "epsilon_spent": e.epsilon_spent,
+                        "result_sha256": e.result_sha256, "chain_hash": e.chain_hash,
+                    })
+                );
+            }
+        }
+        Format::Csv => {
+            out!("seq,time,action,principal,decision,rule,job_id,rows_released,rows_suppressed");
+            for e in &response.events {
+                out!(
+                    "{},{},{},{},{},{},{},{},{}",
+                    e.seq, e.time, e.action, e.principal, e.decision, e.rule, e.job_id,
+                    e.rows_released, e.rows_suppressed
+                );
+            }
+        }
+        Format::Table => {
+            out!(
+                "{:>6}  {:<24}  {:<12}  {:<12}  {:<17}  {:<26}  {:>8}  {:>10}  query",
+                "seq", "time", "action", "principal", "decision", "rule", "released", "suppressed"
+            );
+            for e in &response.events {
+                let query: String = e.query.chars().take(60).collect();
+                out!(
+                    "{:>6}  {:<24}  {:<12}  {:<12}  {:<17}  {:<26}  {:>8}  {:>10}  {}",
+                    e.seq, e.time, e.action, e.principal, e.decision, e.rule, e.rows_released,
+                    e.rows_suppressed, query.replace('\n', " ")
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,27 @@
-//! placeholder
+//! The job manager: wires the stages of the pipeline for every request, SQL or (later) WASM,
+//! and knows nothing of gRPC.
+//!
+//! ```text
+//! authenticate -> admit -> plan -> execute -> release -> record -> deliver
+//!   (server)      grants   guard    DataFusion   gate     journal   JobResult
+//! ```
+//!
+//! Each stage takes the previous stage's output type: [`sandbox_sql::PlannedQuery`] only comes from
+//! the guard, [`sandbox_sql::Executed`] from execution, [`sandbox_release::Released`] only from the
+//! gate, and a [`JobResult`] (the only thing delivery can send) only from a `Released` plus the
+//! journal's receipt [`sandbox_audit::Appended`]. So a result cannot reach a client without passing
+//! the gate and being durably recorded first.
+//!
+//! Every request produces exactly one terminal audit event: a job's is written when it ends
+//! (released, denied, failed or cancelled); other calls record theirs before answering.
+
+mod error;
+mod jobs;
+
+pub use error::{EngineError, ErrorKind, Result};
+pub use jobs::{
+    ColumnView, DatasetView, Engine, EngineConfig, Explanation, JobResult, JobSnapshot, JobSpec,
+    JobState, ReleaseOutcome, RequestContext,
+};
+pub use sandbox_audit::{AuditEvent, Decision, StoredEvent};
+pub use sandbox_sql::SqlLimits;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef};
 use arrow::ipc::writer::StreamWriter;
 
 /// Prefix of every column the sandbox adds for its own checks. Users may not name columns so.
@@ -192,7 +192,7 @@ pub fn unit_counts(values: &[u64]) -> ArrayRef {
 mod tests {
     use super::*;
     use arrow::array::{Int64Array, StringArray};
-    use arrow::datatypes::Field;
+    use arrow::datatypes::{Field, Schema};
 
     fn batch(groups: &[&str], counts: &[i64], units: &[u64]) -> (SchemaRef, RecordBatch) {
         let schema = Arc::new(Schema::new(vec![

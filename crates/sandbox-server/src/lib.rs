@@ -1,1 +1,91 @@
-//! placeholder
+//! The sandbox service: tonic services over the engine, authentication, configuration and the
+//! first-start demo bootstrap. Binary: `sandboxd`.
+//!
+//! This is the only crate that knows gRPC and prost types: [`service`] converts wire types to the
+//! engine's domain types and back, and [`status::status_of`] is the one place where engine errors
+//! become `tonic::Status` codes. [`auth`] turns `authorization: Bearer <token>` metadata into a
+//! [`sandbox_policy::Principal`] and holds the table of roles each RPC requires.
+
+pub mod auth;
+pub mod bootstrap;
+pub mod config;
+pub mod service;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sandbox_engine::{Engine, EngineConfig};
+use sandbox_proto::v1::audit_server::AuditServer;
+use sandbox_proto::v1::sandbox_server::SandboxServer;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::ServerConfig;
+
+/// Largest request a client may send.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// A server running in the background, for `sandboxd` and for tests.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The address it listens on (the real port when started on port 0).
+    pub addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    /// Stops accepting requests, lets running calls finish and waits for the server to end.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        self.handle.await.context("server task panicked")??;
+        Ok(())
+    }
+
+    /// Waits until the server ends by itself (it only does on a transport error).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.handle.await.context("server task panicked")??;
+        Ok(())
+    }
+}
+
+/// Prepares the data dir (generating the demo on first start), opens the engine and starts
+/// serving on `config.listen`.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    let prepared = bootstrap::prepare(&config)?;
+    let mut engine_config = EngineConfig::new(config.data_dir.clone(), prepared.policy);
+    engine_config.sql_limits = config.sql_limits();
+    let engine = Engine::start(engine_config)
+        .await
+        .context("cannot start the engine")?;
+    let authenticator = Arc::new(prepared.authenticator);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let sandbox = service::SandboxService::new(engine.clone(), authenticator.clone());
+    let audit = service::AuditService::new(engine.clone(), authenticator);
+    let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(
+            SandboxServer::new(sandbox)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(AuditServer::new(audit).max_decoding_message_size(MAX_REQUEST_BYTES));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = shutdown_signal.await;
+    }));
+    Ok(RunningServer {
+        addr,
+        engine,
+        shutdown: Some(shutdown),
+        handle,
+    })
+}

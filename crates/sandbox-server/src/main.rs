@@ -1,1 +1,29 @@
-fn main() {}
+//! `sandboxd`: serves the data sandbox over gRPC.
+
+use clap::Parser;
+use sandbox_server::ServerConfig;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = ServerConfig::parse();
+    let server = sandbox_server::start(config).await?;
+    println!("sandboxd listening on {}", server.addr);
+    tracing::info!(addr = %server.addr, "listening on {}", server.addr);
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    server.shutdown().await
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}

@@ -138,7 +138,8 @@ impl Denial {
 
 impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "denied by rule `{}`: {}", self.rule, self.message)
+        // The rule travels separately (status metadata, journal field); the text is the reason.
+        f.write_str(&self.message)
     }
 }
 

@@ -604,8 +604,19 @@ impl Guard<'_> {
             };
         }
         let Expr::Column(column) = argument else {
-            // Check the expression anyway, so an identifier hidden in it gets its own rule.
-            self.row_expr(argument, schema, lineage, Use::Derive)?;
+            // An identifier hidden in the expression gets its own, more specific rule.
+            for referenced in argument.column_refs() {
+                let found = self.lookup(referenced, schema, lineage)?;
+                if let Some(unit) = found.sources().iter().find(|s| s.role == Role::Identifier) {
+                    return Err(deny(
+                        Rule::IdentifierInExpression,
+                        format!(
+                            "the privacy unit `{}` may not be used in expressions",
+                            unit.column
+                        ),
+                    ));
+                }
+            }
             return Err(deny(
                 Rule::AggregateArgumentNotPlain,
                 format!(

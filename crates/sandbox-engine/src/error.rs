@@ -1,0 +1,91 @@
+//! Errors of the engine, each with a stable code and a kind that the server maps to a status.
+
+use sandbox_audit::AuditError;
+use sandbox_sql::SqlError;
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// How a client should read an error; the server maps each kind to one gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Refused by policy.
+    Denied,
+    /// The request itself is malformed (bad SQL, unknown column).
+    Invalid,
+    NotFound,
+    /// The caller may not act on this object.
+    PermissionDenied,
+    Unimplemented,
+    /// Memory, rows or time ran out.
+    ResourceExhausted,
+    Cancelled,
+    /// Anything else; details are logged, not shown.
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Sql(#[from] SqlError),
+    #[error("job `{0}` not found")]
+    JobNotFound(String),
+    #[error("job `{0}` belongs to another principal")]
+    NotJobOwner(String),
+    #[error("{0} is not implemented yet")]
+    Unimplemented(&'static str),
+    /// The job ended without a result; carries its recorded rule and message.
+    #[error("{message}")]
+    JobEnded {
+        code: String,
+        message: String,
+        kind: ErrorKind,
+    },
+    #[error("cannot release the result: {0}")]
+    Release(#[from] sandbox_release::ReleaseError),
+    #[error("audit journal unavailable: {0}")]
+    Audit(#[from] AuditError),
+    #[error("engine setup failed: {0}")]
+    Setup(String),
+}
+
+impl EngineError {
+    /// Stable code: the rule that denied, or the error's own code.
+    pub fn code(&self) -> String {
+        match self {
+            EngineError::Sql(e) => e.code().to_string(),
+            EngineError::JobNotFound(_) => "job-not-found".into(),
+            EngineError::NotJobOwner(_) => "not-job-owner".into(),
+            EngineError::Unimplemented(_) => "unimplemented".into(),
+            EngineError::JobEnded { code, .. } => code.clone(),
+            EngineError::Release(e) => e.code().into(),
+            EngineError::Audit(e) => e.code().into(),
+            EngineError::Setup(_) => "engine-setup".into(),
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::Sql(e) => sql_kind(e),
+            EngineError::JobNotFound(_) => ErrorKind::NotFound,
+            EngineError::NotJobOwner(_) => ErrorKind::PermissionDenied,
+            EngineError::Unimplemented(_) => ErrorKind::Unimplemented,
+            EngineError::JobEnded { kind, .. } => *kind,
+            EngineError::Release(sandbox_release::ReleaseError::TooManyRows { .. }) => {
+                ErrorKind::ResourceExhausted
+            }
+            EngineError::Release(_) | EngineError::Audit(_) | EngineError::Setup(_) => {
+                ErrorKind::Internal
+            }
+        }
+    }
+}
+
+pub(crate) fn sql_kind(e: &SqlError) -> ErrorKind {
+    match e {
+        SqlError::Denied(_) => ErrorKind::Denied,
+        SqlError::Syntax(_) | SqlError::Plan(_) => ErrorKind::Invalid,
+        SqlError::ResourcesExhausted(_) | SqlError::TimeLimit(_) => ErrorKind::ResourceExhausted,
+        SqlError::Cancelled => ErrorKind::Cancelled,
+        SqlError::Execution(_) | SqlError::Dataset { .. } => ErrorKind::Internal,
+    }
+}

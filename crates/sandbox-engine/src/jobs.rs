@@ -1,0 +1,696 @@
+//! The engine: jobs, their stages, their audit events, and the read-only calls.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ring::digest;
+use sandbox_audit::{Appended, AuditEvent, Decision, Journal, StoredEvent};
+use sandbox_policy::{PolicySet, Principal, PrincipalRole};
+use sandbox_release::{GatePolicy, Released, release};
+use sandbox_sql::{CancellationToken, GrantedDataset, PlannedQuery, SqlEngine, SqlError, SqlLimits};
+use tokio::sync::watch;
+
+use crate::error::{EngineError, ErrorKind, Result};
+
+/// What the engine needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    pub policy: PolicySet,
+    pub sql_limits: SqlLimits,
+    /// Most rows one job may release.
+    pub max_release_rows: usize,
+    /// How long a finished job's result stays fetchable.
+    pub job_retention: Duration,
+    /// Most finished jobs kept in memory; the oldest are dropped first.
+    pub max_retained_jobs: usize,
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: PathBuf, policy: PolicySet) -> Self {
+        EngineConfig {
+            data_dir,
+            policy,
+            sql_limits: SqlLimits::default(),
+            max_release_rows: 100_000,
+            job_retention: Duration::from_secs(3600),
+            max_retained_jobs: 10_000,
+        }
+    }
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub principal: Principal,
+    pub request_id: String,
+}
+
+/// A job as submitted. Domain type: the server converts the wire type into it.
+#[derive(Debug, Clone)]
+pub enum JobSpec {
+    Sql {
+        query: String,
+    },
+    Wasm {
+        module_sha256: String,
+        input_query: String,
+        parameters: Vec<u8>,
+    },
+}
+
+impl JobSpec {
+    fn kind(&self) -> &'static str {
+        match self {
+            JobSpec::Sql { .. } => "sql",
+            JobSpec::Wasm { .. } => "wasm",
+        }
+    }
+
+    fn audit_text(&self) -> String {
+        match self {
+            JobSpec::Sql { query } => query.clone(),
+            JobSpec::Wasm {
+                module_sha256,
+                input_query,
+                ..
+            } => format!("module {module_sha256}; input: {input_query}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Denied,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        self != JobState::Running
+    }
+}
+
+/// What the release produced, as recorded in the journal and shown to the caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReleaseOutcome {
+    pub rows_released: u64,
+    pub rows_suppressed: u64,
+    pub min_units: u64,
+    pub result_sha256: String,
+    pub audit_seq: u64,
+    pub rows_scanned: u64,
+}
+
+/// A released result whose audit event is durable: the only thing delivery may send.
+#[derive(Debug)]
+pub struct JobResult {
+    ipc_stream: Vec<u8>,
+    outcome: ReleaseOutcome,
+}
+
+impl JobResult {
+    /// Only built from a gate output and the journal's receipt for it.
+    fn new(released: &Released, ipc_stream: Vec<u8>, sha256: String, receipt: &Appended, rows_scanned: u64) -> Self {
+        let summary = released.summary();
+        JobResult {
+            ipc_stream,
+            outcome: ReleaseOutcome {
+                rows_released: summary.rows_released,
+                rows_suppressed: summary.rows_suppressed,
+                min_units: summary.min_units,
+                result_sha256: sha256,
+                audit_seq: receipt.seq,
+                rows_scanned,
+            },
+        }
+    }
+
+    /// The released rows as Arrow IPC stream bytes.
+    pub fn ipc_stream(&self) -> &[u8] {
+        &self.ipc_stream
+    }
+
+    pub fn outcome(&self) -> &ReleaseOutcome {
+        &self.outcome
+    }
+}
+
+/// The state of a job as its submitter sees it.
+#[derive(Debug, Clone)]
+pub struct JobSnapshot {
+    pub job_id: String,
+    pub state: JobState,
+    pub rule: String,
+    pub message: String,
+    pub result: Option<Arc<JobResult>>,
+}
+
+impl JobSnapshot {
+    fn running(job_id: &str) -> Self {
+        JobSnapshot {
+            job_id: job_id.to_string(),
+            state: JobState::Running,
+            rule: String::new(),
+            message: String::new(),
+            result: None,
+        }
+    }
+
+    fn ended(job_id: &str, state: JobState, rule: impl Into<String>, message: impl Into<String>) -> Self {
+        JobSnapshot {
+            job_id: job_id.to_string(),
+            state,
+            rule: rule.into(),
+            message: message.into(),
+            result: None,
+        }
+    }
+}
+
+struct Job {
+    owner: String,
+    created: Instant,
+    cancel: CancellationToken,
+    state: watch::Sender<JobSnapshot>,
+}
+
+/// The decision on a job without running it.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub allowed: bool,
+    pub rule: String,
+    pub message: String,
+    pub datasets: Vec<String>,
+    pub columns: Vec<String>,
+    pub min_units: u64,
+    pub plan: String,
+}
+
+/// A dataset as a caller may see it: schema, roles, levels and the caller's modes. Never rows.
+#[derive(Debug, Clone)]
+pub struct DatasetView {
+    pub id: String,
+    pub owner: String,
+    pub description: String,
+    pub privacy_unit: String,
+    pub columns: Vec<ColumnView>,
+    pub modes: Vec<String>,
+    pub min_units: u64,
+    pub functions: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ColumnView {
+    pub name: String,
+    pub data_type: String,
+    pub level: String,
+    pub role: String,
+    pub description: String,
+}
+
+/// The running sandbox, minus the wire.
+pub struct Engine {
+    policy: Arc<PolicySet>,
+    sql: Arc<SqlEngine>,
+    journal: Journal,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    config: EngineConfig,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("data_dir", &self.config.data_dir)
+            .field("journal", &self.journal)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Opens the journal (repairing a torn tail) and every dataset of the policy, and records
+    /// the start.
+    pub async fn start(config: EngineConfig) -> Result<Arc<Engine>> {
+        if sandbox_sql::UNITS_COLUMN != sandbox_release::UNITS_COLUMN
+            || sandbox_sql::HIDDEN_PREFIX != sandbox_release::HIDDEN_PREFIX
+        {
+            return Err(EngineError::Setup(
+                "guard and gate disagree on the hidden column names".into(),
+            ));
+        }
+        let (journal, report) = Journal::open(&config.data_dir.join("audit"))?;
+        if report.truncated_bytes > 0 {
+            tracing::warn!(bytes = report.truncated_bytes, "truncated a torn journal tail");
+        }
+        let sql = SqlEngine::new(&config.policy, &config.data_dir, config.sql_limits.clone())
+            .await
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        let engine = Arc::new(Engine {
+            policy: Arc::new(config.policy.clone()),
+            sql: Arc::new(sql),
+            journal,
+            jobs: Mutex::new(HashMap::new()),
+            config,
+        });
+        engine
+            .journal
+            .append(AuditEvent {
+                action: "Start".into(),
+                principal: "sandboxd".into(),
+                request_id: uuid::Uuid::new_v4().to_string(),
+                datasets: engine.policy.datasets.keys().cloned().collect(),
+                decision: Decision::Allow,
+                message: format!(
+                    "started with {} datasets and {} grants; repaired {} torn bytes",
+                    engine.policy.datasets.len(),
+                    engine.policy.grants.len(),
+                    report.truncated_bytes
+                ),
+                ..AuditEvent::default()
+            })
+            .await?;
+        Ok(engine)
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    pub fn policy(&self) -> &PolicySet {
+        &self.policy
+    }
+
+    fn granted(&self, principal: &Principal) -> HashMap<String, GrantedDataset> {
+        self.policy
+            .granted_datasets(principal)
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    GrantedDataset {
+                        policy: Arc::new(d.clone()),
+                        aggregate: self.policy.aggregate_mode(principal, &d.id),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn event(ctx: &RequestContext, action: &str) -> AuditEvent {
+        AuditEvent {
+            action: action.to_string(),
+            principal: ctx.principal.id.clone(),
+            org: ctx.principal.org.clone(),
+            request_id: ctx.request_id.clone(),
+            ..AuditEvent::default()
+        }
+    }
+
+    /// Records the terminal event of a request that was refused before reaching the engine:
+    /// bad credentials or a role that does not allow the call.
+    pub async fn record_refusal(
+        &self,
+        action: &str,
+        request_id: &str,
+        principal: Option<&Principal>,
+        decision: Decision,
+        rule: &str,
+        message: &str,
+    ) -> Result<Appended> {
+        let event = AuditEvent {
+            action: action.to_string(),
+            principal: principal.map(|p| p.id.clone()).unwrap_or_default(),
+            org: principal.map(|p| p.org.clone()).unwrap_or_default(),
+            request_id: request_id.to_string(),
+            decision,
+            rule: rule.to_string(),
+            message: message.to_string(),
+            ..AuditEvent::default()
+        };
+        Ok(self.journal.append(event).await?)
+    }
+
+    /// Admits and plans a job, records a denial, or starts it in the background.
+    pub async fn submit(self: &Arc<Self>, ctx: &RequestContext, spec: JobSpec) -> Result<JobSnapshot> {
+        let started = Instant::now();
+        let job_id = uuid::Uuid::new_v4().to_string();
+        let mut event = Self::event(ctx, "SubmitJob");
+        event.job_id = job_id.clone();
+        event.kind = spec.kind().to_string();
+        event.query = spec.audit_text();
+
+        let JobSpec::Sql { query } = spec else {
+            let error = EngineError::Unimplemented("WASM jobs");
+            event.decision = Decision::Fail;
+            event.rule = error.code();
+            event.message = error.to_string();
+            self.journal.append(event).await?;
+            return Err(error);
+        };
+
+        let granted = self.granted(&ctx.principal);
+        let planned = match self.sql.plan(&query, &granted).await {
+            Ok(planned) => planned,
+            Err(error) => {
+                event.decision = if matches!(error, SqlError::Denied(_)) {
+                    Decision::Deny
+                } else {
+                    Decision::Fail
+                };
+                event.rule = error.code().to_string();
+                event.message = error.to_string();
+                event.duration_ms = started.elapsed().as_millis() as u64;
+                self.journal.append(event).await?;
+                tracing::info!(job = %job_id, rule = error.code(), "job refused at planning");
+                return Err(error.into());
+            }
+        };
+        event.datasets = planned.guarded.datasets.clone();
+        event.columns = planned.guarded.columns.clone();
+        event.min_units = planned.guarded.min_units;
+
+        self.prune_jobs();
+        let (state, _) = watch::channel(JobSnapshot::running(&job_id));
+        let job = Arc::new(Job {
+            owner: ctx.principal.id.clone(),
+            created: Instant::now(),
+            cancel: CancellationToken::new(),
+            state,
+        });
+        self.jobs
+            .lock()
+            .expect("jobs lock is never poisoned")
+            .insert(job_id.clone(), job.clone());
+        let engine = self.clone();
+        let span = tracing::info_span!("job", id = %job_id, principal = %ctx.principal.id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let snapshot = engine.run(planned, job.cancel.clone(), event, started).await;
+                job.state.send_replace(snapshot);
+            },
+            span,
+        ));
+        Ok(JobSnapshot::running(&job_id))
+    }
+
+    /// Execute, release, record: the stages after planning. Returns the terminal snapshot; the
+    /// job's terminal event is durable before the snapshot (and so the result) is published.
+    async fn run(
+        &self,
+        planned: PlannedQuery,
+        cancel: CancellationToken,
+        mut event: AuditEvent,
+        started: Instant,
+    ) -> JobSnapshot {
+        let job_id = event.job_id.clone();
+        let gate = GatePolicy {
+            min_units: planned.guarded.min_units,
+            skip: planned.guarded.skip,
+            fetch: planned.guarded.fetch,
+            max_rows: self.config.max_release_rows,
+        };
+        let executed = self.sql.execute(planned, cancel).await;
+        let outcome = executed.map_err(EngineError::from).and_then(|executed| {
+            let rows_scanned = executed.rows_scanned;
+            let released = release(executed.schema, executed.batches, &gate)?;
+            let ipc = released.to_ipc_stream()?;
+            let sha = hex::encode(digest::digest(&digest::SHA256, &ipc));
+            Ok((released, ipc, sha, rows_scanned))
+        });
+        event.duration_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok((released, ipc, sha, rows_scanned)) => {
+                let summary = released.summary();
+                event.decision = Decision::Allow;
+                event.rows_scanned = rows_scanned;
+                event.rows_released = summary.rows_released;
+                event.rows_suppressed = summary.rows_suppressed;
+                event.result_sha256 = sha.clone();
+                match self.journal.append(event).await {
+                    Ok(receipt) => {
+                        let result = JobResult::new(&released, ipc, sha, &receipt, rows_scanned);
+                        tracing::info!(
+                            released = summary.rows_released,
+                            suppressed = summary.rows_suppressed,
+                            seq = receipt.seq,
+                            "job released"
+                        );
+                        JobSnapshot {
+                            result: Some(Arc::new(result)),
+                            ..JobSnapshot::ended(&job_id, JobState::Succeeded, "", "")
+                        }
+                    }
+                    Err(error) => {
+                        // No durable record, no release.
+                        tracing::error!(%error, "cannot record the release; result discarded");
+                        JobSnapshot::ended(
+                            &job_id,
+                            JobState::Failed,
+                            error.code(),
+                            "the audit journal is unavailable; nothing was released",
+                        )
+                    }
+                }
+            }
+            Err(error) => {
+                let (decision, state) = match error.kind() {
+                    ErrorKind::Cancelled => (Decision::Cancel, JobState::Cancelled),
+                    ErrorKind::Denied => (Decision::Deny, JobState::Denied),
+                    _ => (Decision::Fail, JobState::Failed),
+                };
+                if let EngineError::Sql(SqlError::Execution(detail)) = &error {
+                    // Details may hold data values: logged for operators, never sent or journaled.
+                    tracing::warn!(detail = %detail, "job execution failed");
+                }
+                event.decision = decision;
+                event.rule = error.code();
+                event.message = error.to_string();
+                let snapshot = JobSnapshot::ended(&job_id, state, error.code(), error.to_string());
+                if let Err(audit) = self.journal.append(event).await {
+                    tracing::error!(error = %audit, "cannot record the job's end");
+                }
+                snapshot
+            }
+        }
+    }
+
+    fn job(&self, ctx: &RequestContext, job_id: &str) -> Result<Arc<Job>> {
+        let job = self
+            .jobs
+            .lock()
+            .expect("jobs lock is never poisoned")
+            .get(job_id)
+            .cloned()
+            .ok_or_else(|| EngineError::JobNotFound(job_id.to_string()))?;
+        if job.owner != ctx.principal.id {
+            return Err(EngineError::NotJobOwner(job_id.to_string()));
+        }
+        Ok(job)
+    }
+
+    /// The current state of one of the caller's jobs.
+    pub fn job_status(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
+        Ok(self.job(ctx, job_id)?.state.borrow().clone())
+    }
+
+    /// Waits until the job ends and returns its result, or the reason it has none.
+    pub async fn wait_result(&self, ctx: &RequestContext, job_id: &str) -> Result<Arc<JobResult>> {
+        let job = self.job(ctx, job_id)?;
+        let mut receiver = job.state.subscribe();
+        let snapshot = receiver
+            .wait_for(|s| s.state.is_terminal())
+            .await
+            .map_err(|_| EngineError::JobNotFound(job_id.to_string()))?
+            .clone();
+        match (snapshot.state, snapshot.result) {
+            (JobState::Succeeded, Some(result)) => Ok(result),
+            (state, _) => Err(EngineError::JobEnded {
+                code: snapshot.rule,
+                message: snapshot.message,
+                kind: match state {
+                    JobState::Cancelled => ErrorKind::Cancelled,
+                    JobState::Denied => ErrorKind::Denied,
+                    _ => ErrorKind::Internal,
+                },
+            }),
+        }
+    }
+
+    /// Cancels one of the caller's jobs; the job records its own terminal event.
+    pub async fn cancel(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
+        let job = self.job(ctx, job_id)?;
+        job.cancel.cancel();
+        let mut event = Self::event(ctx, "CancelJob");
+        event.job_id = job_id.to_string();
+        self.journal.append(event).await?;
+        let mut receiver = job.state.subscribe();
+        let snapshot = receiver
+            .wait_for(|s| s.state.is_terminal())
+            .await
+            .map_err(|_| EngineError::JobNotFound(job_id.to_string()))?
+            .clone();
+        Ok(snapshot)
+    }
+
+    /// The decision on a job without running it. Recorded like any other access.
+    pub async fn explain(&self, ctx: &RequestContext, spec: JobSpec) -> Result<Explanation> {
+        let mut event = Self::event(ctx, "ExplainJob");
+        event.kind = spec.kind().to_string();
+        event.query = spec.audit_text();
+        let JobSpec::Sql { query } = spec else {
+            let error = EngineError::Unimplemented("WASM jobs");
+            event.decision = Decision::Fail;
+            event.rule = error.code();
+            self.journal.append(event).await?;
+            return Err(error);
+        };
+        let granted = self.granted(&ctx.principal);
+        let explanation = match self.sql.plan(&query, &granted).await {
+            Ok(planned) => Explanation {
+                allowed: true,
+                rule: String::new(),
+                message: "allowed; rows covering fewer than min_units privacy units will be suppressed".into(),
+                datasets: planned.guarded.datasets.clone(),
+                columns: planned.guarded.columns.clone(),
+                min_units: planned.guarded.min_units,
+                plan: planned.display_plan(),
+            },
+            Err(SqlError::Denied(denial)) => Explanation {
+                allowed: false,
+                rule: denial.rule.code().to_string(),
+                message: denial.message,
+                datasets: Vec::new(),
+                columns: Vec::new(),
+                min_units: 0,
+                plan: String::new(),
+            },
+            Err(other) => {
+                event.decision = Decision::Fail;
+                event.rule = other.code().to_string();
+                event.message = other.to_string();
+                self.journal.append(event).await?;
+                return Err(other.into());
+            }
+        };
+        event.decision = if explanation.allowed {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        };
+        event.rule = explanation.rule.clone();
+        event.datasets = explanation.datasets.clone();
+        event.columns = explanation.columns.clone();
+        self.journal.append(event).await?;
+        Ok(explanation)
+    }
+
+    /// Datasets the caller may use (and, for owners, the ones their org owns): never rows.
+    pub async fn list_datasets(&self, ctx: &RequestContext) -> Result<Vec<DatasetView>> {
+        let principal = &ctx.principal;
+        let mut views: Vec<DatasetView> = Vec::new();
+        for dataset in self.policy.granted_datasets(principal) {
+            let schema = self.sql.visible_schema(&dataset.id);
+            let columns = dataset
+                .visible_columns()
+                .map(|c| ColumnView {
+                    name: c.name.clone(),
+                    data_type: schema
+                        .as_ref()
+                        .and_then(|s| s.field_with_name(&c.name).ok().map(|f| f.data_type().to_string()))
+                        .unwrap_or_default(),
+                    level: c.level.as_str().into(),
+                    role: c.role.as_str().into(),
+                    description: c.description.clone(),
+                })
+                .collect();
+            let mode = self.policy.aggregate_mode(principal, &dataset.id);
+            views.push(DatasetView {
+                id: dataset.id.clone(),
+                owner: dataset.owner.clone(),
+                description: dataset.description.clone(),
+                privacy_unit: dataset.privacy_unit.clone(),
+                columns,
+                modes: mode.iter().map(|_| "aggregate".to_string()).collect(),
+                min_units: mode.as_ref().map_or(0, |m| m.min_units),
+                functions: mode
+                    .iter()
+                    .flat_map(|m| m.functions.iter().map(|f| f.as_str().to_string()))
+                    .collect(),
+            });
+        }
+        // Owners see their own datasets in full, hidden columns included, without any mode.
+        for dataset in self.policy.owned_datasets(principal) {
+            if views.iter().any(|v| v.id == dataset.id) {
+                continue;
+            }
+            views.push(DatasetView {
+                id: dataset.id.clone(),
+                owner: dataset.owner.clone(),
+                description: dataset.description.clone(),
+                privacy_unit: dataset.privacy_unit.clone(),
+                columns: dataset
+                    .columns
+                    .iter()
+                    .map(|c| ColumnView {
+                        name: c.name.clone(),
+                        data_type: String::new(),
+                        level: c.level.as_str().into(),
+                        role: c.role.as_str().into(),
+                        description: c.description.clone(),
+                    })
+                    .collect(),
+                modes: Vec::new(),
+                min_units: 0,
+                functions: Vec::new(),
+            });
+        }
+        views.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut event = Self::event(ctx, "ListDatasets");
+        event.datasets = views.iter().map(|v| v.id.clone()).collect();
+        self.journal.append(event).await?;
+        Ok(views)
+    }
+
+    /// Journal events for auditors. The read is itself recorded.
+    pub async fn list_events(
+        &self,
+        ctx: &RequestContext,
+        from_seq: u64,
+        limit: usize,
+        tail: bool,
+    ) -> Result<(Vec<StoredEvent>, u64)> {
+        debug_assert!(ctx.principal.roles.contains(&PrincipalRole::Auditor));
+        let events = if tail {
+            self.journal.tail(limit)?
+        } else {
+            self.journal.read(from_seq, limit)?
+        };
+        let last_seq = self.journal.last_seq();
+        let mut event = Self::event(ctx, "ListEvents");
+        event.message = format!("read {} events", events.len());
+        self.journal.append(event).await?;
+        Ok((events, last_seq))
+    }
+
+    fn prune_jobs(&self) {
+        let mut jobs = self.jobs.lock().expect("jobs lock is never poisoned");
+        let retention = self.config.job_retention;
+        jobs.retain(|_, job| !(job.state.borrow().state.is_terminal() && job.created.elapsed() > retention));
+        if jobs.len() >= self.config.max_retained_jobs {
+            let mut finished: Vec<(Instant, String)> = jobs
+                .iter()
+                .filter(|(_, j)| j.state.borrow().state.is_terminal())
+                .map(|(id, j)| (j.created, id.clone()))
+                .collect();
+            finished.sort();
+            let excess = jobs.len() + 1 - self.config.max_retained_jobs;
+            for (_, id) in finished.into_iter().take(excess) {
+                jobs.remove(&id);
+            }
+        }
+    }
+}

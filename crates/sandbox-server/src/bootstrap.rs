@@ -1,0 +1,175 @@
+//! First start: on an empty or missing data dir, generate the demo datasets, write the demo
+//! policies and create credentials for the demo principals. Every later start uses what is there.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use ring::rand::{SecureRandom, SystemRandom};
+use sandbox_policy::PolicySet;
+
+use crate::auth::{Authenticator, PRINCIPALS_FILE, PrincipalsFile, StoredPrincipal, token_hash};
+use crate::config::ServerConfig;
+
+/// The demo policies, compiled in from the repository's `policies/` so both stay one source.
+pub const DEMO_POLICIES: [(&str, &str); 6] = [
+    ("court.toml", include_str!("../../../policies/court.toml")),
+    ("housing_fund.toml", include_str!("../../../policies/housing_fund.toml")),
+    ("hrss.toml", include_str!("../../../policies/hrss.toml")),
+    ("market_regulation.toml", include_str!("../../../policies/market_regulation.toml")),
+    ("platform.toml", include_str!("../../../policies/platform.toml")),
+    ("tax_bureau.toml", include_str!("../../../policies/tax_bureau.toml")),
+];
+
+/// Demo principals: name, org, roles.
+pub const DEMO_PRINCIPALS: [(&str, &str, &[&str]); 9] = [
+    ("analyst", "analytics", &["analyst"]),
+    ("bank", "bank_demo", &["consumer"]),
+    ("auditor", "audit_office", &["auditor"]),
+    ("admin", "platform", &["admin"]),
+    ("owner_market", "market_regulation", &["owner"]),
+    ("owner_tax", "tax_bureau", &["owner"]),
+    ("owner_hrss", "hrss", &["owner"]),
+    ("owner_fund", "housing_fund", &["owner"]),
+    ("owner_court", "court", &["owner"]),
+];
+
+/// What a start needs from the data dir.
+#[derive(Debug)]
+pub struct Prepared {
+    pub policy: PolicySet,
+    pub policy_dir: PathBuf,
+    pub authenticator: Authenticator,
+    pub created_demo: bool,
+}
+
+/// The demo policies as (name, text) pairs, for loading without a directory.
+pub fn demo_policy_sources() -> Vec<(String, String)> {
+    DEMO_POLICIES
+        .iter()
+        .map(|(name, text)| (format!("<built-in>/{name}"), text.to_string()))
+        .collect()
+}
+
+pub fn prepare(config: &ServerConfig) -> anyhow::Result<Prepared> {
+    let data_dir = &config.data_dir;
+    let fresh = match std::fs::read_dir(data_dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", data_dir.display())),
+    };
+    if fresh {
+        create_demo(data_dir, config.demo_scale)?;
+    }
+    let policy_dir = match &config.policies {
+        Some(dir) => dir.clone(),
+        None if Path::new("policies").is_dir() => PathBuf::from("policies"),
+        None => data_dir.join("policies"),
+    };
+    let policy = sandbox_policy::load_dir(&policy_dir)
+        .with_context(|| format!("invalid policy in {}", policy_dir.display()))?;
+    tracing::info!(
+        dir = %policy_dir.display(),
+        datasets = policy.datasets.len(),
+        grants = policy.grants.len(),
+        "policy loaded"
+    );
+    let authenticator = Authenticator::load(&data_dir.join("credentials"))?;
+    Ok(Prepared {
+        policy,
+        policy_dir,
+        authenticator,
+        created_demo: fresh,
+    })
+}
+
+fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
+    if !(scale.is_finite() && scale > 0.0 && scale <= 1000.0) {
+        anyhow::bail!("--demo-scale must be in (0, 1000], got {scale}");
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    tracing::info!(dir = %data_dir.display(), scale, "empty data dir: generating the demo");
+    let config = sandbox_demo::DemoConfig::scaled(scale);
+    let summary = sandbox_demo::generate(data_dir, &config).context("cannot generate demo data")?;
+    for (table, rows) in &summary.tables {
+        tracing::info!(table, rows, "demo dataset written");
+    }
+
+    let policy_dir = data_dir.join("policies");
+    std::fs::create_dir_all(&policy_dir)?;
+    for (name, text) in DEMO_POLICIES {
+        std::fs::write(policy_dir.join(name), text)?;
+    }
+    tracing::info!(dir = %policy_dir.display(), "demo policies written");
+
+    let credentials = data_dir.join("credentials");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&credentials)?;
+    let random = SystemRandom::new();
+    let mut file = PrincipalsFile::default();
+    for (name, org, roles) in DEMO_PRINCIPALS {
+        let mut bytes = [0u8; 32];
+        random
+            .fill(&mut bytes)
+            .map_err(|_| anyhow::anyhow!("no secure randomness for tokens"))?;
+        let token = format!("sbx_{}", hex::encode(bytes));
+        write_private(
+            &credentials.join(format!("{name}.token")),
+            format!("{token}\n").as_bytes(),
+        )?;
+        file.principal.push(StoredPrincipal {
+            id: name.to_string(),
+            org: org.to_string(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            token_sha256: hex::encode(token_hash(&token)),
+        });
+    }
+    let text = format!(
+        "# Demo principals, generated at first start. Tokens are stored only as SHA-256;\n\
+         # the demo tokens themselves are in <name>.token beside this file (mode 0600).\n{}",
+        toml::to_string(&file)?
+    );
+    write_private(&credentials.join(PRINCIPALS_FILE), text.as_bytes())?;
+    tracing::info!(
+        dir = %credentials.display(),
+        principals = DEMO_PRINCIPALS.len(),
+        "demo credentials created (DEMO ONLY: replace for real use)"
+    );
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The compiled-in policies are the repository's, and they load.
+    #[test]
+    fn demo_policies_load() {
+        let policy = sandbox_policy::load_sources(&demo_policy_sources()).expect("demo policies");
+        assert_eq!(policy.datasets.len(), 7);
+        let on_disk = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../policies"))
+            .expect("policies dir")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "toml"))
+            })
+            .count();
+        assert_eq!(on_disk, DEMO_POLICIES.len(), "every policy file is compiled in");
+    }
+}

@@ -1,0 +1,59 @@
+//! Configuration of `sandboxd`, from the command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sandbox_engine::SqlLimits;
+
+/// `sandboxd`: the data sandbox service.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "sandboxd", version, about = "Data sandbox: SQL over sensitive data, released only through policy checks, every access audited")]
+pub struct ServerConfig {
+    /// Data dir: datasets, credentials, audit journal. Generated with the demo on first start
+    /// when empty or missing.
+    #[arg(long, default_value = "./sandbox-data")]
+    pub data_dir: PathBuf,
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Policy directory. Default: `./policies` when present, else the data dir's `policies/`
+    /// (the built-in demo policies, written on first start).
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// Scale of the demo data generated on first start (1 = 20,000 enterprises over 24 months).
+    #[arg(long, default_value_t = 1.0)]
+    pub demo_scale: f64,
+    /// Memory all running queries may use together, in MiB; operators spill beyond it.
+    #[arg(long, default_value_t = 2048)]
+    pub memory_limit_mib: usize,
+    /// Wall-clock limit per query, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub query_timeout_secs: u64,
+    /// Longest SQL text accepted, in bytes.
+    #[arg(long, default_value_t = 65_536)]
+    pub max_query_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Defaults for a data dir, listening on an ephemeral loopback port: for tests.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        ServerConfig {
+            data_dir,
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            policies: None,
+            demo_scale: 0.05,
+            memory_limit_mib: 512,
+            query_timeout_secs: 60,
+            max_query_bytes: 65_536,
+        }
+    }
+
+    pub fn sql_limits(&self) -> SqlLimits {
+        let mut limits = SqlLimits::default();
+        limits.memory_pool_bytes = self.memory_limit_mib.max(16) * 1024 * 1024;
+        limits.time_limit = Duration::from_secs(self.query_timeout_secs.max(1));
+        limits.max_query_bytes = self.max_query_bytes;
+        limits
+    }
+}

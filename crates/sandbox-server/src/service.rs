@@ -1,0 +1,351 @@
+//! The tonic services: wire types in, engine calls, wire types out.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use sandbox_engine::{
+    Decision, Engine, JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext,
+};
+use sandbox_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Authenticator, Rpc, required_roles};
+use crate::status::{self, status_of};
+
+/// Bytes of Arrow IPC per streamed message.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Most events one ListEvents call returns.
+const MAX_EVENTS: usize = 10_000;
+
+/// Authentication and authorization shared by both services.
+#[derive(Debug, Clone)]
+struct Gatekeeper {
+    engine: Arc<Engine>,
+    authenticator: Arc<Authenticator>,
+}
+
+impl Gatekeeper {
+    /// Authenticates the caller and checks the RPC's roles. A refusal is recorded in the journal
+    /// before it is answered.
+    async fn admit<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<RequestContext, Status> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let principal = match self.authenticator.authenticate(authorization) {
+            Ok(principal) => principal,
+            Err(failure) => {
+                self.record(rpc, &request_id, None, Decision::Unauthenticated, failure.code())
+                    .await?;
+                return Err(status::unauthenticated(failure, &request_id));
+            }
+        };
+        if !principal.has_any_role(required_roles(rpc)) {
+            self.record(
+                rpc,
+                &request_id,
+                Some(&principal),
+                Decision::PermissionDenied,
+                "role-not-permitted",
+            )
+            .await?;
+            return Err(status::not_permitted(rpc.name(), &request_id));
+        }
+        let span = tracing::info_span!("rpc", method = rpc.name(), principal = %principal.id, request_id = %request_id);
+        span.in_scope(|| tracing::debug!("admitted"));
+        Ok(RequestContext {
+            principal,
+            request_id,
+        })
+    }
+
+    async fn record(
+        &self,
+        rpc: Rpc,
+        request_id: &str,
+        principal: Option<&sandbox_policy::Principal>,
+        decision: Decision,
+        rule: &str,
+    ) -> Result<(), Status> {
+        self.engine
+            .record_refusal(rpc.name(), request_id, principal, decision, rule, "")
+            .await
+            .map(|_| ())
+            .map_err(|e| status_of(&e, request_id))
+    }
+}
+
+/// `sandbox.v1.Sandbox`.
+#[derive(Debug, Clone)]
+pub struct SandboxService {
+    gate: Gatekeeper,
+}
+
+impl SandboxService {
+    pub fn new(engine: Arc<Engine>, authenticator: Arc<Authenticator>) -> Self {
+        SandboxService {
+            gate: Gatekeeper {
+                engine,
+                authenticator,
+            },
+        }
+    }
+}
+
+fn job_spec(spec: Option<pb::JobSpec>, request_id: &str) -> Result<JobSpec, Status> {
+    match spec.and_then(|s| s.kind) {
+        Some(pb::job_spec::Kind::Sql(sql)) => Ok(JobSpec::Sql { query: sql.query }),
+        Some(pb::job_spec::Kind::Wasm(wasm)) => Ok(JobSpec::Wasm {
+            module_sha256: wasm.module_sha256,
+            input_query: wasm.input_query,
+            parameters: wasm.parameters,
+        }),
+        None => Err(status::invalid(
+            "missing-job-spec",
+            "the request has no job spec",
+            request_id,
+        )),
+    }
+}
+
+fn job_state(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Denied => pb::JobState::Denied,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn summary(outcome: &ReleaseOutcome) -> pb::ReleaseSummary {
+    pb::ReleaseSummary {
+        rows_released: outcome.rows_released,
+        rows_suppressed: outcome.rows_suppressed,
+        min_units: outcome.min_units,
+        result_sha256: outcome.result_sha256.clone(),
+        audit_seq: outcome.audit_seq,
+        rows_scanned: outcome.rows_scanned,
+    }
+}
+
+fn job_status(snapshot: &JobSnapshot) -> pb::JobStatus {
+    pb::JobStatus {
+        job_id: snapshot.job_id.clone(),
+        state: job_state(snapshot.state) as i32,
+        rule: snapshot.rule.clone(),
+        message: snapshot.message.clone(),
+        summary: snapshot.result.as_ref().map(|r| summary(r.outcome())),
+    }
+}
+
+type FetchStream = Pin<Box<dyn Stream<Item = Result<pb::FetchResultResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::sandbox_server::Sandbox for SandboxService {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::SubmitJob).await?;
+        let spec = job_spec(request.into_inner().spec, &ctx.request_id)?;
+        let snapshot = self
+            .gate
+            .engine
+            .submit(&ctx, spec)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: snapshot.job_id,
+            state: job_state(snapshot.state) as i32,
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::GetJob).await?;
+        let snapshot = self
+            .gate
+            .engine
+            .job_status(&ctx, &request.get_ref().job_id)
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(job_status(&snapshot)))
+    }
+
+    type FetchResultStream = FetchStream;
+
+    async fn fetch_result(
+        &self,
+        request: Request<pb::FetchResultRequest>,
+    ) -> Result<Response<Self::FetchResultStream>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::FetchResult).await?;
+        let result = self
+            .gate
+            .engine
+            .wait_result(&ctx, &request.get_ref().job_id)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        // The job's terminal event is durable: `wait_result` only returns results whose release
+        // the journal acknowledged.
+        let mut messages: Vec<Result<pb::FetchResultResponse, Status>> = result
+            .ipc_stream()
+            .chunks(CHUNK_BYTES)
+            .map(|chunk| {
+                Ok(pb::FetchResultResponse {
+                    part: Some(pb::fetch_result_response::Part::ArrowIpc(chunk.to_vec())),
+                })
+            })
+            .collect();
+        messages.push(Ok(pb::FetchResultResponse {
+            part: Some(pb::fetch_result_response::Part::Summary(summary(
+                result.outcome(),
+            ))),
+        }));
+        Ok(Response::new(Box::pin(futures::stream::iter(messages))))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::CancelJob).await?;
+        let snapshot = self
+            .gate
+            .engine
+            .cancel(&ctx, &request.get_ref().job_id)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(job_status(&snapshot)))
+    }
+
+    async fn list_datasets(
+        &self,
+        request: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ListDatasets).await?;
+        let views = self
+            .gate
+            .engine
+            .list_datasets(&ctx)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        let datasets = views
+            .into_iter()
+            .map(|v| pb::Dataset {
+                id: v.id,
+                owner: v.owner,
+                description: v.description,
+                privacy_unit: v.privacy_unit,
+                columns: v
+                    .columns
+                    .into_iter()
+                    .map(|c| pb::Column {
+                        name: c.name,
+                        data_type: c.data_type,
+                        level: c.level,
+                        role: c.role,
+                        description: c.description,
+                    })
+                    .collect(),
+                modes: v.modes,
+                min_units: v.min_units,
+                functions: v.functions,
+            })
+            .collect();
+        Ok(Response::new(pb::ListDatasetsResponse { datasets }))
+    }
+
+    async fn explain_job(
+        &self,
+        request: Request<pb::ExplainJobRequest>,
+    ) -> Result<Response<pb::ExplainJobResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ExplainJob).await?;
+        let spec = job_spec(request.into_inner().spec, &ctx.request_id)?;
+        let explanation = self
+            .gate
+            .engine
+            .explain(&ctx, spec)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::ExplainJobResponse {
+            decision: if explanation.allowed { "allow" } else { "deny" }.into(),
+            rule: explanation.rule,
+            message: explanation.message,
+            datasets: explanation.datasets,
+            columns: explanation.columns,
+            min_units: explanation.min_units,
+            plan: explanation.plan,
+        }))
+    }
+}
+
+/// `sandbox.v1.Audit`.
+#[derive(Debug, Clone)]
+pub struct AuditService {
+    gate: Gatekeeper,
+}
+
+impl AuditService {
+    pub fn new(engine: Arc<Engine>, authenticator: Arc<Authenticator>) -> Self {
+        AuditService {
+            gate: Gatekeeper {
+                engine,
+                authenticator,
+            },
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::audit_server::Audit for AuditService {
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ListEvents).await?;
+        let query = request.into_inner();
+        let limit = match query.limit {
+            0 => 100,
+            n => (n as usize).min(MAX_EVENTS),
+        };
+        let (events, last_seq) = self
+            .gate
+            .engine
+            .list_events(&ctx, query.from_seq, limit, query.tail)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        let events = events
+            .into_iter()
+            .map(|stored| {
+                let e = stored.event;
+                pb::AuditEvent {
+                    seq: e.seq,
+                    time: e.time,
+                    action: e.action,
+                    principal: e.principal,
+                    org: e.org,
+                    request_id: e.request_id,
+                    job_id: e.job_id,
+                    kind: e.kind,
+                    query: e.query,
+                    datasets: e.datasets,
+                    columns: e.columns,
+                    decision: e.decision.as_str().into(),
+                    rule: e.rule,
+                    message: e.message,
+                    rows_scanned: e.rows_scanned,
+                    rows_released: e.rows_released,
+                    rows_suppressed: e.rows_suppressed,
+                    epsilon_spent: e.epsilon_spent,
+                    result_sha256: e.result_sha256,
+                    chain_hash: stored.chain_hash,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListEventsResponse { events, last_seq }))
+    }
+}

@@ -1,0 +1,66 @@
+//! The one place where errors become gRPC statuses.
+
+use sandbox_engine::{EngineError, ErrorKind};
+use tonic::{Code, Status};
+
+use crate::auth::AuthFailure;
+
+/// Metadata key carrying the stable rule or error code.
+pub const RULE_HEADER: &str = "x-sandbox-rule";
+/// Metadata key carrying the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Maps an engine error to a status. The message names the rule and the request id; internal
+/// errors say only that, since their details may hold paths or data (they go to the log).
+pub fn status_of(error: &EngineError, request_id: &str) -> Status {
+    let code = match error.kind() {
+        ErrorKind::Denied => Code::FailedPrecondition,
+        ErrorKind::Invalid => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::Unimplemented => Code::Unimplemented,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::Internal => Code::Internal,
+    };
+    let message = if error.kind() == ErrorKind::Internal {
+        tracing::error!(request_id, %error, "internal error");
+        "internal error".to_string()
+    } else {
+        error.to_string()
+    };
+    with_headers(code, &error.code(), &message, request_id)
+}
+
+pub fn unauthenticated(failure: AuthFailure, request_id: &str) -> Status {
+    with_headers(
+        Code::Unauthenticated,
+        failure.code(),
+        "missing, malformed or unknown bearer token",
+        request_id,
+    )
+}
+
+pub fn not_permitted(rpc_name: &str, request_id: &str) -> Status {
+    with_headers(
+        Code::PermissionDenied,
+        "role-not-permitted",
+        &format!("your roles do not allow {rpc_name}"),
+        request_id,
+    )
+}
+
+pub fn invalid(code: &str, message: &str, request_id: &str) -> Status {
+    with_headers(Code::InvalidArgument, code, message, request_id)
+}
+
+fn with_headers(code: Code, rule: &str, message: &str, request_id: &str) -> Status {
+    let mut status = Status::new(code, format!("[{rule}] {message} (request {request_id})"));
+    if let Ok(value) = rule.parse() {
+        status.metadata_mut().insert(RULE_HEADER, value);
+    }
+    if let Ok(value) = request_id.parse() {
+        status.metadata_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    status
+}
