@@ -1,1 +1,274 @@
-//! x
+//! End-to-end tests: the real server on an ephemeral loopback port, driven through the real gRPC
+//! client, checked against raw DataFusion over the same Parquet files and against the journal.
+
+use std::collections::BTreeMap;
+
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use sandbox_proto::v1 as pb;
+use sandbox_tests::{Client, TestServer, rule_of, sorted_rows};
+use tonic::Code;
+
+/// Raw DataFusion over the server's own files: the ground truth for numbers.
+async fn raw_engine(server: &TestServer) -> SessionContext {
+    let context = SessionContext::new();
+    for table in sandbox_demo::TABLES {
+        let path = server.data_dir().join("datasets").join(table);
+        context
+            .register_parquet(table, path.to_str().expect("utf8 path"), ParquetReadOptions::default())
+            .await
+            .expect("raw table");
+    }
+    context
+}
+
+async fn raw_rows(context: &SessionContext, sql: &str) -> Vec<String> {
+    let batches = context
+        .sql(sql)
+        .await
+        .expect("raw plan")
+        .collect()
+        .await
+        .expect("raw run");
+    sorted_rows(&batches)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_aggregates_match_raw_datafusion() {
+    let server = TestServer::start().await.expect("server");
+    let raw = raw_engine(&server).await;
+    let mut analyst = server.client("analyst").await.expect("client");
+    let queries = [
+        "SELECT size_class, COUNT(*) AS n, SUM(registered_capital) AS capital FROM enterprises GROUP BY size_class",
+        "SELECT month, COUNT(DISTINCT credit_code) AS units, SUM(vat_paid) AS vat, AVG(revenue_declared) AS revenue FROM tax_monthly GROUP BY month",
+        "SELECT COUNT(*) FROM social_insurance_monthly WHERE month >= '2024-01'",
+        "SELECT size_class, COUNT(*) FROM enterprises WHERE status = 'active' GROUP BY size_class ORDER BY size_class",
+    ];
+    for sql in queries {
+        let (batches, summary) = analyst.sql(sql).await.expect("allowed");
+        assert_eq!(summary.rows_suppressed, 0, "{sql}");
+        assert_eq!(summary.min_units, 10);
+        assert_eq!(sorted_rows(&batches), raw_rows(&raw, sql).await, "{sql}");
+        assert!(summary.rows_scanned > 0);
+        assert_eq!(summary.result_sha256.len(), 64);
+    }
+    server.server.shutdown().await.expect("shutdown");
+}
+
+/// Runs `SELECT <keys>, COUNT(*) FROM <table> GROUP BY <keys>` through the sandbox and checks it
+/// against the raw engine: groups of at least 10 distinct enterprises are released exactly, all
+/// others are absent and counted. Returns whether some suppressed group had 10 or more rows.
+async fn check_suppression(analyst: &mut Client, raw: &SessionContext, table: &str, keys: &str) -> bool {
+    let truth = raw
+        .sql(&format!(
+            "SELECT {keys}, COUNT(*) AS n, COUNT(DISTINCT credit_code) AS units FROM {table} GROUP BY {keys}"
+        ))
+        .await
+        .expect("raw plan")
+        .collect()
+        .await
+        .expect("raw run");
+    let mut expected = BTreeMap::new();
+    for row in sorted_rows(&truth) {
+        let mut cells: Vec<&str> = row.split('|').collect();
+        let units: u64 = cells.pop().expect("units").parse().expect("count");
+        let n = cells.pop().expect("n").to_string();
+        expected.insert(cells.join("|"), (n, units));
+    }
+    let sql = format!("SELECT {keys}, COUNT(*) AS n FROM {table} GROUP BY {keys}");
+    let (batches, summary) = analyst.sql(&sql).await.expect("allowed");
+    let released: BTreeMap<String, String> = sorted_rows(&batches)
+        .into_iter()
+        .map(|row| {
+            let (key, n) = row.rsplit_once('|').expect("key and count");
+            (key.to_string(), n.to_string())
+        })
+        .collect();
+    let small = expected.values().filter(|(_, units)| *units < 10).count() as u64;
+    assert!(small > 0, "{sql}: the test data must have small groups");
+    assert_eq!(summary.rows_suppressed, small, "{sql}");
+    assert_eq!(summary.rows_released as usize, released.len(), "{sql}");
+    for (key, (n, units)) in &expected {
+        if *units >= 10 {
+            assert_eq!(released.get(key), Some(n), "{sql}: group {key} must be released exactly");
+        } else {
+            assert!(!released.contains_key(key), "{sql}: group {key} has {units} units");
+        }
+    }
+    expected
+        .values()
+        .any(|(n, units)| *units < 10 && n.parse::<u64>().expect("count") >= 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_groups_are_suppressed_and_counted_by_units_not_rows() {
+    let server = TestServer::start().await.expect("server");
+    let raw = raw_engine(&server).await;
+    let mut analyst = server.client("analyst").await.expect("client");
+    let mut many_rows_few_units = false;
+    for (table, keys) in [
+        ("tax_monthly", "month, tax_credit_rating"),
+        ("tax_monthly", "tax_credit_rating"),
+        ("court_cases", "case_type, status, role"),
+        ("admin_penalties", "penalty_type, month"),
+    ] {
+        many_rows_few_units |= check_suppression(&mut analyst, &raw, table, keys).await;
+    }
+    // The threshold is on distinct enterprises, not rows: a group of many rows from a few
+    // enterprises (new enterprises rated M, each with several monthly rows) is suppressed.
+    assert!(many_rows_few_units, "the data must hold a group with many rows but few enterprises");
+    server.server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    let mut auditor = server.client("auditor").await.expect("client");
+    let mut bank = server.client("bank").await.expect("client");
+    let mut stranger = Client::connect(&server.url(), "sbx_not_a_real_token").await.expect("client");
+
+    let denied = [
+        ("SELECT * FROM enterprises", "identifier-output"),
+        ("SELECT SUM(vat_paid) FROM tax_monthly WHERE credit_code = 'x'", "identifier-in-expression"),
+        ("SELECT MAX(vat_paid) FROM tax_monthly", "function-not-allowed"),
+        ("DROP TABLE enterprises", "statement-not-query"),
+        ("SELECT COUNT(*) FROM consents", "dataset-not-granted"),
+    ];
+    for (sql, rule) in denied {
+        let status = analyst.sql(sql).await.expect_err("denied");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{sql}");
+        assert_eq!(rule_of(&status), rule, "{sql}");
+        assert!(status.message().contains(rule), "message names the rule: {}", status.message());
+        assert!(status.message().contains("request "), "message carries a request id");
+    }
+    analyst
+        .sql("SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class")
+        .await
+        .expect("allowed");
+    let status = analyst.sql("SELEKT 1").await.expect_err("syntax");
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // Bad credentials and wrong roles are refused and recorded.
+    let status = stranger.sql("SELECT COUNT(*) FROM enterprises").await.expect_err("unknown token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = bank.tail(5).await.expect_err("a bank may not read the journal");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = auditor
+        .sql("SELECT COUNT(*) FROM enterprises")
+        .await
+        .expect_err("an auditor may not read data");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let events = auditor.all_events().await.expect("journal");
+    let submits: Vec<&pb::AuditEvent> = events.iter().filter(|e| e.action == "SubmitJob").collect();
+    // Five denials, one release, one syntax failure, one unauthenticated, one wrong role.
+    assert_eq!(submits.len(), 9, "{submits:#?}");
+    let by_decision = |d: &str| submits.iter().filter(|e| e.decision == d).count();
+    assert_eq!(by_decision("deny"), 5);
+    assert_eq!(by_decision("allow"), 1);
+    assert_eq!(by_decision("fail"), 1);
+    assert_eq!(by_decision("unauthenticated"), 1);
+    assert_eq!(by_decision("permission_denied"), 1);
+    let mut job_ids: Vec<&str> = submits.iter().map(|e| e.job_id.as_str()).filter(|j| !j.is_empty()).collect();
+    let with_jobs = job_ids.len();
+    job_ids.sort();
+    job_ids.dedup();
+    assert_eq!(job_ids.len(), with_jobs, "one terminal event per job");
+    for (_, rule) in denied {
+        assert!(submits.iter().any(|e| e.decision == "deny" && e.rule == rule), "{rule} recorded");
+    }
+    let released = submits.iter().find(|e| e.decision == "allow").expect("the release");
+    assert_eq!(released.datasets, vec!["enterprises".to_string()]);
+    assert!(released.columns.contains(&"enterprises.credit_code".to_string()));
+    assert_eq!(released.result_sha256.len(), 64);
+    let listing = events.iter().filter(|e| e.action == "ListEvents").count();
+    assert_eq!(listing, 1, "the failed ListEvents by the bank is the other one");
+    assert!(events.iter().any(|e| e.action == "ListEvents" && e.decision == "permission_denied"));
+
+    // Sequence numbers are dense and the chain hashes all differ.
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1);
+    }
+    server.server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datasets_show_schemas_and_roles_never_rows() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    let request = analyst.request(pb::ListDatasetsRequest {});
+    let datasets = analyst
+        .sandbox
+        .list_datasets(request)
+        .await
+        .expect("datasets")
+        .into_inner()
+        .datasets;
+    let ids: Vec<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
+    assert!(ids.contains(&"enterprises") && ids.contains(&"tax_monthly"));
+    assert!(!ids.contains(&"consents"), "a dataset without a grant is invisible");
+    let enterprises = datasets.iter().find(|d| d.id == "enterprises").expect("enterprises");
+    assert_eq!(enterprises.privacy_unit, "credit_code");
+    assert_eq!(enterprises.min_units, 10);
+    assert!(enterprises.columns.iter().all(|c| c.name != "legal_rep"), "hidden columns are not listed");
+    let unit = enterprises.columns.iter().find(|c| c.name == "credit_code").expect("unit");
+    assert_eq!((unit.role.as_str(), unit.level.as_str()), ("identifier", "L3"));
+
+    let mut owner = server.client("owner_market").await.expect("client");
+    let request = owner.request(pb::ListDatasetsRequest {});
+    let owned = owner.sandbox.list_datasets(request).await.expect("datasets").into_inner().datasets;
+    let ids: Vec<&str> = owned.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, vec!["admin_penalties", "enterprises"], "an owner sees its own datasets");
+    server.server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_reports_the_decision_without_running() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    let spec = Client::sql_spec("SELECT industry, COUNT(*) FROM enterprises GROUP BY industry");
+    let request = analyst.request(pb::ExplainJobRequest { spec: Some(spec) });
+    let allowed = analyst.sandbox.explain_job(request).await.expect("explain").into_inner();
+    assert_eq!(allowed.decision, "allow");
+    assert!(allowed.plan.contains("__sandbox_units"), "{}", allowed.plan);
+    let spec = Client::sql_spec("SELECT credit_code, COUNT(*) FROM enterprises GROUP BY credit_code");
+    let request = analyst.request(pb::ExplainJobRequest { spec: Some(spec) });
+    let denied = analyst.sandbox.explain_job(request).await.expect("explain").into_inner();
+    assert_eq!((denied.decision.as_str(), denied.rule.as_str()), ("deny", "identifier-grouped"));
+    server.server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
+    let server = TestServer::start().await.expect("server");
+    let mut bank = server.client("bank").await.expect("client");
+    let request = bank.request(pb::SubmitJobRequest {
+        spec: Some(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::Wasm(pb::WasmJob {
+                module_sha256: "00".repeat(32),
+                input_query: "SELECT 1".into(),
+                parameters: Vec::new(),
+            })),
+        }),
+        label: String::new(),
+    });
+    let status = bank.sandbox.submit_job(request).await.expect_err("not yet");
+    assert_eq!(status.code(), Code::Unimplemented);
+
+    let mut analyst = server.client("analyst").await.expect("client");
+    let request = analyst.request(pb::SubmitJobRequest {
+        spec: Some(Client::sql_spec("SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class")),
+        label: String::new(),
+    });
+    let job = analyst.sandbox.submit_job(request).await.expect("submitted").into_inner();
+    let request = bank.request(pb::FetchResultRequest { job_id: job.job_id.clone() });
+    let status = bank.sandbox.fetch_result(request).await.expect_err("not the bank's job");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let request = analyst.request(pb::GetJobRequest { job_id: job.job_id });
+    let state = analyst.sandbox.get_job(request).await.expect("status").into_inner().state;
+    assert!(
+        state == pb::JobState::Running as i32 || state == pb::JobState::Succeeded as i32,
+        "state {state}"
+    );
+    server.server.shutdown().await.expect("shutdown");
+}
