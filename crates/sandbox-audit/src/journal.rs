@@ -49,10 +49,26 @@ struct Shared {
     stopped: AtomicBool,
 }
 
+/// The writer thread and the channel to it. Dropping the last handle closes the channel and
+/// waits for the thread, so the file (and its lock) is released when the journal is gone.
+struct WriterHandle {
+    sender: Option<mpsc::Sender<Request>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        drop(self.sender.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The append-only audit journal. Cheap to clone; all clones share one writer.
 #[derive(Clone)]
 pub struct Journal {
-    sender: mpsc::Sender<Request>,
+    writer: Arc<WriterHandle>,
     shared: Arc<Shared>,
 }
 
@@ -141,11 +157,15 @@ impl Journal {
             last_hash: walked.last_hash,
             len: valid_len,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("audit-journal".into())
             .spawn(move || writer.run(receiver))
             .map_err(|source| io(&path, source))?;
-        Ok((Journal { sender, shared }, report))
+        let writer = Arc::new(WriterHandle {
+            sender: Some(sender),
+            thread: Some(thread),
+        });
+        Ok((Journal { writer, shared }, report))
     }
 
     pub fn path(&self) -> &Path {
@@ -170,7 +190,10 @@ impl Journal {
         if self.shared.stopped.load(Ordering::Acquire) {
             return Err(AuditError::Stopped);
         }
-        self.sender
+        self.writer
+            .sender
+            .as_ref()
+            .ok_or(AuditError::Stopped)?
             .send(Request { event, reply })
             .map_err(|_| AuditError::Stopped)
     }
