@@ -1,0 +1,121 @@
+//! The CLI contract: the real `sandbox` binary against a real server on an ephemeral port, checking
+//! output and exit codes (0 ok, 1 verification failed, 2 usage, 3 denied, 4 not permitted, 5 other).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn run(addr: &str, data_dir: &Path, args: &[&str]) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox"))
+        .arg("--addr")
+        .arg(addr)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("SANDBOX_TOKEN")
+        .output()
+        .expect("the CLI runs");
+    Run {
+        code: status.code().expect("exited normally"),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+fn policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let mut config = sandbox_server::ServerConfig::for_tests(data_dir.clone());
+    config.policies = Some(policies());
+    let server = sandbox_server::start(config).await.expect("server");
+    let addr = format!("http://{}", server.addr);
+
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["--as", "analyst", "datasets"], 0, "enterprises"),
+        (vec!["--as", "analyst", "--format", "csv", "datasets"], 0, "tax_monthly,vat_paid"),
+        (
+            vec!["--as", "analyst", "sql", "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class"],
+            0,
+            "size_class",
+        ),
+        (
+            vec!["--as", "bank", "--format", "json", "sql", "SELECT month, COUNT(*) AS n FROM tax_monthly GROUP BY month"],
+            0,
+            "\"month\":\"2024-12\"",
+        ),
+        (vec!["--as", "analyst", "sql", "SELECT credit_code FROM enterprises"], 3, "identifier-output"),
+        (vec!["--as", "analyst", "explain", "SELECT MAX(vat_paid) FROM tax_monthly"], 3, "function-not-allowed"),
+        (vec!["--as", "analyst", "explain", "SELECT COUNT(*) FROM tax_monthly"], 0, "__sandbox_units"),
+        (vec!["--as", "auditor", "audit", "tail", "-n", "5"], 0, "SubmitJob"),
+        (vec!["--as", "bank", "audit", "tail"], 4, "not permitted"),
+        (vec!["--as", "auditor", "sql", "SELECT COUNT(*) FROM enterprises"], 4, "not permitted"),
+        (vec!["--as", "nobody", "datasets"], 2, "cannot read token file"),
+        (vec!["datasets"], 2, "no credentials"),
+        (vec!["frobnicate"], 2, "unrecognized subcommand"),
+        (vec!["--as", "analyst", "sql", "SELEKT"], 5, "invalid request"),
+    ];
+    for (args, code, needle) in &cases {
+        let addr = addr.clone();
+        let data_dir = data_dir.clone();
+        let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
+            run(&addr, &data_dir, &owned)
+        })
+        .await
+        .expect("join");
+        assert_eq!(out.code, *code, "{args:?}\nstdout: {}\nstderr: {}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.contains(needle) || out.stderr.contains(needle),
+            "{args:?}: `{needle}` not in\nstdout: {}\nstderr: {}",
+            out.stdout,
+            out.stderr
+        );
+    }
+
+    // A bad token file is an authentication failure (4), not a usage error.
+    let bad = dir.path().join("bad.token");
+    std::fs::write(&bad, "sbx_0000").expect("write");
+    let out = run(&addr, &data_dir, &["--token-file", bad.to_str().expect("utf8"), "datasets"]);
+    assert_eq!(out.code, 4, "{}", out.stderr);
+
+    server.shutdown().await.expect("shutdown");
+
+    // Offline verification: passes on the intact journal, fails naming the record after tampering.
+    let out = run(&addr, &data_dir, &["audit", "verify"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("journal OK"));
+    let journal = data_dir.join("audit/journal.log");
+    let mut bytes = std::fs::read(&journal).expect("journal");
+    let first_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+    let second = 8 + 8 + first_len + 32;
+    bytes[second + 8 + 2] ^= 0x20;
+    std::fs::write(&journal, &bytes).expect("tamper");
+    let out = run(&addr, &data_dir, &["audit", "verify"]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stderr.contains("record 2"), "{}", out.stderr);
+
+    // Policy check: the repository's policies pass; a broken one names file and line.
+    let out = run(&addr, &data_dir, &["policy", "check", policies().to_str().expect("utf8")]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).expect("mkdir");
+    std::fs::write(broken.join("x.toml"), "org = \"tax_bureau\"\nshade = 1\n").expect("write");
+    let out = run(&addr, &data_dir, &["policy", "check", broken.to_str().expect("utf8")]);
+    assert_eq!(out.code, 5);
+    assert!(out.stderr.contains("x.toml:2"), "{}", out.stderr);
+}
