@@ -43,7 +43,12 @@ impl Paths {
         self.runtime.block_on(async {
             let job = self
                 .engine
-                .submit(&self.ctx, JobSpec::Sql { query: sql.to_string() })
+                .submit(
+                    &self.ctx,
+                    JobSpec::Sql {
+                        query: sql.to_string(),
+                    },
+                )
                 .await
                 .expect("allowed");
             let result = self
@@ -76,7 +81,9 @@ fn setup() -> anyhow::Result<Paths> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(11.0);
     let data = sandbox_benches::bench_data(scale)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     // The journal lives in a fresh folder beside the shared data, so every run starts empty but
     // the 5-million-row data is generated once. Dataset sources are resolved against this
     // folder, so it links to the data.
@@ -88,14 +95,23 @@ fn setup() -> anyhow::Result<Paths> {
         policy,
     )))?;
     let partitions = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let raw = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(partitions));
-    runtime.block_on(raw.register_parquet(
-        "tax_monthly",
-        data.join("datasets/tax_monthly").to_str().expect("utf8 path"),
-        ParquetReadOptions::default(),
-    ))?;
+    let raw =
+        SessionContext::new_with_config(SessionConfig::new().with_target_partitions(partitions));
+    runtime.block_on(
+        raw.register_parquet(
+            "tax_monthly",
+            data.join("datasets/tax_monthly")
+                .to_str()
+                .expect("utf8 path"),
+            ParquetReadOptions::default(),
+        ),
+    )?;
     let rows: u64 = runtime.block_on(async {
-        let batches = raw.sql("SELECT COUNT(*) FROM tax_monthly").await?.collect().await?;
+        let batches = raw
+            .sql("SELECT COUNT(*) FROM tax_monthly")
+            .await?
+            .collect()
+            .await?;
         let count = batches[0]
             .column(0)
             .as_any()
@@ -105,7 +121,10 @@ fn setup() -> anyhow::Result<Paths> {
         anyhow::Ok(count as u64)
     })?;
     eprintln!("tax_monthly: {rows} rows");
-    anyhow::ensure!(rows >= 5_000_000, "benchmark needs at least 5 million rows, got {rows}");
+    anyhow::ensure!(
+        rows >= 5_000_000,
+        "benchmark needs at least 5 million rows, got {rows}"
+    );
     let ctx = RequestContext {
         principal: Principal {
             id: "analyst".into(),
@@ -137,7 +156,11 @@ fn main() -> anyhow::Result<()> {
         .configure_from_args();
     for (name, sql) in QUERIES {
         // Same answer size on both paths: nothing is suppressed at this scale.
-        assert_eq!(paths.sandbox(sql), paths.raw(sql), "{name}: row counts differ");
+        assert_eq!(
+            paths.sandbox(sql),
+            paths.raw(sql),
+            "{name}: row counts differ"
+        );
         let mut group = criterion.benchmark_group(name);
         group.bench_function("raw_datafusion", |b| b.iter(|| paths.raw(sql)));
         group.bench_function("sandbox", |b| b.iter(|| paths.sandbox(sql)));

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use sandbox_proto::v1 as pb;
-use sandbox_tests::{Client, TestServer, rule_of, sorted_rows};
+use sandbox_tests::{Client, SqlResult, TestServer, rule_of, sorted_rows};
 use tonic::Code;
 
 /// Raw DataFusion over the server's own files: the ground truth for numbers.
@@ -14,7 +14,11 @@ async fn raw_engine(server: &TestServer) -> SessionContext {
     for table in sandbox_demo::TABLES {
         let path = server.data_dir().join("datasets").join(table);
         context
-            .register_parquet(table, path.to_str().expect("utf8 path"), ParquetReadOptions::default())
+            .register_parquet(
+                table,
+                path.to_str().expect("utf8 path"),
+                ParquetReadOptions::default(),
+            )
             .await
             .expect("raw table");
     }
@@ -44,7 +48,9 @@ async fn allowed_aggregates_match_raw_datafusion() {
         "SELECT size_class, COUNT(*) FROM enterprises WHERE status = 'active' GROUP BY size_class ORDER BY size_class",
     ];
     for sql in queries {
-        let (batches, summary) = analyst.sql(sql).await.expect("allowed");
+        let SqlResult {
+            batches, summary, ..
+        } = analyst.sql(sql).await.expect("allowed");
         assert_eq!(summary.rows_suppressed, 0, "{sql}");
         assert_eq!(summary.min_units, 10);
         assert_eq!(sorted_rows(&batches), raw_rows(&raw, sql).await, "{sql}");
@@ -57,7 +63,12 @@ async fn allowed_aggregates_match_raw_datafusion() {
 /// Runs `SELECT <keys>, COUNT(*) FROM <table> GROUP BY <keys>` through the sandbox and checks it
 /// against the raw engine: groups of at least 10 distinct enterprises are released exactly, all
 /// others are absent and counted. Returns whether some suppressed group had 10 or more rows.
-async fn check_suppression(analyst: &mut Client, raw: &SessionContext, table: &str, keys: &str) -> bool {
+async fn check_suppression(
+    analyst: &mut Client,
+    raw: &SessionContext,
+    table: &str,
+    keys: &str,
+) -> bool {
     let truth = raw
         .sql(&format!(
             "SELECT {keys}, COUNT(*) AS n, COUNT(DISTINCT credit_code) AS units FROM {table} GROUP BY {keys}"
@@ -75,7 +86,9 @@ async fn check_suppression(analyst: &mut Client, raw: &SessionContext, table: &s
         expected.insert(cells.join("|"), (n, units));
     }
     let sql = format!("SELECT {keys}, COUNT(*) AS n FROM {table} GROUP BY {keys}");
-    let (batches, summary) = analyst.sql(&sql).await.expect("allowed");
+    let SqlResult {
+        batches, summary, ..
+    } = analyst.sql(&sql).await.expect("allowed");
     let released: BTreeMap<String, String> = sorted_rows(&batches)
         .into_iter()
         .map(|row| {
@@ -89,9 +102,16 @@ async fn check_suppression(analyst: &mut Client, raw: &SessionContext, table: &s
     assert_eq!(summary.rows_released as usize, released.len(), "{sql}");
     for (key, (n, units)) in &expected {
         if *units >= 10 {
-            assert_eq!(released.get(key), Some(n), "{sql}: group {key} must be released exactly");
+            assert_eq!(
+                released.get(key),
+                Some(n),
+                "{sql}: group {key} must be released exactly"
+            );
         } else {
-            assert!(!released.contains_key(key), "{sql}: group {key} has {units} units");
+            assert!(
+                !released.contains_key(key),
+                "{sql}: group {key} has {units} units"
+            );
         }
     }
     expected
@@ -115,7 +135,10 @@ async fn small_groups_are_suppressed_and_counted_by_units_not_rows() {
     }
     // The threshold is on distinct enterprises, not rows: a group of many rows from a few
     // enterprises (new enterprises rated M, each with several monthly rows) is suppressed.
-    assert!(many_rows_few_units, "the data must hold a group with many rows but few enterprises");
+    assert!(
+        many_rows_few_units,
+        "the data must hold a group with many rows but few enterprises"
+    );
     server.server.shutdown().await.expect("shutdown");
 }
 
@@ -125,12 +148,20 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
     let mut analyst = server.client("analyst").await.expect("client");
     let mut auditor = server.client("auditor").await.expect("client");
     let mut bank = server.client("bank").await.expect("client");
-    let mut stranger = Client::connect(&server.url(), "sbx_not_a_real_token").await.expect("client");
+    let mut stranger = Client::connect(&server.url(), "sbx_not_a_real_token")
+        .await
+        .expect("client");
 
     let denied = [
         ("SELECT * FROM enterprises", "identifier-output"),
-        ("SELECT SUM(vat_paid) FROM tax_monthly WHERE credit_code = 'x'", "identifier-in-expression"),
-        ("SELECT MAX(vat_paid) FROM tax_monthly", "function-not-allowed"),
+        (
+            "SELECT SUM(vat_paid) FROM tax_monthly WHERE credit_code = 'x'",
+            "identifier-in-expression",
+        ),
+        (
+            "SELECT MAX(vat_paid) FROM tax_monthly",
+            "function-not-allowed",
+        ),
         ("DROP TABLE enterprises", "statement-not-query"),
         ("SELECT COUNT(*) FROM consents", "dataset-not-granted"),
     ];
@@ -138,8 +169,15 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
         let status = analyst.sql(sql).await.expect_err("denied");
         assert_eq!(status.code(), Code::FailedPrecondition, "{sql}");
         assert_eq!(rule_of(&status), rule, "{sql}");
-        assert!(status.message().contains(rule), "message names the rule: {}", status.message());
-        assert!(status.message().contains("request "), "message carries a request id");
+        assert!(
+            status.message().contains(rule),
+            "message names the rule: {}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("request "),
+            "message carries a request id"
+        );
     }
     analyst
         .sql("SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class")
@@ -149,9 +187,15 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // Bad credentials and wrong roles are refused and recorded.
-    let status = stranger.sql("SELECT COUNT(*) FROM enterprises").await.expect_err("unknown token");
+    let status = stranger
+        .sql("SELECT COUNT(*) FROM enterprises")
+        .await
+        .expect_err("unknown token");
     assert_eq!(status.code(), Code::Unauthenticated);
-    let status = bank.tail(5).await.expect_err("a bank may not read the journal");
+    let status = bank
+        .events(0, 5, true)
+        .await
+        .expect_err("a bank may not read the journal");
     assert_eq!(status.code(), Code::PermissionDenied);
     let status = auditor
         .sql("SELECT COUNT(*) FROM enterprises")
@@ -159,7 +203,7 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
         .expect_err("an auditor may not read data");
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    let events = auditor.all_events().await.expect("journal");
+    let events = auditor.events(1, 10_000, false).await.expect("journal");
     let submits: Vec<&pb::AuditEvent> = events.iter().filter(|e| e.action == "SubmitJob").collect();
     // Five denials, one release, one syntax failure, one unauthenticated, one wrong role.
     assert_eq!(submits.len(), 9, "{submits:#?}");
@@ -169,21 +213,44 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
     assert_eq!(by_decision("fail"), 1);
     assert_eq!(by_decision("unauthenticated"), 1);
     assert_eq!(by_decision("permission_denied"), 1);
-    let mut job_ids: Vec<&str> = submits.iter().map(|e| e.job_id.as_str()).filter(|j| !j.is_empty()).collect();
+    let mut job_ids: Vec<&str> = submits
+        .iter()
+        .map(|e| e.job_id.as_str())
+        .filter(|j| !j.is_empty())
+        .collect();
     let with_jobs = job_ids.len();
     job_ids.sort();
     job_ids.dedup();
     assert_eq!(job_ids.len(), with_jobs, "one terminal event per job");
     for (_, rule) in denied {
-        assert!(submits.iter().any(|e| e.decision == "deny" && e.rule == rule), "{rule} recorded");
+        assert!(
+            submits
+                .iter()
+                .any(|e| e.decision == "deny" && e.rule == rule),
+            "{rule} recorded"
+        );
     }
-    let released = submits.iter().find(|e| e.decision == "allow").expect("the release");
+    let released = submits
+        .iter()
+        .find(|e| e.decision == "allow")
+        .expect("the release");
     assert_eq!(released.datasets, vec!["enterprises".to_string()]);
-    assert!(released.columns.contains(&"enterprises.credit_code".to_string()));
+    assert!(
+        released
+            .columns
+            .contains(&"enterprises.credit_code".to_string())
+    );
     assert_eq!(released.result_sha256.len(), 64);
     let listing = events.iter().filter(|e| e.action == "ListEvents").count();
-    assert_eq!(listing, 1, "the failed ListEvents by the bank is the other one");
-    assert!(events.iter().any(|e| e.action == "ListEvents" && e.decision == "permission_denied"));
+    assert_eq!(
+        listing, 1,
+        "the failed ListEvents by the bank is the other one"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "ListEvents" && e.decision == "permission_denied")
+    );
 
     // Sequence numbers are dense and the chain hashes all differ.
     for (i, e) in events.iter().enumerate() {
@@ -196,29 +263,41 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
 async fn datasets_show_schemas_and_roles_never_rows() {
     let server = TestServer::start().await.expect("server");
     let mut analyst = server.client("analyst").await.expect("client");
-    let request = analyst.request(pb::ListDatasetsRequest {});
-    let datasets = analyst
-        .sandbox
-        .list_datasets(request)
-        .await
-        .expect("datasets")
-        .into_inner()
-        .datasets;
+    let datasets = analyst.datasets().await.expect("datasets");
     let ids: Vec<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
     assert!(ids.contains(&"enterprises") && ids.contains(&"tax_monthly"));
-    assert!(!ids.contains(&"consents"), "a dataset without a grant is invisible");
-    let enterprises = datasets.iter().find(|d| d.id == "enterprises").expect("enterprises");
+    assert!(
+        !ids.contains(&"consents"),
+        "a dataset without a grant is invisible"
+    );
+    let enterprises = datasets
+        .iter()
+        .find(|d| d.id == "enterprises")
+        .expect("enterprises");
     assert_eq!(enterprises.privacy_unit, "credit_code");
     assert_eq!(enterprises.min_units, 10);
-    assert!(enterprises.columns.iter().all(|c| c.name != "legal_rep"), "hidden columns are not listed");
-    let unit = enterprises.columns.iter().find(|c| c.name == "credit_code").expect("unit");
-    assert_eq!((unit.role.as_str(), unit.level.as_str()), ("identifier", "L3"));
+    assert!(
+        enterprises.columns.iter().all(|c| c.name != "legal_rep"),
+        "hidden columns are not listed"
+    );
+    let unit = enterprises
+        .columns
+        .iter()
+        .find(|c| c.name == "credit_code")
+        .expect("unit");
+    assert_eq!(
+        (unit.role.as_str(), unit.level.as_str()),
+        ("identifier", "L3")
+    );
 
     let mut owner = server.client("owner_market").await.expect("client");
-    let request = owner.request(pb::ListDatasetsRequest {});
-    let owned = owner.sandbox.list_datasets(request).await.expect("datasets").into_inner().datasets;
+    let owned = owner.datasets().await.expect("datasets");
     let ids: Vec<&str> = owned.iter().map(|d| d.id.as_str()).collect();
-    assert_eq!(ids, vec!["admin_penalties", "enterprises"], "an owner sees its own datasets");
+    assert_eq!(
+        ids,
+        vec!["admin_penalties", "enterprises"],
+        "an owner sees its own datasets"
+    );
     server.server.shutdown().await.expect("shutdown");
 }
 
@@ -226,15 +305,20 @@ async fn datasets_show_schemas_and_roles_never_rows() {
 async fn explain_reports_the_decision_without_running() {
     let server = TestServer::start().await.expect("server");
     let mut analyst = server.client("analyst").await.expect("client");
-    let spec = Client::sql_spec("SELECT industry, COUNT(*) FROM enterprises GROUP BY industry");
-    let request = analyst.request(pb::ExplainJobRequest { spec: Some(spec) });
-    let allowed = analyst.sandbox.explain_job(request).await.expect("explain").into_inner();
+    let allowed = analyst
+        .explain("SELECT industry, COUNT(*) FROM enterprises GROUP BY industry")
+        .await
+        .expect("explain");
     assert_eq!(allowed.decision, "allow");
     assert!(allowed.plan.contains("__sandbox_units"), "{}", allowed.plan);
-    let spec = Client::sql_spec("SELECT credit_code, COUNT(*) FROM enterprises GROUP BY credit_code");
-    let request = analyst.request(pb::ExplainJobRequest { spec: Some(spec) });
-    let denied = analyst.sandbox.explain_job(request).await.expect("explain").into_inner();
-    assert_eq!((denied.decision.as_str(), denied.rule.as_str()), ("deny", "identifier-grouped"));
+    let denied = analyst
+        .explain("SELECT credit_code, COUNT(*) FROM enterprises GROUP BY credit_code")
+        .await
+        .expect("explain");
+    assert_eq!(
+        (denied.decision.as_str(), denied.rule.as_str()),
+        ("deny", "identifier-grouped")
+    );
     server.server.shutdown().await.expect("shutdown");
 }
 
@@ -257,15 +341,34 @@ async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
 
     let mut analyst = server.client("analyst").await.expect("client");
     let request = analyst.request(pb::SubmitJobRequest {
-        spec: Some(Client::sql_spec("SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class")),
+        spec: Some(Client::sql_spec(
+            "SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class",
+        )),
         label: String::new(),
     });
-    let job = analyst.sandbox.submit_job(request).await.expect("submitted").into_inner();
-    let request = bank.request(pb::FetchResultRequest { job_id: job.job_id.clone() });
-    let status = bank.sandbox.fetch_result(request).await.expect_err("not the bank's job");
+    let job = analyst
+        .sandbox
+        .submit_job(request)
+        .await
+        .expect("submitted")
+        .into_inner();
+    let request = bank.request(pb::FetchResultRequest {
+        job_id: job.job_id.clone(),
+    });
+    let status = bank
+        .sandbox
+        .fetch_result(request)
+        .await
+        .expect_err("not the bank's job");
     assert_eq!(status.code(), Code::PermissionDenied);
     let request = analyst.request(pb::GetJobRequest { job_id: job.job_id });
-    let state = analyst.sandbox.get_job(request).await.expect("status").into_inner().state;
+    let state = analyst
+        .sandbox
+        .get_job(request)
+        .await
+        .expect("status")
+        .into_inner()
+        .state;
     assert!(
         state == pb::JobState::Running as i32 || state == pb::JobState::Succeeded as i32,
         "state {state}"

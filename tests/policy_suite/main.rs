@@ -80,7 +80,11 @@ fn parse_file(path: &Path) -> Vec<Case> {
                     panic!("{}:{}: bad expectation `{line}`", path.display(), i + 1)
                 }),
             ),
-            _ => panic!("{}:{}: expected a `query` header, got `{line}`", path.display(), i + 1),
+            _ => panic!(
+                "{}:{}: expected a `query` header, got `{line}`",
+                path.display(),
+                i + 1
+            ),
         };
         let header_line = i;
         i += 1;
@@ -89,7 +93,12 @@ fn parse_file(path: &Path) -> Vec<Case> {
             sql.push(lines[i]);
             i += 1;
         }
-        assert!(!sql.is_empty(), "{}:{}: case without SQL", path.display(), header_line + 1);
+        assert!(
+            !sql.is_empty(),
+            "{}:{}: case without SQL",
+            path.display(),
+            header_line + 1
+        );
         cases.push(Case {
             file: path.to_path_buf(),
             header_line,
@@ -141,8 +150,11 @@ async fn run_case(engine: &Arc<Engine>, case: &Case) -> Outcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
-    sandbox_demo::generate(dir.path(), &sandbox_demo::DemoConfig::scaled(sandbox_tests::TEST_SCALE))
-        .expect("demo data");
+    sandbox_demo::generate(
+        dir.path(),
+        &sandbox_demo::DemoConfig::scaled(sandbox_tests::TEST_SCALE),
+    )
+    .expect("demo data");
     let policy = sandbox_policy::load_dir(&sandbox_tests::policies_dir()).expect("policies");
     let engine = Engine::start(EngineConfig::new(dir.path().to_path_buf(), policy))
         .await
@@ -185,7 +197,10 @@ async fn policy_suite() {
             std::fs::write(file, lines.join("\n") + "\n").expect("bless writes the case file");
         }
     }
-    assert!(total >= 40, "the policy suite must hold at least 40 cases, has {total}");
+    assert!(
+        total >= 40,
+        "the policy suite must hold at least 40 cases, has {total}"
+    );
     if !bless {
         assert!(
             failures.is_empty(),

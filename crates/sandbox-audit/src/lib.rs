@@ -27,5 +27,5 @@ mod verify;
 
 pub use error::{AuditError, Result};
 pub use event::{AuditEvent, Decision, StoredEvent};
-pub use journal::{Appended, Journal, OpenReport, JOURNAL_FILE};
-pub use verify::{verify_file, VerifyFailure, VerifyReport};
+pub use journal::{Appended, JOURNAL_FILE, Journal, OpenReport};
+pub use verify::{VerifyFailure, VerifyReport, verify_file};

@@ -117,7 +117,12 @@ pub(crate) fn walk(bytes: &[u8]) -> Walk {
         let event: AuditEvent = match serde_json::from_slice(payload) {
             Ok(event) => event,
             Err(_) => {
-                walk.problem = Some(failure(record, offset, "payload is not a valid event", false));
+                walk.problem = Some(failure(
+                    record,
+                    offset,
+                    "payload is not a valid event",
+                    false,
+                ));
                 break;
             }
         };

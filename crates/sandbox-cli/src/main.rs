@@ -6,15 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use arrow::array::RecordBatch;
-use arrow::ipc::reader::StreamReader;
 use clap::{Parser, Subcommand, ValueEnum};
-use sandbox_proto::v1 as pb;
-use sandbox_proto::v1::audit_client::AuditClient;
-use sandbox_proto::v1::sandbox_client::SandboxClient;
-use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
+use sandbox_cli::{Client, ConnectError};
 
 /// Prints a line to stdout. A closed pipe (`sandbox ... | head`) ends output quietly instead of
 /// panicking like `println!` would.
@@ -35,10 +29,20 @@ const EXIT_OTHER: u8 = 5;
 #[command(name = "sandbox", version, about = "Client of the data sandbox")]
 struct Cli {
     /// Server address.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:50051", env = "SANDBOX_ADDR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:50051",
+        env = "SANDBOX_ADDR"
+    )]
     addr: String,
     /// Act as this principal: reads `<data-dir>/credentials/NAME.token`.
-    #[arg(long = "as", global = true, value_name = "NAME", conflicts_with = "token_file")]
+    #[arg(
+        long = "as",
+        global = true,
+        value_name = "NAME",
+        conflicts_with = "token_file"
+    )]
     as_principal: Option<String>,
     /// Read the bearer token from this file.
     #[arg(long, global = true, value_name = "F")]
@@ -187,7 +191,8 @@ fn verify(data_dir: &Path) -> Result<(), Failure> {
         Ok(Ok(report)) => {
             out!(
                 "journal OK: {} records, head {}",
-                report.records, report.head_hash
+                report.records,
+                report.head_hash
             );
             Ok(())
         }
@@ -228,7 +233,11 @@ fn token(cli: &Cli) -> Result<String, Failure> {
         return from_file(path);
     }
     if let Some(name) = &cli.as_principal {
-        return from_file(&cli.data_dir.join("credentials").join(format!("{name}.token")));
+        return from_file(
+            &cli.data_dir
+                .join("credentials")
+                .join(format!("{name}.token")),
+        );
     }
     match std::env::var("SANDBOX_TOKEN") {
         Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
@@ -239,91 +248,35 @@ fn token(cli: &Cli) -> Result<String, Failure> {
     }
 }
 
-async fn channel(cli: &Cli) -> Result<Channel, Failure> {
-    let endpoint = Channel::from_shared(cli.addr.clone()).map_err(|e| Failure {
-        code: EXIT_USAGE,
-        message: format!("invalid --addr {}: {e}", cli.addr),
-    })?;
-    endpoint
-        .connect()
+/// A client authenticated as the principal the options name.
+async fn client(cli: &Cli) -> Result<Client, Failure> {
+    let token = token(cli)?;
+    Client::connect(&cli.addr, &token)
         .await
         .map_err(|e| Failure {
-            code: EXIT_OTHER,
-            message: format!("cannot connect to {}: {e}", cli.addr),
+            code: match e {
+                ConnectError::Transport { .. } => EXIT_OTHER,
+                ConnectError::Address(_) | ConnectError::Token => EXIT_USAGE,
+            },
+            message: e.to_string(),
         })
 }
 
-fn authorized<T>(message: T, token: &str) -> Result<tonic::Request<T>, Failure> {
-    let mut request = tonic::Request::new(message);
-    let value: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| Failure {
-        code: EXIT_USAGE,
-        message: "the token contains characters not allowed in a header".into(),
-    })?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
-}
-
-fn sql_spec(query: &str) -> pb::JobSpec {
-    pb::JobSpec {
-        kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob {
-            query: query.to_string(),
-        })),
-    }
-}
-
 async fn sql(cli: &Cli, query: &str) -> Result<(), Failure> {
-    let token = token(cli)?;
-    let mut client = SandboxClient::new(channel(cli).await?);
-    let submitted = client
-        .submit_job(authorized(
-            pb::SubmitJobRequest {
-                spec: Some(sql_spec(query)),
-                label: String::new(),
-            },
-            &token,
-        )?)
-        .await?
-        .into_inner();
-    let mut stream = client
-        .fetch_result(authorized(
-            pb::FetchResultRequest {
-                job_id: submitted.job_id.clone(),
-            },
-            &token,
-        )?)
-        .await?
-        .into_inner();
-    let mut bytes = Vec::new();
-    let mut summary = None;
-    while let Some(message) = stream.message().await? {
-        match message.part {
-            Some(pb::fetch_result_response::Part::ArrowIpc(chunk)) => bytes.extend(chunk),
-            Some(pb::fetch_result_response::Part::Summary(s)) => summary = Some(s),
-            None => {}
-        }
-    }
-    let summary = summary.context("the server sent no release summary")?;
-    let batches = decode(&bytes)?;
-    print_batches(&batches, cli.format)?;
+    let result = client(cli).await?.sql(query).await?;
+    print_batches(&result.batches, cli.format)?;
+    let summary = result.summary;
     eprintln!(
         "released {} rows, suppressed {} rows (min_units {}); rows scanned {}; job {}; audit seq {}; sha256 {}",
         summary.rows_released,
         summary.rows_suppressed,
         summary.min_units,
         summary.rows_scanned,
-        submitted.job_id,
+        result.job_id,
         summary.audit_seq,
         summary.result_sha256
     );
     Ok(())
-}
-
-fn decode(bytes: &[u8]) -> anyhow::Result<Vec<RecordBatch>> {
-    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None)
-        .context("the result is not an Arrow IPC stream")?;
-    reader
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot decode the result")
 }
 
 fn print_batches(batches: &[RecordBatch], format: Format) -> anyhow::Result<()> {
@@ -351,17 +304,7 @@ fn print_batches(batches: &[RecordBatch], format: Format) -> anyhow::Result<()> 
 }
 
 async fn explain(cli: &Cli, query: &str) -> Result<(), Failure> {
-    let token = token(cli)?;
-    let mut client = SandboxClient::new(channel(cli).await?);
-    let explanation = client
-        .explain_job(authorized(
-            pb::ExplainJobRequest {
-                spec: Some(sql_spec(query)),
-            },
-            &token,
-        )?)
-        .await?
-        .into_inner();
+    let explanation = client(cli).await?.explain(query).await?;
     match cli.format {
         Format::Json => out!(
             "{}",
@@ -403,16 +346,10 @@ async fn explain(cli: &Cli, query: &str) -> Result<(), Failure> {
 }
 
 async fn datasets(cli: &Cli) -> Result<(), Failure> {
-    let token = token(cli)?;
-    let mut client = SandboxClient::new(channel(cli).await?);
-    let response = client
-        .list_datasets(authorized(pb::ListDatasetsRequest {}, &token)?)
-        .await?
-        .into_inner();
+    let datasets = client(cli).await?.datasets().await?;
     match cli.format {
         Format::Json => {
-            let list: Vec<_> = response
-                .datasets
+            let list: Vec<_> = datasets
                 .iter()
                 .map(|d| {
                     serde_json::json!({
@@ -430,27 +367,39 @@ async fn datasets(cli: &Cli) -> Result<(), Failure> {
         }
         Format::Csv => {
             out!("dataset,column,type,level,role");
-            for d in &response.datasets {
+            for d in &datasets {
                 for c in &d.columns {
                     out!("{},{},{},{},{}", d.id, c.name, c.data_type, c.level, c.role);
                 }
             }
         }
         Format::Table => {
-            for d in &response.datasets {
+            for d in &datasets {
                 out!(
                     "{}  (owner {}; privacy unit {}; modes {}; min_units {}; functions {})",
                     d.id,
                     d.owner,
                     d.privacy_unit,
-                    if d.modes.is_empty() { "-".to_string() } else { d.modes.join(",") },
+                    if d.modes.is_empty() {
+                        "-".to_string()
+                    } else {
+                        d.modes.join(",")
+                    },
                     d.min_units,
-                    if d.functions.is_empty() { "-".to_string() } else { d.functions.join(",") },
+                    if d.functions.is_empty() {
+                        "-".to_string()
+                    } else {
+                        d.functions.join(",")
+                    },
                 );
                 for c in &d.columns {
                     out!(
                         "    {:<22} {:<10} {:<3} {:<11} {}",
-                        c.name, c.data_type, c.level, c.role, c.description
+                        c.name,
+                        c.data_type,
+                        c.level,
+                        c.role,
+                        c.description
                     );
                 }
             }
@@ -460,22 +409,10 @@ async fn datasets(cli: &Cli) -> Result<(), Failure> {
 }
 
 async fn tail(cli: &Cli, n: u32) -> Result<(), Failure> {
-    let token = token(cli)?;
-    let mut client = AuditClient::new(channel(cli).await?);
-    let response = client
-        .list_events(authorized(
-            pb::ListEventsRequest {
-                from_seq: 0,
-                limit: n,
-                tail: true,
-            },
-            &token,
-        )?)
-        .await?
-        .into_inner();
+    let events = client(cli).await?.events(0, n, true).await?;
     match cli.format {
         Format::Json => {
-            for e in &response.events {
+            for e in &events {
                 out!(
                     "{}",
                     serde_json::json!({
@@ -492,25 +429,46 @@ async fn tail(cli: &Cli, n: u32) -> Result<(), Failure> {
         }
         Format::Csv => {
             out!("seq,time,action,principal,decision,rule,job_id,rows_released,rows_suppressed");
-            for e in &response.events {
+            for e in &events {
                 out!(
                     "{},{},{},{},{},{},{},{},{}",
-                    e.seq, e.time, e.action, e.principal, e.decision, e.rule, e.job_id,
-                    e.rows_released, e.rows_suppressed
+                    e.seq,
+                    e.time,
+                    e.action,
+                    e.principal,
+                    e.decision,
+                    e.rule,
+                    e.job_id,
+                    e.rows_released,
+                    e.rows_suppressed
                 );
             }
         }
         Format::Table => {
             out!(
                 "{:>6}  {:<24}  {:<12}  {:<12}  {:<17}  {:<26}  {:>8}  {:>10}  query",
-                "seq", "time", "action", "principal", "decision", "rule", "released", "suppressed"
+                "seq",
+                "time",
+                "action",
+                "principal",
+                "decision",
+                "rule",
+                "released",
+                "suppressed"
             );
-            for e in &response.events {
+            for e in &events {
                 let query: String = e.query.chars().take(60).collect();
                 out!(
                     "{:>6}  {:<24}  {:<12}  {:<12}  {:<17}  {:<26}  {:>8}  {:>10}  {}",
-                    e.seq, e.time, e.action, e.principal, e.decision, e.rule, e.rows_released,
-                    e.rows_suppressed, query.replace('\n', " ")
+                    e.seq,
+                    e.time,
+                    e.action,
+                    e.principal,
+                    e.decision,
+                    e.rule,
+                    e.rows_released,
+                    e.rows_suppressed,
+                    query.replace('\n', " ")
                 );
             }
         }

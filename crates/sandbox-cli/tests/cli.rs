@@ -46,27 +46,86 @@ async fn cli_contract() {
 
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (vec!["--as", "analyst", "datasets"], 0, "enterprises"),
-        (vec!["--as", "analyst", "--format", "csv", "datasets"], 0, "tax_monthly,vat_paid"),
         (
-            vec!["--as", "analyst", "sql", "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class"],
+            vec!["--as", "analyst", "--format", "csv", "datasets"],
+            0,
+            "tax_monthly,vat_paid",
+        ),
+        (
+            vec![
+                "--as",
+                "analyst",
+                "sql",
+                "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class",
+            ],
             0,
             "size_class",
         ),
         (
-            vec!["--as", "bank", "--format", "json", "sql", "SELECT month, COUNT(*) AS n FROM tax_monthly GROUP BY month"],
+            vec![
+                "--as",
+                "bank",
+                "--format",
+                "json",
+                "sql",
+                "SELECT month, COUNT(*) AS n FROM tax_monthly GROUP BY month",
+            ],
             0,
             "\"month\":\"2024-12\"",
         ),
-        (vec!["--as", "analyst", "sql", "SELECT credit_code FROM enterprises"], 3, "identifier-output"),
-        (vec!["--as", "analyst", "explain", "SELECT MAX(vat_paid) FROM tax_monthly"], 3, "function-not-allowed"),
-        (vec!["--as", "analyst", "explain", "SELECT COUNT(*) FROM tax_monthly"], 0, "__sandbox_units"),
-        (vec!["--as", "auditor", "audit", "tail", "-n", "5"], 0, "SubmitJob"),
+        (
+            vec![
+                "--as",
+                "analyst",
+                "sql",
+                "SELECT credit_code FROM enterprises",
+            ],
+            3,
+            "identifier-output",
+        ),
+        (
+            vec![
+                "--as",
+                "analyst",
+                "explain",
+                "SELECT MAX(vat_paid) FROM tax_monthly",
+            ],
+            3,
+            "function-not-allowed",
+        ),
+        (
+            vec![
+                "--as",
+                "analyst",
+                "explain",
+                "SELECT COUNT(*) FROM tax_monthly",
+            ],
+            0,
+            "__sandbox_units",
+        ),
+        (
+            vec!["--as", "auditor", "audit", "tail", "-n", "5"],
+            0,
+            "SubmitJob",
+        ),
         (vec!["--as", "bank", "audit", "tail"], 4, "not permitted"),
-        (vec!["--as", "auditor", "sql", "SELECT COUNT(*) FROM enterprises"], 4, "not permitted"),
-        (vec!["--as", "nobody", "datasets"], 2, "cannot read token file"),
+        (
+            vec!["--as", "auditor", "sql", "SELECT COUNT(*) FROM enterprises"],
+            4,
+            "not permitted",
+        ),
+        (
+            vec!["--as", "nobody", "datasets"],
+            2,
+            "cannot read token file",
+        ),
         (vec!["datasets"], 2, "no credentials"),
         (vec!["frobnicate"], 2, "unrecognized subcommand"),
-        (vec!["--as", "analyst", "sql", "SELEKT"], 5, "invalid request"),
+        (
+            vec!["--as", "analyst", "sql", "SELEKT"],
+            5,
+            "invalid request",
+        ),
     ];
     for (args, code, needle) in &cases {
         let addr = addr.clone();
@@ -78,7 +137,11 @@ async fn cli_contract() {
         })
         .await
         .expect("join");
-        assert_eq!(out.code, *code, "{args:?}\nstdout: {}\nstderr: {}", out.stdout, out.stderr);
+        assert_eq!(
+            out.code, *code,
+            "{args:?}\nstdout: {}\nstderr: {}",
+            out.stdout, out.stderr
+        );
         assert!(
             out.stdout.contains(needle) || out.stderr.contains(needle),
             "{args:?}: `{needle}` not in\nstdout: {}\nstderr: {}",
@@ -90,7 +153,11 @@ async fn cli_contract() {
     // A bad token file is an authentication failure (4), not a usage error.
     let bad = dir.path().join("bad.token");
     std::fs::write(&bad, "sbx_0000").expect("write");
-    let out = run(&addr, &data_dir, &["--token-file", bad.to_str().expect("utf8"), "datasets"]);
+    let out = run(
+        &addr,
+        &data_dir,
+        &["--token-file", bad.to_str().expect("utf8"), "datasets"],
+    );
     assert_eq!(out.code, 4, "{}", out.stderr);
 
     server.shutdown().await.expect("shutdown");
@@ -110,12 +177,20 @@ async fn cli_contract() {
     assert!(out.stderr.contains("record 2"), "{}", out.stderr);
 
     // Policy check: the repository's policies pass; a broken one names file and line.
-    let out = run(&addr, &data_dir, &["policy", "check", policies().to_str().expect("utf8")]);
+    let out = run(
+        &addr,
+        &data_dir,
+        &["policy", "check", policies().to_str().expect("utf8")],
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).expect("mkdir");
     std::fs::write(broken.join("x.toml"), "org = \"tax_bureau\"\nshade = 1\n").expect("write");
-    let out = run(&addr, &data_dir, &["policy", "check", broken.to_str().expect("utf8")]);
+    let out = run(
+        &addr,
+        &data_dir,
+        &["policy", "check", broken.to_str().expect("utf8")],
+    );
     assert_eq!(out.code, 5);
     assert!(out.stderr.contains("x.toml:2"), "{}", out.stderr);
 }

@@ -82,7 +82,10 @@ pub struct DemoSummary {
 
 impl DemoSummary {
     pub fn rows(&self, table: &str) -> Option<usize> {
-        self.tables.iter().find(|(t, _)| *t == table).map(|(_, n)| *n)
+        self.tables
+            .iter()
+            .find(|(t, _)| *t == table)
+            .map(|(_, n)| *n)
     }
 }
 

@@ -153,9 +153,10 @@ pub(crate) fn write_all(dir: &Path, config: &DemoConfig) -> Result<DemoSummary> 
         write_housing_fund(dir, &profiles, &months, &mut rng)?,
     ));
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xc0c0);
-    summary
-        .tables
-        .push(("court_cases", write_court(dir, &profiles, &months, &mut rng)?));
+    summary.tables.push((
+        "court_cases",
+        write_court(dir, &profiles, &months, &mut rng)?,
+    ));
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ 0xadad);
     summary.tables.push((
         "admin_penalties",
@@ -290,7 +291,8 @@ fn days_from_civil(year: i32, month: u32, day: u32) -> i32 {
     let era = year.div_euclid(400);
     let year_of_era = year - era * 400;
     let month = month as i32;
-    let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day as i32 - 1;
+    let day_of_year =
+        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day as i32 - 1;
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     era * 146_097 + day_of_era - 719_468
 }
@@ -455,7 +457,12 @@ fn revenue_factor(p: &Profile, m: u32, months: u32) -> f64 {
     season * trend.max(0.05)
 }
 
-fn write_tax(dir: &Path, profiles: &[Profile], months: &[String], rng: &mut impl Rng) -> Result<usize> {
+fn write_tax(
+    dir: &Path,
+    profiles: &[Profile],
+    months: &[String],
+    rng: &mut impl Rng,
+) -> Result<usize> {
     let mut writer = TableWriter::create(
         dir,
         "tax_monthly",
@@ -472,10 +479,13 @@ fn write_tax(dir: &Path, profiles: &[Profile], months: &[String], rng: &mut impl
     let mut rows = Rows::new(5);
     for p in profiles {
         for m in p.first_month..n_months {
-            let revenue = (p.monthly_revenue * revenue_factor(p, m, n_months) * noise.sample(rng)).round();
+            let revenue =
+                (p.monthly_revenue * revenue_factor(p, m, n_months) * noise.sample(rng)).round();
             // Small-scale taxpayers pay about 1-3% of revenue; under-declaration grows with risk.
             let rate = 0.01 + 0.02 * rng.random::<f64>();
-            let vat = (revenue * rate * (1.0 - 0.1 * p.risk.max(0.0))).max(0.0).round();
+            let vat = (revenue * rate * (1.0 - 0.1 * p.risk.max(0.0)))
+                .max(0.0)
+                .round();
             rows.strings[0].append_value(&p.credit_code);
             rows.strings[1].append_value(&months[m as usize]);
             rows.floats[0].append_value(vat);
@@ -523,9 +533,10 @@ fn write_social_insurance(
         let mut arrears = 0.0;
         for m in p.first_month..n_months {
             let progress = f64::from(m) / f64::from(n_months);
-            let headcount = (p.employees * coverage.max(0.2) * (1.0 + progress * (0.05 - 0.1 * p.risk)))
-                .round()
-                .max(1.0);
+            let headcount =
+                (p.employees * coverage.max(0.2) * (1.0 + progress * (0.05 - 0.1 * p.risk)))
+                    .round()
+                    .max(1.0);
             let due = headcount * wage_base * 0.3;
             // Risky enterprises fall behind on contributions, and arrears accumulate.
             let behind = 1.0 / (1.0 + (-(p.risk - 1.3) * 2.5).exp());
@@ -543,7 +554,13 @@ fn write_social_insurance(
             if rows.count == BATCH_ROWS {
                 let [c, mo] = rows.take_strings::<2>();
                 let [due, arr] = rows.take_floats::<2>();
-                writer.write(vec![c, mo, finish_int(std::mem::take(&mut headcounts)), due, arr])?;
+                writer.write(vec![
+                    c,
+                    mo,
+                    finish_int(std::mem::take(&mut headcounts)),
+                    due,
+                    arr,
+                ])?;
             }
         }
     }
@@ -591,7 +608,12 @@ fn write_housing_fund(
             if rows.count == BATCH_ROWS {
                 let [c, mo] = rows.take_strings::<2>();
                 let [amount] = rows.take_floats::<1>();
-                writer.write(vec![c, mo, finish_int(std::mem::take(&mut covered)), amount])?;
+                writer.write(vec![
+                    c,
+                    mo,
+                    finish_int(std::mem::take(&mut covered)),
+                    amount,
+                ])?;
             }
         }
     }
@@ -607,7 +629,12 @@ fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
-fn write_court(dir: &Path, profiles: &[Profile], months: &[String], rng: &mut impl Rng) -> Result<usize> {
+fn write_court(
+    dir: &Path,
+    profiles: &[Profile],
+    months: &[String],
+    rng: &mut impl Rng,
+) -> Result<usize> {
     let mut writer = TableWriter::create(
         dir,
         "court_cases",

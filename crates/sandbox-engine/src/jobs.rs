@@ -9,7 +9,9 @@ use ring::digest;
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal, StoredEvent};
 use sandbox_policy::{PolicySet, Principal, PrincipalRole};
 use sandbox_release::{GatePolicy, Released, release};
-use sandbox_sql::{CancellationToken, GrantedDataset, PlannedQuery, SqlEngine, SqlError, SqlLimits};
+use sandbox_sql::{
+    CancellationToken, GrantedDataset, PlannedQuery, SqlEngine, SqlError, SqlLimits,
+};
 use tokio::sync::watch;
 
 use crate::error::{EngineError, ErrorKind, Result};
@@ -116,7 +118,13 @@ pub struct JobResult {
 
 impl JobResult {
     /// Only built from a gate output and the journal's receipt for it.
-    fn new(released: &Released, ipc_stream: Vec<u8>, sha256: String, receipt: &Appended, rows_scanned: u64) -> Self {
+    fn new(
+        released: &Released,
+        ipc_stream: Vec<u8>,
+        sha256: String,
+        receipt: &Appended,
+        rows_scanned: u64,
+    ) -> Self {
         let summary = released.summary();
         JobResult {
             ipc_stream,
@@ -162,7 +170,12 @@ impl JobSnapshot {
         }
     }
 
-    fn ended(job_id: &str, state: JobState, rule: impl Into<String>, message: impl Into<String>) -> Self {
+    fn ended(
+        job_id: &str,
+        state: JobState,
+        rule: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         JobSnapshot {
             job_id: job_id.to_string(),
             state,
@@ -245,7 +258,10 @@ impl Engine {
         }
         let (journal, report) = Journal::open(&config.data_dir.join("audit"))?;
         if report.truncated_bytes > 0 {
-            tracing::warn!(bytes = report.truncated_bytes, "truncated a torn journal tail");
+            tracing::warn!(
+                bytes = report.truncated_bytes,
+                "truncated a torn journal tail"
+            );
         }
         let sql = SqlEngine::new(&config.policy, &config.data_dir, config.sql_limits.clone())
             .await
@@ -310,6 +326,23 @@ impl Engine {
         }
     }
 
+    /// The query of a SQL job. WASM jobs are not implemented yet: their refusal is recorded (as the
+    /// request's terminal event) and returned.
+    async fn sql_text(&self, spec: JobSpec, event: &AuditEvent) -> Result<String> {
+        match spec {
+            JobSpec::Sql { query } => Ok(query),
+            JobSpec::Wasm { .. } => {
+                let error = EngineError::Unimplemented("WASM jobs");
+                let mut event = event.clone();
+                event.decision = Decision::Fail;
+                event.rule = error.code();
+                event.message = error.to_string();
+                self.journal.append(event).await?;
+                Err(error)
+            }
+        }
+    }
+
     /// Records the terminal event of a request that was refused before reaching the engine:
     /// bad credentials or a role that does not allow the call.
     pub async fn record_refusal(
@@ -335,7 +368,11 @@ impl Engine {
     }
 
     /// Admits and plans a job, records a denial, or starts it in the background.
-    pub async fn submit(self: &Arc<Self>, ctx: &RequestContext, spec: JobSpec) -> Result<JobSnapshot> {
+    pub async fn submit(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        spec: JobSpec,
+    ) -> Result<JobSnapshot> {
         let started = Instant::now();
         let job_id = uuid::Uuid::new_v4().to_string();
         let mut event = Self::event(ctx, "SubmitJob");
@@ -343,14 +380,7 @@ impl Engine {
         event.kind = spec.kind().to_string();
         event.query = spec.audit_text();
 
-        let JobSpec::Sql { query } = spec else {
-            let error = EngineError::Unimplemented("WASM jobs");
-            event.decision = Decision::Fail;
-            event.rule = error.code();
-            event.message = error.to_string();
-            self.journal.append(event).await?;
-            return Err(error);
-        };
+        let query = self.sql_text(spec, &event).await?;
 
         let granted = self.granted(&ctx.principal);
         let planned = match self.sql.plan(&query, &granted).await {
@@ -389,7 +419,9 @@ impl Engine {
         let span = tracing::info_span!("job", id = %job_id, principal = %ctx.principal.id);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let snapshot = engine.run(planned, job.cancel.clone(), event, started).await;
+                let snapshot = engine
+                    .run(planned, job.cancel.clone(), event, started)
+                    .await;
                 job.state.send_replace(snapshot);
             },
             span,
@@ -541,19 +573,15 @@ impl Engine {
         let mut event = Self::event(ctx, "ExplainJob");
         event.kind = spec.kind().to_string();
         event.query = spec.audit_text();
-        let JobSpec::Sql { query } = spec else {
-            let error = EngineError::Unimplemented("WASM jobs");
-            event.decision = Decision::Fail;
-            event.rule = error.code();
-            self.journal.append(event).await?;
-            return Err(error);
-        };
+        let query = self.sql_text(spec, &event).await?;
         let granted = self.granted(&ctx.principal);
         let explanation = match self.sql.plan(&query, &granted).await {
             Ok(planned) => Explanation {
                 allowed: true,
                 rule: String::new(),
-                message: "allowed; rows covering fewer than min_units privacy units will be suppressed".into(),
+                message:
+                    "allowed; rows covering fewer than min_units privacy units will be suppressed"
+                        .into(),
                 datasets: planned.guarded.datasets.clone(),
                 columns: planned.guarded.columns.clone(),
                 min_units: planned.guarded.min_units,
@@ -600,7 +628,11 @@ impl Engine {
                     name: c.name.clone(),
                     data_type: schema
                         .as_ref()
-                        .and_then(|s| s.field_with_name(&c.name).ok().map(|f| f.data_type().to_string()))
+                        .and_then(|s| {
+                            s.field_with_name(&c.name)
+                                .ok()
+                                .map(|f| f.data_type().to_string())
+                        })
                         .unwrap_or_default(),
                     level: c.level.as_str().into(),
                     role: c.role.as_str().into(),
@@ -679,7 +711,9 @@ impl Engine {
     fn prune_jobs(&self) {
         let mut jobs = self.jobs.lock().expect("jobs lock is never poisoned");
         let retention = self.config.job_retention;
-        jobs.retain(|_, job| !(job.state.borrow().state.is_terminal() && job.created.elapsed() > retention));
+        jobs.retain(|_, job| {
+            !(job.state.borrow().state.is_terminal() && job.created.elapsed() > retention)
+        });
         if jobs.len() >= self.config.max_retained_jobs {
             let mut finished: Vec<(Instant, String)> = jobs
                 .iter()

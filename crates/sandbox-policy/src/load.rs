@@ -14,8 +14,8 @@ use toml::Spanned;
 
 use crate::error::{PolicyError, Result};
 use crate::model::{
-    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level,
-    Location, PolicySet, PrincipalRole, Role,
+    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
+    PolicySet, PrincipalRole, Role,
 };
 
 #[derive(Deserialize)]
@@ -157,7 +157,10 @@ fn build_dataset(
     check_identifier(&id, "dataset id", &at(raw.id.span().start))?;
     let source_location = at(raw.source.span().start);
     if raw.source.get_ref().is_empty() {
-        return Err(invalid(&source_location, format!("dataset `{id}` has no source")));
+        return Err(invalid(
+            &source_location,
+            format!("dataset `{id}` has no source"),
+        ));
     }
     for source in raw.source.get_ref() {
         let path = Path::new(source);
@@ -364,16 +367,16 @@ fn build_grant(
 /// cannot smuggle path separators or quotes.
 fn check_identifier(value: &str, what: &str, location: &Location) -> Result<()> {
     let mut chars = value.chars();
-    let valid = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase())
+    let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if valid && value.len() <= 64 {
         Ok(())
     } else {
         Err(invalid(
             location,
-            format!("{what} `{value}` must be a lowercase identifier ([a-z][a-z0-9_]*, at most 64)"),
+            format!(
+                "{what} `{value}` must be a lowercase identifier ([a-z][a-z0-9_]*, at most 64)"
+            ),
         ))
     }
 }
@@ -389,5 +392,9 @@ fn invalid(location: &Location, message: String) -> PolicyError {
 /// 1-based line number of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }

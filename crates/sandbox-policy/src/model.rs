@@ -65,7 +65,9 @@ impl FromStr for Level {
             "L2" => Ok(Level::L2),
             "L3" => Ok(Level::L3),
             "L4" => Ok(Level::L4),
-            other => Err(format!("unknown level `{other}` (expected L1, L2, L3 or L4)")),
+            other => Err(format!(
+                "unknown level `{other}` (expected L1, L2, L3 or L4)"
+            )),
         }
     }
 }
@@ -224,7 +226,11 @@ impl AggregateMode {
     pub fn strictest(&self, other: &AggregateMode) -> AggregateMode {
         AggregateMode {
             min_units: self.min_units.max(other.min_units),
-            functions: self.functions.intersection(&other.functions).copied().collect(),
+            functions: self
+                .functions
+                .intersection(&other.functions)
+                .copied()
+                .collect(),
         }
     }
 }

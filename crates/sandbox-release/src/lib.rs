@@ -112,7 +112,11 @@ impl Released {
 }
 
 /// Passes a result through the gate.
-pub fn release(schema: SchemaRef, batches: Vec<RecordBatch>, policy: &GatePolicy) -> Result<Released> {
+pub fn release(
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    policy: &GatePolicy,
+) -> Result<Released> {
     let units_index = schema
         .index_of(UNITS_COLUMN)
         .map_err(|_| ReleaseError::MissingUnitCount)?;
@@ -144,7 +148,9 @@ pub fn release(schema: SchemaRef, batches: Vec<RecordBatch>, policy: &GatePolicy
             .column(units_index)
             .as_any()
             .downcast_ref::<UInt64Array>()
-            .ok_or_else(|| ReleaseError::UnitCountType(batch.column(units_index).data_type().clone()))?;
+            .ok_or_else(|| {
+                ReleaseError::UnitCountType(batch.column(units_index).data_type().clone())
+            })?;
         // A null count means the guard could not count: treat as zero units, i.e. suppress.
         let keep: BooleanArray = units
             .iter()

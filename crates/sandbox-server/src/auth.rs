@@ -121,7 +121,12 @@ impl Authenticator {
             let hash: [u8; 32] = hex::decode(&stored.token_sha256)
                 .ok()
                 .and_then(|h| h.try_into().ok())
-                .with_context(|| format!("principal `{}`: token_sha256 is not 32 hex bytes", stored.id))?;
+                .with_context(|| {
+                    format!(
+                        "principal `{}`: token_sha256 is not 32 hex bytes",
+                        stored.id
+                    )
+                })?;
             let principal = Principal {
                 id: stored.id,
                 org: stored.org,
@@ -195,12 +200,21 @@ mod tests {
     #[test]
     fn bearer_parsing_is_strict() {
         let auth = Authenticator::default();
-        assert_eq!(auth.authenticate(None), Err(AuthFailure::MissingCredentials));
+        assert_eq!(
+            auth.authenticate(None),
+            Err(AuthFailure::MissingCredentials)
+        );
         assert_eq!(
             auth.authenticate(Some("Basic abc")),
             Err(AuthFailure::MalformedCredentials)
         );
-        assert_eq!(auth.authenticate(Some("Bearer ")), Err(AuthFailure::MalformedCredentials));
-        assert_eq!(auth.authenticate(Some("Bearer nope")), Err(AuthFailure::UnknownToken));
+        assert_eq!(
+            auth.authenticate(Some("Bearer ")),
+            Err(AuthFailure::MalformedCredentials)
+        );
+        assert_eq!(
+            auth.authenticate(Some("Bearer nope")),
+            Err(AuthFailure::UnknownToken)
+        );
     }
 }

@@ -15,11 +15,23 @@ use crate::config::ServerConfig;
 /// The demo policies, compiled in from the repository's `policies/` so both stay one source.
 pub const DEMO_POLICIES: [(&str, &str); 6] = [
     ("court.toml", include_str!("../../../policies/court.toml")),
-    ("housing_fund.toml", include_str!("../../../policies/housing_fund.toml")),
+    (
+        "housing_fund.toml",
+        include_str!("../../../policies/housing_fund.toml"),
+    ),
     ("hrss.toml", include_str!("../../../policies/hrss.toml")),
-    ("market_regulation.toml", include_str!("../../../policies/market_regulation.toml")),
-    ("platform.toml", include_str!("../../../policies/platform.toml")),
-    ("tax_bureau.toml", include_str!("../../../policies/tax_bureau.toml")),
+    (
+        "market_regulation.toml",
+        include_str!("../../../policies/market_regulation.toml"),
+    ),
+    (
+        "platform.toml",
+        include_str!("../../../policies/platform.toml"),
+    ),
+    (
+        "tax_bureau.toml",
+        include_str!("../../../policies/tax_bureau.toml"),
+    ),
 ];
 
 /// Demo principals: name, org, roles.
@@ -170,6 +182,10 @@ mod tests {
                     .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "toml"))
             })
             .count();
-        assert_eq!(on_disk, DEMO_POLICIES.len(), "every policy file is compiled in");
+        assert_eq!(
+            on_disk,
+            DEMO_POLICIES.len(),
+            "every policy file is compiled in"
+        );
     }
 }

@@ -8,7 +8,11 @@ use sandbox_engine::SqlLimits;
 
 /// `sandboxd`: the data sandbox service.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "sandboxd", version, about = "Data sandbox: SQL over sensitive data, released only through policy checks, every access audited")]
+#[command(
+    name = "sandboxd",
+    version,
+    about = "Data sandbox: SQL over sensitive data, released only through policy checks, every access audited"
+)]
 pub struct ServerConfig {
     /// Data dir: datasets, credentials, audit journal. Generated with the demo on first start
     /// when empty or missing.
@@ -50,10 +54,11 @@ impl ServerConfig {
     }
 
     pub fn sql_limits(&self) -> SqlLimits {
-        let mut limits = SqlLimits::default();
-        limits.memory_pool_bytes = self.memory_limit_mib.max(16) * 1024 * 1024;
-        limits.time_limit = Duration::from_secs(self.query_timeout_secs.max(1));
-        limits.max_query_bytes = self.max_query_bytes;
-        limits
+        SqlLimits {
+            memory_pool_bytes: self.memory_limit_mib.max(16) * 1024 * 1024,
+            time_limit: Duration::from_secs(self.query_timeout_secs.max(1)),
+            max_query_bytes: self.max_query_bytes,
+            ..SqlLimits::default()
+        }
     }
 }

@@ -73,10 +73,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let audit = service::AuditService::new(engine.clone(), authenticator);
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
-        .add_service(
-            SandboxServer::new(sandbox)
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
+        .add_service(SandboxServer::new(sandbox).max_decoding_message_size(MAX_REQUEST_BYTES))
         .add_service(AuditServer::new(audit).max_decoding_message_size(MAX_REQUEST_BYTES));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {

@@ -37,8 +37,14 @@ impl Gatekeeper {
         let principal = match self.authenticator.authenticate(authorization) {
             Ok(principal) => principal,
             Err(failure) => {
-                self.record(rpc, &request_id, None, Decision::Unauthenticated, failure.code())
-                    .await?;
+                self.record(
+                    rpc,
+                    &request_id,
+                    None,
+                    Decision::Unauthenticated,
+                    failure.code(),
+                )
+                .await?;
                 return Err(status::unauthenticated(failure, &request_id));
             }
         };

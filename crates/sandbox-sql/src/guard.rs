@@ -14,7 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::common::{Column, DFSchema};
+use datafusion::common::{Column, DFSchema, TableReference};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, AggregateUDF, BinaryExpr, Expr, FetchType, LogicalPlan, Operator, Projection,
@@ -244,7 +244,9 @@ pub fn guard(
             .insert(format!("{}.{}", source.dataset, source.column));
     }
     let units = Expr::AggregateFunction(AggregateFunction::new_udf(
-        Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(mode.min_units))),
+        Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(
+            mode.min_units,
+        ))),
         vec![unit_column],
         false,
         None,
@@ -255,8 +257,12 @@ pub fn guard(
     let mut aggr_expr = aggregate.aggr_expr.clone();
     aggr_expr.push(units);
     let mut rewritten = LogicalPlan::Aggregate(
-        Aggregate::try_new(aggregate.input.clone(), aggregate.group_expr.clone(), aggr_expr)
-            .map_err(rewrite_error)?,
+        Aggregate::try_new(
+            aggregate.input.clone(),
+            aggregate.group_expr.clone(),
+            aggr_expr,
+        )
+        .map_err(rewrite_error)?,
     );
     for node in chain.iter().rev() {
         rewritten = match node {
@@ -292,6 +298,15 @@ pub fn guard(
     })
 }
 
+/// Whether a table reference points into the session's only schema (`datafusion.public`), where
+/// the granted datasets are registered. Anything else is not a granted dataset.
+pub(crate) fn is_default_qualifier(reference: &TableReference) -> bool {
+    matches!(
+        (reference.catalog(), reference.schema()),
+        (None | Some("datafusion"), None | Some("public"))
+    )
+}
+
 fn deny(rule: Rule, message: impl Into<String>) -> SqlError {
     SqlError::Denied(Denial::new(rule, message))
 }
@@ -320,7 +335,9 @@ fn node_denial(node: &LogicalPlan) -> SqlError {
             Rule::NestedAggregateNotSupported,
             "aggregates over aggregates are not supported yet",
         ),
-        LogicalPlan::Window(_) => deny(Rule::PlanNodeNotAllowed, "window functions are not allowed"),
+        LogicalPlan::Window(_) => {
+            deny(Rule::PlanNodeNotAllowed, "window functions are not allowed")
+        }
         LogicalPlan::Union(_) => deny(Rule::PlanNodeNotAllowed, "UNION is not allowed"),
         LogicalPlan::Distinct(_) => deny(
             Rule::PlanNodeNotAllowed,
@@ -337,10 +354,9 @@ fn node_denial(node: &LogicalPlan) -> SqlError {
         | LogicalPlan::Copy(_)
         | LogicalPlan::Explain(_)
         | LogicalPlan::Analyze(_)
-        | LogicalPlan::DescribeTable(_) => deny(
-            Rule::StatementNotQuery,
-            "only SELECT queries are allowed",
-        ),
+        | LogicalPlan::DescribeTable(_) => {
+            deny(Rule::StatementNotQuery, "only SELECT queries are allowed")
+        }
         LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => deny(
             Rule::AggregateRequired,
             "the query must aggregate a granted dataset",
@@ -367,16 +383,17 @@ impl Guard<'_> {
         match node {
             LogicalPlan::TableScan(scan) => {
                 let name = scan.table_name.table();
-                let known_qualifier = match (scan.table_name.catalog(), scan.table_name.schema()) {
-                    (None | Some("datafusion"), None | Some("public")) => true,
-                    _ => false,
-                };
-                let granted = self.granted.get(name).filter(|_| known_qualifier).ok_or_else(|| {
-                    deny(
-                        Rule::DatasetNotGranted,
-                        format!("`{}` is not a dataset granted to you", scan.table_name),
-                    )
-                })?;
+                let known_qualifier = is_default_qualifier(&scan.table_name);
+                let granted = self
+                    .granted
+                    .get(name)
+                    .filter(|_| known_qualifier)
+                    .ok_or_else(|| {
+                        deny(
+                            Rule::DatasetNotGranted,
+                            format!("`{}` is not a dataset granted to you", scan.table_name),
+                        )
+                    })?;
                 let Some(mode) = granted.aggregate.clone() else {
                     return Err(deny(
                         Rule::ModeNotGranted,
@@ -395,7 +412,9 @@ impl Guard<'_> {
                 let policy = &granted.policy;
                 let mut lineage = Vec::new();
                 for field in scan.projected_schema.fields() {
-                    let Some(column) = policy.column(field.name()).filter(|c| c.role != Role::Hidden)
+                    let Some(column) = policy
+                        .column(field.name())
+                        .filter(|c| c.role != Role::Hidden)
                     else {
                         return Err(deny(
                             Rule::PlanNodeNotAllowed,
@@ -414,7 +433,12 @@ impl Guard<'_> {
             }
             LogicalPlan::Filter(filter) => {
                 let (lineage, dataset) = self.below(&filter.input)?;
-                self.row_expr(&filter.predicate, filter.input.schema(), &lineage, Use::Filter)?;
+                self.row_expr(
+                    &filter.predicate,
+                    filter.input.schema(),
+                    &lineage,
+                    Use::Filter,
+                )?;
                 Ok((lineage, dataset))
             }
             LogicalPlan::SubqueryAlias(alias) => self.below(&alias.input),
@@ -646,7 +670,10 @@ impl Guard<'_> {
             )),
             (Role::Measure, Allowed::CountDistinct) => Err(deny(
                 Rule::DistinctNotAllowed,
-                format!("COUNT(DISTINCT) of measure `{}` is not allowed", source.column),
+                format!(
+                    "COUNT(DISTINCT) of measure `{}` is not allowed",
+                    source.column
+                ),
             )),
             (Role::Measure | Role::Dimension, _) => Ok(()),
             (Role::Hidden, _) => Err(deny(
@@ -721,7 +748,9 @@ fn allowed_children(expr: &Expr) -> Result<Vec<&Expr>, SqlError> {
             }
             vec![left.as_ref(), right.as_ref()]
         }
-        Expr::Like(like) if like.escape_char.is_none() => vec![like.expr.as_ref(), like.pattern.as_ref()],
+        Expr::Like(like) if like.escape_char.is_none() => {
+            vec![like.expr.as_ref(), like.pattern.as_ref()]
+        }
         Expr::Not(e)
         | Expr::IsNull(e)
         | Expr::IsNotNull(e)
@@ -760,11 +789,17 @@ fn allowed_children(expr: &Expr) -> Result<Vec<&Expr>, SqlError> {
                 "CASE is not allowed (data-dependent branches)",
             ));
         }
-        Expr::Exists(_) | Expr::InSubquery(_) | Expr::ScalarSubquery(_) | Expr::SetComparison(_) => {
+        Expr::Exists(_)
+        | Expr::InSubquery(_)
+        | Expr::ScalarSubquery(_)
+        | Expr::SetComparison(_) => {
             return Err(deny(Rule::SubqueryNotAllowed, "subqueries are not allowed"));
         }
         Expr::WindowFunction(_) => {
-            return Err(deny(Rule::PlanNodeNotAllowed, "window functions are not allowed"));
+            return Err(deny(
+                Rule::PlanNodeNotAllowed,
+                "window functions are not allowed",
+            ));
         }
         Expr::AggregateFunction(_) => {
             return Err(deny(

@@ -26,7 +26,7 @@ use sandbox_policy::{DatasetPolicy, PolicySet};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Denial, Result, Rule, SqlError};
-use crate::guard::{GrantedDataset, Guarded, guard};
+use crate::guard::{GrantedDataset, Guarded, guard, is_default_qualifier};
 
 /// Limits of the SQL path.
 #[derive(Debug, Clone)]
@@ -182,10 +182,7 @@ impl SqlEngine {
             .resolve_table_references(&statement)
             .map_err(|e| SqlError::Plan(root_message(&e)))?;
         for reference in &references {
-            let default_qualifier = matches!(
-                (reference.catalog(), reference.schema()),
-                (None | Some("datafusion"), None | Some("public"))
-            );
+            let default_qualifier = is_default_qualifier(reference);
             if !default_qualifier || !granted.contains_key(reference.table()) {
                 // The same answer whether or not such a table exists.
                 return Err(Denial::new(
@@ -204,7 +201,11 @@ impl SqlEngine {
     }
 
     /// Runs a planned query under the memory pool, the time limit and the row cap.
-    pub async fn execute(&self, planned: PlannedQuery, cancel: CancellationToken) -> Result<Executed> {
+    pub async fn execute(
+        &self,
+        planned: PlannedQuery,
+        cancel: CancellationToken,
+    ) -> Result<Executed> {
         let time_limit = self.limits.time_limit;
         let max_rows = self.limits.max_result_rows;
         let run = async {
@@ -215,8 +216,8 @@ impl SqlEngine {
                 .await
                 .map_err(execution_error)?;
             let schema = physical.schema();
-            let mut stream =
-                execute_stream(physical.clone(), planned.context.task_ctx()).map_err(execution_error)?;
+            let mut stream = execute_stream(physical.clone(), planned.context.task_ctx())
+                .map_err(execution_error)?;
             let mut batches = Vec::new();
             let mut rows = 0usize;
             while let Some(batch) = stream.next().await {
@@ -267,28 +268,37 @@ async fn open_dataset(
     for source in &dataset.source {
         let path = data_dir.join(source);
         if !path.exists() {
-            return Err(fail(format!("source `{source}` does not exist in the data dir")));
+            return Err(fail(format!(
+                "source `{source}` does not exist in the data dir"
+            )));
         }
         let mut text = path.to_string_lossy().into_owned();
         if path.is_dir() && !text.ends_with('/') {
             text.push('/');
         }
-        urls.push(ListingTableUrl::parse(&text).map_err(|e| fail(format!("source `{source}`: {e}")))?);
+        urls.push(
+            ListingTableUrl::parse(&text).map_err(|e| fail(format!("source `{source}`: {e}")))?,
+        );
     }
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     let state = context.state();
-    let file_schema = options
-        .infer_schema(&state, &urls[0])
-        .await
-        .map_err(|e| fail(format!("cannot read the schema of its Parquet files: {}", root_message(&e))))?;
+    let file_schema = options.infer_schema(&state, &urls[0]).await.map_err(|e| {
+        fail(format!(
+            "cannot read the schema of its Parquet files: {}",
+            root_message(&e)
+        ))
+    })?;
     let mut fields = Vec::new();
     for column in &dataset.columns {
         let Ok(field) = file_schema.field_with_name(&column.name) else {
             return Err(SqlError::Dataset {
                 dataset: dataset.id.clone(),
                 location: column.location.to_string(),
-                message: format!("declared column `{}` is not in the dataset's files", column.name),
+                message: format!(
+                    "declared column `{}` is not in the dataset's files",
+                    column.name
+                ),
             });
         };
         if column.role != sandbox_policy::Role::Hidden {
@@ -306,12 +316,12 @@ async fn open_dataset(
 /// Rows read from the sources: the output of every leaf of the physical plan.
 fn rows_scanned(plan: &dyn ExecutionPlan) -> u64 {
     if plan.children().is_empty() {
-        return plan
-            .metrics()
-            .and_then(|m| m.output_rows())
-            .unwrap_or(0) as u64;
+        return plan.metrics().and_then(|m| m.output_rows()).unwrap_or(0) as u64;
     }
-    plan.children().into_iter().map(|c| rows_scanned(c.as_ref())).sum()
+    plan.children()
+        .into_iter()
+        .map(|c| rows_scanned(c.as_ref()))
+        .sum()
 }
 
 fn root_message(error: &DataFusionError) -> String {
@@ -320,7 +330,9 @@ fn root_message(error: &DataFusionError) -> String {
 
 fn execution_error(error: DataFusionError) -> SqlError {
     match error.find_root() {
-        DataFusionError::ResourcesExhausted(message) => SqlError::ResourcesExhausted(message.clone()),
+        DataFusionError::ResourcesExhausted(message) => {
+            SqlError::ResourcesExhausted(message.clone())
+        }
         root => SqlError::Execution(root.to_string()),
     }
 }

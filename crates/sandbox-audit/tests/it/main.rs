@@ -62,7 +62,10 @@ fn appends_are_sequenced_and_read_back() {
     );
     assert_eq!(events[0].event.job_id, "job-1");
     let tail = journal.tail(2).expect("tail");
-    assert_eq!(tail.iter().map(|e| e.event.seq).collect::<Vec<_>>(), vec![4, 5]);
+    assert_eq!(
+        tail.iter().map(|e| e.event.seq).collect::<Vec<_>>(),
+        vec![4, 5]
+    );
     assert!(!tail[0].event.time.is_empty());
 }
 
@@ -140,7 +143,10 @@ fn deleted_record_is_detected_and_named() {
     tampered.extend_from_slice(&bytes[offsets[5]..]);
     std::fs::write(&path, &tampered).expect("write");
     let failure = verify_file(&path).expect("readable").expect_err("tampered");
-    assert_eq!(failure.record, 5, "the record after the gap is the first bad one: {failure}");
+    assert_eq!(
+        failure.record, 5,
+        "the record after the gap is the first bad one: {failure}"
+    );
 }
 
 #[test]
@@ -169,13 +175,18 @@ fn torn_tail_fails_verification_and_is_repaired_at_open() {
     assert_eq!(failure.record, 8);
     assert!(failure.torn_tail);
 
-    let (journal, report) = Journal::open(dir.path()).expect("a torn tail is repaired, not refused");
+    let (journal, report) =
+        Journal::open(dir.path()).expect("a torn tail is repaired, not refused");
     assert_eq!(report.records, 7);
     assert_eq!(report.truncated_bytes, (cut - offsets[7]) as u64);
-    let appended = journal.append_blocking(event(99)).expect("append after repair");
+    let appended = journal
+        .append_blocking(event(99))
+        .expect("append after repair");
     assert_eq!(appended.seq, 8);
     drop(journal);
-    let report = verify_file(&path).expect("readable").expect("verifies after repair");
+    let report = verify_file(&path)
+        .expect("readable")
+        .expect("verifies after repair");
     assert_eq!(report.records, 8);
 }
 

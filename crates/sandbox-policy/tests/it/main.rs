@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use sandbox_policy::{AggregateFunction, PolicyError, Principal, PrincipalRole, load_dir, load_sources};
+use sandbox_policy::{
+    AggregateFunction, PolicyError, Principal, PrincipalRole, load_dir, load_sources,
+};
 
 fn other_departments() -> (String, String) {
     // A second department, so that grants on datasets owned by someone else can be checked.
@@ -41,10 +43,18 @@ fn invalid_policies_are_refused_with_file_and_line() {
         let mut parts = expect.splitn(3, ' ');
         let (code, line, needle) = (
             parts.next().expect("code"),
-            parts.next().expect("line").parse::<usize>().expect("line number"),
+            parts
+                .next()
+                .expect("line")
+                .parse::<usize>()
+                .expect("line number"),
             parts.next().expect("text"),
         );
-        let name = path.file_name().expect("name").to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
         let error = load_sources(&[other_departments(), (name.clone(), text.clone())])
             .expect_err(&format!("{name} must be refused"));
         let (file, actual_line) = match &error {
@@ -56,7 +66,10 @@ fn invalid_policies_are_refused_with_file_and_line() {
         assert_eq!(error.code(), code, "{name}: {error}");
         assert_eq!(file, name, "{name}: the error names the file");
         assert_eq!(actual_line, line, "{name}: {error}");
-        assert!(error.to_string().contains(needle), "{name}: `{error}` lacks `{needle}`");
+        assert!(
+            error.to_string().contains(needle),
+            "{name}: `{error}` lacks `{needle}`"
+        );
         checked += 1;
     }
     assert!(checked >= 10, "only {checked} invalid cases");
@@ -71,15 +84,26 @@ fn repository_policies_load_and_grant_as_documented() {
         org: "analytics".into(),
         roles: BTreeSet::from([PrincipalRole::Analyst]),
     };
-    let mode = policy.aggregate_mode(&analyst, "tax_monthly").expect("granted");
+    let mode = policy
+        .aggregate_mode(&analyst, "tax_monthly")
+        .expect("granted");
     assert_eq!(mode.min_units, 10);
     assert!(!mode.functions.contains(&AggregateFunction::Min));
     assert!(policy.aggregate_mode(&analyst, "consents").is_none());
-    let visible: Vec<&str> = policy.granted_datasets(&analyst).map(|d| d.id.as_str()).collect();
+    let visible: Vec<&str> = policy
+        .granted_datasets(&analyst)
+        .map(|d| d.id.as_str())
+        .collect();
     assert!(!visible.contains(&"consents"));
     let enterprises = policy.dataset("enterprises").expect("declared");
-    assert_eq!(enterprises.role_of("legal_rep"), sandbox_policy::Role::Hidden);
-    assert_eq!(enterprises.role_of("not_declared"), sandbox_policy::Role::Hidden);
+    assert_eq!(
+        enterprises.role_of("legal_rep"),
+        sandbox_policy::Role::Hidden
+    );
+    assert_eq!(
+        enterprises.role_of("not_declared"),
+        sandbox_policy::Role::Hidden
+    );
 }
 
 #[test]
@@ -116,7 +140,9 @@ functions = ["count", "sum", "avg"]
         org: "x".into(),
         roles: BTreeSet::from([PrincipalRole::Analyst]),
     };
-    let mode = policy.aggregate_mode(&analyst, "tax_monthly").expect("granted");
+    let mode = policy
+        .aggregate_mode(&analyst, "tax_monthly")
+        .expect("granted");
     assert_eq!(mode.min_units, 20);
     assert_eq!(
         mode.functions,

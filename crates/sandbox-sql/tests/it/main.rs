@@ -81,11 +81,16 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
         .execute(planned, CancellationToken::new())
         .await
         .expect("runs");
-    let units_index = executed.schema.index_of(UNITS_COLUMN).expect("hidden column");
+    let units_index = executed
+        .schema
+        .index_of(UNITS_COLUMN)
+        .expect("hidden column");
 
     // Each group's hidden count is min(distinct units, 10).
     for batch in &executed.batches {
-        let exact = batch.column(3).as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+        let exact = batch
+            .column(3)
+            .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
         let capped = batch.column(units_index).as_primitive::<UInt64Type>();
         for row in 0..batch.num_rows() {
             assert_eq!(capped.value(row), (exact.value(row) as u64).min(10));
@@ -95,11 +100,20 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
     let raw = SessionContext::new();
     raw.register_parquet(
         "enterprises",
-        dir.path().join("datasets/enterprises").to_str().expect("utf8 path"),
+        dir.path()
+            .join("datasets/enterprises")
+            .to_str()
+            .expect("utf8 path"),
         ParquetReadOptions::default(),
     )
     .await
     .expect("raw table");
-    let expected = raw.sql(sql).await.expect("raw plan").collect().await.expect("raw run");
+    let expected = raw
+        .sql(sql)
+        .await
+        .expect("raw plan")
+        .collect()
+        .await
+        .expect("raw run");
     assert_eq!(sorted_rows(&executed.batches, 4), sorted_rows(&expected, 4));
 }

@@ -1,0 +1,173 @@
+//! A gRPC client of the data sandbox, acting as one principal: the library behind the `sandbox`
+//! binary, also used by the end-to-end tests so both talk to the server the same way.
+//!
+//! [`Client::sql`] submits a query, fetches the released Arrow IPC stream and its release summary,
+//! and decodes the batches. Errors are the server's `tonic::Status`, whose message and
+//! `x-sandbox-rule` metadata name the rule that applied.
+
+use arrow::array::RecordBatch;
+use arrow::ipc::reader::StreamReader;
+use sandbox_proto::v1 as pb;
+use sandbox_proto::v1::audit_client::AuditClient;
+use sandbox_proto::v1::sandbox_client::SandboxClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+/// Metadata key with the stable code of the rule or error.
+pub const RULE_HEADER: &str = "x-sandbox-rule";
+
+/// Why a client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid server address `{0}`")]
+    Address(String),
+    #[error("cannot connect to {address}: {source}")]
+    Transport {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the token contains characters not allowed in a header")]
+    Token,
+}
+
+/// A released result.
+#[derive(Debug, Clone)]
+pub struct SqlResult {
+    pub job_id: String,
+    pub batches: Vec<RecordBatch>,
+    pub summary: pb::ReleaseSummary,
+}
+
+/// A connection to the sandbox, authenticated as one principal.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub sandbox: SandboxClient<Channel>,
+    pub audit: AuditClient<Channel>,
+    authorization: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Client {
+    pub async fn connect(address: &str, token: &str) -> Result<Self, ConnectError> {
+        let authorization = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ConnectError::Token)?;
+        let channel = Channel::from_shared(address.to_string())
+            .map_err(|_| ConnectError::Address(address.to_string()))?
+            .connect()
+            .await
+            .map_err(|source| ConnectError::Transport {
+                address: address.to_string(),
+                source,
+            })?;
+        Ok(Client {
+            sandbox: SandboxClient::new(channel.clone()),
+            audit: AuditClient::new(channel),
+            authorization,
+        })
+    }
+
+    /// A request carrying this client's credentials.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        request
+    }
+
+    pub fn sql_spec(query: &str) -> pb::JobSpec {
+        pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob {
+                query: query.to_string(),
+            })),
+        }
+    }
+
+    /// Submits a query, waits for its release and decodes it.
+    pub async fn sql(&mut self, query: &str) -> Result<SqlResult, tonic::Status> {
+        let submitted = self
+            .sandbox
+            .submit_job(self.request(pb::SubmitJobRequest {
+                spec: Some(Self::sql_spec(query)),
+                label: String::new(),
+            }))
+            .await?
+            .into_inner();
+        let mut stream = self
+            .sandbox
+            .fetch_result(self.request(pb::FetchResultRequest {
+                job_id: submitted.job_id.clone(),
+            }))
+            .await?
+            .into_inner();
+        let mut bytes = Vec::new();
+        let mut summary = None;
+        while let Some(message) = stream.message().await? {
+            match message.part {
+                Some(pb::fetch_result_response::Part::ArrowIpc(chunk)) => bytes.extend(chunk),
+                Some(pb::fetch_result_response::Part::Summary(s)) => summary = Some(s),
+                None => {}
+            }
+        }
+        let summary = summary
+            .ok_or_else(|| tonic::Status::data_loss("the server sent no release summary"))?;
+        Ok(SqlResult {
+            job_id: submitted.job_id,
+            batches: decode(&bytes)?,
+            summary,
+        })
+    }
+
+    pub async fn explain(&mut self, query: &str) -> Result<pb::ExplainJobResponse, tonic::Status> {
+        let request = self.request(pb::ExplainJobRequest {
+            spec: Some(Self::sql_spec(query)),
+        });
+        Ok(self.sandbox.explain_job(request).await?.into_inner())
+    }
+
+    pub async fn datasets(&mut self) -> Result<Vec<pb::Dataset>, tonic::Status> {
+        let request = self.request(pb::ListDatasetsRequest {});
+        Ok(self
+            .sandbox
+            .list_datasets(request)
+            .await?
+            .into_inner()
+            .datasets)
+    }
+
+    /// Journal events (auditor only): the newest `limit` with `tail`, else from `from_seq` on.
+    pub async fn events(
+        &mut self,
+        from_seq: u64,
+        limit: u32,
+        tail: bool,
+    ) -> Result<Vec<pb::AuditEvent>, tonic::Status> {
+        let request = self.request(pb::ListEventsRequest {
+            from_seq,
+            limit,
+            tail,
+        });
+        Ok(self.audit.list_events(request).await?.into_inner().events)
+    }
+}
+
+/// Decodes one Arrow IPC stream.
+pub fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>, tonic::Status> {
+    let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| {
+        tonic::Status::data_loss(format!("the result is not an Arrow IPC stream: {e}"))
+    })?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tonic::Status::data_loss(format!("cannot decode the result: {e}")))
+}
+
+/// The stable rule code a status carries, or an empty string.
+pub fn rule_of(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get(RULE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
