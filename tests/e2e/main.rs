@@ -361,6 +361,15 @@ async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
         .await
         .expect_err("not the bank's job");
     assert_eq!(status.code(), Code::PermissionDenied);
+    let mut auditor = server.client("auditor").await.expect("client");
+    let events = auditor.events(1, 10_000, false).await.expect("journal");
+    assert!(
+        events.iter().any(|e| e.action == "FetchResult"
+            && e.principal == "bank"
+            && e.job_id == job.job_id
+            && e.decision == "permission_denied"),
+        "the refused fetch is recorded"
+    );
     let request = analyst.request(pb::GetJobRequest { job_id: job.job_id });
     let state = analyst
         .sandbox
@@ -374,4 +383,131 @@ async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
         "state {state}"
     );
     server.server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_jobs_end_once_and_are_recorded() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    let request = analyst.request(pb::SubmitJobRequest {
+        spec: Some(Client::sql_spec(
+            "SELECT month, tax_credit_rating, SUM(vat_paid) FROM tax_monthly GROUP BY month, tax_credit_rating",
+        )),
+        label: String::new(),
+    });
+    let job = analyst
+        .sandbox
+        .submit_job(request)
+        .await
+        .expect("submitted")
+        .into_inner();
+    let request = analyst.request(pb::CancelJobRequest {
+        job_id: job.job_id.clone(),
+    });
+    let status = analyst
+        .sandbox
+        .cancel_job(request)
+        .await
+        .expect("cancel")
+        .into_inner();
+    // The job may have finished before the cancel arrived; either way it ended exactly once.
+    let cancelled = status.state == pb::JobState::Cancelled as i32;
+    assert!(
+        cancelled || status.state == pb::JobState::Succeeded as i32,
+        "state {}",
+        status.state
+    );
+    let request = analyst.request(pb::FetchResultRequest {
+        job_id: job.job_id.clone(),
+    });
+    let fetched = analyst.sandbox.fetch_result(request).await;
+    if cancelled {
+        assert_eq!(
+            fetched.expect_err("nothing to fetch").code(),
+            Code::Cancelled
+        );
+    }
+
+    let mut auditor = server.client("auditor").await.expect("client");
+    let events = auditor.events(1, 10_000, false).await.expect("journal");
+    let terminal: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "SubmitJob" && e.job_id == job.job_id)
+        .collect();
+    assert_eq!(terminal.len(), 1, "{terminal:#?}");
+    assert_eq!(
+        terminal[0].decision,
+        if cancelled { "cancel" } else { "allow" }
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.action == "CancelJob" && e.job_id == job.job_id)
+            .count(),
+        1
+    );
+    server.server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_repairs_a_torn_journal_tail() {
+    let server = TestServer::start().await.expect("server");
+    let data_dir = server.data_dir();
+    let mut analyst = server.client("analyst").await.expect("client");
+    analyst
+        .sql("SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class")
+        .await
+        .expect("allowed");
+    let TestServer { dir, server } = server;
+    server.shutdown().await.expect("shutdown");
+
+    // A crash in the middle of writing the last record leaves it incomplete.
+    let journal = data_dir.join("audit/journal.log");
+    let length = std::fs::metadata(&journal).expect("journal").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&journal)
+        .expect("open");
+    file.set_len(length - 10).expect("truncate");
+    drop(file);
+    let failure = sandbox_audit::verify_file(&journal)
+        .expect("readable")
+        .expect_err("a torn tail fails verification");
+    assert!(failure.torn_tail, "{failure}");
+
+    // The next start repairs it rather than refusing, and the journal verifies again.
+    let mut config = sandbox_server::ServerConfig::for_tests(data_dir.clone());
+    config.policies = Some(sandbox_tests::policies_dir());
+    let restarted = sandbox_server::start(config)
+        .await
+        .expect("restart repairs the tail");
+    let mut auditor = Client::connect(
+        &format!("http://{}", restarted.addr),
+        std::fs::read_to_string(data_dir.join("credentials/auditor.token"))
+            .expect("token")
+            .trim(),
+    )
+    .await
+    .expect("client");
+    let events = auditor.events(1, 10_000, false).await.expect("journal");
+    let start = events
+        .iter()
+        .rev()
+        .find(|e| e.action == "Start")
+        .expect("second start");
+    assert!(start.message.contains("repaired"), "{}", start.message);
+    assert!(
+        !events.iter().any(|e| e.action == "SubmitJob"),
+        "the torn record is gone"
+    );
+    restarted.shutdown().await.expect("shutdown");
+    let report = sandbox_audit::verify_file(&journal)
+        .expect("readable")
+        .expect("verifies after repair");
+    assert_eq!(
+        report.records as usize,
+        events.len() + 1,
+        "events plus this ListEvents"
+    );
+    drop(dir);
 }

@@ -13,6 +13,7 @@ use sandbox_sql::{
     CancellationToken, GrantedDataset, PlannedQuery, SqlEngine, SqlError, SqlLimits,
 };
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::error::{EngineError, ErrorKind, Result};
 
@@ -383,7 +384,12 @@ impl Engine {
         let query = self.sql_text(spec, &event).await?;
 
         let granted = self.granted(&ctx.principal);
-        let planned = match self.sql.plan(&query, &granted).await {
+        let planned = match self
+            .sql
+            .plan(&query, &granted)
+            .instrument(tracing::info_span!("plan"))
+            .await
+        {
             Ok(planned) => planned,
             Err(error) => {
                 event.decision = if matches!(error, SqlError::Denied(_)) {
@@ -445,7 +451,12 @@ impl Engine {
             fetch: planned.guarded.fetch,
             max_rows: self.config.max_release_rows,
         };
-        let executed = self.sql.execute(planned, cancel).await;
+        let executed = self
+            .sql
+            .execute(planned, cancel)
+            .instrument(tracing::info_span!("execute"))
+            .await;
+        let release_span = tracing::info_span!("release").entered();
         let outcome = executed.map_err(EngineError::from).and_then(|executed| {
             let rows_scanned = executed.rows_scanned;
             let released = release(executed.schema, executed.batches, &gate)?;
@@ -453,6 +464,7 @@ impl Engine {
             let sha = hex::encode(digest::digest(&digest::SHA256, &ipc));
             Ok((released, ipc, sha, rows_scanned))
         });
+        drop(release_span);
         event.duration_ms = started.elapsed().as_millis() as u64;
         match outcome {
             Ok((released, ipc, sha, rows_scanned)) => {
@@ -462,7 +474,12 @@ impl Engine {
                 event.rows_released = summary.rows_released;
                 event.rows_suppressed = summary.rows_suppressed;
                 event.result_sha256 = sha.clone();
-                match self.journal.append(event).await {
+                match self
+                    .journal
+                    .append(event)
+                    .instrument(tracing::info_span!("record"))
+                    .await
+                {
                     Ok(receipt) => {
                         let result = JobResult::new(&released, ipc, sha, &receipt, rows_scanned);
                         tracing::info!(
@@ -510,7 +527,8 @@ impl Engine {
         }
     }
 
-    fn job(&self, ctx: &RequestContext, job_id: &str) -> Result<Arc<Job>> {
+    /// One of the caller's jobs. Touching another principal's job is refused and recorded.
+    async fn job(&self, ctx: &RequestContext, action: &str, job_id: &str) -> Result<Arc<Job>> {
         let job = self
             .jobs
             .lock()
@@ -519,19 +537,30 @@ impl Engine {
             .cloned()
             .ok_or_else(|| EngineError::JobNotFound(job_id.to_string()))?;
         if job.owner != ctx.principal.id {
-            return Err(EngineError::NotJobOwner(job_id.to_string()));
+            let error = EngineError::NotJobOwner(job_id.to_string());
+            let mut event = Self::event(ctx, action);
+            event.job_id = job_id.to_string();
+            event.decision = Decision::PermissionDenied;
+            event.rule = error.code();
+            self.journal.append(event).await?;
+            return Err(error);
         }
         Ok(job)
     }
 
     /// The current state of one of the caller's jobs.
-    pub fn job_status(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
-        Ok(self.job(ctx, job_id)?.state.borrow().clone())
+    pub async fn job_status(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
+        Ok(self
+            .job(ctx, "GetJob", job_id)
+            .await?
+            .state
+            .borrow()
+            .clone())
     }
 
     /// Waits until the job ends and returns its result, or the reason it has none.
     pub async fn wait_result(&self, ctx: &RequestContext, job_id: &str) -> Result<Arc<JobResult>> {
-        let job = self.job(ctx, job_id)?;
+        let job = self.job(ctx, "FetchResult", job_id).await?;
         let mut receiver = job.state.subscribe();
         let snapshot = receiver
             .wait_for(|s| s.state.is_terminal())
@@ -554,7 +583,7 @@ impl Engine {
 
     /// Cancels one of the caller's jobs; the job records its own terminal event.
     pub async fn cancel(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
-        let job = self.job(ctx, job_id)?;
+        let job = self.job(ctx, "CancelJob", job_id).await?;
         job.cancel.cancel();
         let mut event = Self::event(ctx, "CancelJob");
         event.job_id = job_id.to_string();

@@ -59,8 +59,7 @@ impl Gatekeeper {
             .await?;
             return Err(status::not_permitted(rpc.name(), &request_id));
         }
-        let span = tracing::info_span!("rpc", method = rpc.name(), principal = %principal.id, request_id = %request_id);
-        span.in_scope(|| tracing::debug!("admitted"));
+        tracing::debug!(method = rpc.name(), principal = %principal.id, request_id = %request_id, "admitted");
         Ok(RequestContext {
             principal,
             request_id,
@@ -178,6 +177,7 @@ impl pb::sandbox_server::Sandbox for SandboxService {
             .gate
             .engine
             .job_status(&ctx, &request.get_ref().job_id)
+            .await
             .map_err(|e| status_of(&e, &ctx.request_id))?;
         Ok(Response::new(job_status(&snapshot)))
     }

@@ -117,3 +117,64 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
         .expect("raw run");
     assert_eq!(sorted_rows(&executed.batches, 4), sorted_rows(&expected, 4));
 }
+
+#[tokio::test]
+async fn cancelled_query_stops_with_cancelled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    sandbox_demo::generate(
+        dir.path(),
+        &sandbox_demo::DemoConfig {
+            enterprises: 200,
+            ..Default::default()
+        },
+    )
+    .expect("demo data");
+    let policy = policies();
+    let engine = SqlEngine::new(&policy, dir.path(), SqlLimits::default())
+        .await
+        .expect("engine");
+    let planned = engine
+        .plan(
+            "SELECT month, SUM(vat_paid) FROM tax_monthly GROUP BY month",
+            &granted(&policy, &analyst()),
+        )
+        .await
+        .expect("allowed");
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let error = engine
+        .execute(planned, cancel)
+        .await
+        .expect_err("cancelled");
+    assert_eq!(error.code(), "cancelled");
+}
+
+#[tokio::test]
+async fn query_text_over_the_limit_is_denied_before_parsing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    sandbox_demo::generate(
+        dir.path(),
+        &sandbox_demo::DemoConfig {
+            enterprises: 50,
+            ..Default::default()
+        },
+    )
+    .expect("demo data");
+    let policy = policies();
+    let limits = SqlLimits {
+        max_query_bytes: 100,
+        ..SqlLimits::default()
+    };
+    let engine = SqlEngine::new(&policy, dir.path(), limits)
+        .await
+        .expect("engine");
+    let long = format!(
+        "SELECT COUNT(*) FROM enterprises WHERE industry IN ({})",
+        "'C', ".repeat(40) + "'F'"
+    );
+    let error = engine
+        .plan(&long, &granted(&policy, &analyst()))
+        .await
+        .expect_err("too long");
+    assert_eq!(error.code(), "query-too-long");
+}
