@@ -14,11 +14,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use datafusion::common::{Column, DFSchema, TableReference};
+use datafusion::common::{Column, DFSchema, ScalarValue, TableReference};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
-    Aggregate, AggregateUDF, BinaryExpr, Expr, FetchType, LogicalPlan, Operator, Projection,
-    SkipType, Sort, SubqueryAlias,
+    Aggregate, AggregateUDF, BinaryExpr, Expr, ExprSchemable, FetchType, LogicalPlan, Operator,
+    Projection, SkipType, Sort, SubqueryAlias,
 };
 use sandbox_policy::{AggregateFunction as Allowed, AggregateMode, DatasetPolicy, Level, Role};
 
@@ -193,7 +193,7 @@ pub fn guard(
         match node {
             LogicalPlan::Projection(projection) => {
                 for expr in &projection.expr {
-                    post_aggregate_expr(expr)?;
+                    post_aggregate_expr(expr, projection.input.schema())?;
                 }
             }
             LogicalPlan::Sort(sort) => {
@@ -201,7 +201,7 @@ pub fn guard(
                     return Err(deny(Rule::PlanNodeNotAllowed, "a sort with a fetch limit"));
                 }
                 for sort_expr in &sort.expr {
-                    post_aggregate_expr(&sort_expr.expr)?;
+                    post_aggregate_expr(&sort_expr.expr, sort.input.schema())?;
                 }
             }
             LogicalPlan::Limit(limit) => {
@@ -511,13 +511,17 @@ impl Guard<'_> {
             Expr::Alias(alias) => self.row_expr(&alias.expr, schema, lineage, use_)?,
             Expr::Literal(..) => Lineage::Derived(Vec::new()),
             _ => {
-                let children = allowed_children(expr)?;
+                // Roles first: touching the privacy unit or a measure is the more fundamental
+                // reason to refuse than the kind of expression that touches it.
                 let mut sources = Vec::new();
-                for child in children {
-                    let child_lineage = self.row_expr(child, schema, lineage, Use::Derive)?;
-                    sources.extend(child_lineage.sources().into_iter().cloned());
+                for column in expr.column_refs() {
+                    let found = self.lookup(column, schema, lineage)?;
+                    sources.extend(found.sources().into_iter().cloned());
                 }
                 check_derived_sources(&sources)?;
+                for child in allowed_children(expr, schema)? {
+                    self.row_expr(child, schema, lineage, Use::Derive)?;
+                }
                 Lineage::Derived(sources)
             }
         };
@@ -737,13 +741,24 @@ fn check_derived_sources(sources: &[Source]) -> Result<(), SqlError> {
 }
 
 /// The children of an expression kind the guard allows, or the denial for any other kind.
-fn allowed_children(expr: &Expr) -> Result<Vec<&Expr>, SqlError> {
+fn allowed_children<'e>(expr: &'e Expr, schema: &DFSchema) -> Result<Vec<&'e Expr>, SqlError> {
     Ok(match expr {
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
             if !allowed_operator(*op) {
                 return Err(deny(
                     Rule::ExpressionNotAllowed,
                     format!("operator `{op}` is not allowed"),
+                ));
+            }
+            if matches!(op, Operator::Divide | Operator::Modulo)
+                && !division_cannot_fail(expr, right, schema)
+            {
+                // Integer division by zero raises an error; whether it does would depend on the
+                // data (including rows the gate later suppresses): a side channel.
+                return Err(deny(
+                    Rule::ExpressionNotAllowed,
+                    "integer division by a data value can fail depending on the data; divide \
+                     floating-point values or by a non-zero constant",
                 ));
             }
             vec![left.as_ref(), right.as_ref()]
@@ -766,7 +781,16 @@ fn allowed_children(expr: &Expr) -> Result<Vec<&Expr>, SqlError> {
             between.low.as_ref(),
             between.high.as_ref(),
         ],
-        Expr::Cast(cast) => vec![cast.expr.as_ref()],
+        Expr::Cast(cast) => {
+            if !is_constant(&cast.expr) {
+                // CAST raises on values it cannot convert, so its errors depend on the data.
+                return Err(deny(
+                    Rule::ExpressionNotAllowed,
+                    "CAST of a data value can fail depending on the data; use TRY_CAST",
+                ));
+            }
+            vec![cast.expr.as_ref()]
+        }
         Expr::TryCast(cast) => vec![cast.expr.as_ref()],
         Expr::InList(in_list) => {
             let mut children = vec![in_list.expr.as_ref()];
@@ -816,6 +840,35 @@ fn allowed_children(expr: &Expr) -> Result<Vec<&Expr>, SqlError> {
     })
 }
 
+/// Whether an expression is a constant: literals, possibly cast or negated.
+fn is_constant(expr: &Expr) -> bool {
+    match expr {
+        Expr::Literal(..) => true,
+        Expr::Cast(cast) => is_constant(&cast.expr),
+        Expr::TryCast(cast) => is_constant(&cast.expr),
+        Expr::Negative(inner)
+        | Expr::Alias(datafusion::logical_expr::expr::Alias { expr: inner, .. }) => {
+            is_constant(inner)
+        }
+        _ => false,
+    }
+}
+
+/// A division or modulo cannot raise an error when its result is floating point (IEEE 754 gives
+/// infinities and NaN) or when it divides by a non-zero numeric literal.
+fn division_cannot_fail(division: &Expr, divisor: &Expr, schema: &DFSchema) -> bool {
+    let floating = division.get_type(schema).is_ok_and(|t| t.is_floating());
+    let nonzero_literal = match strip_alias(divisor) {
+        Expr::Literal(value, _) => {
+            !value.is_null()
+                && value.data_type().is_numeric()
+                && ScalarValue::new_zero(&value.data_type()).is_ok_and(|zero| zero != *value)
+        }
+        _ => false,
+    };
+    floating || nonzero_literal
+}
+
 fn expr_kind(expr: &Expr) -> &str {
     expr.variant_name()
 }
@@ -844,13 +897,13 @@ fn allowed_operator(op: Operator) -> bool {
 
 /// Expressions over aggregated values (above the aggregate): the same expression kinds, over
 /// columns that are group keys or allowed aggregates.
-fn post_aggregate_expr(expr: &Expr) -> Result<(), SqlError> {
+fn post_aggregate_expr(expr: &Expr, schema: &DFSchema) -> Result<(), SqlError> {
     match expr {
         Expr::Column(_) | Expr::Literal(..) => Ok(()),
-        Expr::Alias(alias) => post_aggregate_expr(&alias.expr),
+        Expr::Alias(alias) => post_aggregate_expr(&alias.expr, schema),
         other => {
-            for child in allowed_children(other)? {
-                post_aggregate_expr(child)?;
+            for child in allowed_children(other, schema)? {
+                post_aggregate_expr(child, schema)?;
             }
             Ok(())
         }
