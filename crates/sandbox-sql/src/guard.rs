@@ -14,11 +14,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{Column, DFSchema, ScalarValue, TableReference};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, AggregateUDF, BinaryExpr, Expr, ExprSchemable, FetchType, LogicalPlan, Operator,
-    Projection, SkipType, Sort, SubqueryAlias,
+    Projection, SkipType, Sort, SubqueryAlias, cast,
 };
 use sandbox_policy::{AggregateFunction as Allowed, AggregateMode, DatasetPolicy, Level, Role};
 
@@ -243,27 +244,59 @@ pub fn guard(
             .columns
             .insert(format!("{}.{}", source.dataset, source.column));
     }
-    let units = Expr::AggregateFunction(AggregateFunction::new_udf(
-        Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(
-            mode.min_units,
-        ))),
-        vec![unit_column],
-        false,
-        None,
-        vec![],
-        None,
-    ))
-    .alias(UNITS_COLUMN);
-    let mut aggr_expr = aggregate.aggr_expr.clone();
-    aggr_expr.push(units);
-    let mut rewritten = LogicalPlan::Aggregate(
-        Aggregate::try_new(
-            aggregate.input.clone(),
-            aggregate.group_expr.clone(),
-            aggr_expr,
-        )
-        .map_err(rewrite_error)?,
-    );
+    let existing_exact_count = aggregate
+        .aggr_expr
+        .iter()
+        .position(|expr| counts_distinct_units(expr, input_schema, &input_lineage));
+    let mut rewritten = match existing_exact_count {
+        // The query already counts distinct units exactly: the hidden count is that column.
+        // Adding the capped counter beside it would also stop DataFusion from planning the
+        // `COUNT(DISTINCT)` as a two-phase group-by, which is much slower.
+        Some(index) => {
+            let plan = LogicalPlan::Aggregate(aggregate.clone());
+            let schema = plan.schema().clone();
+            let mut exprs: Vec<Expr> = schema
+                .iter()
+                .map(|(qualifier, field)| {
+                    Expr::Column(Column::new(qualifier.cloned(), field.name()))
+                })
+                .collect();
+            let (qualifier, field) = schema.qualified_field(aggregate.group_expr.len() + index);
+            exprs.push(
+                cast(
+                    Expr::Column(Column::new(qualifier.cloned(), field.name())),
+                    DataType::UInt64,
+                )
+                .alias(UNITS_COLUMN),
+            );
+            LogicalPlan::Projection(
+                Projection::try_new(exprs, Arc::new(plan)).map_err(rewrite_error)?,
+            )
+        }
+        None => {
+            let units = Expr::AggregateFunction(AggregateFunction::new_udf(
+                Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(
+                    mode.min_units,
+                ))),
+                vec![unit_column],
+                false,
+                None,
+                vec![],
+                None,
+            ))
+            .alias(UNITS_COLUMN);
+            let mut aggr_expr = aggregate.aggr_expr.clone();
+            aggr_expr.push(units);
+            LogicalPlan::Aggregate(
+                Aggregate::try_new(
+                    aggregate.input.clone(),
+                    aggregate.group_expr.clone(),
+                    aggr_expr,
+                )
+                .map_err(rewrite_error)?,
+            )
+        }
+    };
     for node in chain.iter().rev() {
         rewritten = match node {
             LogicalPlan::Projection(projection) => {
@@ -685,6 +718,29 @@ impl Guard<'_> {
                 format!("column `{}` is hidden", source.column),
             )),
         }
+    }
+}
+
+/// Whether an aggregate expression is exactly `COUNT(DISTINCT <privacy unit>)`, with no filter.
+fn counts_distinct_units(expr: &Expr, schema: &DFSchema, lineage: &[Lineage]) -> bool {
+    let Expr::AggregateFunction(function) = strip_alias(expr) else {
+        return false;
+    };
+    let params = &function.params;
+    if !function.func.name().eq_ignore_ascii_case("count")
+        || !params.distinct
+        || params.filter.is_some()
+        || !params.order_by.is_empty()
+    {
+        return false;
+    }
+    match params.args.as_slice() {
+        [Expr::Column(column)] => schema
+            .index_of_column(column)
+            .ok()
+            .and_then(|i| lineage.get(i))
+            .is_some_and(|l| matches!(l, Lineage::Plain(source) if source.is_unit)),
+        _ => false,
     }
 }
 

@@ -8,15 +8,18 @@ use std::time::Duration;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
-use datafusion::catalog::TableProvider;
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+    MemorySchemaProvider, SchemaProvider, TableProvider,
+};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::DataFusionError;
-use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::memory_pool::FairSpillPool;
-use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
@@ -79,8 +82,9 @@ pub struct Executed {
 
 /// Planning and execution of SQL jobs.
 pub struct SqlEngine {
-    runtime: Arc<RuntimeEnv>,
-    config: SessionConfig,
+    /// Configuration, runtime and functions, built once. Each job gets a clone with a catalog of
+    /// its own: rebuilding the function registry per job would cost more than the query planning.
+    base_state: SessionState,
     tables: HashMap<String, Arc<dyn TableProvider>>,
     limits: SqlLimits,
 }
@@ -106,15 +110,18 @@ impl SqlEngine {
         let config = SessionConfig::new()
             .with_information_schema(false)
             .with_target_partitions(limits.target_partitions.max(1));
-        let setup = SessionContext::new_with_config_rt(config.clone(), runtime.clone());
+        let base_state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .build();
         let mut tables = HashMap::new();
         for dataset in policy.datasets.values() {
-            let provider = open_dataset(&setup, dataset, data_dir).await?;
+            let provider = open_dataset(&base_state, dataset, data_dir).await?;
             tables.insert(dataset.id.clone(), provider);
         }
         Ok(SqlEngine {
-            runtime,
-            config,
+            base_state,
             tables,
             limits,
         })
@@ -131,20 +138,23 @@ impl SqlEngine {
 
     /// A fresh session whose catalog holds only the granted datasets.
     fn session(&self, granted: &HashMap<String, GrantedDataset>) -> Result<SessionContext> {
-        let state = SessionStateBuilder::new()
-            .with_config(self.config.clone())
-            .with_runtime_env(self.runtime.clone())
-            .with_default_features()
-            .build();
-        let context = SessionContext::new_with_state(state);
+        let schema = MemorySchemaProvider::new();
         for id in granted.keys() {
             if let Some(table) = self.tables.get(id) {
-                context
-                    .register_table(id.as_str(), table.clone())
+                schema
+                    .register_table(id.clone(), table.clone())
                     .map_err(|e| SqlError::Plan(format!("cannot register `{id}`: {e}")))?;
             }
         }
-        Ok(context)
+        let catalog = MemoryCatalogProvider::new();
+        catalog
+            .register_schema("public", Arc::new(schema))
+            .map_err(|e| SqlError::Plan(format!("cannot create the job's catalog: {e}")))?;
+        let catalogs = MemoryCatalogProviderList::new();
+        catalogs.register_catalog("datafusion".to_string(), Arc::new(catalog));
+        let mut state = self.base_state.clone();
+        state.register_catalog_list(Arc::new(catalogs));
+        Ok(SessionContext::new_with_state(state))
     }
 
     /// Parses and plans a query, then passes it through the guard. Reads no data.
@@ -255,7 +265,7 @@ impl PlannedQuery {
 }
 
 async fn open_dataset(
-    context: &SessionContext,
+    state: &SessionState,
     dataset: &DatasetPolicy,
     data_dir: &Path,
 ) -> Result<Arc<dyn TableProvider>> {
@@ -280,10 +290,11 @@ async fn open_dataset(
             ListingTableUrl::parse(&text).map_err(|e| fail(format!("source `{source}`: {e}")))?,
         );
     }
-    let options =
-        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let state = context.state();
-    let file_schema = options.infer_schema(&state, &urls[0]).await.map_err(|e| {
+    // The same Parquet options and statistics cache that `register_parquet` would use, so the
+    // sandbox scans exactly as the raw engine does.
+    let format = ParquetFormat::new().with_options(state.table_options().parquet.clone());
+    let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
+    let file_schema = options.infer_schema(state, &urls[0]).await.map_err(|e| {
         fail(format!(
             "cannot read the schema of its Parquet files: {}",
             root_message(&e)
@@ -309,7 +320,9 @@ async fn open_dataset(
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(visible);
-    let table = ListingTable::try_new(config).map_err(|e| fail(root_message(&e)))?;
+    let table = ListingTable::try_new(config)
+        .map_err(|e| fail(root_message(&e)))?
+        .with_cache(state.runtime_env().cache_manager.get_file_statistic_cache());
     Ok(Arc::new(table))
 }
 

@@ -1,7 +1,7 @@
 //! Integration tests of the SQL path over generated demo data: the guard's rewrite returns the same
 //! numbers as the raw engine, and the hidden unit count is right.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -86,16 +86,44 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
         .index_of(UNITS_COLUMN)
         .expect("hidden column");
 
-    // Each group's hidden count is min(distinct units, 10).
+    // The query counts distinct units itself, so the hidden count is that exact count.
+    let mut exact_units = BTreeMap::new();
     for batch in &executed.batches {
+        let groups = batch.column(0).as_string_view();
         let exact = batch
             .column(3)
             .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
-        let capped = batch.column(units_index).as_primitive::<UInt64Type>();
+        let hidden = batch.column(units_index).as_primitive::<UInt64Type>();
         for row in 0..batch.num_rows() {
-            assert_eq!(capped.value(row), (exact.value(row) as u64).min(10));
+            assert_eq!(hidden.value(row), exact.value(row) as u64);
+            exact_units.insert(groups.value(row).to_string(), exact.value(row) as u64);
         }
     }
+
+    // Without it, the capped counter gives min(distinct units, 10) per group.
+    let capped_sql = "SELECT industry, COUNT(*) AS n FROM enterprises WHERE status = 'active' \
+                      GROUP BY industry";
+    let planned = engine.plan(capped_sql, &grants).await.expect("allowed");
+    let capped_run = engine
+        .execute(planned, CancellationToken::new())
+        .await
+        .expect("runs");
+    let units_index = capped_run
+        .schema
+        .index_of(UNITS_COLUMN)
+        .expect("hidden column");
+    let mut groups_seen = 0;
+    for batch in &capped_run.batches {
+        let groups = batch.column(0).as_string_view();
+        let capped = batch.column(units_index).as_primitive::<UInt64Type>();
+        for row in 0..batch.num_rows() {
+            let exact = exact_units[groups.value(row)];
+            assert_eq!(capped.value(row), exact.min(10));
+            groups_seen += 1;
+        }
+    }
+    assert_eq!(groups_seen, exact_units.len());
+    assert!(exact_units.values().any(|&u| u < 10) && exact_units.values().any(|&u| u > 10));
 
     let raw = SessionContext::new();
     raw.register_parquet(
