@@ -252,7 +252,16 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
             .any(|e| e.action == "ListEvents" && e.decision == "permission_denied")
     );
 
-    // Sequence numbers are dense and the chain hashes all differ.
+    // Exactly one event per request made above: the server's start, nine submissions, one
+    // delivery (FetchResult of the allowed job) and the bank's refused ListEvents. The auditor's
+    // own read is recorded after it returns.
+    assert_eq!(events.len(), 12, "{events:#?}");
+    assert_eq!(
+        events.iter().filter(|e| e.action == "FetchResult").count(),
+        1
+    );
+
+    // Sequence numbers are dense.
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.seq, i as u64 + 1);
     }
@@ -496,8 +505,10 @@ async fn restart_repairs_a_torn_journal_tail() {
         .find(|e| e.action == "Start")
         .expect("second start");
     assert!(start.message.contains("repaired"), "{}", start.message);
+    // The last record before the crash was the delivery of the result; it is the one cut off.
+    assert!(events.iter().any(|e| e.action == "SubmitJob"));
     assert!(
-        !events.iter().any(|e| e.action == "SubmitJob"),
+        !events.iter().any(|e| e.action == "FetchResult"),
         "the torn record is gone"
     );
     restarted.shutdown().await.expect("shutdown");

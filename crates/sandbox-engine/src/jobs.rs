@@ -527,8 +527,8 @@ impl Engine {
         }
     }
 
-    /// One of the caller's jobs. Touching another principal's job is refused and recorded.
-    async fn job(&self, ctx: &RequestContext, action: &str, job_id: &str) -> Result<Arc<Job>> {
+    /// One of the caller's jobs. Another principal's job is refused like a missing permission.
+    fn job(&self, ctx: &RequestContext, job_id: &str) -> Result<Arc<Job>> {
         let job = self
             .jobs
             .lock()
@@ -537,57 +537,66 @@ impl Engine {
             .cloned()
             .ok_or_else(|| EngineError::JobNotFound(job_id.to_string()))?;
         if job.owner != ctx.principal.id {
-            let error = EngineError::NotJobOwner(job_id.to_string());
-            let mut event = Self::event(ctx, action);
-            event.job_id = job_id.to_string();
-            event.decision = Decision::PermissionDenied;
-            event.rule = error.code();
-            self.journal.append(event).await?;
-            return Err(error);
+            return Err(EngineError::NotJobOwner(job_id.to_string()));
         }
         Ok(job)
     }
 
+    /// Records the one terminal event of a call on a job, whatever its outcome, before the
+    /// outcome is returned.
+    async fn record_job_call<T>(&self, mut event: AuditEvent, outcome: &Result<T>) -> Result<()> {
+        if let Err(error) = outcome {
+            event.decision = match error.kind() {
+                ErrorKind::PermissionDenied => Decision::PermissionDenied,
+                ErrorKind::Denied => Decision::Deny,
+                ErrorKind::Cancelled => Decision::Cancel,
+                _ => Decision::Fail,
+            };
+            event.rule = error.code();
+        }
+        self.journal.append(event).await?;
+        Ok(())
+    }
+
     /// The current state of one of the caller's jobs.
     pub async fn job_status(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
-        Ok(self
-            .job(ctx, "GetJob", job_id)
-            .await?
-            .state
-            .borrow()
-            .clone())
-    }
-
-    /// Waits until the job ends and returns its result, or the reason it has none.
-    pub async fn wait_result(&self, ctx: &RequestContext, job_id: &str) -> Result<Arc<JobResult>> {
-        let job = self.job(ctx, "FetchResult", job_id).await?;
-        let mut receiver = job.state.subscribe();
-        let snapshot = receiver
-            .wait_for(|s| s.state.is_terminal())
-            .await
-            .map_err(|_| EngineError::JobNotFound(job_id.to_string()))?
-            .clone();
-        match (snapshot.state, snapshot.result) {
-            (JobState::Succeeded, Some(result)) => Ok(result),
-            (state, _) => Err(EngineError::JobEnded {
-                code: snapshot.rule,
-                message: snapshot.message,
-                kind: match state {
-                    JobState::Cancelled => ErrorKind::Cancelled,
-                    JobState::Denied => ErrorKind::Denied,
-                    _ => ErrorKind::Internal,
-                },
-            }),
-        }
-    }
-
-    /// Cancels one of the caller's jobs; the job records its own terminal event.
-    pub async fn cancel(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
-        let job = self.job(ctx, "CancelJob", job_id).await?;
-        job.cancel.cancel();
-        let mut event = Self::event(ctx, "CancelJob");
+        let outcome = self.job(ctx, job_id).map(|job| job.state.borrow().clone());
+        let mut event = Self::event(ctx, "GetJob");
         event.job_id = job_id.to_string();
-        self.journal.append(event).await?;
+        self.record_job_call(event, &outcome).await?;
+        outcome
+    }
+
+    /// Waits until the job ends and returns its result, or the reason it has none. The job's own
+    /// terminal event (the release) is already durable; this delivery is recorded too.
+    pub async fn wait_result(&self, ctx: &RequestContext, job_id: &str) -> Result<Arc<JobResult>> {
+        let outcome = self.wait_terminal(ctx, job_id).await.and_then(|snapshot| {
+            match (snapshot.state, snapshot.result) {
+                (JobState::Succeeded, Some(result)) => Ok(result),
+                (state, _) => Err(EngineError::JobEnded {
+                    code: snapshot.rule,
+                    message: snapshot.message,
+                    kind: match state {
+                        JobState::Cancelled => ErrorKind::Cancelled,
+                        JobState::Denied => ErrorKind::Denied,
+                        _ => ErrorKind::Internal,
+                    },
+                }),
+            }
+        });
+        let mut event = Self::event(ctx, "FetchResult");
+        event.job_id = job_id.to_string();
+        if let Ok(result) = &outcome {
+            event.rows_released = result.outcome.rows_released;
+            event.rows_suppressed = result.outcome.rows_suppressed;
+            event.result_sha256 = result.outcome.result_sha256.clone();
+        }
+        self.record_job_call(event, &outcome).await?;
+        outcome
+    }
+
+    async fn wait_terminal(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
+        let job = self.job(ctx, job_id)?;
         let mut receiver = job.state.subscribe();
         let snapshot = receiver
             .wait_for(|s| s.state.is_terminal())
@@ -595,6 +604,19 @@ impl Engine {
             .map_err(|_| EngineError::JobNotFound(job_id.to_string()))?
             .clone();
         Ok(snapshot)
+    }
+
+    /// Cancels one of the caller's jobs and waits for it to end; the job records its own
+    /// terminal event, and this call one more.
+    pub async fn cancel(&self, ctx: &RequestContext, job_id: &str) -> Result<JobSnapshot> {
+        if let Ok(job) = self.job(ctx, job_id) {
+            job.cancel.cancel();
+        }
+        let outcome = self.wait_terminal(ctx, job_id).await;
+        let mut event = Self::event(ctx, "CancelJob");
+        event.job_id = job_id.to_string();
+        self.record_job_call(event, &outcome).await?;
+        outcome
     }
 
     /// The decision on a job without running it. Recorded like any other access.
