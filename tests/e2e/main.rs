@@ -349,20 +349,12 @@ async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
     assert_eq!(status.code(), Code::Unimplemented);
 
     let mut analyst = server.client("analyst").await.expect("client");
-    let request = analyst.request(pb::SubmitJobRequest {
-        spec: Some(Client::sql_spec(
-            "SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class",
-        )),
-        label: String::new(),
-    });
-    let job = analyst
-        .sandbox
-        .submit_job(request)
+    let job_id = analyst
+        .submit_sql("SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class")
         .await
-        .expect("submitted")
-        .into_inner();
+        .expect("submitted");
     let request = bank.request(pb::FetchResultRequest {
-        job_id: job.job_id.clone(),
+        job_id: job_id.clone(),
     });
     let status = bank
         .sandbox
@@ -375,11 +367,11 @@ async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
     assert!(
         events.iter().any(|e| e.action == "FetchResult"
             && e.principal == "bank"
-            && e.job_id == job.job_id
+            && e.job_id == job_id
             && e.decision == "permission_denied"),
         "the refused fetch is recorded"
     );
-    let request = analyst.request(pb::GetJobRequest { job_id: job.job_id });
+    let request = analyst.request(pb::GetJobRequest { job_id });
     let state = analyst
         .sandbox
         .get_job(request)
@@ -398,20 +390,14 @@ async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
 async fn cancelled_jobs_end_once_and_are_recorded() {
     let server = TestServer::start().await.expect("server");
     let mut analyst = server.client("analyst").await.expect("client");
-    let request = analyst.request(pb::SubmitJobRequest {
-        spec: Some(Client::sql_spec(
+    let job_id = analyst
+        .submit_sql(
             "SELECT month, tax_credit_rating, SUM(vat_paid) FROM tax_monthly GROUP BY month, tax_credit_rating",
-        )),
-        label: String::new(),
-    });
-    let job = analyst
-        .sandbox
-        .submit_job(request)
+        )
         .await
-        .expect("submitted")
-        .into_inner();
+        .expect("submitted");
     let request = analyst.request(pb::CancelJobRequest {
-        job_id: job.job_id.clone(),
+        job_id: job_id.clone(),
     });
     let status = analyst
         .sandbox
@@ -427,7 +413,7 @@ async fn cancelled_jobs_end_once_and_are_recorded() {
         status.state
     );
     let request = analyst.request(pb::FetchResultRequest {
-        job_id: job.job_id.clone(),
+        job_id: job_id.clone(),
     });
     let fetched = analyst.sandbox.fetch_result(request).await;
     if cancelled {
@@ -441,7 +427,7 @@ async fn cancelled_jobs_end_once_and_are_recorded() {
     let events = auditor.events(1, 10_000, false).await.expect("journal");
     let terminal: Vec<_> = events
         .iter()
-        .filter(|e| e.action == "SubmitJob" && e.job_id == job.job_id)
+        .filter(|e| e.action == "SubmitJob" && e.job_id == job_id)
         .collect();
     assert_eq!(terminal.len(), 1, "{terminal:#?}");
     assert_eq!(
@@ -451,7 +437,7 @@ async fn cancelled_jobs_end_once_and_are_recorded() {
     assert_eq!(
         events
             .iter()
-            .filter(|e| e.action == "CancelJob" && e.job_id == job.job_id)
+            .filter(|e| e.action == "CancelJob" && e.job_id == job_id)
             .count(),
         1
     );

@@ -84,20 +84,22 @@ impl Client {
         }
     }
 
+    /// Submits a query and returns its job id without waiting for it.
+    pub async fn submit_sql(&mut self, query: &str) -> Result<String, tonic::Status> {
+        let request = self.request(pb::SubmitJobRequest {
+            spec: Some(Self::sql_spec(query)),
+            label: String::new(),
+        });
+        Ok(self.sandbox.submit_job(request).await?.into_inner().job_id)
+    }
+
     /// Submits a query, waits for its release and decodes it.
     pub async fn sql(&mut self, query: &str) -> Result<SqlResult, tonic::Status> {
-        let submitted = self
-            .sandbox
-            .submit_job(self.request(pb::SubmitJobRequest {
-                spec: Some(Self::sql_spec(query)),
-                label: String::new(),
-            }))
-            .await?
-            .into_inner();
+        let job_id = self.submit_sql(query).await?;
         let mut stream = self
             .sandbox
             .fetch_result(self.request(pb::FetchResultRequest {
-                job_id: submitted.job_id.clone(),
+                job_id: job_id.clone(),
             }))
             .await?
             .into_inner();
@@ -113,7 +115,7 @@ impl Client {
         let summary = summary
             .ok_or_else(|| tonic::Status::data_loss("the server sent no release summary"))?;
         Ok(SqlResult {
-            job_id: submitted.job_id,
+            job_id,
             batches: decode(&bytes)?,
             summary,
         })

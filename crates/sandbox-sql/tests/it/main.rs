@@ -39,6 +39,27 @@ fn granted(policy: &PolicySet, principal: &Principal) -> HashMap<String, Granted
         .collect()
 }
 
+/// Demo data for `enterprises` enterprises in a fresh folder, and an engine over it.
+async fn engine_over_demo(
+    enterprises: usize,
+    limits: SqlLimits,
+) -> (tempfile::TempDir, PolicySet, SqlEngine) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    sandbox_demo::generate(
+        dir.path(),
+        &sandbox_demo::DemoConfig {
+            enterprises,
+            ..Default::default()
+        },
+    )
+    .expect("demo data");
+    let policy = policies();
+    let engine = SqlEngine::new(&policy, dir.path(), limits)
+        .await
+        .expect("engine");
+    (dir, policy, engine)
+}
+
 fn sorted_rows(batches: &[RecordBatch], columns: usize) -> Vec<String> {
     let mut rows = Vec::new();
     for batch in batches {
@@ -58,19 +79,7 @@ fn sorted_rows(batches: &[RecordBatch], columns: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    sandbox_demo::generate(
-        dir.path(),
-        &sandbox_demo::DemoConfig {
-            enterprises: 800,
-            ..Default::default()
-        },
-    )
-    .expect("demo data");
-    let policy = policies();
-    let engine = SqlEngine::new(&policy, dir.path(), SqlLimits::default())
-        .await
-        .expect("engine");
+    let (dir, policy, engine) = engine_over_demo(800, SqlLimits::default()).await;
     let grants = granted(&policy, &analyst());
     let sql = "SELECT industry, COUNT(*) AS n, SUM(registered_capital) AS capital, \
                COUNT(DISTINCT credit_code) AS units FROM enterprises \
@@ -148,19 +157,7 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
 
 #[tokio::test]
 async fn cancelled_query_stops_with_cancelled() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    sandbox_demo::generate(
-        dir.path(),
-        &sandbox_demo::DemoConfig {
-            enterprises: 200,
-            ..Default::default()
-        },
-    )
-    .expect("demo data");
-    let policy = policies();
-    let engine = SqlEngine::new(&policy, dir.path(), SqlLimits::default())
-        .await
-        .expect("engine");
+    let (_dir, policy, engine) = engine_over_demo(200, SqlLimits::default()).await;
     let planned = engine
         .plan(
             "SELECT month, SUM(vat_paid) FROM tax_monthly GROUP BY month",
@@ -179,23 +176,11 @@ async fn cancelled_query_stops_with_cancelled() {
 
 #[tokio::test]
 async fn query_text_over_the_limit_is_denied_before_parsing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    sandbox_demo::generate(
-        dir.path(),
-        &sandbox_demo::DemoConfig {
-            enterprises: 50,
-            ..Default::default()
-        },
-    )
-    .expect("demo data");
-    let policy = policies();
     let limits = SqlLimits {
         max_query_bytes: 100,
         ..SqlLimits::default()
     };
-    let engine = SqlEngine::new(&policy, dir.path(), limits)
-        .await
-        .expect("engine");
+    let (_dir, policy, engine) = engine_over_demo(50, limits).await;
     let long = format!(
         "SELECT COUNT(*) FROM enterprises WHERE industry IN ({})",
         "'C', ".repeat(40) + "'F'"
