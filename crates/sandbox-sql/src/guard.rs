@@ -130,13 +130,13 @@ pub fn guard(
         columns: BTreeSet::new(),
         mode: None,
     };
-    for field in plan.schema().fields() {
-        if field.name().starts_with(HIDDEN_PREFIX) {
-            return Err(deny(
-                Rule::ReservedName,
-                format!("output names starting with `{HIDDEN_PREFIX}` are reserved"),
-            ));
-        }
+    // Anywhere in the plan, not only in its output: an inner column named like the hidden unit
+    // count could otherwise be mistaken for it after the rewrite.
+    if uses_reserved_name(plan) {
+        return Err(deny(
+            Rule::ReservedName,
+            format!("names starting with `{HIDDEN_PREFIX}` are reserved"),
+        ));
     }
 
     // Walk down from the root to the aggregate, remembering the nodes above it.
@@ -354,6 +354,14 @@ fn single_input(node: &LogicalPlan) -> Result<&LogicalPlan, SqlError> {
         [input] => Ok(input),
         _ => Err(node_denial(node)),
     }
+}
+
+fn uses_reserved_name(plan: &LogicalPlan) -> bool {
+    plan.schema()
+        .fields()
+        .iter()
+        .any(|f| f.name().starts_with(HIDDEN_PREFIX))
+        || plan.inputs().into_iter().any(uses_reserved_name)
 }
 
 fn contains_aggregate(plan: &LogicalPlan) -> bool {
