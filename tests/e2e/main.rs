@@ -508,3 +508,30 @@ async fn restart_repairs_a_torn_journal_tail() {
     );
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falls_back_to_the_built_in_policies() {
+    // First start writes the demo policies into the data dir; without them, and without a
+    // `policies/` folder in the working directory, the compiled-in demo policies apply.
+    let server = TestServer::start().await.expect("server");
+    let data_dir = server.data_dir();
+    let TestServer { dir, server } = server;
+    server.shutdown().await.expect("shutdown");
+    std::fs::remove_dir_all(data_dir.join("policies")).expect("remove the policy copy");
+    assert!(
+        !std::path::Path::new("policies").exists(),
+        "tests run from the package dir"
+    );
+    let config = sandbox_server::ServerConfig::for_tests(data_dir.clone());
+    let restarted = sandbox_server::start(config)
+        .await
+        .expect("starts on built-in policies");
+    let token = std::fs::read_to_string(data_dir.join("credentials/analyst.token")).expect("token");
+    let mut analyst = Client::connect(&format!("http://{}", restarted.addr), token.trim())
+        .await
+        .expect("client");
+    let datasets = analyst.datasets().await.expect("datasets");
+    assert_eq!(datasets.len(), 6, "every granted demo dataset");
+    restarted.shutdown().await.expect("shutdown");
+    drop(dir);
+}

@@ -51,7 +51,8 @@ pub const DEMO_PRINCIPALS: [(&str, &str, &[&str]); 9] = [
 #[derive(Debug)]
 pub struct Prepared {
     pub policy: PolicySet,
-    pub policy_dir: PathBuf,
+    /// Where the policy came from; `None` for the built-in demo policies.
+    pub policy_dir: Option<PathBuf>,
     pub authenticator: Authenticator,
     pub created_demo: bool,
 }
@@ -74,15 +75,22 @@ pub fn prepare(config: &ServerConfig) -> anyhow::Result<Prepared> {
     if fresh {
         create_demo(data_dir, config.demo_scale)?;
     }
+    // `--policies`, else the repository's `policies/` when run from a checkout, else the data
+    // dir's copy written at first start, else the policies compiled into the binary.
     let policy_dir = match &config.policies {
-        Some(dir) => dir.clone(),
-        None if Path::new("policies").is_dir() => PathBuf::from("policies"),
-        None => data_dir.join("policies"),
+        Some(dir) => Some(dir.clone()),
+        None if Path::new("policies").is_dir() => Some(PathBuf::from("policies")),
+        None if data_dir.join("policies").is_dir() => Some(data_dir.join("policies")),
+        None => None,
     };
-    let policy = sandbox_policy::load_dir(&policy_dir)
-        .with_context(|| format!("invalid policy in {}", policy_dir.display()))?;
+    let policy = match &policy_dir {
+        Some(dir) => sandbox_policy::load_dir(dir)
+            .with_context(|| format!("invalid policy in {}", dir.display()))?,
+        None => sandbox_policy::load_sources(&demo_policy_sources())
+            .context("the built-in demo policies do not load")?,
+    };
     tracing::info!(
-        dir = %policy_dir.display(),
+        source = %policy_dir.as_ref().map_or("built-in demo policies".to_string(), |d| d.display().to_string()),
         datasets = policy.datasets.len(),
         grants = policy.grants.len(),
         "policy loaded"

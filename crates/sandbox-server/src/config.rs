@@ -22,7 +22,7 @@ pub struct ServerConfig {
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Policy directory. Default: `./policies` when present, else the data dir's `policies/`
-    /// (the built-in demo policies, written on first start).
+    /// (written on first start), else the demo policies built into the binary.
     #[arg(long)]
     pub policies: Option<PathBuf>,
     /// Scale of the demo data generated on first start (1 = 20,000 enterprises over 24 months).
