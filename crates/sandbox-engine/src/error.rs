@@ -31,6 +31,8 @@ pub enum EngineError {
     JobNotFound(String),
     #[error("job `{0}` belongs to another principal")]
     NotJobOwner(String),
+    #[error("your roles do not allow {0}")]
+    RoleNotPermitted(&'static str),
     #[error("{0} is not implemented yet")]
     Unimplemented(&'static str),
     /// The job ended without a result; carries its recorded rule and message.
@@ -55,6 +57,7 @@ impl EngineError {
             EngineError::Sql(e) => e.code().to_string(),
             EngineError::JobNotFound(_) => "job-not-found".into(),
             EngineError::NotJobOwner(_) => "not-job-owner".into(),
+            EngineError::RoleNotPermitted(_) => "role-not-permitted".into(),
             EngineError::Unimplemented(_) => "unimplemented".into(),
             EngineError::JobEnded { code, .. } => code.clone(),
             EngineError::Release(e) => e.code().into(),
@@ -67,7 +70,9 @@ impl EngineError {
         match self {
             EngineError::Sql(e) => sql_kind(e),
             EngineError::JobNotFound(_) => ErrorKind::NotFound,
-            EngineError::NotJobOwner(_) => ErrorKind::PermissionDenied,
+            EngineError::NotJobOwner(_) | EngineError::RoleNotPermitted(_) => {
+                ErrorKind::PermissionDenied
+            }
             EngineError::Unimplemented(_) => ErrorKind::Unimplemented,
             EngineError::JobEnded { kind, .. } => *kind,
             EngineError::Release(sandbox_release::ReleaseError::TooManyRows { .. }) => {

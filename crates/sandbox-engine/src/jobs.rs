@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ring::digest;
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal, StoredEvent};
-use sandbox_policy::{PolicySet, Principal, PrincipalRole};
+use sandbox_policy::{DatasetPolicy, PolicySet, Principal, PrincipalRole};
 use sandbox_release::{GatePolicy, Released, release};
 use sandbox_sql::{
     CancellationToken, GrantedDataset, PlannedQuery, SqlEngine, SqlError, SqlLimits,
@@ -231,6 +231,8 @@ pub struct ColumnView {
 /// The running sandbox, minus the wire.
 pub struct Engine {
     policy: Arc<PolicySet>,
+    /// Each dataset's policy, shared by every job that is granted it.
+    datasets: HashMap<String, Arc<DatasetPolicy>>,
     sql: Arc<SqlEngine>,
     journal: Journal,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
@@ -249,7 +251,7 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Opens the journal (repairing a torn tail) and every dataset of the policy, and records
     /// the start.
-    pub async fn start(config: EngineConfig) -> Result<Arc<Engine>> {
+    pub async fn start(mut config: EngineConfig) -> Result<Arc<Engine>> {
         if sandbox_sql::UNITS_COLUMN != sandbox_release::UNITS_COLUMN
             || sandbox_sql::HIDDEN_PREFIX != sandbox_release::HIDDEN_PREFIX
         {
@@ -267,8 +269,16 @@ impl Engine {
         let sql = SqlEngine::new(&config.policy, &config.data_dir, config.sql_limits.clone())
             .await
             .map_err(|e| EngineError::Setup(e.to_string()))?;
+        // The engine keeps the policy once, outside its copy of the configuration.
+        let policy = Arc::new(std::mem::take(&mut config.policy));
+        let datasets = policy
+            .datasets
+            .iter()
+            .map(|(id, dataset)| (id.clone(), Arc::new(dataset.clone())))
+            .collect();
         let engine = Arc::new(Engine {
-            policy: Arc::new(config.policy.clone()),
+            policy,
+            datasets,
             sql: Arc::new(sql),
             journal,
             jobs: Mutex::new(HashMap::new()),
@@ -309,7 +319,7 @@ impl Engine {
                 (
                     d.id.clone(),
                     GrantedDataset {
-                        policy: Arc::new(d.clone()),
+                        policy: self.datasets[&d.id].clone(),
                         aggregate: self.policy.aggregate_mode(principal, &d.id),
                     },
                 )
@@ -746,7 +756,16 @@ impl Engine {
         limit: usize,
         tail: bool,
     ) -> Result<(Vec<StoredEvent>, u64)> {
-        debug_assert!(ctx.principal.roles.contains(&PrincipalRole::Auditor));
+        // The server's role table already refuses other callers; the engine refuses them too, so
+        // no caller of this library reads the journal without the auditor role.
+        if !ctx.principal.roles.contains(&PrincipalRole::Auditor) {
+            let error = EngineError::RoleNotPermitted("ListEvents");
+            let mut event = Self::event(ctx, "ListEvents");
+            event.decision = Decision::PermissionDenied;
+            event.rule = error.code();
+            self.journal.append(event).await?;
+            return Err(error);
+        }
         let events = if tail {
             self.journal.tail(limit)?
         } else {

@@ -204,9 +204,10 @@ impl GroupsAccumulator for CappedUnitsGroups {
         }
         let mut hashes = std::mem::take(&mut self.hashes);
         if rows.len() * 4 < array.len() {
-            let subset = take(array.as_ref(), &UInt32Array::from(rows.clone()), None)?;
+            let rows = UInt32Array::from(rows);
+            let subset = take(array.as_ref(), &rows, None)?;
             hashes_of(&subset, &mut hashes)?;
-            for (position, &row) in rows.iter().enumerate() {
+            for (position, &row) in rows.values().iter().enumerate() {
                 self.insert(group_indices[row as usize], hashes[position]);
             }
         } else {
