@@ -1,13 +1,13 @@
 //! Shared setup of the benchmarks: demo data at benchmark scale, cached between runs.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Demo data at `scale` under `target/bench-data/scale-<scale>`, generated on first use.
 pub fn bench_data(scale: f64) -> anyhow::Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let dir = target.join("bench-data").join(format!("scale-{scale}"));
+    let dir = target_dir()
+        .join("bench-data")
+        .join(format!("scale-{scale}"));
     let marker = dir.join("complete");
     if !marker.exists() {
         if dir.exists() {
@@ -27,4 +27,17 @@ pub fn bench_data(scale: f64) -> anyhow::Result<PathBuf> {
 /// The repository's policies.
 pub fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+/// The median of timed samples.
+pub fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// The build's target dir (`CARGO_TARGET_DIR` or the workspace's `target/`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
+use sandbox_benches::median;
 use sandbox_engine::{Engine, EngineConfig, JobSpec, RequestContext};
 use sandbox_policy::{Principal, PrincipalRole};
 
@@ -140,11 +141,6 @@ fn setup() -> anyhow::Result<Paths> {
         ctx,
         _journal_dir: journal_dir,
     })
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real server on an ephemeral loopback port, driven through the real gRPC
 //! client, checked against raw DataFusion over the same Parquet files and against the journal.
 
+mod wasm;
+
 use std::collections::BTreeMap;
 
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
@@ -253,9 +255,20 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
     );
 
     // Exactly one event per request made above: the server's start, nine submissions, one
-    // delivery (FetchResult of the allowed job) and the bank's refused ListEvents. The auditor's
-    // own read is recorded after it returns.
-    assert_eq!(events.len(), 12, "{events:#?}");
+    // delivery (FetchResult of the allowed job) and the bank's refused ListEvents; before them,
+    // the first start's loading of the demo consents (one event per consent and a closing one).
+    // The auditor's own read is recorded after it returns.
+    let seeded = events
+        .iter()
+        .filter(|e| e.principal == "sandboxd" && e.action != "Start")
+        .count();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "SeedConsents" && e.record_json.contains("seed_loaded")),
+        "the consent seed is closed by its marker"
+    );
+    assert_eq!(events.len(), 12 + seeded, "{events:#?}");
     assert_eq!(
         events.iter().filter(|e| e.action == "FetchResult").count(),
         1
@@ -332,7 +345,7 @@ async fn explain_reports_the_decision_without_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
+async fn unknown_modules_are_denied_and_jobs_are_private() {
     let server = TestServer::start().await.expect("server");
     let mut bank = server.client("bank").await.expect("client");
     let request = bank.request(pb::SubmitJobRequest {
@@ -345,8 +358,13 @@ async fn wasm_jobs_are_unimplemented_and_jobs_are_private() {
         }),
         label: String::new(),
     });
-    let status = bank.sandbox.submit_job(request).await.expect_err("not yet");
-    assert_eq!(status.code(), Code::Unimplemented);
+    let status = bank
+        .sandbox
+        .submit_job(request)
+        .await
+        .expect_err("no such module");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(rule_of(&status), "module-not-approved");
 
     let mut analyst = server.client("analyst").await.expect("client");
     let job_id = analyst

@@ -23,13 +23,30 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir) -> anyhow::Result<Self> {
         let data_dir = dir.path().join("data");
         let mut config = ServerConfig::for_tests(data_dir);
         config.policies = Some(policies_dir());
         config.demo_scale = TEST_SCALE;
         let server = sandbox_server::start(config).await?;
         Ok(TestServer { dir, server })
+    }
+
+    /// Stops the server and starts a new one on the same data dir: what survives is what the
+    /// journal and the data dir hold.
+    pub async fn restart(self) -> anyhow::Result<Self> {
+        self.restart_with(|| {}).await
+    }
+
+    /// Like [`TestServer::restart`], running `while_stopped` between the stop and the start.
+    pub async fn restart_with(self, while_stopped: impl FnOnce()) -> anyhow::Result<Self> {
+        let TestServer { dir, server } = self;
+        server.shutdown().await?;
+        while_stopped();
+        Self::start_in(dir).await
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -72,4 +89,94 @@ pub fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
     }
     rows.sort();
     rows
+}
+
+/// The `sandbox.manifest` JSON of a test module reading these columns.
+pub fn manifest(input: &[&str]) -> String {
+    format!(
+        r#"{{"name":"test-guest","purpose":"credit_assessment","input":[{}]}}"#,
+        input
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
+/// Bytes as a WAT string literal.
+fn wat_bytes(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("\\{b:02x}")).collect()
+}
+
+/// A guest that reads its whole input, logs how many batches it read, then emits `output` (an
+/// Arrow IPC stream) unchanged: what a scoring module does, with the scores fixed by the test.
+pub fn emitting_guest(output: &[u8], input: &[&str]) -> Vec<u8> {
+    let text = format!(
+        r#"(module
+  (import "sandbox" "input_next" (func $input_next (result i64)))
+  (import "sandbox" "input_read" (func $input_read (param i32 i32) (result i32)))
+  (import "sandbox" "output_emit" (func $output_emit (param i32 i32) (result i32)))
+  (import "sandbox" "log" (func $log (param i32 i32)))
+  (memory (export "memory") 64)
+  (data (i32.const 0) "read all input")
+  (data (i32.const 65536) "{output}")
+  (@custom "sandbox.manifest" "{manifest}")
+  (func (export "run") (param i32) (result i32)
+    (local $len i32)
+    (block $done
+      (loop $next
+        (local.set $len (i32.wrap_i64 (call $input_next)))
+        (br_if $done (i32.lt_s (local.get $len) (i32.const 0)))
+        (drop (call $input_read (i32.const 1048576) (local.get $len)))
+        (br $next)))
+    (call $log (i32.const 0) (i32.const 14))
+    (call $output_emit (i32.const 65536) (i32.const {len}))))"#,
+        output = wat_bytes(output),
+        manifest = wat_bytes(manifest(input).as_bytes()),
+        len = output.len(),
+    );
+    wat::parse_str(text).expect("valid test guest")
+}
+
+/// A guest of the sandbox's hostile suite (`crates/sandbox-wasm/tests/guests/NAME.wat`); each
+/// declares `tax_monthly.credit_code` as its input.
+pub fn suite_guest(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/sandbox-wasm/tests/guests")
+        .join(format!("{name}.wat"));
+    wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Scores as the default scoring contract expects them, as one Arrow IPC stream.
+pub fn scores_ipc(rows: &[(&str, i64, &str)]) -> Vec<u8> {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("credit_code", DataType::Utf8, false),
+        Field::new("score", DataType::Int64, false),
+        Field::new("grade", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.1))),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.2))),
+        ],
+    )
+    .expect("valid batch");
+    ipc(&[batch])
+}
+
+/// Batches as one Arrow IPC stream.
+pub fn ipc(batches: &[RecordBatch]) -> Vec<u8> {
+    let mut writer = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &batches[0].schema())
+        .expect("writer");
+    for batch in batches {
+        writer.write(batch).expect("write");
+    }
+    writer.finish().expect("finish");
+    writer.into_inner().expect("bytes")
 }

@@ -81,6 +81,16 @@ pub struct AuditEvent {
     pub result_sha256: String,
     #[serde(default)]
     pub duration_ms: u64,
+    /// For code jobs: the deterministic work units (fuel) the guest used.
+    #[serde(default)]
+    pub work_units: u64,
+    /// For code jobs: the guest's log lines, bounded by the sandbox. Never sent to the client.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guest_log: Vec<String>,
+    /// A state change this event carries (module upload, approval, consent, run): the journal is
+    /// the system of record for that state, which is rebuilt from these at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<serde_json::Value>,
 }
 
 /// An event read back from the journal, with its chain hash.

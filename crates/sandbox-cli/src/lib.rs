@@ -9,6 +9,7 @@ use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
 use sandbox_proto::v1 as pb;
 use sandbox_proto::v1::audit_client::AuditClient;
+use sandbox_proto::v1::governance_client::GovernanceClient;
 use sandbox_proto::v1::sandbox_client::SandboxClient;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -31,6 +32,9 @@ pub enum ConnectError {
     Token,
 }
 
+/// Largest message to or from the governance service (an uploaded module).
+const MAX_MODULE_MESSAGE: usize = 17 * 1024 * 1024;
+
 /// A released result.
 #[derive(Debug, Clone)]
 pub struct SqlResult {
@@ -44,6 +48,7 @@ pub struct SqlResult {
 pub struct Client {
     pub sandbox: SandboxClient<Channel>,
     pub audit: AuditClient<Channel>,
+    pub governance: GovernanceClient<Channel>,
     authorization: MetadataValue<tonic::metadata::Ascii>,
 }
 
@@ -62,7 +67,11 @@ impl Client {
             })?;
         Ok(Client {
             sandbox: SandboxClient::new(channel.clone()),
-            audit: AuditClient::new(channel),
+            audit: AuditClient::new(channel.clone()),
+            // Modules can be larger than tonic's default 4 MiB message.
+            governance: GovernanceClient::new(channel)
+                .max_encoding_message_size(MAX_MODULE_MESSAGE)
+                .max_decoding_message_size(MAX_MODULE_MESSAGE),
             authorization,
         })
     }
@@ -84,18 +93,54 @@ impl Client {
         }
     }
 
-    /// Submits a query and returns its job id without waiting for it.
-    pub async fn submit_sql(&mut self, query: &str) -> Result<String, tonic::Status> {
+    pub fn wasm_spec(module_sha256: &str, input_query: &str, parameters: &[u8]) -> pb::JobSpec {
+        pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::Wasm(pb::WasmJob {
+                module_sha256: module_sha256.to_string(),
+                input_query: input_query.to_string(),
+                parameters: parameters.to_vec(),
+            })),
+        }
+    }
+
+    /// Submits a job and returns its id without waiting for it.
+    pub async fn submit(&mut self, spec: pb::JobSpec) -> Result<String, tonic::Status> {
         let request = self.request(pb::SubmitJobRequest {
-            spec: Some(Self::sql_spec(query)),
+            spec: Some(spec),
             label: String::new(),
         });
         Ok(self.sandbox.submit_job(request).await?.into_inner().job_id)
     }
 
+    /// Submits a query and returns its job id without waiting for it.
+    pub async fn submit_sql(&mut self, query: &str) -> Result<String, tonic::Status> {
+        self.submit(Self::sql_spec(query)).await
+    }
+
     /// Submits a query, waits for its release and decodes it.
     pub async fn sql(&mut self, query: &str) -> Result<SqlResult, tonic::Status> {
-        let job_id = self.submit_sql(query).await?;
+        self.run(Self::sql_spec(query)).await
+    }
+
+    /// Runs an approved module over its input query; waits for the release and decodes it.
+    pub async fn wasm(
+        &mut self,
+        module_sha256: &str,
+        input_query: &str,
+        parameters: &[u8],
+    ) -> Result<SqlResult, tonic::Status> {
+        self.run(Self::wasm_spec(module_sha256, input_query, parameters))
+            .await
+    }
+
+    /// Submits a job, waits for its release and decodes it.
+    pub async fn run(&mut self, spec: pb::JobSpec) -> Result<SqlResult, tonic::Status> {
+        let job_id = self.submit(spec).await?;
+        self.fetch(job_id).await
+    }
+
+    /// Waits for a job's release and decodes it.
+    pub async fn fetch(&mut self, job_id: String) -> Result<SqlResult, tonic::Status> {
         let mut stream = self
             .sandbox
             .fetch_result(self.request(pb::FetchResultRequest {
@@ -122,10 +167,84 @@ impl Client {
     }
 
     pub async fn explain(&mut self, query: &str) -> Result<pb::ExplainJobResponse, tonic::Status> {
-        let request = self.request(pb::ExplainJobRequest {
-            spec: Some(Self::sql_spec(query)),
-        });
+        self.explain_spec(Self::sql_spec(query)).await
+    }
+
+    pub async fn explain_spec(
+        &mut self,
+        spec: pb::JobSpec,
+    ) -> Result<pb::ExplainJobResponse, tonic::Status> {
+        let request = self.request(pb::ExplainJobRequest { spec: Some(spec) });
         Ok(self.sandbox.explain_job(request).await?.into_inner())
+    }
+
+    /// Uploads a module (consumers); returns it with its hash and state.
+    pub async fn upload_module(&mut self, wasm: Vec<u8>) -> Result<pb::Module, tonic::Status> {
+        let request = self.request(pb::UploadModuleRequest { wasm });
+        Ok(self.governance.upload_module(request).await?.into_inner())
+    }
+
+    /// Approves a module for the caller's datasets (owners).
+    pub async fn approve_module(
+        &mut self,
+        approval: pb::ApproveModuleRequest,
+    ) -> Result<pb::Module, tonic::Status> {
+        let request = self.request(approval);
+        Ok(self.governance.approve_module(request).await?.into_inner())
+    }
+
+    pub async fn reject_module(
+        &mut self,
+        sha256: &str,
+        reason: &str,
+    ) -> Result<pb::Module, tonic::Status> {
+        let request = self.request(pb::RejectModuleRequest {
+            sha256: sha256.to_string(),
+            reason: reason.to_string(),
+        });
+        Ok(self.governance.reject_module(request).await?.into_inner())
+    }
+
+    pub async fn modules(&mut self) -> Result<Vec<pb::Module>, tonic::Status> {
+        let request = self.request(pb::ListModulesRequest {});
+        Ok(self
+            .governance
+            .list_modules(request)
+            .await?
+            .into_inner()
+            .modules)
+    }
+
+    pub async fn add_consent(
+        &mut self,
+        consent: pb::AddConsentRequest,
+    ) -> Result<pb::ConsentRecord, tonic::Status> {
+        let request = self.request(consent);
+        Ok(self.governance.add_consent(request).await?.into_inner())
+    }
+
+    pub async fn revoke_consent(
+        &mut self,
+        consent: pb::RevokeConsentRequest,
+    ) -> Result<(), tonic::Status> {
+        let request = self.request(consent);
+        self.governance.revoke_consent(request).await?;
+        Ok(())
+    }
+
+    pub async fn consents(
+        &mut self,
+        consumer_org: &str,
+    ) -> Result<Vec<pb::ConsentRecord>, tonic::Status> {
+        let request = self.request(pb::ListConsentsRequest {
+            consumer_org: consumer_org.to_string(),
+        });
+        Ok(self
+            .governance
+            .list_consents(request)
+            .await?
+            .into_inner()
+            .consents)
     }
 
     pub async fn datasets(&mut self) -> Result<Vec<pb::Dataset>, tonic::Status> {
@@ -152,6 +271,11 @@ impl Client {
         });
         Ok(self.audit.list_events(request).await?.into_inner().events)
     }
+}
+
+/// Hex SHA-256 of a module's bytes: the hash the sandbox knows it by.
+pub fn module_sha256(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }
 
 /// Decodes one Arrow IPC stream.

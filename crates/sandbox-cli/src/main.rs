@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use arrow::array::RecordBatch;
 use clap::{Parser, Subcommand, ValueEnum};
 use sandbox_cli::{Client, ConnectError};
+use sandbox_proto::v1 as pb;
 
 /// Prints a line to stdout. A closed pipe (`sandbox ... | head`) ends output quietly instead of
 /// panicking like `println!` would.
@@ -78,6 +79,90 @@ enum Command {
     /// Validate policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Upload, review and list WASM modules.
+    #[command(subcommand)]
+    Module(ModuleCommand),
+    /// Run approved WASM code.
+    #[command(subcommand)]
+    Wasm(WasmCommand),
+    /// Manage consents (admins; consumers list and revoke their own).
+    #[command(subcommand)]
+    Consent(ConsentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModuleCommand {
+    /// Upload a module (consumer); prints its SHA-256 and state.
+    Upload { file: PathBuf },
+    /// Approve a module for your datasets among its declared input (owner).
+    Approve {
+        sha256: String,
+        /// Output contract (TOML); default: integer score 0-1000 and grade A-E per entity.
+        #[arg(long)]
+        contract: Option<PathBuf>,
+        /// Most runs allowed.
+        #[arg(long, default_value_t = 100)]
+        max_runs: u64,
+        /// Days the approval stays valid.
+        #[arg(long, default_value_t = 90)]
+        valid_days: u64,
+        /// Allow only these columns (dataset.column, comma separated); default: every declared
+        /// column of your datasets.
+        #[arg(long, value_delimiter = ',')]
+        columns: Vec<String>,
+    },
+    /// Reject a module, withdrawing your approval (owner).
+    Reject {
+        sha256: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// List the modules you may see.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum WasmCommand {
+    /// Run an approved module (by hash, or by file: its hash is computed locally) over an input
+    /// query; print the released rows.
+    Run {
+        /// SHA-256 of an uploaded module, or the module file.
+        module: String,
+        /// The row-mode input query.
+        #[arg(long)]
+        input: String,
+        /// Job parameters (JSON) passed to the module.
+        #[arg(long, default_value = "{}")]
+        params: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConsentCommand {
+    /// Record an enterprise's consent to a consumer org (admin).
+    Add {
+        /// The privacy unit value (e.g. a credit code).
+        unit: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long, default_value = "credit_assessment")]
+        purpose: String,
+        #[arg(long, default_value_t = 365)]
+        valid_days: u64,
+    },
+    /// Revoke a consent.
+    Revoke {
+        unit: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long, default_value = "credit_assessment")]
+        purpose: String,
+    },
+    /// List consents (admins: all or --org; consumers: their own).
+    List {
+        #[arg(long, default_value = "")]
+        org: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -182,7 +267,206 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Sql { query } => sql(&cli, query).await,
         Command::Explain { query } => explain(&cli, query).await,
         Command::Audit(AuditCommand::Tail { n }) => tail(&cli, *n).await,
+        Command::Module(command) => module(&cli, command).await,
+        Command::Wasm(WasmCommand::Run {
+            module,
+            input,
+            params,
+        }) => wasm_run(&cli, module, input, params).await,
+        Command::Consent(command) => consent(&cli, command).await,
     }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: EXIT_USAGE,
+        message: message.into(),
+    }
+}
+
+fn print_module(m: &pb::Module, format: Format) {
+    match format {
+        Format::Json => out!(
+            "{}",
+            serde_json::json!({
+                "sha256": m.sha256, "name": m.name, "purpose": m.purpose, "input": m.input,
+                "org": m.org, "uploaded_by": m.uploaded_by, "size": m.size, "state": m.state,
+                "reason": m.reason, "runs": m.runs, "runs_left": m.runs_left,
+                "approvals": m.approvals.iter().map(|a| serde_json::json!({
+                    "org": a.org, "approved_by": a.approved_by, "datasets": a.datasets,
+                    "columns": a.columns, "max_runs": a.max_runs, "expires_at": a.expires_at,
+                    "contract": serde_json::from_str::<serde_json::Value>(&a.contract_json)
+                        .unwrap_or_default(),
+                })).collect::<Vec<_>>(),
+            })
+        ),
+        _ => {
+            out!(
+                "{}  {}  ({}; {} bytes; org {})",
+                m.sha256,
+                m.name,
+                m.state,
+                m.size,
+                m.org
+            );
+            out!("    purpose: {}", m.purpose);
+            out!("    input:   {}", m.input.join(", "));
+            if !m.reason.is_empty() {
+                out!("    reason:  {}", m.reason);
+            }
+            for a in &m.approvals {
+                out!(
+                    "    approved by {} ({}) for {}: {} runs, expires {}",
+                    a.org,
+                    a.approved_by,
+                    a.datasets.join(", "),
+                    a.max_runs,
+                    a.expires_at
+                );
+            }
+            out!("    runs: {} (left {})", m.runs, m.runs_left);
+        }
+    }
+}
+
+async fn module(cli: &Cli, command: &ModuleCommand) -> Result<(), Failure> {
+    match command {
+        ModuleCommand::Upload { file } => {
+            let bytes = std::fs::read(file)
+                .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+            let module = client(cli).await?.upload_module(bytes).await?;
+            print_module(&module, cli.format);
+        }
+        ModuleCommand::Approve {
+            sha256,
+            contract,
+            max_runs,
+            valid_days,
+            columns,
+        } => {
+            let contract_toml = match contract {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?,
+                None => String::new(),
+            };
+            let module = client(cli)
+                .await?
+                .approve_module(pb::ApproveModuleRequest {
+                    sha256: sha256.clone(),
+                    contract_toml,
+                    max_runs: *max_runs,
+                    valid_days: *valid_days,
+                    columns: columns.clone(),
+                })
+                .await?;
+            print_module(&module, cli.format);
+        }
+        ModuleCommand::Reject { sha256, reason } => {
+            let module = client(cli).await?.reject_module(sha256, reason).await?;
+            print_module(&module, cli.format);
+        }
+        ModuleCommand::List => {
+            for module in client(cli).await?.modules().await? {
+                print_module(&module, cli.format);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn wasm_run(cli: &Cli, module: &str, input: &str, params: &str) -> Result<(), Failure> {
+    serde_json::from_str::<serde_json::Value>(params)
+        .map_err(|e| usage(format!("--params is not JSON: {e}")))?;
+    let is_hash = module.len() == 64 && module.chars().all(|c| c.is_ascii_hexdigit());
+    let sha256 = if is_hash {
+        module.to_ascii_lowercase()
+    } else {
+        let bytes = std::fs::read(module).map_err(|e| {
+            usage(format!(
+                "`{module}` is neither a SHA-256 nor a readable file: {e}"
+            ))
+        })?;
+        sandbox_cli::module_sha256(&bytes)
+    };
+    let result = client(cli)
+        .await?
+        .wasm(&sha256, input, params.as_bytes())
+        .await?;
+    print_batches(&result.batches, cli.format)?;
+    let summary = result.summary;
+    eprintln!(
+        "released {} rows; dropped {} output rows and withheld {} input rows without consent; \
+         {} work units; rows scanned {}; job {}; audit seq {}; sha256 {}",
+        summary.rows_released,
+        summary.rows_suppressed,
+        summary.rows_withheld,
+        summary.work_units,
+        summary.rows_scanned,
+        result.job_id,
+        summary.audit_seq,
+        summary.result_sha256
+    );
+    Ok(())
+}
+
+async fn consent(cli: &Cli, command: &ConsentCommand) -> Result<(), Failure> {
+    let mut client = client(cli).await?;
+    let consents = match command {
+        ConsentCommand::Add {
+            unit,
+            org,
+            purpose,
+            valid_days,
+        } => vec![
+            client
+                .add_consent(pb::AddConsentRequest {
+                    unit: unit.clone(),
+                    consumer_org: org.clone(),
+                    purpose: purpose.clone(),
+                    valid_days: *valid_days,
+                })
+                .await?,
+        ],
+        ConsentCommand::Revoke { unit, org, purpose } => {
+            client
+                .revoke_consent(pb::RevokeConsentRequest {
+                    unit: unit.clone(),
+                    consumer_org: org.clone(),
+                    purpose: purpose.clone(),
+                })
+                .await?;
+            out!("revoked");
+            return Ok(());
+        }
+        ConsentCommand::List { org } => client.consents(org).await?,
+    };
+    match cli.format {
+        Format::Json => {
+            for c in &consents {
+                out!(
+                    "{}",
+                    serde_json::json!({
+                        "unit": c.unit, "consumer_org": c.consumer_org, "purpose": c.purpose,
+                        "granted_at": c.granted_at, "expires_at": c.expires_at,
+                    })
+                );
+            }
+        }
+        _ => {
+            out!("unit,consumer_org,purpose,granted_at,expires_at");
+            for c in &consents {
+                out!(
+                    "{},{},{},{},{}",
+                    c.unit,
+                    c.consumer_org,
+                    c.purpose,
+                    c.granted_at,
+                    c.expires_at
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn verify(data_dir: &Path) -> Result<(), Failure> {

@@ -31,6 +31,32 @@ fn run(addr: &str, data_dir: &Path, args: &[&str]) -> Run {
     }
 }
 
+/// Runs each case (arguments, exit code, text expected in stdout or stderr) in order.
+async fn check(addr: &str, data_dir: &Path, cases: &[(Vec<&str>, i32, &str)]) {
+    for (args, code, needle) in cases {
+        let addr = addr.to_string();
+        let data_dir = data_dir.to_path_buf();
+        let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
+            run(&addr, &data_dir, &owned)
+        })
+        .await
+        .expect("join");
+        assert_eq!(
+            out.code, *code,
+            "{args:?}\nstdout: {}\nstderr: {}",
+            out.stdout, out.stderr
+        );
+        assert!(
+            out.stdout.contains(needle) || out.stderr.contains(needle),
+            "{args:?}: `{needle}` not in\nstdout: {}\nstderr: {}",
+            out.stdout,
+            out.stderr
+        );
+    }
+}
+
 fn policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
 }
@@ -127,28 +153,7 @@ async fn cli_contract() {
             "invalid request",
         ),
     ];
-    for (args, code, needle) in &cases {
-        let addr = addr.clone();
-        let data_dir = data_dir.clone();
-        let owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let out = tokio::task::spawn_blocking(move || {
-            let owned: Vec<&str> = owned.iter().map(String::as_str).collect();
-            run(&addr, &data_dir, &owned)
-        })
-        .await
-        .expect("join");
-        assert_eq!(
-            out.code, *code,
-            "{args:?}\nstdout: {}\nstderr: {}",
-            out.stdout, out.stderr
-        );
-        assert!(
-            out.stdout.contains(needle) || out.stderr.contains(needle),
-            "{args:?}: `{needle}` not in\nstdout: {}\nstderr: {}",
-            out.stdout,
-            out.stderr
-        );
-    }
+    check(&addr, &data_dir, &cases).await;
 
     // A bad token file is an authentication failure (4), not a usage error.
     let bad = dir.path().join("bad.token");
@@ -193,4 +198,160 @@ async fn cli_contract() {
     );
     assert_eq!(out.code, 5);
     assert!(out.stderr.contains("x.toml:2"), "{}", out.stderr);
+}
+
+/// A guest of the sandbox's hostile suite, compiled to a file.
+fn guest_file(dir: &Path, name: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../sandbox-wasm/tests/guests")
+        .join(format!("{name}.wat"));
+    let bytes = wat::parse_file(&source).expect("valid guest");
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, bytes).expect("write guest");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_code_jobs_and_consents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let mut config = sandbox_server::ServerConfig::for_tests(data_dir.clone());
+    config.policies = Some(policies());
+    let server = sandbox_server::start(config).await.expect("server");
+    let addr = format!("http://{}", server.addr);
+    let path = |name: &str| guest_file(dir.path(), name).to_string_lossy().into_owned();
+    let (echo, looping, wasi) = (
+        path("echo"),
+        path("infinite_loop_wall_time"),
+        path("wasi_import"),
+    );
+    let input = "SELECT credit_code FROM tax_monthly";
+    let (echo_sha, looping_sha) = (sha(&echo), sha(&looping));
+
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["--as", "bank", "module", "upload", &echo],
+            0,
+            "pending",
+        ),
+        (
+            vec!["--as", "bank", "module", "upload", &wasi],
+            5,
+            "wasm-forbidden-import",
+        ),
+        (
+            vec!["--as", "analyst", "module", "upload", &echo],
+            4,
+            "not permitted",
+        ),
+        // Not approved yet: denied (3).
+        (
+            vec!["--as", "bank", "wasm", "run", &echo, "--input", input],
+            3,
+            "module-not-approved",
+        ),
+        (
+            vec![
+                "--as", "bank", "wasm", "run", &echo, "--input", input, "--params", "{",
+            ],
+            2,
+            "not JSON",
+        ),
+        (
+            vec!["--as", "owner_tax", "module", "approve", &echo_sha],
+            0,
+            "approved",
+        ),
+        (
+            vec!["--as", "owner_court", "module", "approve", &echo_sha],
+            4,
+            "not permitted",
+        ),
+        // Approved, but echoing raw rows breaks the scoring contract: denied (3).
+        (
+            vec!["--as", "bank", "wasm", "run", &echo, "--input", input],
+            3,
+            "contract-violation",
+        ),
+        (
+            vec!["--as", "bank", "module", "upload", &looping],
+            0,
+            "pending",
+        ),
+        (
+            vec!["--as", "owner_tax", "module", "approve", &looping_sha],
+            0,
+            "approved",
+        ),
+        // A resource limit: 5, naming the limit.
+        (
+            vec!["--as", "bank", "wasm", "run", &looping, "--input", input],
+            5,
+            "wall-time limit exceeded",
+        ),
+        (vec!["--as", "auditor", "module", "list"], 0, "approved"),
+        (
+            vec!["--as", "bank", "consent", "list"],
+            0,
+            "bank_demo,credit_assessment",
+        ),
+        (
+            vec![
+                "--as",
+                "admin",
+                "consent",
+                "add",
+                "91450100MA5KTEST1X",
+                "--org",
+                "bank_demo",
+            ],
+            0,
+            "91450100MA5KTEST1X",
+        ),
+        (
+            vec![
+                "--as",
+                "bank",
+                "consent",
+                "add",
+                "91450100MA5KTEST1X",
+                "--org",
+                "bank_demo",
+            ],
+            4,
+            "not permitted",
+        ),
+        (
+            vec![
+                "--as",
+                "bank",
+                "consent",
+                "revoke",
+                "91450100MA5KTEST1X",
+                "--org",
+                "bank_demo",
+            ],
+            0,
+            "revoked",
+        ),
+        (
+            vec![
+                "--as",
+                "bank",
+                "consent",
+                "revoke",
+                "91450100MA5KTEST1X",
+                "--org",
+                "bank_demo",
+            ],
+            5,
+            "no such consent",
+        ),
+    ];
+    check(&addr, &data_dir, &cases).await;
+    server.shutdown().await.expect("shutdown");
+}
+
+fn sha(path: &str) -> String {
+    sandbox_cli::module_sha256(&std::fs::read(path).expect("guest file"))
 }

@@ -784,7 +784,10 @@ fn write_consents(dir: &Path, profiles: &[Profile]) -> Result<usize> {
         rows.strings[1].append_value("bank_demo");
         rows.strings[2].append_value("credit_assessment");
         granted.append_value(granted_at);
-        expires.append_value(granted_at + 365);
+        // Most consents run five years; one in ten ran one year and has lapsed, so the demo
+        // shows expired consents being refused.
+        let years = if i % 10 == 3 { 1 } else { 5 };
+        expires.append_value(granted_at + 365 * years);
         rows.count += 1;
     }
     let [c, org, purpose] = rows.take_strings::<3>();

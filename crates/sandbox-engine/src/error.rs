@@ -15,7 +15,6 @@ pub enum ErrorKind {
     NotFound,
     /// The caller may not act on this object.
     PermissionDenied,
-    Unimplemented,
     /// Memory, rows or time ran out.
     ResourceExhausted,
     Cancelled,
@@ -33,8 +32,6 @@ pub enum EngineError {
     NotJobOwner(String),
     #[error("your roles do not allow {0}")]
     RoleNotPermitted(&'static str),
-    #[error("{0} is not implemented yet")]
-    Unimplemented(&'static str),
     /// The job ended without a result; carries its recorded rule and message.
     #[error("{message}")]
     JobEnded {
@@ -48,6 +45,23 @@ pub enum EngineError {
     Audit(#[from] AuditError),
     #[error("engine setup failed: {0}")]
     Setup(String),
+    /// Refused by a rule outside the SQL guard (approvals, consents, a code job's scope).
+    #[error("{message}")]
+    Denied { code: &'static str, message: String },
+    /// The request is malformed (a bad contract, an invalid module).
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    /// The caller's org may not act on this object (another owner's module, another consumer's
+    /// consent).
+    #[error("{0}")]
+    NotPermitted(String),
+    #[error("{0}")]
+    Wasm(#[from] sandbox_wasm::WasmError),
+    /// A code job's guest failed; its logs and work units are journaled.
+    #[error("{}", .0.error)]
+    Guest(Box<sandbox_wasm::GuestFailure>),
 }
 
 impl EngineError {
@@ -58,11 +72,15 @@ impl EngineError {
             EngineError::JobNotFound(_) => "job-not-found".into(),
             EngineError::NotJobOwner(_) => "not-job-owner".into(),
             EngineError::RoleNotPermitted(_) => "role-not-permitted".into(),
-            EngineError::Unimplemented(_) => "unimplemented".into(),
             EngineError::JobEnded { code, .. } => code.clone(),
             EngineError::Release(e) => e.code().into(),
             EngineError::Audit(e) => e.code().into(),
             EngineError::Setup(_) => "engine-setup".into(),
+            EngineError::Denied { code, .. } | EngineError::Invalid { code, .. } => (*code).into(),
+            EngineError::NotFound(_) => "not-found".into(),
+            EngineError::NotPermitted(_) => "not-permitted".into(),
+            EngineError::Wasm(e) => e.code().into(),
+            EngineError::Guest(failure) => failure.error.code().into(),
         }
     }
 
@@ -73,14 +91,22 @@ impl EngineError {
             EngineError::NotJobOwner(_) | EngineError::RoleNotPermitted(_) => {
                 ErrorKind::PermissionDenied
             }
-            EngineError::Unimplemented(_) => ErrorKind::Unimplemented,
             EngineError::JobEnded { kind, .. } => *kind,
             EngineError::Release(sandbox_release::ReleaseError::TooManyRows { .. }) => {
                 ErrorKind::ResourceExhausted
             }
+            EngineError::Release(sandbox_release::ReleaseError::ContractViolation(_)) => {
+                ErrorKind::Denied
+            }
             EngineError::Release(_) | EngineError::Audit(_) | EngineError::Setup(_) => {
                 ErrorKind::Internal
             }
+            EngineError::Denied { .. } => ErrorKind::Denied,
+            EngineError::Invalid { .. } => ErrorKind::Invalid,
+            EngineError::NotFound(_) => ErrorKind::NotFound,
+            EngineError::NotPermitted(_) => ErrorKind::PermissionDenied,
+            EngineError::Wasm(e) => wasm_kind(e),
+            EngineError::Guest(failure) => wasm_kind(&failure.error),
         }
     }
 }
@@ -92,5 +118,18 @@ pub(crate) fn sql_kind(e: &SqlError) -> ErrorKind {
         SqlError::ResourcesExhausted(_) | SqlError::TimeLimit(_) => ErrorKind::ResourceExhausted,
         SqlError::Cancelled => ErrorKind::Cancelled,
         SqlError::Execution(_) | SqlError::Dataset { .. } => ErrorKind::Internal,
+    }
+}
+
+pub(crate) fn wasm_kind(e: &sandbox_wasm::WasmError) -> ErrorKind {
+    use sandbox_wasm::WasmError;
+    match e {
+        WasmError::LimitExceeded { .. } => ErrorKind::ResourceExhausted,
+        WasmError::Cancelled => ErrorKind::Cancelled,
+        // Approved bytes that changed on disk are refused like an unapproved module.
+        WasmError::ModuleChanged => ErrorKind::Denied,
+        WasmError::Internal(_) => ErrorKind::Internal,
+        // The module or what it did is at fault: a failed job, shown to its submitter.
+        _ => ErrorKind::Invalid,
     }
 }

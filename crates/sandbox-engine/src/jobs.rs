@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use ring::digest;
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal, StoredEvent};
-use sandbox_policy::{DatasetPolicy, PolicySet, Principal, PrincipalRole};
+use sandbox_policy::{DatasetPolicy, PolicySet, Principal, PrincipalRole, Registry};
 use sandbox_release::{GatePolicy, Released, release};
 use sandbox_sql::{
     CancellationToken, GrantedDataset, PlannedQuery, SqlEngine, SqlError, SqlLimits,
 };
+use sandbox_wasm::{WasmLimits, WasmRuntime};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -29,6 +30,12 @@ pub struct EngineConfig {
     pub job_retention: Duration,
     /// Most finished jobs kept in memory; the oldest are dropped first.
     pub max_retained_jobs: usize,
+    /// Limits of every code job.
+    pub wasm_limits: WasmLimits,
+    /// Largest module accepted at upload, in bytes.
+    pub max_module_bytes: usize,
+    /// Parquet files of consents to load into the journal once (the demo `consents` table).
+    pub consent_seed: Option<PathBuf>,
 }
 
 impl EngineConfig {
@@ -40,6 +47,9 @@ impl EngineConfig {
             max_release_rows: 100_000,
             job_retention: Duration::from_secs(3600),
             max_retained_jobs: 10_000,
+            wasm_limits: WasmLimits::default(),
+            max_module_bytes: 32 << 20,
+            consent_seed: None,
         }
     }
 }
@@ -108,6 +118,10 @@ pub struct ReleaseOutcome {
     pub result_sha256: String,
     pub audit_seq: u64,
     pub rows_scanned: u64,
+    /// Code jobs: the guest's deterministic work units.
+    pub work_units: u64,
+    /// Code jobs: input rows withheld from the guest because their entity has not consented.
+    pub rows_withheld: u64,
 }
 
 /// A released result whose audit event is durable: the only thing delivery may send.
@@ -119,14 +133,8 @@ pub struct JobResult {
 
 impl JobResult {
     /// Only built from a gate output and the journal's receipt for it.
-    fn new(
-        released: &Released,
-        ipc_stream: Vec<u8>,
-        sha256: String,
-        receipt: &Appended,
-        rows_scanned: u64,
-    ) -> Self {
-        let summary = released.summary();
+    fn new(produced: Produced, ipc_stream: Vec<u8>, sha256: String, receipt: &Appended) -> Self {
+        let summary = produced.released.summary();
         JobResult {
             ipc_stream,
             outcome: ReleaseOutcome {
@@ -135,7 +143,9 @@ impl JobResult {
                 min_units: summary.min_units,
                 result_sha256: sha256,
                 audit_seq: receipt.seq,
-                rows_scanned,
+                rows_scanned: produced.rows_scanned,
+                work_units: produced.work_units,
+                rows_withheld: produced.rows_withheld,
             },
         }
     }
@@ -150,6 +160,28 @@ impl JobResult {
     }
 }
 
+/// What a job's execute and release stages produced, before it is recorded.
+#[derive(Debug)]
+pub(crate) struct Produced {
+    pub(crate) released: Released,
+    pub(crate) rows_scanned: u64,
+    pub(crate) work_units: u64,
+    pub(crate) rows_withheld: u64,
+    pub(crate) guest_log: Vec<String>,
+}
+
+impl Produced {
+    pub(crate) fn sql(released: Released, rows_scanned: u64) -> Self {
+        Produced {
+            released,
+            rows_scanned,
+            work_units: 0,
+            rows_withheld: 0,
+            guest_log: Vec::new(),
+        }
+    }
+}
+
 /// The state of a job as its submitter sees it.
 #[derive(Debug, Clone)]
 pub struct JobSnapshot {
@@ -157,6 +189,8 @@ pub struct JobSnapshot {
     pub state: JobState,
     pub rule: String,
     pub message: String,
+    /// How the job's error reads, once it ended without a result.
+    pub error: Option<ErrorKind>,
     pub result: Option<Arc<JobResult>>,
 }
 
@@ -167,6 +201,7 @@ impl JobSnapshot {
             state: JobState::Running,
             rule: String::new(),
             message: String::new(),
+            error: None,
             result: None,
         }
     }
@@ -182,15 +217,16 @@ impl JobSnapshot {
             state,
             rule: rule.into(),
             message: message.into(),
+            error: None,
             result: None,
         }
     }
 }
 
-struct Job {
+pub(crate) struct Job {
     owner: String,
     created: Instant,
-    cancel: CancellationToken,
+    pub(crate) cancel: CancellationToken,
     state: watch::Sender<JobSnapshot>,
 }
 
@@ -230,13 +266,16 @@ pub struct ColumnView {
 
 /// The running sandbox, minus the wire.
 pub struct Engine {
-    policy: Arc<PolicySet>,
+    pub(crate) policy: Arc<PolicySet>,
     /// Each dataset's policy, shared by every job that is granted it.
-    datasets: HashMap<String, Arc<DatasetPolicy>>,
-    sql: Arc<SqlEngine>,
-    journal: Journal,
+    pub(crate) datasets: HashMap<String, Arc<DatasetPolicy>>,
+    pub(crate) sql: Arc<SqlEngine>,
+    pub(crate) wasm: Arc<WasmRuntime>,
+    /// Modules, approvals, consents and runs, rebuilt from the journal at start.
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) journal: Journal,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
-    config: EngineConfig,
+    pub(crate) config: EngineConfig,
 }
 
 impl std::fmt::Debug for Engine {
@@ -269,6 +308,9 @@ impl Engine {
         let sql = SqlEngine::new(&config.policy, &config.data_dir, config.sql_limits.clone())
             .await
             .map_err(|e| EngineError::Setup(e.to_string()))?;
+        let wasm = WasmRuntime::new(config.wasm_limits.clone())
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        let registry = crate::modules::replay(&journal)?;
         // The engine keeps the policy once, outside its copy of the configuration.
         let policy = Arc::new(std::mem::take(&mut config.policy));
         let datasets = policy
@@ -280,6 +322,8 @@ impl Engine {
             policy,
             datasets,
             sql: Arc::new(sql),
+            wasm: Arc::new(wasm),
+            registry: Mutex::new(registry),
             journal,
             jobs: Mutex::new(HashMap::new()),
             config,
@@ -301,6 +345,9 @@ impl Engine {
                 ..AuditEvent::default()
             })
             .await?;
+        if let Some(seed) = engine.config.consent_seed.clone() {
+            engine.seed_consents(&seed).await?;
+        }
         Ok(engine)
     }
 
@@ -327,30 +374,13 @@ impl Engine {
             .collect()
     }
 
-    fn event(ctx: &RequestContext, action: &str) -> AuditEvent {
+    pub(crate) fn event(ctx: &RequestContext, action: &str) -> AuditEvent {
         AuditEvent {
             action: action.to_string(),
             principal: ctx.principal.id.clone(),
             org: ctx.principal.org.clone(),
             request_id: ctx.request_id.clone(),
             ..AuditEvent::default()
-        }
-    }
-
-    /// The query of a SQL job. WASM jobs are not implemented yet: their refusal is recorded (as the
-    /// request's terminal event) and returned.
-    async fn sql_text(&self, spec: JobSpec, event: &AuditEvent) -> Result<String> {
-        match spec {
-            JobSpec::Sql { query } => Ok(query),
-            JobSpec::Wasm { .. } => {
-                let error = EngineError::Unimplemented("WASM jobs");
-                let mut event = event.clone();
-                event.decision = Decision::Fail;
-                event.rule = error.code();
-                event.message = error.to_string();
-                self.journal.append(event).await?;
-                Err(error)
-            }
         }
     }
 
@@ -391,7 +421,18 @@ impl Engine {
         event.kind = spec.kind().to_string();
         event.query = spec.audit_text();
 
-        let query = self.sql_text(spec, &event).await?;
+        let query = match spec {
+            JobSpec::Sql { query } => query,
+            JobSpec::Wasm {
+                module_sha256,
+                input_query,
+                parameters,
+            } => {
+                return self
+                    .submit_wasm(ctx, event, started, module_sha256, input_query, parameters)
+                    .await;
+            }
+        };
 
         let granted = self.granted(&ctx.principal);
         let planned = match self
@@ -419,6 +460,27 @@ impl Engine {
         event.columns = planned.guarded.columns.clone();
         event.min_units = planned.guarded.min_units;
 
+        Ok(
+            self.spawn_job(ctx, event, started, move |engine, cancel| async move {
+                engine.run_sql(planned, cancel).await
+            }),
+        )
+    }
+
+    /// Registers a job and runs `work` (execute and release) in the background, then records and
+    /// publishes its end.
+    pub(crate) fn spawn_job<F, Fut>(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        event: AuditEvent,
+        started: Instant,
+        work: F,
+    ) -> JobSnapshot
+    where
+        F: FnOnce(Arc<Engine>, CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Produced>> + Send + 'static,
+    {
+        let job_id = event.job_id.clone();
         self.prune_jobs();
         let (state, _) = watch::channel(JobSnapshot::running(&job_id));
         let job = Arc::new(Job {
@@ -435,26 +497,17 @@ impl Engine {
         let span = tracing::info_span!("job", id = %job_id, principal = %ctx.principal.id);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let snapshot = engine
-                    .run(planned, job.cancel.clone(), event, started)
-                    .await;
+                let outcome = work(engine.clone(), job.cancel.clone()).await;
+                let snapshot = engine.finish(outcome, event, started).await;
                 job.state.send_replace(snapshot);
             },
             span,
         ));
-        Ok(JobSnapshot::running(&job_id))
+        JobSnapshot::running(&job_id)
     }
 
-    /// Execute, release, record: the stages after planning. Returns the terminal snapshot; the
-    /// job's terminal event is durable before the snapshot (and so the result) is published.
-    async fn run(
-        &self,
-        planned: PlannedQuery,
-        cancel: CancellationToken,
-        mut event: AuditEvent,
-        started: Instant,
-    ) -> JobSnapshot {
-        let job_id = event.job_id.clone();
+    /// Execute and release for a SQL job.
+    async fn run_sql(&self, planned: PlannedQuery, cancel: CancellationToken) -> Result<Produced> {
         let gate = GatePolicy {
             min_units: planned.guarded.min_units,
             skip: planned.guarded.skip,
@@ -465,25 +518,38 @@ impl Engine {
             .sql
             .execute(planned, cancel)
             .instrument(tracing::info_span!("execute"))
-            .await;
-        let release_span = tracing::info_span!("release").entered();
-        let outcome = executed.map_err(EngineError::from).and_then(|executed| {
-            let rows_scanned = executed.rows_scanned;
-            let released = release(executed.schema, executed.batches, &gate)?;
-            let ipc = released.to_ipc_stream()?;
+            .await?;
+        let _release = tracing::info_span!("release").entered();
+        let rows_scanned = executed.rows_scanned;
+        let released = release(executed.schema, executed.batches, &gate)?;
+        Ok(Produced::sql(released, rows_scanned))
+    }
+
+    /// Record and publish: the job's terminal event is durable before the snapshot (and so the
+    /// result) is published.
+    async fn finish(
+        &self,
+        outcome: Result<Produced>,
+        mut event: AuditEvent,
+        started: Instant,
+    ) -> JobSnapshot {
+        let job_id = event.job_id.clone();
+        let outcome = outcome.and_then(|produced| {
+            let ipc = produced.released.to_ipc_stream()?;
             let sha = hex::encode(digest::digest(&digest::SHA256, &ipc));
-            Ok((released, ipc, sha, rows_scanned))
+            Ok((produced, ipc, sha))
         });
-        drop(release_span);
         event.duration_ms = started.elapsed().as_millis() as u64;
         match outcome {
-            Ok((released, ipc, sha, rows_scanned)) => {
-                let summary = released.summary();
+            Ok((mut produced, ipc, sha)) => {
+                let summary = produced.released.summary();
                 event.decision = Decision::Allow;
-                event.rows_scanned = rows_scanned;
+                event.rows_scanned = produced.rows_scanned;
                 event.rows_released = summary.rows_released;
                 event.rows_suppressed = summary.rows_suppressed;
                 event.result_sha256 = sha.clone();
+                event.work_units = produced.work_units;
+                event.guest_log = std::mem::take(&mut produced.guest_log);
                 match self
                     .journal
                     .append(event)
@@ -491,7 +557,7 @@ impl Engine {
                     .await
                 {
                     Ok(receipt) => {
-                        let result = JobResult::new(&released, ipc, sha, &receipt, rows_scanned);
+                        let result = JobResult::new(produced, ipc, sha, &receipt);
                         tracing::info!(
                             released = summary.rows_released,
                             suppressed = summary.rows_suppressed,
@@ -506,12 +572,15 @@ impl Engine {
                     Err(error) => {
                         // No durable record, no release.
                         tracing::error!(%error, "cannot record the release; result discarded");
-                        JobSnapshot::ended(
-                            &job_id,
-                            JobState::Failed,
-                            error.code(),
-                            "the audit journal is unavailable; nothing was released",
-                        )
+                        JobSnapshot {
+                            error: Some(ErrorKind::Internal),
+                            ..JobSnapshot::ended(
+                                &job_id,
+                                JobState::Failed,
+                                error.code(),
+                                "the audit journal is unavailable; nothing was released",
+                            )
+                        }
                     }
                 }
             }
@@ -525,10 +594,18 @@ impl Engine {
                     // Details may hold data values: logged for operators, never sent or journaled.
                     tracing::warn!(detail = %detail, "job execution failed");
                 }
+                if let EngineError::Guest(failure) = &error {
+                    // The guest's logs and work go to the journal, never to the client.
+                    event.guest_log = failure.logs.clone();
+                    event.work_units = failure.work_units;
+                }
                 event.decision = decision;
                 event.rule = error.code();
                 event.message = error.to_string();
-                let snapshot = JobSnapshot::ended(&job_id, state, error.code(), error.to_string());
+                let snapshot = JobSnapshot {
+                    error: Some(error.kind()),
+                    ..JobSnapshot::ended(&job_id, state, error.code(), error.to_string())
+                };
                 if let Err(audit) = self.journal.append(event).await {
                     tracing::error!(error = %audit, "cannot record the job's end");
                 }
@@ -586,11 +663,11 @@ impl Engine {
                 (state, _) => Err(EngineError::JobEnded {
                     code: snapshot.rule,
                     message: snapshot.message,
-                    kind: match state {
+                    kind: snapshot.error.unwrap_or(match state {
                         JobState::Cancelled => ErrorKind::Cancelled,
                         JobState::Denied => ErrorKind::Denied,
                         _ => ErrorKind::Internal,
-                    },
+                    }),
                 }),
             }
         });
@@ -634,7 +711,18 @@ impl Engine {
         let mut event = Self::event(ctx, "ExplainJob");
         event.kind = spec.kind().to_string();
         event.query = spec.audit_text();
-        let query = self.sql_text(spec, &event).await?;
+        let query = match spec {
+            JobSpec::Sql { query } => query,
+            JobSpec::Wasm {
+                module_sha256,
+                input_query,
+                ..
+            } => {
+                return self
+                    .explain_wasm(ctx, event, &module_sha256, &input_query)
+                    .await;
+            }
+        };
         let granted = self.granted(&ctx.principal);
         let explanation = match self.sql.plan(&query, &granted).await {
             Ok(planned) => Explanation {
@@ -665,6 +753,15 @@ impl Engine {
                 return Err(other.into());
             }
         };
+        self.record_explanation(event, explanation).await
+    }
+
+    /// Records an explanation's decision as the `ExplainJob` call's terminal event.
+    pub(crate) async fn record_explanation(
+        &self,
+        mut event: AuditEvent,
+        explanation: Explanation,
+    ) -> Result<Explanation> {
         event.decision = if explanation.allowed {
             Decision::Allow
         } else {

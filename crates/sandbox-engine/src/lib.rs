@@ -1,5 +1,5 @@
-//! The job manager: wires the stages of the pipeline for every request, SQL or (later) WASM,
-//! and knows nothing of gRPC.
+//! The job manager: wires the stages of the pipeline for every request, SQL or WASM, and knows
+//! nothing of gRPC.
 //!
 //! ```text
 //! authenticate -> admit -> plan -> execute -> release -> record -> deliver
@@ -17,11 +17,15 @@
 
 mod error;
 mod jobs;
+mod modules;
 
 pub use error::{EngineError, ErrorKind, Result};
 pub use jobs::{
     ColumnView, DatasetView, Engine, EngineConfig, Explanation, JobResult, JobSnapshot, JobSpec,
     JobState, ReleaseOutcome, RequestContext,
 };
+pub use modules::{ApprovalRequest, ModuleView};
 pub use sandbox_audit::{AuditEvent, Decision, StoredEvent};
+pub use sandbox_policy::{Approval, Consent, ConsentKey, Contract};
 pub use sandbox_sql::SqlLimits;
+pub use sandbox_wasm::WasmLimits;

@@ -12,14 +12,21 @@
 //!   [`Level`] and [`Role`]. A column that is not listed is hidden.
 //! - [`Grant`] and [`AggregateMode`]: what a principal, an org or a role may do with a dataset.
 //! - [`Principal`]: an authenticated caller (id, org, roles).
+//! - [`Registry`] and its [`Record`]s: uploaded modules, owners' approvals with output
+//!   [`Contract`]s, rejections, consents and runs, folded from the audit journal.
 
 mod error;
 mod load;
 mod model;
+mod records;
 
 pub use error::{PolicyError, Result};
 pub use load::{load_dir, load_sources};
 pub use model::{
     AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
-    PolicySet, Principal, PrincipalRole, Role,
+    PolicySet, Principal, PrincipalRole, Role, WasmMode,
+};
+pub use records::{
+    Approval, Consent, ConsentKey, Contract, ContractField, Effective, FieldKind,
+    MAX_CONTRACT_FIELDS, ModuleRecord, Record, Refusal, Registry, Rejection,
 };

@@ -15,7 +15,7 @@ use toml::Spanned;
 use crate::error::{PolicyError, Result};
 use crate::model::{
     AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
-    PolicySet, PrincipalRole, Role,
+    PolicySet, PrincipalRole, Role, WasmMode,
 };
 
 #[derive(Deserialize)]
@@ -57,6 +57,14 @@ struct RawGrant {
     org: Option<String>,
     role: Option<Spanned<String>>,
     aggregate: Option<Spanned<RawAggregate>>,
+    wasm: Option<Spanned<RawWasm>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWasm {
+    purposes: Spanned<Vec<String>>,
+    columns: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -348,10 +356,51 @@ fn build_grant(
             })
         }
     };
-    if aggregate.is_none() {
+    let wasm = match &raw.wasm {
+        None => None,
+        Some(mode) => {
+            let mode = mode.get_ref();
+            let purposes: BTreeSet<String> = mode.purposes.get_ref().iter().cloned().collect();
+            if purposes.is_empty() {
+                return Err(invalid(
+                    &at(mode.purposes.span().start),
+                    "wasm mode names no purpose".to_string(),
+                ));
+            }
+            for purpose in &purposes {
+                check_identifier(purpose, "purpose", &at(mode.purposes.span().start))?;
+            }
+            let columns = match &mode.columns {
+                None => None,
+                Some(list) => {
+                    let mut set = BTreeSet::new();
+                    for name in list {
+                        let visible = dataset
+                            .column(name.get_ref())
+                            .is_some_and(|c| c.role != Role::Hidden);
+                        if !visible {
+                            return Err(invalid(
+                                &at(name.span().start),
+                                format!(
+                                    "`{}` is not a visible column of `{dataset_id}`",
+                                    name.get_ref()
+                                ),
+                            ));
+                        }
+                        set.insert(name.get_ref().clone());
+                    }
+                    Some(set)
+                }
+            };
+            Some(WasmMode { purposes, columns })
+        }
+    };
+    if aggregate.is_none() && wasm.is_none() {
         return Err(invalid(
             &location,
-            format!("grant on `{dataset_id}` gives no mode (expected `[grant.aggregate]`)"),
+            format!(
+                "grant on `{dataset_id}` gives no mode (expected `[grant.aggregate]` or `[grant.wasm]`)"
+            ),
         ));
     }
 
@@ -359,6 +408,7 @@ fn build_grant(
         dataset: dataset_id.clone(),
         grantee,
         aggregate,
+        wasm,
         location,
     })
 }

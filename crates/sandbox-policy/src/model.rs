@@ -259,7 +259,40 @@ pub struct Grant {
     pub dataset: String,
     pub grantee: Grantee,
     pub aggregate: Option<AggregateMode>,
+    pub wasm: Option<WasmMode>,
     pub location: Location,
+}
+
+/// Mode `wasm`: owner-approved code may read the dataset's rows inside the sandbox, for these
+/// purposes, and only these columns (all visible ones when unset). Which module, which columns
+/// exactly, the output contract and the run limits are set by each approval, within this ceiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WasmMode {
+    pub purposes: BTreeSet<String>,
+    pub columns: Option<BTreeSet<String>>,
+}
+
+impl WasmMode {
+    /// The stricter of two modes: the purposes and columns both allow.
+    pub fn strictest(&self, other: &WasmMode) -> WasmMode {
+        WasmMode {
+            purposes: self
+                .purposes
+                .intersection(&other.purposes)
+                .cloned()
+                .collect(),
+            columns: match (&self.columns, &other.columns) {
+                (None, None) => None,
+                (Some(c), None) | (None, Some(c)) => Some(c.clone()),
+                (Some(a), Some(b)) => Some(a.intersection(b).cloned().collect()),
+            },
+        }
+    }
+
+    /// Whether the mode lets code read this column for this purpose.
+    pub fn allows(&self, column: &str, purpose: &str) -> bool {
+        self.purposes.contains(purpose) && self.columns.as_ref().is_none_or(|c| c.contains(column))
+    }
 }
 
 /// Roles of principals; each RPC requires one of them.
@@ -346,6 +379,19 @@ impl PolicySet {
             .filter(|g| g.dataset == dataset && g.grantee.matches(principal))
             .filter_map(|g| g.aggregate.as_ref())
             .fold(None, |acc: Option<AggregateMode>, mode| match acc {
+                None => Some(mode.clone()),
+                Some(prev) => Some(prev.strictest(mode)),
+            })
+    }
+
+    /// The wasm mode the principal (or its org) holds on a dataset; the strictest combination
+    /// where several grants apply.
+    pub fn wasm_mode(&self, principal: &Principal, dataset: &str) -> Option<WasmMode> {
+        self.grants
+            .iter()
+            .filter(|g| g.dataset == dataset && g.grantee.matches(principal))
+            .filter_map(|g| g.wasm.as_ref())
+            .fold(None, |acc: Option<WasmMode>, mode| match acc {
                 None => Some(mode.clone()),
                 Some(prev) => Some(prev.strictest(mode)),
             })

@@ -1,4 +1,4 @@
-//! The release gate: the one way a result leaves the sandbox, for SQL and (later) WASM jobs alike.
+//! The release gate: the one way a result leaves the sandbox, for SQL and WASM jobs alike.
 //!
 //! The execute stage hands the gate Arrow batches that still carry hidden columns added by the
 //! plan guard's rewrite: [`UNITS_COLUMN`] holds, per output row, how many distinct privacy units
@@ -11,8 +11,13 @@
 //!    which rows would have been suppressed;
 //! 4. strips every hidden column (any name starting with [`HIDDEN_PREFIX`]).
 //!
-//! The result is a [`Released`], which only [`release`] can build: the delivery stage takes a
-//! `Released`, so no code path can send rows that did not pass the gate.
+//! Code jobs pass [`release_contract`] instead: the approval's output contract (exact schema, one
+//! row per entity, bounded values) and consent (rows for other entities are dropped and counted).
+//!
+//! The result is a [`Released`], which only these two functions can build: the delivery stage
+//! takes a `Released`, so no code path can send rows that did not pass the gate.
+
+mod contract;
 
 use std::sync::Arc;
 
@@ -20,6 +25,8 @@ use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::ipc::writer::StreamWriter;
+
+pub use contract::{ContractGate, contract_schema, release_contract};
 
 /// Prefix of every column the sandbox adds for its own checks. Users may not name columns so.
 pub const HIDDEN_PREFIX: &str = "__sandbox_";
@@ -37,6 +44,8 @@ pub enum ReleaseError {
     SchemaMismatch,
     #[error("result exceeds the release limit of {limit} rows")]
     TooManyRows { limit: usize },
+    #[error("output breaks the approved contract: {0}; nothing is released")]
+    ContractViolation(String),
     #[error("cannot process result batches: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 }
@@ -49,6 +58,7 @@ impl ReleaseError {
             ReleaseError::UnitCountType(_) => "release-unit-count-type",
             ReleaseError::SchemaMismatch => "release-schema-mismatch",
             ReleaseError::TooManyRows { .. } => "release-too-many-rows",
+            ReleaseError::ContractViolation(_) => "contract-violation",
             ReleaseError::Arrow(_) => "release-arrow",
         }
     }
@@ -77,7 +87,7 @@ pub struct ReleaseSummary {
     pub min_units: u64,
 }
 
-/// A result that passed the gate. Only [`release`] constructs it.
+/// A result that passed the gate. Only [`release`] and [`release_contract`] construct it.
 #[derive(Debug, Clone)]
 pub struct Released {
     schema: SchemaRef,

@@ -21,10 +21,17 @@ pub enum Rpc {
     ListDatasets,
     ExplainJob,
     ListEvents,
+    UploadModule,
+    ApproveModule,
+    RejectModule,
+    ListModules,
+    AddConsent,
+    RevokeConsent,
+    ListConsents,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 7] = [
+    pub const ALL: [Rpc; 14] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::FetchResult,
@@ -32,6 +39,13 @@ impl Rpc {
         Rpc::ListDatasets,
         Rpc::ExplainJob,
         Rpc::ListEvents,
+        Rpc::UploadModule,
+        Rpc::ApproveModule,
+        Rpc::RejectModule,
+        Rpc::ListModules,
+        Rpc::AddConsent,
+        Rpc::RevokeConsent,
+        Rpc::ListConsents,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +57,13 @@ impl Rpc {
             Rpc::ListDatasets => "ListDatasets",
             Rpc::ExplainJob => "ExplainJob",
             Rpc::ListEvents => "ListEvents",
+            Rpc::UploadModule => "UploadModule",
+            Rpc::ApproveModule => "ApproveModule",
+            Rpc::RejectModule => "RejectModule",
+            Rpc::ListModules => "ListModules",
+            Rpc::AddConsent => "AddConsent",
+            Rpc::RevokeConsent => "RevokeConsent",
+            Rpc::ListConsents => "ListConsents",
         }
     }
 }
@@ -57,6 +78,12 @@ pub fn required_roles(rpc: Rpc) -> &'static [PrincipalRole] {
         }
         Rpc::ListDatasets => &[Analyst, Consumer, Owner],
         Rpc::ListEvents => &[Auditor],
+        Rpc::UploadModule => &[Consumer],
+        Rpc::ApproveModule | Rpc::RejectModule => &[Owner],
+        // Module metadata (hashes, manifests, approvals), never data.
+        Rpc::ListModules => &[Consumer, Owner, Auditor, Admin],
+        Rpc::AddConsent => &[Admin],
+        Rpc::RevokeConsent | Rpc::ListConsents => &[Consumer, Admin],
     }
 }
 
@@ -177,6 +204,13 @@ mod tests {
             (Rpc::ExplainJob, &[Analyst, Consumer]),
             (Rpc::ListDatasets, &[Analyst, Consumer, Owner]),
             (Rpc::ListEvents, &[Auditor]),
+            (Rpc::UploadModule, &[Consumer]),
+            (Rpc::ApproveModule, &[Owner]),
+            (Rpc::RejectModule, &[Owner]),
+            (Rpc::ListModules, &[Consumer, Owner, Auditor, Admin]),
+            (Rpc::AddConsent, &[Admin]),
+            (Rpc::RevokeConsent, &[Consumer, Admin]),
+            (Rpc::ListConsents, &[Consumer, Admin]),
         ];
         assert_eq!(expected.len(), Rpc::ALL.len());
         for rpc in Rpc::ALL {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sandbox_engine::SqlLimits;
+use sandbox_engine::{SqlLimits, WasmLimits};
 
 /// `sandboxd`: the data sandbox service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -37,6 +37,15 @@ pub struct ServerConfig {
     /// Longest SQL text accepted, in bytes.
     #[arg(long, default_value_t = 65_536)]
     pub max_query_bytes: usize,
+    /// Wall-clock limit of a WASM guest, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub wasm_timeout_secs: u64,
+    /// Work budget of a WASM guest, in millions of fuel units (about one per instruction).
+    #[arg(long, default_value_t = 200_000)]
+    pub wasm_fuel_millions: u64,
+    /// Largest linear memory of a WASM guest, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub wasm_memory_mib: usize,
 }
 
 impl ServerConfig {
@@ -50,6 +59,19 @@ impl ServerConfig {
             memory_limit_mib: 512,
             query_timeout_secs: 60,
             max_query_bytes: 65_536,
+            // Short, so that runaway guests in tests end quickly.
+            wasm_timeout_secs: 3,
+            wasm_fuel_millions: 200_000,
+            wasm_memory_mib: 512,
+        }
+    }
+
+    pub fn wasm_limits(&self) -> WasmLimits {
+        WasmLimits {
+            wall_time: Duration::from_secs(self.wasm_timeout_secs.max(1)),
+            fuel: self.wasm_fuel_millions.max(1).saturating_mul(1_000_000),
+            memory_bytes: self.wasm_memory_mib.clamp(1, 4096) << 20,
+            ..WasmLimits::default()
         }
     }
 

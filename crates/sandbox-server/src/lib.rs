@@ -18,6 +18,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use sandbox_engine::{Engine, EngineConfig};
 use sandbox_proto::v1::audit_server::AuditServer;
+use sandbox_proto::v1::governance_server::GovernanceServer;
 use sandbox_proto::v1::sandbox_server::SandboxServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -26,6 +27,8 @@ pub use config::ServerConfig;
 
 /// Largest request a client may send.
 const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest module a consumer may upload.
+const MAX_MODULE_BYTES: usize = 16 * 1024 * 1024;
 
 /// A server running in the background, for `sandboxd` and for tests.
 #[derive(Debug)]
@@ -60,6 +63,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let prepared = bootstrap::prepare(&config)?;
     let mut engine_config = EngineConfig::new(config.data_dir.clone(), prepared.policy);
     engine_config.sql_limits = config.sql_limits();
+    engine_config.wasm_limits = config.wasm_limits();
+    engine_config.max_module_bytes = MAX_MODULE_BYTES;
+    // The demo consents are loaded into the journal once (the engine keeps a marker).
+    let seed = config.data_dir.join("datasets/consents");
+    engine_config.consent_seed = seed.is_dir().then_some(seed);
     let engine = Engine::start(engine_config)
         .await
         .context("cannot start the engine")?;
@@ -70,11 +78,16 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let sandbox = service::SandboxService::new(engine.clone(), authenticator.clone());
-    let audit = service::AuditService::new(engine.clone(), authenticator);
+    let audit = service::AuditService::new(engine.clone(), authenticator.clone());
+    let governance = service::GovernanceService::new(engine.clone(), authenticator);
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .add_service(SandboxServer::new(sandbox).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_service(AuditServer::new(audit).max_decoding_message_size(MAX_REQUEST_BYTES));
+        .add_service(AuditServer::new(audit).max_decoding_message_size(MAX_REQUEST_BYTES))
+        .add_service(
+            GovernanceServer::new(governance)
+                .max_decoding_message_size(MAX_MODULE_BYTES + 64 * 1024),
+        );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_signal.await;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use futures::Stream;
 use sandbox_engine::{
-    Decision, Engine, JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext,
+    ApprovalRequest, Consent, ConsentKey, Decision, Engine, JobSnapshot, JobSpec, JobState,
+    ModuleView, ReleaseOutcome, RequestContext,
 };
 use sandbox_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -133,6 +134,8 @@ fn summary(outcome: &ReleaseOutcome) -> pb::ReleaseSummary {
         result_sha256: outcome.result_sha256.clone(),
         audit_seq: outcome.audit_seq,
         rows_scanned: outcome.rows_scanned,
+        work_units: outcome.work_units,
+        rows_withheld: outcome.rows_withheld,
     }
 }
 
@@ -349,9 +352,194 @@ impl pb::audit_server::Audit for AuditService {
                     epsilon_spent: e.epsilon_spent,
                     result_sha256: e.result_sha256,
                     chain_hash: stored.chain_hash,
+                    work_units: e.work_units,
+                    guest_log: e.guest_log,
+                    record_json: e.record.map(|r| r.to_string()).unwrap_or_default(),
                 }
             })
             .collect();
         Ok(Response::new(pb::ListEventsResponse { events, last_seq }))
+    }
+}
+
+/// `sandbox.v1.Governance`.
+#[derive(Debug, Clone)]
+pub struct GovernanceService {
+    gate: Gatekeeper,
+}
+
+impl GovernanceService {
+    pub fn new(engine: Arc<Engine>, authenticator: Arc<Authenticator>) -> Self {
+        GovernanceService {
+            gate: Gatekeeper {
+                engine,
+                authenticator,
+            },
+        }
+    }
+}
+
+fn module(view: ModuleView) -> pb::Module {
+    let record = view.record;
+    pb::Module {
+        sha256: record.sha256,
+        name: record.name,
+        purpose: record.purpose,
+        input: record.input,
+        org: record.org,
+        uploaded_by: record.uploaded_by,
+        size: record.size,
+        state: view.state,
+        reason: view.reason,
+        approvals: view
+            .approvals
+            .into_iter()
+            .map(|a| pb::ModuleApproval {
+                org: a.org,
+                approved_by: a.approved_by,
+                datasets: a.datasets,
+                columns: a.columns,
+                contract_json: serde_json::to_string(&a.contract).unwrap_or_default(),
+                max_runs: a.max_runs,
+                expires_at: a.expires_at,
+            })
+            .collect(),
+        runs: view.runs,
+        runs_left: view.runs_left,
+    }
+}
+
+fn consent(c: Consent) -> pb::ConsentRecord {
+    pb::ConsentRecord {
+        unit: c.key.unit,
+        consumer_org: c.key.consumer_org,
+        purpose: c.key.purpose,
+        granted_at: c.granted_at,
+        expires_at: c.expires_at,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::governance_server::Governance for GovernanceService {
+    async fn upload_module(
+        &self,
+        request: Request<pb::UploadModuleRequest>,
+    ) -> Result<Response<pb::Module>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::UploadModule).await?;
+        let view = self
+            .gate
+            .engine
+            .upload_module(&ctx, request.into_inner().wasm)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(module(view)))
+    }
+
+    async fn approve_module(
+        &self,
+        request: Request<pb::ApproveModuleRequest>,
+    ) -> Result<Response<pb::Module>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ApproveModule).await?;
+        let r = request.into_inner();
+        let approval = ApprovalRequest {
+            contract_toml: Some(r.contract_toml).filter(|t| !t.trim().is_empty()),
+            max_runs: r.max_runs,
+            valid_days: r.valid_days,
+            columns: Some(r.columns).filter(|c| !c.is_empty()),
+        };
+        let view = self
+            .gate
+            .engine
+            .approve_module(&ctx, &r.sha256, approval)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(module(view)))
+    }
+
+    async fn reject_module(
+        &self,
+        request: Request<pb::RejectModuleRequest>,
+    ) -> Result<Response<pb::Module>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::RejectModule).await?;
+        let r = request.into_inner();
+        let view = self
+            .gate
+            .engine
+            .reject_module(&ctx, &r.sha256, &r.reason)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(module(view)))
+    }
+
+    async fn list_modules(
+        &self,
+        request: Request<pb::ListModulesRequest>,
+    ) -> Result<Response<pb::ListModulesResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ListModules).await?;
+        let views = self
+            .gate
+            .engine
+            .list_modules(&ctx)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::ListModulesResponse {
+            modules: views.into_iter().map(module).collect(),
+        }))
+    }
+
+    async fn add_consent(
+        &self,
+        request: Request<pb::AddConsentRequest>,
+    ) -> Result<Response<pb::ConsentRecord>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::AddConsent).await?;
+        let r = request.into_inner();
+        let key = ConsentKey {
+            unit: r.unit,
+            consumer_org: r.consumer_org,
+            purpose: r.purpose,
+        };
+        let added = self
+            .gate
+            .engine
+            .add_consent(&ctx, key, r.valid_days)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(consent(added)))
+    }
+
+    async fn revoke_consent(
+        &self,
+        request: Request<pb::RevokeConsentRequest>,
+    ) -> Result<Response<pb::RevokeConsentResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::RevokeConsent).await?;
+        let r = request.into_inner();
+        let key = ConsentKey {
+            unit: r.unit,
+            consumer_org: r.consumer_org,
+            purpose: r.purpose,
+        };
+        self.gate
+            .engine
+            .revoke_consent(&ctx, key)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::RevokeConsentResponse {}))
+    }
+
+    async fn list_consents(
+        &self,
+        request: Request<pb::ListConsentsRequest>,
+    ) -> Result<Response<pb::ListConsentsResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ListConsents).await?;
+        let org = Some(request.into_inner().consumer_org).filter(|o| !o.is_empty());
+        let consents = self
+            .gate
+            .engine
+            .list_consents(&ctx, org)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::ListConsentsResponse {
+            consents: consents.into_iter().map(consent).collect(),
+        }))
     }
 }

@@ -18,7 +18,6 @@ pub fn status_of(error: &EngineError, request_id: &str) -> Status {
         ErrorKind::Invalid => Code::InvalidArgument,
         ErrorKind::NotFound => Code::NotFound,
         ErrorKind::PermissionDenied => Code::PermissionDenied,
-        ErrorKind::Unimplemented => Code::Unimplemented,
         ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         ErrorKind::Cancelled => Code::Cancelled,
         ErrorKind::Internal => Code::Internal,

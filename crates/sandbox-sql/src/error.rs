@@ -53,6 +53,8 @@ pub enum Rule {
     LimitNotConstant,
     /// The privacy unit is not available where the guard must count it.
     PrivacyUnitUnavailable,
+    /// Row mode (a code job's input): a column the module's approval does not list.
+    ColumnNotApproved,
 }
 
 impl Rule {
@@ -82,11 +84,12 @@ impl Rule {
             Rule::ReservedName => "reserved-name",
             Rule::LimitNotConstant => "limit-not-constant",
             Rule::PrivacyUnitUnavailable => "privacy-unit-unavailable",
+            Rule::ColumnNotApproved => "column-not-approved",
         }
     }
 
     /// Every rule, for documentation and for tests that check the suite covers them.
-    pub const ALL: [Rule; 24] = [
+    pub const ALL: [Rule; 25] = [
         Rule::StatementNotQuery,
         Rule::QueryTooLong,
         Rule::DatasetNotGranted,
@@ -111,6 +114,7 @@ impl Rule {
         Rule::ReservedName,
         Rule::LimitNotConstant,
         Rule::PrivacyUnitUnavailable,
+        Rule::ColumnNotApproved,
     ];
 }
 

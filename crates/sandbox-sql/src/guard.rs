@@ -78,16 +78,16 @@ pub struct Guarded {
 
 /// Where a value in the plan comes from.
 #[derive(Debug, Clone)]
-struct Source {
-    dataset: Arc<str>,
-    column: Arc<str>,
-    role: Role,
-    level: Level,
-    is_unit: bool,
+pub(crate) struct Source {
+    pub(crate) dataset: Arc<str>,
+    pub(crate) column: Arc<str>,
+    pub(crate) role: Role,
+    pub(crate) level: Level,
+    pub(crate) is_unit: bool,
 }
 
 #[derive(Debug, Clone)]
-enum Lineage {
+pub(crate) enum Lineage {
     /// Exactly one source column, unmodified (aliases and subquery aliases keep a column plain).
     Plain(Source),
     /// An expression over these source columns (none: a constant).
@@ -95,7 +95,7 @@ enum Lineage {
 }
 
 impl Lineage {
-    fn sources(&self) -> Vec<&Source> {
+    pub(crate) fn sources(&self) -> Vec<&Source> {
         match self {
             Lineage::Plain(s) => vec![s],
             Lineage::Derived(v) => v.iter().collect(),
@@ -340,7 +340,22 @@ pub(crate) fn is_default_qualifier(reference: &TableReference) -> bool {
     )
 }
 
-fn deny(rule: Rule, message: impl Into<String>) -> SqlError {
+/// The lineage of a column of `schema`, whose columns have `lineage` in order.
+pub(crate) fn lineage_of(
+    column: &Column,
+    schema: &DFSchema,
+    lineage: &[Lineage],
+) -> Result<Lineage, SqlError> {
+    let index = schema
+        .index_of_column(column)
+        .map_err(|e| SqlError::Plan(e.to_string()))?;
+    lineage
+        .get(index)
+        .cloned()
+        .ok_or_else(|| SqlError::Plan(format!("column `{column}` has no lineage")))
+}
+
+pub(crate) fn deny(rule: Rule, message: impl Into<String>) -> SqlError {
     SqlError::Denied(Denial::new(rule, message))
 }
 
@@ -356,7 +371,7 @@ fn single_input(node: &LogicalPlan) -> Result<&LogicalPlan, SqlError> {
     }
 }
 
-fn uses_reserved_name(plan: &LogicalPlan) -> bool {
+pub(crate) fn uses_reserved_name(plan: &LogicalPlan) -> bool {
     plan.schema()
         .fields()
         .iter()
@@ -369,7 +384,7 @@ fn contains_aggregate(plan: &LogicalPlan) -> bool {
 }
 
 /// The denial for a plan node outside the accepted shape.
-fn node_denial(node: &LogicalPlan) -> SqlError {
+pub(crate) fn node_denial(node: &LogicalPlan) -> SqlError {
     match node {
         LogicalPlan::Join(_) => deny(Rule::JoinNotSupported, "joins are not supported yet"),
         LogicalPlan::Aggregate(_) => deny(
@@ -525,13 +540,7 @@ impl Guard<'_> {
         schema: &DFSchema,
         lineage: &[Lineage],
     ) -> Result<Lineage, SqlError> {
-        let index = schema
-            .index_of_column(column)
-            .map_err(|e| SqlError::Plan(e.to_string()))?;
-        let found = lineage
-            .get(index)
-            .cloned()
-            .ok_or_else(|| SqlError::Plan(format!("column `{column}` has no lineage")))?;
+        let found = lineage_of(column, schema, lineage)?;
         for source in found.sources() {
             self.columns
                 .insert(format!("{}.{}", source.dataset, source.column));
@@ -752,7 +761,7 @@ fn counts_distinct_units(expr: &Expr, schema: &DFSchema, lineage: &[Lineage]) ->
     }
 }
 
-fn strip_alias(expr: &Expr) -> &Expr {
+pub(crate) fn strip_alias(expr: &Expr) -> &Expr {
     match expr {
         Expr::Alias(alias) => strip_alias(&alias.expr),
         other => other,
@@ -806,6 +815,16 @@ fn check_derived_sources(sources: &[Source]) -> Result<(), SqlError> {
 
 /// The children of an expression kind the guard allows, or the denial for any other kind.
 fn allowed_children<'e>(expr: &'e Expr, schema: &DFSchema) -> Result<Vec<&'e Expr>, SqlError> {
+    expression_children(expr, schema, false)
+}
+
+/// The children of an allowed expression kind. `CASE` is allowed only in row mode (a code job's
+/// input, which never leaves the sandbox): in released aggregates it would smuggle predicates.
+pub(crate) fn expression_children<'e>(
+    expr: &'e Expr,
+    schema: &DFSchema,
+    case_allowed: bool,
+) -> Result<Vec<&'e Expr>, SqlError> {
     Ok(match expr {
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
             if !allowed_operator(*op) {
@@ -870,6 +889,15 @@ fn allowed_children<'e>(expr: &'e Expr, schema: &DFSchema) -> Result<Vec<&'e Exp
                 ));
             }
             function.args.iter().collect()
+        }
+        Expr::Case(case) if case_allowed => {
+            let mut children: Vec<&Expr> = case.expr.iter().map(|e| e.as_ref()).collect();
+            for (when, then) in &case.when_then_expr {
+                children.push(when.as_ref());
+                children.push(then.as_ref());
+            }
+            children.extend(case.else_expr.iter().map(|e| e.as_ref()));
+            children
         }
         Expr::Case(_) => {
             return Err(deny(

@@ -6,16 +6,22 @@
 //! each expression, enforces the roles of the policy and rewrites the aggregate to carry a hidden,
 //! capped count of distinct privacy units per group ([`units::CappedUnits`]).
 //!
+//! [`SqlEngine::plan_rows`] plans the input query of a code job through the same parser and the
+//! row-mode guard ([`guard_rows`]): only the module's approved columns, per-entity aggregates and
+//! equi-joins on the privacy unit; its rows go to the guest only.
+//!
 //! [`SqlEngine::execute`] runs the rewritten plan under a shared memory pool (operators spill beyond
 //! it), a time limit, a row cap and a cancellation token, and returns [`Executed`]: batches that
 //! still carry the hidden column and must pass the release gate before anything leaves.
 
 mod error;
 mod guard;
+mod rows;
 mod session;
 pub mod units;
 
 pub use error::{Denial, Result, Rule, SqlError};
 pub use guard::{GrantedDataset, Guarded, HIDDEN_PREFIX, UNITS_COLUMN, guard};
-pub use session::{Executed, PlannedQuery, SqlEngine, SqlLimits};
+pub use rows::{GuardedRows, RowScope, guard_rows};
+pub use session::{Executed, PlannedQuery, PlannedRows, SqlEngine, SqlLimits};
 pub use tokio_util::sync::CancellationToken;

@@ -20,6 +20,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::memory_pool::FairSpillPool;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SessionState, SessionStateBuilder};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Denial, Result, Rule, SqlError};
 use crate::guard::{GrantedDataset, Guarded, guard, is_default_qualifier};
+use crate::rows::{GuardedRows, RowScope, guard_rows};
 
 /// Limits of the SQL path.
 #[derive(Debug, Clone)]
@@ -67,6 +69,20 @@ pub struct PlannedQuery {
 impl std::fmt::Debug for PlannedQuery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PlannedQuery")
+            .field("guarded", &self.guarded)
+            .finish()
+    }
+}
+
+/// A code job's input query that passed the row-mode guard, with its session.
+pub struct PlannedRows {
+    context: SessionContext,
+    pub guarded: GuardedRows,
+}
+
+impl std::fmt::Debug for PlannedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlannedRows")
             .field("guarded", &self.guarded)
             .finish()
     }
@@ -136,10 +152,10 @@ impl SqlEngine {
         self.tables.get(dataset).map(|t| t.schema())
     }
 
-    /// A fresh session whose catalog holds only the granted datasets.
-    fn session(&self, granted: &HashMap<String, GrantedDataset>) -> Result<SessionContext> {
+    /// A fresh session whose catalog holds only the given datasets.
+    fn session<'a>(&self, ids: impl Iterator<Item = &'a String>) -> Result<SessionContext> {
         let schema = MemorySchemaProvider::new();
-        for id in granted.keys() {
+        for id in ids {
             if let Some(table) = self.tables.get(id) {
                 schema
                     .register_table(id.clone(), table.clone())
@@ -163,6 +179,32 @@ impl SqlEngine {
         sql: &str,
         granted: &HashMap<String, GrantedDataset>,
     ) -> Result<PlannedQuery> {
+        let (context, plan) = self
+            .logical_plan(sql, granted.keys(), |t| granted.contains_key(t))
+            .await?;
+        let guarded = guard(&plan, granted)?;
+        Ok(PlannedQuery { context, guarded })
+    }
+
+    /// Plans the input query of a code job and passes it through the row-mode guard, within the
+    /// module's approved scope. Reads no data.
+    pub async fn plan_rows(&self, sql: &str, scope: &RowScope) -> Result<PlannedRows> {
+        let (context, plan) = self
+            .logical_plan(sql, scope.datasets.keys(), |t| {
+                scope.datasets.contains_key(t)
+            })
+            .await?;
+        let guarded = guard_rows(&plan, scope)?;
+        Ok(PlannedRows { context, guarded })
+    }
+
+    /// Parse, statement-kind check, table check and planning, shared by both modes.
+    async fn logical_plan<'a>(
+        &self,
+        sql: &str,
+        catalog: impl Iterator<Item = &'a String>,
+        known: impl Fn(&str) -> bool,
+    ) -> Result<(SessionContext, LogicalPlan)> {
         if sql.len() > self.limits.max_query_bytes {
             return Err(Denial::new(
                 Rule::QueryTooLong,
@@ -174,7 +216,7 @@ impl SqlEngine {
             )
             .into());
         }
-        let context = self.session(granted)?;
+        let context = self.session(catalog)?;
         let state = context.state();
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state
@@ -193,7 +235,7 @@ impl SqlEngine {
             .map_err(|e| SqlError::Plan(root_message(&e)))?;
         for reference in &references {
             let default_qualifier = is_default_qualifier(reference);
-            if !default_qualifier || !granted.contains_key(reference.table()) {
+            if !default_qualifier || !known(reference.table()) {
                 // The same answer whether or not such a table exists.
                 return Err(Denial::new(
                     Rule::DatasetNotGranted,
@@ -206,8 +248,7 @@ impl SqlEngine {
             .statement_to_plan(statement)
             .await
             .map_err(|e| SqlError::Plan(root_message(&e)))?;
-        let guarded = guard(&plan, granted)?;
-        Ok(PlannedQuery { context, guarded })
+        Ok((context, plan))
     }
 
     /// Runs a planned query under the memory pool, the time limit and the row cap.
@@ -216,18 +257,37 @@ impl SqlEngine {
         planned: PlannedQuery,
         cancel: CancellationToken,
     ) -> Result<Executed> {
+        self.run_plan(&planned.context, &planned.guarded.plan, cancel)
+            .await
+    }
+
+    /// Runs a code job's input query under the same limits. The rows go to the guest only.
+    pub async fn execute_rows(
+        &self,
+        planned: PlannedRows,
+        cancel: CancellationToken,
+    ) -> Result<Executed> {
+        self.run_plan(&planned.context, &planned.guarded.plan, cancel)
+            .await
+    }
+
+    async fn run_plan(
+        &self,
+        context: &SessionContext,
+        plan: &LogicalPlan,
+        cancel: CancellationToken,
+    ) -> Result<Executed> {
         let time_limit = self.limits.time_limit;
         let max_rows = self.limits.max_result_rows;
         let run = async {
-            let physical = planned
-                .context
+            let physical = context
                 .state()
-                .create_physical_plan(&planned.guarded.plan)
+                .create_physical_plan(plan)
                 .await
                 .map_err(execution_error)?;
             let schema = physical.schema();
-            let mut stream = execute_stream(physical.clone(), planned.context.task_ctx())
-                .map_err(execution_error)?;
+            let mut stream =
+                execute_stream(physical.clone(), context.task_ctx()).map_err(execution_error)?;
             let mut batches = Vec::new();
             let mut rows = 0usize;
             while let Some(batch) = stream.next().await {

@@ -77,6 +77,8 @@ fn sorted_rows(batches: &[RecordBatch], columns: usize) -> Vec<String> {
     rows
 }
 
+mod rows;
+
 #[tokio::test]
 async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
     let (dir, policy, engine) = engine_over_demo(800, SqlLimits::default()).await;

@@ -1,0 +1,347 @@
+//! The plan guard in row mode: the input query of a code job. Its rows flow only into the guest,
+//! never to a client, so identifiers may be output and rows need not be aggregated; what the
+//! guard enforces is the module's approved scope.
+//!
+//! - Only datasets and columns the module's approvals list (`column-not-approved` otherwise);
+//!   hidden columns never.
+//! - Plan nodes: scans, filters, projections, aliases, sorts, aggregates grouped by the privacy
+//!   unit (per-entity features), and inner or left equi-joins that match the privacy unit of both
+//!   sides (the scoring model joins tax, social insurance, provident fund, court and penalty data
+//!   per enterprise). Unions, windows, limits, `VALUES` and subquery expressions are denied.
+//! - Expressions: the allow-list of the aggregate guard, with `CASE` added; still no expression
+//!   whose errors depend on the data (casts of data values, integer division by data values),
+//!   since an error message is something the consumer sees.
+//! - The output must carry the privacy unit, so that the engine can keep only consented entities
+//!   before the guest sees a row.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{BinaryExpr, Expr, JoinType, LogicalPlan, Operator};
+use sandbox_policy::{DatasetPolicy, Role};
+
+use crate::error::{Rule, SqlError};
+use crate::guard::{
+    HIDDEN_PREFIX, Lineage, Source, deny, expression_children, is_default_qualifier, lineage_of,
+    node_denial, strip_alias, uses_reserved_name,
+};
+
+/// What a code job's input may read: per dataset, its policy and the approved columns.
+#[derive(Debug, Clone, Default)]
+pub struct RowScope {
+    pub datasets: HashMap<String, (Arc<DatasetPolicy>, BTreeSet<String>)>,
+}
+
+/// An input query that passed the row-mode guard.
+#[derive(Debug, Clone)]
+pub struct GuardedRows {
+    pub plan: LogicalPlan,
+    pub datasets: Vec<String>,
+    /// Columns read, as `dataset.column`.
+    pub columns: Vec<String>,
+    /// Index of the output column holding the privacy unit.
+    pub key_index: usize,
+}
+
+struct RowGuard<'a> {
+    scope: &'a RowScope,
+    datasets: BTreeSet<String>,
+    columns: BTreeSet<String>,
+    /// Visible columns the approval does not list, as `dataset.column`: a scan exposes them (the
+    /// unoptimized plan scans every visible column), but any use of one is denied.
+    unapproved: BTreeSet<String>,
+}
+
+/// Checks a code job's input plan against its approved scope.
+pub fn guard_rows(plan: &LogicalPlan, scope: &RowScope) -> Result<GuardedRows, SqlError> {
+    if uses_reserved_name(plan) {
+        return Err(deny(
+            Rule::ReservedName,
+            format!("names starting with `{HIDDEN_PREFIX}` are reserved"),
+        ));
+    }
+    let mut guard = RowGuard {
+        scope,
+        datasets: BTreeSet::new(),
+        columns: BTreeSet::new(),
+        unapproved: BTreeSet::new(),
+    };
+    let lineage = guard.walk(plan)?;
+    let key_index = lineage
+        .iter()
+        .position(|l| matches!(l, Lineage::Plain(s) if s.is_unit))
+        .ok_or_else(|| {
+            deny(
+                Rule::PrivacyUnitUnavailable,
+                "the input must output the privacy unit, so rows can be matched to consents",
+            )
+        })?;
+    Ok(GuardedRows {
+        plan: plan.clone(),
+        datasets: guard.datasets.into_iter().collect(),
+        columns: guard.columns.into_iter().collect(),
+        key_index,
+    })
+}
+
+impl RowGuard<'_> {
+    fn walk(&mut self, node: &LogicalPlan) -> Result<Vec<Lineage>, SqlError> {
+        match node {
+            LogicalPlan::TableScan(scan) => {
+                let name = scan.table_name.table();
+                let (policy, approved) = self
+                    .scope
+                    .datasets
+                    .get(name)
+                    .filter(|_| is_default_qualifier(&scan.table_name))
+                    .ok_or_else(|| {
+                        deny(
+                            Rule::DatasetNotGranted,
+                            format!(
+                                "`{}` is not in the module's approved input",
+                                scan.table_name
+                            ),
+                        )
+                    })?;
+                if !scan.filters.is_empty() || scan.fetch.is_some() {
+                    return Err(deny(Rule::PlanNodeNotAllowed, "pre-filtered table scans"));
+                }
+                self.datasets.insert(name.to_string());
+                let dataset: Arc<str> = Arc::from(name);
+                let mut lineage = Vec::new();
+                for field in scan.projected_schema.fields() {
+                    let column = policy
+                        .column(field.name())
+                        .filter(|c| c.role != Role::Hidden)
+                        .ok_or_else(|| {
+                            deny(
+                                Rule::PlanNodeNotAllowed,
+                                format!("column `{name}.{}` is hidden", field.name()),
+                            )
+                        })?;
+                    if !approved.contains(&column.name) {
+                        self.unapproved.insert(format!("{name}.{}", column.name));
+                    }
+                    lineage.push(Lineage::Plain(Source {
+                        dataset: dataset.clone(),
+                        column: Arc::from(column.name.as_str()),
+                        role: column.role,
+                        level: column.level,
+                        is_unit: column.name == policy.privacy_unit,
+                    }));
+                }
+                Ok(lineage)
+            }
+            LogicalPlan::SubqueryAlias(alias) => self.walk(&alias.input),
+            LogicalPlan::Filter(filter) => {
+                let lineage = self.walk(&filter.input)?;
+                self.expr(&filter.predicate, filter.input.schema(), &lineage)?;
+                Ok(lineage)
+            }
+            LogicalPlan::Projection(projection) => {
+                let lineage = self.walk(&projection.input)?;
+                let schema = projection.input.schema();
+                projection
+                    .expr
+                    .iter()
+                    .map(|e| self.expr(e, schema, &lineage))
+                    .collect()
+            }
+            LogicalPlan::Sort(sort) if sort.fetch.is_none() => {
+                let lineage = self.walk(&sort.input)?;
+                for sort_expr in &sort.expr {
+                    self.expr(&sort_expr.expr, sort.input.schema(), &lineage)?;
+                }
+                Ok(lineage)
+            }
+            LogicalPlan::Join(join) => {
+                if !matches!(join.join_type, JoinType::Inner | JoinType::Left) {
+                    return Err(deny(
+                        Rule::JoinNotSupported,
+                        "only inner and left joins are allowed",
+                    ));
+                }
+                let left = self.walk(&join.left)?;
+                let right = self.walk(&join.right)?;
+                // The SQL planner puts `ON` conditions in the filter; the optimizer moves the
+                // equalities to `on` later. Accept either: a conjunction of column equalities.
+                let mut pairs: Vec<(&Expr, &Expr)> = join.on.iter().map(|(l, r)| (l, r)).collect();
+                if let Some(filter) = &join.filter {
+                    for conjunct in split_conjunction(filter) {
+                        match conjunct {
+                            Expr::BinaryExpr(BinaryExpr {
+                                left: a,
+                                op: Operator::Eq,
+                                right: b,
+                            }) => {
+                                // Orient each equality as (left side, right side).
+                                if plain_column(a, join.left.schema(), &left).is_some() {
+                                    pairs.push((a, b));
+                                } else {
+                                    pairs.push((b, a));
+                                }
+                            }
+                            _ => {
+                                return Err(deny(
+                                    Rule::JoinNotSupported,
+                                    "join conditions must be equalities of columns, matching the \
+                                     privacy unit",
+                                ));
+                            }
+                        }
+                    }
+                }
+                let mut on_unit = false;
+                for (l, r) in pairs {
+                    let l = plain_column(l, join.left.schema(), &left);
+                    let r = plain_column(r, join.right.schema(), &right);
+                    match (l, r) {
+                        (Some(l), Some(r)) => {
+                            self.used(&l)?;
+                            self.used(&r)?;
+                            on_unit |= l.is_unit && r.is_unit;
+                        }
+                        _ => {
+                            return Err(deny(
+                                Rule::JoinNotSupported,
+                                "join keys must be plain columns of each side",
+                            ));
+                        }
+                    }
+                }
+                if !on_unit {
+                    return Err(deny(
+                        Rule::JoinNotSupported,
+                        "joins must match the privacy unit of both sides",
+                    ));
+                }
+                Ok(left.into_iter().chain(right).collect())
+            }
+            LogicalPlan::Aggregate(aggregate) => {
+                let input = self.walk(&aggregate.input)?;
+                let schema = aggregate.input.schema();
+                let mut lineage = Vec::new();
+                for expr in &aggregate.group_expr {
+                    if matches!(expr, Expr::GroupingSet(_)) {
+                        return Err(deny(
+                            Rule::ExpressionNotAllowed,
+                            "GROUPING SETS, ROLLUP and CUBE are not supported",
+                        ));
+                    }
+                    lineage.push(self.expr(expr, schema, &input)?);
+                }
+                if !lineage
+                    .iter()
+                    .any(|l| matches!(l, Lineage::Plain(s) if s.is_unit))
+                {
+                    return Err(deny(
+                        Rule::PrivacyUnitUnavailable,
+                        "aggregates in a code job's input must group by the privacy unit \
+                         (one row of features per entity)",
+                    ));
+                }
+                for expr in &aggregate.aggr_expr {
+                    lineage.push(self.aggregate(expr, schema, &input)?);
+                }
+                Ok(lineage)
+            }
+            other => Err(node_denial(other)),
+        }
+    }
+
+    fn lookup(
+        &mut self,
+        column: &datafusion::common::Column,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+    ) -> Result<Lineage, SqlError> {
+        let found = lineage_of(column, schema, lineage)?;
+        for source in found.sources() {
+            self.used(source)?;
+        }
+        Ok(found)
+    }
+
+    /// Records a use of a source column, or denies it when the approval does not list it.
+    fn used(&mut self, source: &Source) -> Result<(), SqlError> {
+        let name = format!("{}.{}", source.dataset, source.column);
+        if self.unapproved.contains(&name) {
+            return Err(deny(
+                Rule::ColumnNotApproved,
+                format!("column `{name}` is not approved for this module"),
+            ));
+        }
+        self.columns.insert(name);
+        Ok(())
+    }
+
+    /// A row expression's lineage, after checking its kind.
+    fn expr(
+        &mut self,
+        expr: &Expr,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+    ) -> Result<Lineage, SqlError> {
+        match expr {
+            Expr::Column(column) => self.lookup(column, schema, lineage),
+            Expr::Alias(alias) => self.expr(&alias.expr, schema, lineage),
+            Expr::Literal(..) => Ok(Lineage::Derived(Vec::new())),
+            _ => {
+                let mut sources = Vec::new();
+                for child in expression_children(expr, schema, true)? {
+                    let found = self.expr(child, schema, lineage)?;
+                    sources.extend(found.sources().into_iter().cloned());
+                }
+                Ok(Lineage::Derived(sources))
+            }
+        }
+    }
+
+    fn aggregate(
+        &mut self,
+        expr: &Expr,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+    ) -> Result<Lineage, SqlError> {
+        let Expr::AggregateFunction(function) = strip_alias(expr) else {
+            return Err(deny(
+                Rule::ExpressionNotAllowed,
+                "only aggregate function calls are allowed in the aggregate",
+            ));
+        };
+        let name = function.func.name().to_ascii_lowercase();
+        if !matches!(name.as_str(), "count" | "sum" | "avg" | "min" | "max") {
+            return Err(deny(
+                Rule::FunctionNotAllowed,
+                format!("aggregate function `{name}` is not allowed"),
+            ));
+        }
+        let params = &function.params;
+        if params.filter.is_some() || !params.order_by.is_empty() {
+            return Err(deny(
+                Rule::AggregateModifierNotAllowed,
+                format!("FILTER and ORDER BY inside `{name}` are not allowed"),
+            ));
+        }
+        let mut sources = Vec::new();
+        for argument in &params.args {
+            let found = self.expr(argument, schema, lineage)?;
+            sources.extend(found.sources().into_iter().cloned());
+        }
+        Ok(Lineage::Derived(sources))
+    }
+}
+
+/// The source of a join key when it is a plain column.
+fn plain_column(expr: &Expr, schema: &DFSchema, lineage: &[Lineage]) -> Option<Source> {
+    let Expr::Column(column) = strip_alias(expr) else {
+        return None;
+    };
+    let index = schema.index_of_column(column).ok()?;
+    match lineage.get(index)? {
+        Lineage::Plain(source) => Some(source.clone()),
+        Lineage::Derived(_) => None,
+    }
+}

@@ -1,0 +1,165 @@
+//! Row mode: the input query of a code job, checked against the module's approved scope.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use sandbox_sql::{CancellationToken, RowScope, SqlLimits};
+
+use crate::engine_over_demo;
+
+/// A scope covering these `dataset.column`s.
+fn scope(policy: &sandbox_policy::PolicySet, columns: &[&str]) -> RowScope {
+    let mut datasets: HashMap<String, (Arc<sandbox_policy::DatasetPolicy>, BTreeSet<String>)> =
+        HashMap::new();
+    for column in columns {
+        let (dataset, name) = column.split_once('.').unwrap();
+        datasets
+            .entry(dataset.to_string())
+            .or_insert_with(|| (Arc::new(policy.datasets[dataset].clone()), BTreeSet::new()))
+            .1
+            .insert(name.to_string());
+    }
+    RowScope { datasets }
+}
+
+const SCOPE: &[&str] = &[
+    "enterprises.credit_code",
+    "enterprises.industry",
+    "tax_monthly.credit_code",
+    "tax_monthly.month",
+    "tax_monthly.vat_paid",
+    "social_insurance_monthly.credit_code",
+    "social_insurance_monthly.arrears",
+    "court_cases.credit_code",
+    "court_cases.role",
+];
+
+#[tokio::test]
+async fn row_mode_allows_per_entity_features_and_denies_the_rest() {
+    let (_dir, policy, engine) = engine_over_demo(200, SqlLimits::default()).await;
+    let scope = scope(&policy, SCOPE);
+    // (query, expected: "allow" or the rule code)
+    let cases: &[(&str, &str)] = &[
+        ("SELECT credit_code, vat_paid FROM tax_monthly", "allow"),
+        (
+            "SELECT t.credit_code, SUM(CASE WHEN t.month >= '2024-01' THEN t.vat_paid ELSE 0 END) AS v, \
+             COUNT(*) AS n FROM tax_monthly t GROUP BY t.credit_code",
+            "allow",
+        ),
+        (
+            "SELECT e.credit_code, e.industry, t.v, COALESCE(c.n, 0) AS cases FROM enterprises e \
+             JOIN (SELECT credit_code, SUM(vat_paid) AS v FROM tax_monthly GROUP BY credit_code) t \
+               ON e.credit_code = t.credit_code \
+             LEFT JOIN (SELECT credit_code, COUNT(*) AS n FROM court_cases WHERE role = 'defendant' \
+                        GROUP BY credit_code) c ON e.credit_code = c.credit_code",
+            "allow",
+        ),
+        // Outside the approved columns or datasets.
+        (
+            "SELECT credit_code, revenue_declared FROM tax_monthly",
+            "column-not-approved",
+        ),
+        (
+            "SELECT credit_code, amount FROM court_cases",
+            "column-not-approved",
+        ),
+        ("SELECT * FROM tax_monthly", "column-not-approved"),
+        (
+            "SELECT credit_code FROM housing_fund_monthly",
+            "dataset-not-granted",
+        ),
+        // Hidden columns are not even in the catalog.
+        ("SELECT credit_code, name FROM enterprises", "sql-plan"),
+        // Joins only on the privacy unit of both sides.
+        (
+            "SELECT t.credit_code FROM tax_monthly t JOIN enterprises e ON t.month = e.industry",
+            "join-not-supported",
+        ),
+        (
+            "SELECT t.credit_code FROM tax_monthly t JOIN enterprises e \
+             ON t.credit_code = e.credit_code AND t.vat_paid > 10",
+            "join-not-supported",
+        ),
+        (
+            "SELECT t.credit_code FROM tax_monthly t FULL JOIN enterprises e \
+             ON t.credit_code = e.credit_code",
+            "join-not-supported",
+        ),
+        (
+            "SELECT t.credit_code FROM tax_monthly t CROSS JOIN enterprises e",
+            "join-not-supported",
+        ),
+        // Aggregates are per entity, and the output keeps the entity.
+        (
+            "SELECT industry, COUNT(*) FROM enterprises GROUP BY industry",
+            "privacy-unit-unavailable",
+        ),
+        (
+            "SELECT vat_paid FROM tax_monthly",
+            "privacy-unit-unavailable",
+        ),
+        // Other shapes and expressions stay denied.
+        (
+            "SELECT credit_code FROM tax_monthly UNION ALL SELECT credit_code FROM enterprises",
+            "plan-node-not-allowed",
+        ),
+        (
+            "SELECT credit_code FROM tax_monthly LIMIT 5",
+            "plan-node-not-allowed",
+        ),
+        (
+            "SELECT credit_code, CAST(month AS INT) FROM tax_monthly",
+            "expression-not-allowed",
+        ),
+        (
+            "SELECT credit_code, ROW_NUMBER() OVER (ORDER BY vat_paid) FROM tax_monthly",
+            "plan-node-not-allowed",
+        ),
+        (
+            "SELECT credit_code FROM tax_monthly WHERE credit_code IN (SELECT credit_code FROM enterprises)",
+            "subquery-not-allowed",
+        ),
+        (
+            "SELECT credit_code, vat_paid AS __sandbox_units FROM tax_monthly",
+            "reserved-name",
+        ),
+        ("DELETE FROM tax_monthly", "statement-not-query"),
+    ];
+    let mut failures = Vec::new();
+    for (query, expected) in cases {
+        let got = match engine.plan_rows(query, &scope).await {
+            Ok(_) => "allow".to_string(),
+            Err(e) => e.code().to_string(),
+        };
+        if got != *expected {
+            failures.push(format!("{query}\n  expected {expected}, got {got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn row_mode_input_carries_the_unit_and_runs() {
+    let (_dir, policy, engine) = engine_over_demo(200, SqlLimits::default()).await;
+    let scope = scope(&policy, SCOPE);
+    let planned = engine
+        .plan_rows(
+            "SELECT SUM(vat_paid) AS v, credit_code FROM tax_monthly GROUP BY credit_code",
+            &scope,
+        )
+        .await
+        .expect("allowed");
+    assert_eq!(planned.guarded.key_index, 1);
+    assert!(
+        planned
+            .guarded
+            .columns
+            .contains(&"tax_monthly.vat_paid".to_string())
+    );
+    let executed = engine
+        .execute_rows(planned, CancellationToken::new())
+        .await
+        .expect("runs");
+    let rows: usize = executed.batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 200, "one row per enterprise");
+}

@@ -1,0 +1,397 @@
+//! The host side of the ABI: the state of one run and the functions the guest may import.
+
+use std::sync::Mutex;
+
+use arrow::array::RecordBatch;
+use arrow::buffer::Buffer;
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamDecoder;
+use arrow::ipc::writer::StreamWriter;
+use wasmtime::{Caller, Engine, Extern, Linker, ResourceLimiter};
+
+use crate::abi::{IMPORT_MODULE, MEMORY};
+use crate::error::{Abort, Limit, Result, WasmError};
+use crate::runtime::WasmLimits;
+
+/// Fuel charged per byte the host copies for the guest, so that host work counts as work too.
+const FUEL_PER_KIB: u64 = 64;
+
+/// Memory and table limits of one store. Records which limit refused a growth, so the error can
+/// name it.
+pub(crate) struct Limiter {
+    memory_bytes: usize,
+    table_elements: usize,
+    hit: Mutex<Option<(Limit, String)>>,
+}
+
+impl Limiter {
+    pub(crate) fn hit(&self) -> Option<WasmError> {
+        self.hit
+            .lock()
+            .expect("limiter lock is never poisoned")
+            .clone()
+            .map(|(limit, detail)| WasmError::limit(limit, detail))
+    }
+
+    fn refuse(&self, limit: Limit, detail: String) -> wasmtime::Result<bool> {
+        *self.hit.lock().expect("limiter lock is never poisoned") = Some((limit, detail.clone()));
+        Err(wasmtime::Error::new(Abort(WasmError::limit(limit, detail))))
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            return self.refuse(
+                Limit::Memory,
+                format!(
+                    "the guest asked for {desired} bytes of memory; the limit is {}",
+                    self.memory_bytes
+                ),
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.table_elements {
+            return self.refuse(
+                Limit::Table,
+                format!(
+                    "the guest asked for {desired} table elements; the limit is {}",
+                    self.table_elements
+                ),
+            );
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        4
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+}
+
+/// Output batches as the guest emits them, decoded and counted against the limits.
+pub(crate) struct Output {
+    schema: Option<SchemaRef>,
+    batches: Vec<RecordBatch>,
+    bytes: usize,
+    rows: usize,
+    emits: usize,
+    max_bytes: usize,
+    max_rows: usize,
+    max_emits: usize,
+}
+
+impl Output {
+    fn accept(&mut self, bytes: &[u8]) -> Result<()> {
+        self.emits += 1;
+        if self.emits > self.max_emits {
+            return Err(WasmError::limit(
+                Limit::OutputBatches,
+                format!("more than {} output_emit calls", self.max_emits),
+            ));
+        }
+        self.bytes += bytes.len();
+        if self.bytes > self.max_bytes {
+            return Err(WasmError::limit(
+                Limit::OutputBytes,
+                format!("more than {} output bytes", self.max_bytes),
+            ));
+        }
+        // The incremental decoder never allocates more than the bytes it was given: a reader
+        // that trusts a length prefix would let a guest make the host allocate gigabytes.
+        let not_arrow = |e: arrow::error::ArrowError| {
+            WasmError::Abi(format!("output is not a readable Arrow IPC stream: {e}"))
+        };
+        let mut decoder = StreamDecoder::new();
+        let mut buffer = Buffer::from(bytes.to_vec());
+        let mut batches = Vec::new();
+        while !buffer.is_empty() {
+            if let Some(batch) = decoder.decode(&mut buffer).map_err(not_arrow)? {
+                self.rows += batch.num_rows();
+                if self.rows > self.max_rows {
+                    return Err(WasmError::limit(
+                        Limit::OutputRows,
+                        format!("more than {} output rows", self.max_rows),
+                    ));
+                }
+                batches.push(batch);
+            }
+        }
+        decoder.finish().map_err(not_arrow)?;
+        let schema = decoder
+            .schema()
+            .ok_or_else(|| WasmError::Abi("output stream without a schema".into()))?;
+        match &self.schema {
+            None => self.schema = Some(schema),
+            Some(first) if first.fields() != schema.fields() => {
+                return Err(WasmError::Abi(
+                    "every output_emit must use the same schema".into(),
+                ));
+            }
+            Some(_) => {}
+        }
+        self.batches.extend(batches);
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> (Option<SchemaRef>, Vec<RecordBatch>) {
+        (self.schema, self.batches)
+    }
+}
+
+/// Guest log lines: bounded in count and length; they go to the journal, never to the client.
+pub(crate) struct Logs {
+    pub(crate) lines: Vec<String>,
+    max_lines: usize,
+    max_line_bytes: usize,
+}
+
+/// The state of one run, owned by its store.
+pub(crate) struct HostState {
+    pub(crate) limiter: Limiter,
+    input: std::vec::IntoIter<RecordBatch>,
+    /// The current input batch, encoded.
+    current: Option<Vec<u8>>,
+    params: Vec<u8>,
+    pub(crate) output: Output,
+    pub(crate) logs: Logs,
+}
+
+impl HostState {
+    pub(crate) fn new(limits: &WasmLimits, input: Vec<RecordBatch>, params: Vec<u8>) -> Self {
+        HostState {
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes,
+                table_elements: limits.table_elements,
+                hit: Mutex::new(None),
+            },
+            input: input.into_iter(),
+            current: None,
+            params,
+            output: Output {
+                schema: None,
+                batches: Vec::new(),
+                bytes: 0,
+                rows: 0,
+                emits: 0,
+                max_bytes: limits.max_output_bytes,
+                max_rows: limits.max_output_rows,
+                max_emits: limits.max_output_batches,
+            },
+            logs: Logs {
+                lines: Vec::new(),
+                max_lines: limits.max_log_lines,
+                max_line_bytes: limits.max_log_line_bytes,
+            },
+        }
+    }
+}
+
+fn abort(error: WasmError) -> wasmtime::Error {
+    wasmtime::Error::new(Abort(error))
+}
+
+fn abi(message: impl Into<String>) -> wasmtime::Error {
+    abort(WasmError::Abi(message.into()))
+}
+
+/// The guest's memory and a range in it, checked.
+fn range(ptr: i32, len: i32, memory_size: usize) -> wasmtime::Result<std::ops::Range<usize>> {
+    let (Ok(start), Ok(len)) = (usize::try_from(ptr), usize::try_from(len)) else {
+        return Err(abi("negative pointer or length"));
+    };
+    let end = start
+        .checked_add(len)
+        .filter(|end| *end <= memory_size)
+        .ok_or_else(|| abi("buffer outside the guest's memory"))?;
+    Ok(start..end)
+}
+
+fn memory(caller: &mut Caller<'_, HostState>) -> wasmtime::Result<wasmtime::Memory> {
+    match caller.get_export(MEMORY) {
+        Some(Extern::Memory(memory)) => Ok(memory),
+        _ => Err(abi("the guest exports no memory")),
+    }
+}
+
+/// Charges fuel for host work on the guest's behalf.
+fn charge(caller: &mut Caller<'_, HostState>, bytes: usize) -> wasmtime::Result<()> {
+    let cost = (bytes as u64 / 1024 + 1) * FUEL_PER_KIB;
+    let left = caller.get_fuel()?;
+    if left < cost {
+        return Err(abort(WasmError::limit(
+            Limit::Fuel,
+            "the guest used up its work budget",
+        )));
+    }
+    caller.set_fuel(left - cost)
+}
+
+/// Copies host bytes into the guest's memory at `ptr`, at most `len` of them.
+fn copy_in(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    pick: impl Fn(&HostState) -> Option<&[u8]>,
+) -> wasmtime::Result<i32> {
+    let memory = memory(caller)?;
+    let (data, state) = memory.data_and_store_mut(&mut *caller);
+    let source = pick(state).ok_or_else(|| abi("nothing to read"))?;
+    if (len as i64) < source.len() as i64 {
+        return Err(abi(format!(
+            "buffer of {len} bytes is too small for {} bytes",
+            source.len()
+        )));
+    }
+    let target = range(ptr, source.len() as i32, data.len())?;
+    data[target].copy_from_slice(source);
+    let copied = source.len();
+    charge(caller, copied)?;
+    Ok(copied as i32)
+}
+
+/// The host functions of the ABI.
+pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    let fail = |e: wasmtime::Error| WasmError::Internal(e.to_string());
+    linker
+        .func_wrap(
+            IMPORT_MODULE,
+            "input_next",
+            |mut caller: Caller<'_, HostState>| -> wasmtime::Result<i64> {
+                let state = caller.data_mut();
+                let Some(batch) = state.input.next() else {
+                    state.current = None;
+                    return Ok(-1);
+                };
+                let bytes = encode(&batch).map_err(abort)?;
+                let len = bytes.len() as i64;
+                state.current = Some(bytes);
+                charge(&mut caller, len as usize)?;
+                Ok(len)
+            },
+        )
+        .map_err(fail)?;
+    linker
+        .func_wrap(
+            IMPORT_MODULE,
+            "input_read",
+            |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+                copy_in(&mut caller, ptr, len, |s| s.current.as_deref())
+            },
+        )
+        .map_err(fail)?;
+    linker
+        .func_wrap(
+            IMPORT_MODULE,
+            "params_read",
+            |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+                copy_in(&mut caller, ptr, len, |s| Some(s.params.as_slice()))
+            },
+        )
+        .map_err(fail)?;
+    linker
+        .func_wrap(
+            IMPORT_MODULE,
+            "output_emit",
+            |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+                let memory = memory(&mut caller)?;
+                let (data, state) = memory.data_and_store_mut(&mut caller);
+                let source = range(ptr, len, data.len())?;
+                state.output.accept(&data[source]).map_err(abort)?;
+                charge(&mut caller, len as usize)?;
+                Ok(0)
+            },
+        )
+        .map_err(fail)?;
+    linker
+        .func_wrap(
+            IMPORT_MODULE,
+            "log",
+            |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+                let memory = memory(&mut caller)?;
+                let (data, state) = memory.data_and_store_mut(&mut caller);
+                let source = range(ptr, len, data.len())?;
+                let logs = &mut state.logs;
+                if logs.lines.len() >= logs.max_lines {
+                    return Err(abort(WasmError::limit(
+                        Limit::Log,
+                        format!("more than {} log lines", logs.max_lines),
+                    )));
+                }
+                let bytes = &data[source];
+                let kept = &bytes[..bytes.len().min(logs.max_line_bytes)];
+                let mut line = String::from_utf8_lossy(kept).into_owned();
+                line.retain(|c| !c.is_control());
+                logs.lines.push(line);
+                charge(&mut caller, len as usize)?;
+                Ok(())
+            },
+        )
+        .map_err(fail)?;
+    Ok(linker)
+}
+
+/// One input batch as a self-contained Arrow IPC stream (schema, batch, end marker). View types
+/// (DataFusion's `Utf8View`) are sent as their plain forms, which every Arrow library reads.
+fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let fail =
+        |e: arrow::error::ArrowError| WasmError::Internal(format!("cannot encode input: {e}"));
+    let batch = plain_types(batch).map_err(fail)?;
+    let mut writer = StreamWriter::try_new(Vec::new(), &batch.schema()).map_err(fail)?;
+    writer.write(&batch).map_err(fail)?;
+    writer.finish().map_err(fail)?;
+    writer.into_inner().map_err(fail)
+}
+
+fn plain_types(batch: &RecordBatch) -> arrow::error::Result<RecordBatch> {
+    use arrow::datatypes::{DataType, Field, Schema};
+    let plain = |t: &DataType| match t {
+        DataType::Utf8View => Some(DataType::Utf8),
+        DataType::BinaryView => Some(DataType::Binary),
+        _ => None,
+    };
+    if !batch
+        .schema()
+        .fields()
+        .iter()
+        .any(|f| plain(f.data_type()).is_some())
+    {
+        return Ok(batch.clone());
+    }
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        match plain(field.data_type()) {
+            Some(target) => {
+                columns.push(arrow::compute::cast(column, &target)?);
+                fields.push(Field::new(field.name(), target, field.is_nullable()));
+            }
+            None => {
+                columns.push(column.clone());
+                fields.push(field.as_ref().clone());
+            }
+        }
+    }
+    RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), columns)
+}

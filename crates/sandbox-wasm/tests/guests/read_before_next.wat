@@ -1,0 +1,7 @@
+;; expect: wasm-abi
+(module
+  (import "sandbox" "input_read" (func $input_read (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (@custom "sandbox.manifest" "{\"name\":\"t\",\"purpose\":\"credit_assessment\",\"input\":[\"tax_monthly.credit_code\"]}")
+  (func (export "run") (param i32) (result i32)
+    (call $input_read (i32.const 0) (i32.const 100))))

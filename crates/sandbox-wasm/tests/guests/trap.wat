@@ -1,0 +1,5 @@
+;; expect: wasm-trap
+(module
+  (memory (export "memory") 1)
+  (@custom "sandbox.manifest" "{\"name\":\"t\",\"purpose\":\"credit_assessment\",\"input\":[\"tax_monthly.credit_code\"]}")
+  (func (export "run") (param i32) (result i32) (unreachable)))

@@ -1,0 +1,6 @@
+;; expect: wasm-forbidden-import
+(module
+  (import "sandbox" "open_file" (func (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (@custom "sandbox.manifest" "{\"name\":\"t\",\"purpose\":\"credit_assessment\",\"input\":[\"tax_monthly.credit_code\"]}")
+  (func (export "run") (param i32) (result i32) (i32.const 0)))
