@@ -103,6 +103,9 @@ fn keys(result: &sandbox_tests::SqlResult) -> Vec<String> {
 async fn bank_journey_scores_only_consented_enterprises() {
     let server = TestServer::start().await.expect("server");
     let mut bank = server.client("bank").await.unwrap();
+    let datasets = bank.datasets().await.unwrap();
+    let tax = datasets.iter().find(|d| d.id == "tax_monthly").unwrap();
+    assert_eq!(tax.modes, vec!["aggregate".to_string(), "wasm".to_string()]);
     let (consented, others) = codes(&server, &mut bank).await;
     // The module scores three consented enterprises and two that never consented.
     let output = scores_ipc(&[

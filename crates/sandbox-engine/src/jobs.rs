@@ -804,7 +804,15 @@ impl Engine {
                 description: dataset.description.clone(),
                 privacy_unit: dataset.privacy_unit.clone(),
                 columns,
-                modes: mode.iter().map(|_| "aggregate".to_string()).collect(),
+                modes: mode
+                    .iter()
+                    .map(|_| "aggregate".to_string())
+                    .chain(
+                        self.policy
+                            .wasm_mode(principal, &dataset.id)
+                            .map(|_| "wasm".to_string()),
+                    )
+                    .collect(),
                 min_units: mode.as_ref().map_or(0, |m| m.min_units),
                 functions: mode
                     .iter()

@@ -1,7 +1,5 @@
 //! The host side of the ABI: the state of one run and the functions the guest may import.
 
-use std::sync::Mutex;
-
 use arrow::array::RecordBatch;
 use arrow::buffer::Buffer;
 use arrow::datatypes::SchemaRef;
@@ -21,20 +19,18 @@ const FUEL_PER_KIB: u64 = 64;
 pub(crate) struct Limiter {
     memory_bytes: usize,
     table_elements: usize,
-    hit: Mutex<Option<(Limit, String)>>,
+    hit: Option<(Limit, String)>,
 }
 
 impl Limiter {
     pub(crate) fn hit(&self) -> Option<WasmError> {
         self.hit
-            .lock()
-            .expect("limiter lock is never poisoned")
             .clone()
             .map(|(limit, detail)| WasmError::limit(limit, detail))
     }
 
-    fn refuse(&self, limit: Limit, detail: String) -> wasmtime::Result<bool> {
-        *self.hit.lock().expect("limiter lock is never poisoned") = Some((limit, detail.clone()));
+    fn refuse(&mut self, limit: Limit, detail: String) -> wasmtime::Result<bool> {
+        self.hit = Some((limit, detail.clone()));
         Err(wasmtime::Error::new(Abort(WasmError::limit(limit, detail))))
     }
 }
@@ -183,7 +179,7 @@ impl HostState {
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
-                hit: Mutex::new(None),
+                hit: None,
             },
             input: input.into_iter(),
             current: None,

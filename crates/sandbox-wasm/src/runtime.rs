@@ -130,6 +130,8 @@ impl std::fmt::Debug for WasmRuntime {
 
 /// How often the epoch advances: the granularity of the wall-clock limit and of cancellation.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Most columns a manifest may declare.
+const MAX_MANIFEST_COLUMNS: usize = 256;
 /// Compiled modules kept; beyond it the cache is cleared (recompiling is correct, just slower).
 const CACHE_ENTRIES: usize = 64;
 
@@ -342,10 +344,37 @@ fn read_manifest(bytes: &[u8]) -> Result<Manifest> {
     })?;
     let manifest: Manifest = serde_json::from_slice(&data)
         .map_err(|e| WasmError::Manifest(format!("invalid JSON: {e}")))?;
-    if manifest.input.is_empty() || manifest.purpose.trim().is_empty() {
+    // The manifest ends up in the journal and in every listing: keep it short and plain.
+    let plain = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+    };
+    if !plain(&manifest.name, 64) {
         return Err(WasmError::Manifest(
-            "the manifest must name a purpose and at least one input column".into(),
+            "`name` must be 1-64 letters, digits, spaces, `_`, `-` or `.`".into(),
         ));
+    }
+    if !plain(&manifest.purpose, 64) || manifest.purpose.contains(['.', ' ']) {
+        return Err(WasmError::Manifest(
+            "`purpose` must be 1-64 letters, digits, `_` or `-`".into(),
+        ));
+    }
+    if manifest.input.is_empty() || manifest.input.len() > MAX_MANIFEST_COLUMNS {
+        return Err(WasmError::Manifest(format!(
+            "`input` must list 1 to {MAX_MANIFEST_COLUMNS} columns"
+        )));
+    }
+    if let Some(bad) = manifest
+        .input
+        .iter()
+        .find(|c| !plain(c, 129) || c.contains(' ') || c.matches('.').count() != 1)
+    {
+        return Err(WasmError::Manifest(format!(
+            "input `{}` is not of the form dataset.column",
+            bad.chars().take(64).collect::<String>()
+        )));
     }
     Ok(manifest)
 }
