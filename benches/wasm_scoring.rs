@@ -6,11 +6,12 @@
 //! with fuel metering and the epoch deadline, every input batch encoded as Arrow IPC and copied
 //! into the guest, decoded there, scored, encoded, and decoded and checked by the host. Rounds are
 //! interleaved and the ratio of median throughputs is printed, as absolute times drift here. Cold
-//! (compile) and warm (cached, instantiate and run over no input) module starts are printed too.
+//! (compile) and warm (cached, instantiate and run over no input) module starts are printed too,
+//! and the cost of moving the batches across the boundary alone (a guest that echoes them).
 //!
 //! `cargo bench -p sandbox-benches --bench wasm_scoring` builds the guest first when it is missing
 //! (`cargo build --release -p credit-scoring --target wasm32-unknown-unknown`). Environment:
-//! `SANDBOX_BENCH_ROWS` (default 1048576), `SANDBOX_BENCH_ROUNDS` (default 5).
+//! `SANDBOX_BENCH_ROWS` (default 1048576), `SANDBOX_BENCH_ROUNDS` (default 9).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -128,7 +129,7 @@ fn features(rows: usize) -> Vec<RecordBatch> {
 
 fn main() -> anyhow::Result<()> {
     let rows = env_number("SANDBOX_BENCH_ROWS", 1 << 20);
-    let rounds = env_number("SANDBOX_BENCH_ROUNDS", 5).max(1);
+    let rounds = env_number("SANDBOX_BENCH_ROUNDS", 9).max(1);
     let bytes = std::fs::read(guest()?)?;
     println!(
         "guest: credit_scoring.wasm, {} bytes; {rows} feature rows in {BATCH_ROWS}-row batches",
@@ -182,13 +183,13 @@ fn main() -> anyhow::Result<()> {
     let mut work_units = 0;
     for round in 0..rounds {
         let started = Instant::now();
-        let mut scored = 0;
+        // Like the sandbox, the native path keeps every scored batch: both end holding the result.
+        let mut scored = Vec::with_capacity(input.len());
         for batch in &input {
-            scored += credit_scoring::score_batch(batch)
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .num_rows();
+            scored.push(credit_scoring::score_batch(batch).map_err(|e| anyhow::anyhow!("{e}"))?);
         }
         native_times.push(started.elapsed());
+        let scored: usize = scored.iter().map(|b| b.num_rows()).sum();
         anyhow::ensure!(scored == rows, "native scored {scored} rows");
 
         let batches = input.clone();
@@ -216,6 +217,29 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // Where the sandbox's time goes: the same batches through a guest that only echoes them
+    // (host encoding, copies across the boundary, host decoding of the output), and the host's
+    // encoding alone.
+    let echo = runtime.inspect(&wat::parse_str(ECHO_GUEST)?)?.sha256;
+    let mut echo_times = Vec::new();
+    for _ in 0..rounds {
+        let batches = input.clone();
+        let started = Instant::now();
+        runtime
+            .run(
+                &echo,
+                || unreachable!("cached"),
+                batches,
+                b"{}",
+                Arc::new(AtomicBool::new(false)),
+            )
+            .map_err(|f| anyhow::anyhow!("{f}"))?;
+        echo_times.push(started.elapsed());
+    }
+    println!(
+        "an echo guest (every input batch across the boundary and back, no work): {:.1} ms",
+        median(echo_times).as_secs_f64() * 1e3
+    );
     let (native, sandbox) = (median(native_times), median(sandbox_times));
     let throughput = |d: Duration| rows as f64 / d.as_secs_f64();
     println!(
@@ -234,3 +258,6 @@ fn main() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The sandbox suite's guest that emits every input batch unchanged.
+const ECHO_GUEST: &str = include_str!("../crates/sandbox-wasm/tests/guests/echo.wat");

@@ -166,8 +166,9 @@ pub(crate) struct Logs {
 pub(crate) struct HostState {
     pub(crate) limiter: Limiter,
     input: std::vec::IntoIter<RecordBatch>,
-    /// The current input batch, encoded.
-    current: Option<Vec<u8>>,
+    /// The current input batch, encoded; the buffer is reused from batch to batch.
+    current: Vec<u8>,
+    has_current: bool,
     params: Vec<u8>,
     pub(crate) output: Output,
     pub(crate) logs: Logs,
@@ -182,7 +183,8 @@ impl HostState {
                 hit: None,
             },
             input: input.into_iter(),
-            current: None,
+            current: Vec::new(),
+            has_current: false,
             params,
             output: Output {
                 schema: None,
@@ -277,14 +279,14 @@ pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>> {
             |mut caller: Caller<'_, HostState>| -> wasmtime::Result<i64> {
                 let state = caller.data_mut();
                 let Some(batch) = state.input.next() else {
-                    state.current = None;
+                    state.has_current = false;
                     return Ok(-1);
                 };
-                let bytes = encode(&batch).map_err(abort)?;
-                let len = bytes.len() as i64;
-                state.current = Some(bytes);
-                charge(&mut caller, len as usize)?;
-                Ok(len)
+                encode(&batch, &mut state.current).map_err(abort)?;
+                state.has_current = true;
+                let len = state.current.len();
+                charge(&mut caller, len)?;
+                Ok(len as i64)
             },
         )
         .map_err(fail)?;
@@ -293,7 +295,9 @@ pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>> {
             IMPORT_MODULE,
             "input_read",
             |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
-                copy_in(&mut caller, ptr, len, |s| s.current.as_deref())
+                copy_in(&mut caller, ptr, len, |s| {
+                    s.has_current.then_some(s.current.as_slice())
+                })
             },
         )
         .map_err(fail)?;
@@ -350,14 +354,14 @@ pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>> {
 
 /// One input batch as a self-contained Arrow IPC stream (schema, batch, end marker). View types
 /// (DataFusion's `Utf8View`) are sent as their plain forms, which every Arrow library reads.
-fn encode(batch: &RecordBatch) -> Result<Vec<u8>> {
+fn encode(batch: &RecordBatch, into: &mut Vec<u8>) -> Result<()> {
     let fail =
         |e: arrow::error::ArrowError| WasmError::Internal(format!("cannot encode input: {e}"));
     let batch = plain_types(batch).map_err(fail)?;
-    let mut writer = StreamWriter::try_new(Vec::new(), &batch.schema()).map_err(fail)?;
+    into.clear();
+    let mut writer = StreamWriter::try_new(into, &batch.schema()).map_err(fail)?;
     writer.write(&batch).map_err(fail)?;
-    writer.finish().map_err(fail)?;
-    writer.into_inner().map_err(fail)
+    writer.finish().map_err(fail)
 }
 
 fn plain_types(batch: &RecordBatch) -> arrow::error::Result<RecordBatch> {
