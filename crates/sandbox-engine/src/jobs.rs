@@ -223,10 +223,10 @@ impl JobSnapshot {
     }
 }
 
-pub(crate) struct Job {
+struct Job {
     owner: String,
     created: Instant,
-    pub(crate) cancel: CancellationToken,
+    cancel: CancellationToken,
     state: watch::Sender<JobSnapshot>,
 }
 
