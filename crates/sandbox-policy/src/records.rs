@@ -493,7 +493,11 @@ impl Registry {
                 org: expired.org.clone(),
             });
         }
-        let contract = used[0].contract.clone();
+        // A module declaring no dataset has no owner who could approve it: never runnable.
+        let Some(first) = used.first() else {
+            return Err(Refusal::AwaitingApproval { orgs: Vec::new() });
+        };
+        let contract = first.contract.clone();
         if used.iter().any(|a| a.contract != contract) {
             return Err(Refusal::ContractsDiffer);
         }
