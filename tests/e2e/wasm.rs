@@ -156,9 +156,10 @@ async fn bank_journey_scores_only_consented_enterprises() {
     expected.sort();
     assert_eq!(keys(&result), expected);
     assert_eq!(result.summary.rows_released, 3);
-    assert_eq!(result.summary.rows_suppressed, 2);
-    assert!(result.summary.rows_withheld > 0);
-    assert!(result.summary.work_units > 0);
+    // The bank learns nothing else of the run: the rows dropped and withheld, the rows read and
+    // the work done are for the auditor (checked below), since the guest or the input shaped them.
+    assert_eq!(result.summary.rows_suppressed, 0);
+    assert_eq!(result.summary.rows_scanned, 0);
     let scores = result.batches[0]
         .column(1)
         .as_any()
@@ -211,13 +212,19 @@ async fn bank_journey_scores_only_consented_enterprises() {
     assert!(runs.iter().any(|e| e.rule == "module-not-approved"));
     let released: Vec<&&pb::AuditEvent> = runs.iter().filter(|e| e.decision == "allow").collect();
     assert_eq!(released.len(), 2);
-    for event in released {
+    for event in &released {
         assert!(event.query.contains(&sha));
         assert!(event.work_units > 0);
         assert_eq!(event.guest_log, vec!["read all input".to_string()]);
         assert_eq!(event.result_sha256.len(), 64);
         assert!(event.columns.contains(&"tax_monthly.vat_paid".to_string()));
+        assert!(event.rows_scanned > 0);
+        assert!(event.message.contains("withheld"), "{}", event.message);
     }
+    // The first run dropped the two scores of enterprises without consent, the second also the
+    // revoked one.
+    assert_eq!(released[0].rows_suppressed, 2);
+    assert_eq!(released[1].rows_suppressed, 3);
     server.server.shutdown().await.unwrap();
 }
 
@@ -357,6 +364,13 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
             "contract-violation",
         ),
         (
+            "non-zero status",
+            suite_guest("guest_failure"),
+            "",
+            Code::InvalidArgument,
+            "wasm-guest-failed",
+        ),
+        (
             "more rows than the contract allows",
             emitting_guest(
                 &scores_ipc(&[
@@ -389,6 +403,11 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
                 "{name}: {error:?}"
             );
         }
+        // Nothing the guest chose reaches the client: not its status, not a size it asked for,
+        // not the names it emitted.
+        for leak in ["status", "asked for", "vat_paid", "bytes of memory"] {
+            assert!(!error.message().contains(leak), "{name}: {error:?}");
+        }
         analyst
             .sql("SELECT COUNT(*) FROM enterprises")
             .await
@@ -407,7 +426,23 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
     .await;
     let result = bank.wasm(&sha, TAX_INPUT, b"{}").await.expect("runs");
     assert_eq!(result.summary.rows_released, 0);
-    assert_eq!(result.summary.rows_suppressed, 2);
+    // The count of dropped rows is the guest's to choose: the auditor sees it, the bank does not.
+    assert_eq!(result.summary.rows_suppressed, 0);
+    let mut auditor = server.client("auditor").await.unwrap();
+    let events = auditor.events(0, 5, true).await.unwrap();
+    let run = events
+        .iter()
+        .rev()
+        .find(|e| e.action == "SubmitJob" && e.query.contains(&sha))
+        .expect("the run is journaled");
+    assert_eq!(run.rows_suppressed, 2);
+    // The failures above left their guest-chosen details in the journal instead.
+    let all = auditor.events(1, 10_000, false).await.unwrap();
+    assert!(
+        all.iter()
+            .any(|e| e.rule == "wasm-guest-failed" && e.message.contains("status 7")),
+        "the guest's status is journaled"
+    );
     server.server.shutdown().await.unwrap();
 }
 

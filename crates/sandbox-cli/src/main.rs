@@ -394,17 +394,10 @@ async fn wasm_run(cli: &Cli, module: &str, input: &str, params: &str) -> Result<
         .await?;
     print_batches(&result.batches, cli.format)?;
     let summary = result.summary;
+    // A code job reports only what it released; the rest is in the audit journal.
     eprintln!(
-        "released {} rows; dropped {} output rows and withheld {} input rows without consent; \
-         {} work units; rows scanned {}; job {}; audit seq {}; sha256 {}",
-        summary.rows_released,
-        summary.rows_suppressed,
-        summary.rows_withheld,
-        summary.work_units,
-        summary.rows_scanned,
-        result.job_id,
-        summary.audit_seq,
-        summary.result_sha256
+        "released {} rows; job {}; audit seq {}; sha256 {}",
+        summary.rows_released, result.job_id, summary.audit_seq, summary.result_sha256
     );
     Ok(())
 }

@@ -60,7 +60,7 @@ pub enum EngineError {
     #[error("{0}")]
     Wasm(#[from] sandbox_wasm::WasmError),
     /// A code job's guest failed; its logs and work units are journaled.
-    #[error("{}", .0.error)]
+    #[error("{}", .0.error.public_message())]
     Guest(Box<sandbox_wasm::GuestFailure>),
 }
 

@@ -118,10 +118,6 @@ pub struct ReleaseOutcome {
     pub result_sha256: String,
     pub audit_seq: u64,
     pub rows_scanned: u64,
-    /// Code jobs: the guest's deterministic work units.
-    pub work_units: u64,
-    /// Code jobs: input rows withheld from the guest because their entity has not consented.
-    pub rows_withheld: u64,
 }
 
 /// A released result whose audit event is durable: the only thing delivery may send.
@@ -133,20 +129,33 @@ pub struct JobResult {
 
 impl JobResult {
     /// Only built from a gate output and the journal's receipt for it.
+    /// What the caller learns is `outcome`; a code job's other figures are in the journal only.
     fn new(produced: Produced, ipc_stream: Vec<u8>, sha256: String, receipt: &Appended) -> Self {
         let summary = produced.released.summary();
-        JobResult {
-            ipc_stream,
-            outcome: ReleaseOutcome {
+        let outcome = if produced.code_job {
+            // Rows dropped, rows withheld, rows scanned and work units are figures the guest or
+            // the input query shaped (a guest can emit any number of rows for other entities, an
+            // input filter can single out an entity without consent): the caller gets none of
+            // them.
+            ReleaseOutcome {
+                rows_released: summary.rows_released,
+                result_sha256: sha256,
+                audit_seq: receipt.seq,
+                ..ReleaseOutcome::default()
+            }
+        } else {
+            ReleaseOutcome {
                 rows_released: summary.rows_released,
                 rows_suppressed: summary.rows_suppressed,
                 min_units: summary.min_units,
                 result_sha256: sha256,
                 audit_seq: receipt.seq,
                 rows_scanned: produced.rows_scanned,
-                work_units: produced.work_units,
-                rows_withheld: produced.rows_withheld,
-            },
+            }
+        };
+        JobResult {
+            ipc_stream,
+            outcome,
         }
     }
 
@@ -168,6 +177,8 @@ pub(crate) struct Produced {
     pub(crate) work_units: u64,
     pub(crate) rows_withheld: u64,
     pub(crate) guest_log: Vec<String>,
+    /// A WASM job: its figures go to the journal, not to the caller.
+    pub(crate) code_job: bool,
 }
 
 impl Produced {
@@ -178,6 +189,7 @@ impl Produced {
             work_units: 0,
             rows_withheld: 0,
             guest_log: Vec::new(),
+            code_job: false,
         }
     }
 }
@@ -550,6 +562,13 @@ impl Engine {
                 event.result_sha256 = sha.clone();
                 event.work_units = produced.work_units;
                 event.guest_log = std::mem::take(&mut produced.guest_log);
+                if produced.code_job {
+                    event.message = format!(
+                        "withheld {} input rows of entities without consent; dropped {} output \
+                         rows for entities without consent",
+                        produced.rows_withheld, summary.rows_suppressed
+                    );
+                }
                 match self
                     .journal
                     .append(event)
@@ -594,14 +613,16 @@ impl Engine {
                     // Details may hold data values: logged for operators, never sent or journaled.
                     tracing::warn!(detail = %detail, "job execution failed");
                 }
-                if let EngineError::Guest(failure) = &error {
-                    // The guest's logs and work go to the journal, never to the client.
-                    event.guest_log = failure.logs.clone();
-                    event.work_units = failure.work_units;
-                }
                 event.decision = decision;
                 event.rule = error.code();
                 event.message = error.to_string();
+                if let EngineError::Guest(failure) = &error {
+                    // The guest's logs, work and the details of its failure (which it controls:
+                    // a status, a size it asked for) go to the journal, never to the client.
+                    event.guest_log = failure.logs.clone();
+                    event.work_units = failure.work_units;
+                    event.message = failure.error.to_string();
+                }
                 let snapshot = JobSnapshot {
                     error: Some(error.kind()),
                     ..JobSnapshot::ended(&job_id, state, error.code(), error.to_string())

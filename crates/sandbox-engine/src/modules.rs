@@ -785,6 +785,7 @@ impl Engine {
                     work_units: output.work_units,
                     rows_withheld,
                     guest_log: output.logs,
+                    code_job: true,
                 })
             }),
         )

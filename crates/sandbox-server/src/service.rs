@@ -134,8 +134,6 @@ fn summary(outcome: &ReleaseOutcome) -> pb::ReleaseSummary {
         result_sha256: outcome.result_sha256.clone(),
         audit_seq: outcome.audit_seq,
         rows_scanned: outcome.rows_scanned,
-        work_units: outcome.work_units,
-        rows_withheld: outcome.rows_withheld,
     }
 }
 

@@ -100,6 +100,19 @@ impl WasmError {
         }
     }
 
+    /// The message for the job's submitter: nothing the guest chose (a status, a size it asked
+    /// for, what it wrote) may reach the client, since a guest could encode data in it. The full
+    /// message goes to the audit journal.
+    pub fn public_message(&self) -> String {
+        match self {
+            WasmError::LimitExceeded { limit, .. } => format!("{} limit exceeded", limit.name()),
+            WasmError::Trap(_) => "the guest trapped".into(),
+            WasmError::Abi(_) => "the guest broke the ABI".into(),
+            WasmError::GuestFailed(_) => "the guest reported failure".into(),
+            other => other.to_string(),
+        }
+    }
+
     /// Whether the module itself is unacceptable (refused at upload).
     pub fn is_invalid_module(&self) -> bool {
         matches!(
