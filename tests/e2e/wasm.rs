@@ -638,3 +638,39 @@ async fn run_limits_rejections_and_roles_hold() {
     assert_eq!(error.code(), Code::PermissionDenied);
     server.server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_guest_can_be_cancelled() {
+    let server = TestServer::start().await.expect("server");
+    let sha = approved(&server, suite_guest("infinite_loop_wall_time"), "").await;
+    let mut bank = server.client("bank").await.unwrap();
+    let job_id = bank
+        .submit(Client::wasm_spec(&sha, TAX_INPUT, b"{}"))
+        .await
+        .expect("admitted");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let status = bank
+        .sandbox
+        .cancel_job(bank.request(pb::CancelJobRequest {
+            job_id: job_id.clone(),
+        }))
+        .await
+        .expect("cancelled")
+        .into_inner();
+    assert_eq!(status.state, pb::JobState::Cancelled as i32);
+    // Well before the guest's 3 s wall-time limit: the epoch check saw the cancellation.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut auditor = server.client("auditor").await.unwrap();
+    let events = auditor.events(0, 10, true).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.job_id == job_id && e.action == "SubmitJob" && e.decision == "cancel")
+    );
+    server.server.shutdown().await.unwrap();
+}
