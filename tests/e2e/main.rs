@@ -553,3 +553,42 @@ async fn falls_back_to_the_built_in_policies() {
     restarted.shutdown().await.expect("shutdown");
     drop(dir);
 }
+
+/// A filter over aggregated rows runs after suppression: its answers match the raw engine on the
+/// released groups, and the count of suppressed groups does not depend on it (else a HAVING on a
+/// small group's aggregate could be answered through that count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn having_applies_after_suppression() {
+    let server = TestServer::start().await.expect("server");
+    let raw = raw_engine(&server).await;
+    let mut analyst = server.client("analyst").await.expect("client");
+    let base = "SELECT industry, COUNT(*) AS n FROM enterprises GROUP BY industry";
+    let plain = analyst.sql(base).await.expect("allowed");
+    assert!(
+        plain.summary.rows_suppressed > 0,
+        "the demo has small industries"
+    );
+    for having in [
+        "COUNT(*) < 5",
+        "COUNT(*) >= 10",
+        "SUM(registered_capital) > 0",
+        "COUNT(*) < 0",
+    ] {
+        let sql = format!("{base} HAVING {having}");
+        let result = analyst.sql(&sql).await.expect("allowed");
+        assert_eq!(
+            result.summary.rows_suppressed, plain.summary.rows_suppressed,
+            "{sql}: the suppressed count is the predicate-free one"
+        );
+        // The released rows are the raw answer restricted to groups of at least k enterprises
+        // (here one row per enterprise, so COUNT(*) counts units).
+        let expected = raw_rows(&raw, &format!("{sql} AND COUNT(*) >= 10")).await;
+        assert_eq!(sorted_rows(&result.batches), expected, "{sql}");
+    }
+    let small = analyst
+        .sql(&format!("{base} HAVING COUNT(*) < 5"))
+        .await
+        .expect("allowed");
+    assert_eq!(small.summary.rows_released, 0);
+    server.server.shutdown().await.expect("shutdown");
+}

@@ -304,6 +304,7 @@ impl Engine {
     /// the start.
     pub async fn start(mut config: EngineConfig) -> Result<Arc<Engine>> {
         if sandbox_sql::UNITS_COLUMN != sandbox_release::UNITS_COLUMN
+            || sandbox_sql::HAVING_COLUMN != sandbox_release::HAVING_COLUMN
             || sandbox_sql::HIDDEN_PREFIX != sandbox_release::HIDDEN_PREFIX
         {
             return Err(EngineError::Setup(

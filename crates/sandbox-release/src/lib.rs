@@ -6,7 +6,9 @@
 //!
 //! 1. refuses input without the hidden unit count (fail closed: a plan that lost it is not
 //!    released at all);
-//! 2. suppresses every row below `min_units` and counts it;
+//! 2. suppresses every row below `min_units` and counts it; then drops rows whose hidden
+//!    [`HAVING_COLUMN`] (the query's filter over aggregated rows, when it has one) is not true,
+//!    without counting them, so that the suppressed count never depends on that filter;
 //! 3. applies the query's `OFFSET`/`LIMIT` *after* suppression, so a limit cannot be used to learn
 //!    which rows would have been suppressed;
 //! 4. strips every hidden column (any name starting with [`HIDDEN_PREFIX`]).
@@ -32,6 +34,8 @@ pub use contract::{ContractGate, contract_schema, release_contract};
 pub const HIDDEN_PREFIX: &str = "__sandbox_";
 /// Hidden column with the (capped) count of distinct privacy units behind an output row.
 pub const UNITS_COLUMN: &str = "__sandbox_units";
+/// Hidden boolean column with the query's `HAVING` predicate per row, applied after suppression.
+pub const HAVING_COLUMN: &str = "__sandbox_having";
 
 /// Why the gate refused to release anything.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,8 @@ pub enum ReleaseError {
     MissingUnitCount,
     #[error("hidden unit count column has type {0}, expected UInt64; nothing is released")]
     UnitCountType(DataType),
+    #[error("hidden HAVING column has type {0}, expected Boolean; nothing is released")]
+    HavingType(DataType),
     #[error("batch schema differs from the result schema; nothing is released")]
     SchemaMismatch,
     #[error("result exceeds the release limit of {limit} rows")]
@@ -55,7 +61,9 @@ impl ReleaseError {
     pub fn code(&self) -> &'static str {
         match self {
             ReleaseError::MissingUnitCount => "release-missing-unit-count",
-            ReleaseError::UnitCountType(_) => "release-unit-count-type",
+            ReleaseError::UnitCountType(_) | ReleaseError::HavingType(_) => {
+                "release-hidden-column-type"
+            }
             ReleaseError::SchemaMismatch => "release-schema-mismatch",
             ReleaseError::TooManyRows { .. } => "release-too-many-rows",
             ReleaseError::ContractViolation(_) => "contract-violation",
@@ -134,6 +142,16 @@ pub fn release(
     if units_type != &DataType::UInt64 {
         return Err(ReleaseError::UnitCountType(units_type.clone()));
     }
+    let having_index = match schema.index_of(HAVING_COLUMN) {
+        Ok(index) => {
+            let having_type = schema.field(index).data_type();
+            if having_type != &DataType::Boolean {
+                return Err(ReleaseError::HavingType(having_type.clone()));
+            }
+            Some(index)
+        }
+        Err(_) => None,
+    };
     let visible: Vec<usize> = schema
         .fields()
         .iter()
@@ -162,12 +180,31 @@ pub fn release(
                 ReleaseError::UnitCountType(batch.column(units_index).data_type().clone())
             })?;
         // A null count means the guard could not count: treat as zero units, i.e. suppress.
-        let keep: BooleanArray = units
+        let covered: BooleanArray = units
             .iter()
             .map(|u| Some(u.unwrap_or(0) >= policy.min_units))
             .collect();
+        summary.rows_suppressed += (batch.num_rows() - covered.true_count()) as u64;
+        // The query's own filter over aggregated rows applies only to rows that passed: a row it
+        // rejects is simply not part of the answer, and is not counted.
+        let keep = match having_index {
+            None => covered,
+            Some(index) => {
+                let having = batch
+                    .column(index)
+                    .as_any()
+                    .downcast_ref::<BooleanArray>()
+                    .ok_or_else(|| {
+                        ReleaseError::HavingType(batch.column(index).data_type().clone())
+                    })?;
+                covered
+                    .iter()
+                    .zip(having.iter())
+                    .map(|(c, h)| Some(c == Some(true) && h == Some(true)))
+                    .collect()
+            }
+        };
         let kept_rows = keep.true_count();
-        summary.rows_suppressed += (batch.num_rows() - kept_rows) as u64;
         if kept_rows == 0 || remaining == 0 {
             continue;
         }
@@ -253,6 +290,46 @@ mod tests {
             .value(0)
             .to_string();
         assert_eq!(groups, "A");
+    }
+
+    #[test]
+    fn having_applies_after_suppression_and_is_not_counted() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("industry", DataType::Utf8, false),
+            Field::new(UNITS_COLUMN, DataType::UInt64, false),
+            Field::new(HAVING_COLUMN, DataType::Boolean, true),
+        ]));
+        let batch = |having: Vec<Option<bool>>| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(StringArray::from(vec!["A", "B", "C", "D"])),
+                    unit_counts(&[20, 3, 30, 2]),
+                    Arc::new(BooleanArray::from(having)),
+                ],
+            )
+            .expect("valid batch")
+        };
+        // Whatever the predicate says about the small groups B and D, the suppressed count is
+        // the same: it cannot be used to learn the predicate on groups never released.
+        for having in [
+            vec![Some(true), Some(true), Some(true), Some(true)],
+            vec![Some(false), Some(true), Some(false), Some(false)],
+            vec![Some(true), Some(false), None, Some(true)],
+        ] {
+            let expected: u64 = [having[0], having[2]]
+                .iter()
+                .filter(|h| **h == Some(true))
+                .count() as u64;
+            let released = release(schema.clone(), vec![batch(having)], &policy(10)).unwrap();
+            assert_eq!(released.summary().rows_suppressed, 2);
+            assert_eq!(released.summary().rows_released, expected);
+            assert_eq!(
+                released.schema().fields().len(),
+                1,
+                "hidden columns stripped"
+            );
+        }
     }
 
     #[test]

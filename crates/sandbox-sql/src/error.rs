@@ -21,7 +21,7 @@ pub enum Rule {
     JoinNotSupported,
     /// Aggregates over aggregates are not supported yet.
     NestedAggregateNotSupported,
-    /// `HAVING` is not supported yet.
+    /// More than one filter over aggregated rows (`HAVING`) in a query.
     HavingNotSupported,
     /// The privacy unit would appear in the output.
     IdentifierOutput,

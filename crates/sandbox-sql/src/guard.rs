@@ -5,8 +5,14 @@
 //! The accepted shape, outermost first:
 //!
 //! ```text
-//! [Limit] (Sort | Projection | SubqueryAlias)*  Aggregate  (Filter | Projection | SubqueryAlias)*  TableScan
+//! [Limit] (Sort | Projection | SubqueryAlias | Filter)*  Aggregate  (Filter | Projection | SubqueryAlias)*  TableScan
 //! ```
+//!
+//! A filter over aggregated rows (`HAVING`, or a `WHERE` over an aggregating derived table) is
+//! not run as a filter: the rewrite turns it into a hidden boolean column [`HAVING_COLUMN`], and
+//! the gate drops rows whose predicate is not true *after* counting the suppressed ones. Run as a
+//! filter, it would decide which small groups reach the gate, so the count of suppressed rows
+//! would answer the predicate about groups that are never released.
 //!
 //! Everything else is denied with the rule that explains why. The guard is an allow-list: a plan
 //! node, expression kind or function it does not know is denied.
@@ -30,6 +36,9 @@ use crate::units::CappedUnits;
 /// engine checks that at start so the two cannot drift.
 pub const HIDDEN_PREFIX: &str = "__sandbox_";
 pub const UNITS_COLUMN: &str = "__sandbox_units";
+/// Hidden column carrying a `HAVING` predicate per aggregated row, for the gate to apply after
+/// suppression (see [`guard`]).
+pub const HAVING_COLUMN: &str = "__sandbox_having";
 
 /// Scalar functions allowed on dimensions and on aggregated outputs. Anything else is denied.
 const SCALAR_FUNCTIONS: &[&str] = &[
@@ -153,13 +162,17 @@ pub fn guard(
                 node = single_input(node)?;
             }
             LogicalPlan::Filter(filter) => {
-                if contains_aggregate(&filter.input) {
+                if !contains_aggregate(&filter.input) {
+                    return Err(guard.no_aggregate(plan));
+                }
+                if chain.iter().any(|n| matches!(n, LogicalPlan::Filter(_))) {
                     return Err(deny(
                         Rule::HavingNotSupported,
-                        "HAVING (a filter over aggregated rows) is not supported yet",
+                        "only one filter over aggregated rows is supported",
                     ));
                 }
-                return Err(guard.no_aggregate(plan));
+                chain.push(node);
+                node = &filter.input;
             }
             LogicalPlan::TableScan(_) | LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => {
                 return Err(guard.no_aggregate(plan));
@@ -220,6 +233,9 @@ pub fn guard(
                     Ok(FetchType::Literal(n)) => n,
                     _ => return Err(deny(Rule::LimitNotConstant, "LIMIT must be a constant")),
                 };
+            }
+            LogicalPlan::Filter(filter) => {
+                post_aggregate_expr(&filter.predicate, filter.input.schema())?;
             }
             LogicalPlan::SubqueryAlias(_) => {}
             other => return Err(node_denial(other)),
@@ -297,11 +313,30 @@ pub fn guard(
             )
         }
     };
+    let mut having = false;
     for node in chain.iter().rev() {
         rewritten = match node {
             LogicalPlan::Projection(projection) => {
                 let mut exprs = projection.expr.clone();
                 exprs.push(Expr::Column(Column::new_unqualified(UNITS_COLUMN)));
+                if having {
+                    exprs.push(Expr::Column(Column::new_unqualified(HAVING_COLUMN)));
+                }
+                LogicalPlan::Projection(
+                    Projection::try_new(exprs, Arc::new(rewritten)).map_err(rewrite_error)?,
+                )
+            }
+            // Every column passes, plus the predicate as a hidden column for the gate.
+            LogicalPlan::Filter(filter) => {
+                let mut exprs: Vec<Expr> = rewritten
+                    .schema()
+                    .iter()
+                    .map(|(qualifier, field)| {
+                        Expr::Column(Column::new(qualifier.cloned(), field.name()))
+                    })
+                    .collect();
+                exprs.push(filter.predicate.clone().alias(HAVING_COLUMN));
+                having = true;
                 LogicalPlan::Projection(
                     Projection::try_new(exprs, Arc::new(rewritten)).map_err(rewrite_error)?,
                 )

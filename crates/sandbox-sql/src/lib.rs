@@ -21,7 +21,7 @@ mod session;
 pub mod units;
 
 pub use error::{Denial, Result, Rule, SqlError};
-pub use guard::{GrantedDataset, Guarded, HIDDEN_PREFIX, UNITS_COLUMN, guard};
+pub use guard::{GrantedDataset, Guarded, HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN, guard};
 pub use rows::{GuardedRows, RowScope, guard_rows};
 pub use session::{Executed, PlannedQuery, PlannedRows, SqlEngine, SqlLimits};
 pub use tokio_util::sync::CancellationToken;
