@@ -674,3 +674,43 @@ async fn a_running_guest_can_be_cancelled() {
     );
     server.server.shutdown().await.unwrap();
 }
+
+/// Guests beyond the concurrency limit (1 in tests) are refused at once, not queued, and not
+/// counted as runs; a slot frees when its guest ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_beyond_the_limit_are_refused_not_queued() {
+    let server = TestServer::start().await.expect("server");
+    let sha = approved(&server, suite_guest("infinite_loop_wall_time"), "").await;
+    let mut bank = server.client("bank").await.unwrap();
+    let first = bank
+        .submit(Client::wasm_spec(&sha, TAX_INPUT, b"{}"))
+        .await
+        .expect("admitted");
+    let busy = bank
+        .submit(Client::wasm_spec(&sha, TAX_INPUT, b"{}"))
+        .await
+        .expect_err("no free slot");
+    assert_eq!(busy.code(), Code::ResourceExhausted);
+    assert_eq!(rule_of(&busy), "wasm-busy");
+    bank.sandbox
+        .cancel_job(bank.request(pb::CancelJobRequest { job_id: first }))
+        .await
+        .expect("cancelled");
+    let again = bank
+        .submit(Client::wasm_spec(&sha, TAX_INPUT, b"{}"))
+        .await
+        .expect("the slot is free again");
+    bank.sandbox
+        .cancel_job(bank.request(pb::CancelJobRequest { job_id: again }))
+        .await
+        .expect("cancelled");
+    let module = bank
+        .modules()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.sha256 == sha)
+        .unwrap();
+    assert_eq!(module.runs, 2, "the refused submission is not a run");
+    server.server.shutdown().await.unwrap();
+}

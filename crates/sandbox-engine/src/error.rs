@@ -59,6 +59,9 @@ pub enum EngineError {
     NotPermitted(String),
     #[error("{0}")]
     Wasm(#[from] sandbox_wasm::WasmError),
+    /// Every guest slot is taken; the job is refused rather than queued.
+    #[error("{0} code jobs are already running; try again later")]
+    Busy(usize),
     /// A code job's guest failed; its logs and work units are journaled.
     #[error("{}", .0.error.public_message())]
     Guest(Box<sandbox_wasm::GuestFailure>),
@@ -81,6 +84,7 @@ impl EngineError {
             EngineError::NotPermitted(_) => "not-permitted".into(),
             EngineError::Wasm(e) => e.code().into(),
             EngineError::Guest(failure) => failure.error.code().into(),
+            EngineError::Busy(_) => "wasm-busy".into(),
         }
     }
 
@@ -107,6 +111,7 @@ impl EngineError {
             EngineError::NotPermitted(_) => ErrorKind::PermissionDenied,
             EngineError::Wasm(e) => wasm_kind(e),
             EngineError::Guest(failure) => wasm_kind(&failure.error),
+            EngineError::Busy(_) => ErrorKind::ResourceExhausted,
         }
     }
 }

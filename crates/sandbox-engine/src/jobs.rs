@@ -36,6 +36,8 @@ pub struct EngineConfig {
     pub max_module_bytes: usize,
     /// Parquet files of consents to load into the journal once (the demo `consents` table).
     pub consent_seed: Option<PathBuf>,
+    /// Most guests running at once; more code jobs are refused (`wasm-busy`), not queued.
+    pub max_concurrent_guests: usize,
 }
 
 impl EngineConfig {
@@ -50,6 +52,10 @@ impl EngineConfig {
             wasm_limits: WasmLimits::default(),
             max_module_bytes: 32 << 20,
             consent_seed: None,
+            // One core stays free for SQL and the service itself.
+            max_concurrent_guests: std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1))
+                .max(1),
         }
     }
 }
@@ -285,6 +291,8 @@ pub struct Engine {
     pub(crate) wasm: Arc<WasmRuntime>,
     /// Modules, approvals, consents and runs, rebuilt from the journal at start.
     pub(crate) registry: Mutex<Registry>,
+    /// One permit per guest allowed to run at once.
+    pub(crate) guest_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) journal: Journal,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     pub(crate) config: EngineConfig,
@@ -337,6 +345,9 @@ impl Engine {
             sql: Arc::new(sql),
             wasm: Arc::new(wasm),
             registry: Mutex::new(registry),
+            guest_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.max_concurrent_guests.max(1),
+            )),
             journal,
             jobs: Mutex::new(HashMap::new()),
             config,

@@ -723,6 +723,16 @@ impl Engine {
         };
         event.datasets = planned.guarded.datasets.clone();
         event.columns = planned.guarded.columns.clone();
+        // A slot for the guest, or an immediate refusal: code jobs never queue without bound, and
+        // a core stays free for everything else.
+        let Ok(slot) = self.guest_slots.clone().try_acquire_owned() else {
+            let error = EngineError::Busy(self.config.max_concurrent_guests);
+            event.decision = Decision::Fail;
+            event.rule = error.code();
+            event.message = error.to_string();
+            self.journal.append(event).await?;
+            return Err(error);
+        };
         // The run is counted at admission (under the lock, so concurrent runs cannot exceed the
         // limit) and recorded with the job's terminal event.
         let reserved = {
@@ -758,6 +768,8 @@ impl Engine {
         let key_index = planned.guarded.key_index;
         Ok(
             self.spawn_job(ctx, event, started, move |engine, cancel| async move {
+                // Held until the guest is done.
+                let _slot = slot;
                 let executed = engine
                     .sql
                     .execute_rows(planned, cancel.clone())

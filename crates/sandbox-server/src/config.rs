@@ -46,6 +46,10 @@ pub struct ServerConfig {
     /// Largest linear memory of a WASM guest, in MiB.
     #[arg(long, default_value_t = 512)]
     pub wasm_memory_mib: usize,
+    /// Most WASM guests running at once; more code jobs are refused with RESOURCE_EXHAUSTED.
+    /// 0: one less than the CPU cores (at least 1).
+    #[arg(long, default_value_t = 0)]
+    pub wasm_max_concurrent: usize,
 }
 
 impl ServerConfig {
@@ -63,6 +67,7 @@ impl ServerConfig {
             wasm_timeout_secs: 3,
             wasm_fuel_millions: 200_000,
             wasm_memory_mib: 512,
+            wasm_max_concurrent: 1,
         }
     }
 

@@ -65,6 +65,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     engine_config.sql_limits = config.sql_limits();
     engine_config.wasm_limits = config.wasm_limits();
     engine_config.max_module_bytes = MAX_MODULE_BYTES;
+    if config.wasm_max_concurrent > 0 {
+        engine_config.max_concurrent_guests = config.wasm_max_concurrent;
+    }
     // The demo consents are loaded into the journal once (the engine keeps a marker).
     let seed = config.data_dir.join("datasets/consents");
     engine_config.consent_seed = seed.is_dir().then_some(seed);
