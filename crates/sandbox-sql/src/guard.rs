@@ -25,7 +25,7 @@ use datafusion::common::{Column, DFSchema, ScalarValue, TableReference};
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{
     Aggregate, AggregateUDF, BinaryExpr, Expr, ExprSchemable, FetchType, LogicalPlan, Operator,
-    Projection, SkipType, Sort, SubqueryAlias, cast,
+    Projection, SkipType, Sort, SubqueryAlias, TableScan, cast,
 };
 use sandbox_policy::{AggregateFunction as Allowed, AggregateMode, DatasetPolicy, Level, Role};
 
@@ -104,6 +104,11 @@ pub(crate) enum Lineage {
 }
 
 impl Lineage {
+    /// Whether this is the privacy unit itself, unmodified.
+    pub(crate) fn is_plain_unit(&self) -> bool {
+        matches!(self, Lineage::Plain(source) if source.is_unit)
+    }
+
     pub(crate) fn sources(&self) -> Vec<&Source> {
         match self {
             Lineage::Plain(s) => vec![s],
@@ -245,7 +250,7 @@ pub fn guard(
     // The rewrite: count distinct privacy units per group, and carry the count to the output.
     let unit_index = input_lineage
         .iter()
-        .position(|l| matches!(l, Lineage::Plain(s) if s.is_unit))
+        .position(Lineage::is_plain_unit)
         .ok_or_else(|| {
             deny(
                 Rule::PrivacyUnitUnavailable,
@@ -375,6 +380,37 @@ pub(crate) fn is_default_qualifier(reference: &TableReference) -> bool {
     )
 }
 
+/// The lineage of every column a table scan outputs: each a plain source column. Hidden columns
+/// are not in the catalog's schema, so one here means the plan was not built from it: denied.
+pub(crate) fn scan_lineage(
+    scan: &TableScan,
+    dataset: &Arc<str>,
+    policy: &DatasetPolicy,
+) -> Result<Vec<Lineage>, SqlError> {
+    scan.projected_schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let column = policy
+                .column(field.name())
+                .filter(|c| c.role != Role::Hidden)
+                .ok_or_else(|| {
+                    deny(
+                        Rule::PlanNodeNotAllowed,
+                        format!("column `{}` of `{dataset}` is hidden", field.name()),
+                    )
+                })?;
+            Ok(Lineage::Plain(Source {
+                dataset: dataset.clone(),
+                column: Arc::from(column.name.as_str()),
+                role: column.role,
+                level: column.level,
+                is_unit: column.name == policy.privacy_unit,
+            }))
+        })
+        .collect()
+}
+
 /// The lineage of a column of `schema`, whose columns have `lineage` in order.
 pub(crate) fn lineage_of(
     column: &Column,
@@ -500,26 +536,7 @@ impl Guard<'_> {
                 self.mode = Some(mode);
                 self.datasets.insert(name.to_string());
                 let dataset: Arc<str> = Arc::from(name);
-                let policy = &granted.policy;
-                let mut lineage = Vec::new();
-                for field in scan.projected_schema.fields() {
-                    let Some(column) = policy
-                        .column(field.name())
-                        .filter(|c| c.role != Role::Hidden)
-                    else {
-                        return Err(deny(
-                            Rule::PlanNodeNotAllowed,
-                            format!("column `{}` of `{name}` is hidden", field.name()),
-                        ));
-                    };
-                    lineage.push(Lineage::Plain(Source {
-                        dataset: dataset.clone(),
-                        column: Arc::from(column.name.as_str()),
-                        role: column.role,
-                        level: column.level,
-                        is_unit: column.name == policy.privacy_unit,
-                    }));
-                }
+                let lineage = scan_lineage(scan, &dataset, &granted.policy)?;
                 Ok((lineage, dataset))
             }
             LogicalPlan::Filter(filter) => {
@@ -791,7 +808,7 @@ fn counts_distinct_units(expr: &Expr, schema: &DFSchema, lineage: &[Lineage]) ->
             .index_of_column(column)
             .ok()
             .and_then(|i| lineage.get(i))
-            .is_some_and(|l| matches!(l, Lineage::Plain(source) if source.is_unit)),
+            .is_some_and(Lineage::is_plain_unit),
         _ => false,
     }
 }

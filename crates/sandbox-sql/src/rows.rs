@@ -20,12 +20,12 @@ use std::sync::Arc;
 use datafusion::common::DFSchema;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, JoinType, LogicalPlan, Operator};
-use sandbox_policy::{DatasetPolicy, Role};
+use sandbox_policy::DatasetPolicy;
 
 use crate::error::{Rule, SqlError};
 use crate::guard::{
     HIDDEN_PREFIX, Lineage, Source, deny, expression_children, is_default_qualifier, lineage_of,
-    node_denial, strip_alias, uses_reserved_name,
+    node_denial, scan_lineage, strip_alias, uses_reserved_name,
 };
 
 /// What a code job's input may read: per dataset, its policy and the approved columns.
@@ -71,7 +71,7 @@ pub fn guard_rows(plan: &LogicalPlan, scope: &RowScope) -> Result<GuardedRows, S
     let lineage = guard.walk(plan)?;
     let key_index = lineage
         .iter()
-        .position(|l| matches!(l, Lineage::Plain(s) if s.is_unit))
+        .position(Lineage::is_plain_unit)
         .ok_or_else(|| {
             deny(
                 Rule::PrivacyUnitUnavailable,
@@ -110,27 +110,11 @@ impl RowGuard<'_> {
                 }
                 self.datasets.insert(name.to_string());
                 let dataset: Arc<str> = Arc::from(name);
-                let mut lineage = Vec::new();
-                for field in scan.projected_schema.fields() {
-                    let column = policy
-                        .column(field.name())
-                        .filter(|c| c.role != Role::Hidden)
-                        .ok_or_else(|| {
-                            deny(
-                                Rule::PlanNodeNotAllowed,
-                                format!("column `{name}.{}` is hidden", field.name()),
-                            )
-                        })?;
-                    if !approved.contains(&column.name) {
-                        self.unapproved.insert(format!("{name}.{}", column.name));
+                let lineage = scan_lineage(scan, &dataset, policy)?;
+                for source in lineage.iter().flat_map(Lineage::sources) {
+                    if !approved.contains(source.column.as_ref()) {
+                        self.unapproved.insert(format!("{name}.{}", source.column));
                     }
-                    lineage.push(Lineage::Plain(Source {
-                        dataset: dataset.clone(),
-                        column: Arc::from(column.name.as_str()),
-                        role: column.role,
-                        level: column.level,
-                        is_unit: column.name == policy.privacy_unit,
-                    }));
                 }
                 Ok(lineage)
             }
@@ -201,7 +185,8 @@ impl RowGuard<'_> {
                         (Some(l), Some(r)) => {
                             self.used(&l)?;
                             self.used(&r)?;
-                            on_unit |= l.is_unit && r.is_unit;
+                            // The same entity on both sides: both privacy units, of one name.
+                            on_unit |= l.is_unit && r.is_unit && l.column == r.column;
                         }
                         _ => {
                             return Err(deny(
@@ -232,10 +217,7 @@ impl RowGuard<'_> {
                     }
                     lineage.push(self.expr(expr, schema, &input)?);
                 }
-                if !lineage
-                    .iter()
-                    .any(|l| matches!(l, Lineage::Plain(s) if s.is_unit))
-                {
+                if !lineage.iter().any(Lineage::is_plain_unit) {
                     return Err(deny(
                         Rule::PrivacyUnitUnavailable,
                         "aggregates in a code job's input must group by the privacy unit \

@@ -29,7 +29,18 @@ impl Limiter {
             .map(|(limit, detail)| WasmError::limit(limit, detail))
     }
 
-    fn refuse(&mut self, limit: Limit, detail: String) -> wasmtime::Result<bool> {
+    /// Allows a growth up to `max`, or records the limit and aborts the guest.
+    fn allow(
+        &mut self,
+        limit: Limit,
+        desired: usize,
+        max: usize,
+        unit: &str,
+    ) -> wasmtime::Result<bool> {
+        if desired <= max {
+            return Ok(true);
+        }
+        let detail = format!("the guest asked for {desired} {unit}; the limit is {max}");
         self.hit = Some((limit, detail.clone()));
         Err(wasmtime::Error::new(Abort(WasmError::limit(limit, detail))))
     }
@@ -42,16 +53,7 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
-            return self.refuse(
-                Limit::Memory,
-                format!(
-                    "the guest asked for {desired} bytes of memory; the limit is {}",
-                    self.memory_bytes
-                ),
-            );
-        }
-        Ok(true)
+        self.allow(Limit::Memory, desired, self.memory_bytes, "bytes of memory")
     }
 
     fn table_growing(
@@ -60,16 +62,7 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.table_elements {
-            return self.refuse(
-                Limit::Table,
-                format!(
-                    "the guest asked for {desired} table elements; the limit is {}",
-                    self.table_elements
-                ),
-            );
-        }
-        Ok(true)
+        self.allow(Limit::Table, desired, self.table_elements, "table elements")
     }
 
     fn instances(&self) -> usize {
@@ -166,9 +159,9 @@ pub(crate) struct Logs {
 pub(crate) struct HostState {
     pub(crate) limiter: Limiter,
     input: std::vec::IntoIter<RecordBatch>,
-    /// The current input batch, encoded; the buffer is reused from batch to batch.
+    /// The current input batch, encoded (never empty: a stream holds at least its schema); empty
+    /// before the first `input_next` and after the last. The buffer is reused from batch to batch.
     current: Vec<u8>,
-    has_current: bool,
     params: Vec<u8>,
     pub(crate) output: Output,
     pub(crate) logs: Logs,
@@ -184,7 +177,6 @@ impl HostState {
             },
             input: input.into_iter(),
             current: Vec::new(),
-            has_current: false,
             params,
             output: Output {
                 schema: None,
@@ -279,11 +271,10 @@ pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>> {
             |mut caller: Caller<'_, HostState>| -> wasmtime::Result<i64> {
                 let state = caller.data_mut();
                 let Some(batch) = state.input.next() else {
-                    state.has_current = false;
+                    state.current.clear();
                     return Ok(-1);
                 };
                 encode(&batch, &mut state.current).map_err(abort)?;
-                state.has_current = true;
                 let len = state.current.len();
                 charge(&mut caller, len)?;
                 Ok(len as i64)
@@ -296,7 +287,7 @@ pub(crate) fn linker(engine: &Engine) -> Result<Linker<HostState>> {
             "input_read",
             |mut caller: Caller<'_, HostState>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
                 copy_in(&mut caller, ptr, len, |s| {
-                    s.has_current.then_some(s.current.as_slice())
+                    (!s.current.is_empty()).then_some(s.current.as_slice())
                 })
             },
         )

@@ -11,6 +11,7 @@ use ring::digest;
 use wasmtime::wasmparser::{Parser, Payload};
 use wasmtime::{
     Config, Engine, ExternType, InstancePre, Linker, Module, OptLevel, Store, Trap, UpdateDeadline,
+    ValType,
 };
 
 use crate::abi::{self, HOST_IMPORTS, Manifest};
@@ -399,11 +400,11 @@ fn check_imports(module: &Module) -> Result<()> {
             && func
                 .params()
                 .zip(expected.params)
-                .all(|(a, b)| ValTypeEq::eq(&a, b))
+                .all(|(a, b)| ValType::eq(&a, b))
             && func
                 .results()
                 .zip(expected.results)
-                .all(|(a, b)| ValTypeEq::eq(&a, b));
+                .all(|(a, b)| ValType::eq(&a, b));
         if !same {
             return Err(WasmError::ImportType {
                 name: import.name().to_string(),
@@ -414,19 +415,6 @@ fn check_imports(module: &Module) -> Result<()> {
     Ok(())
 }
 
-/// Value types compared by kind: the ABI only uses numeric types.
-struct ValTypeEq;
-
-impl ValTypeEq {
-    fn eq(a: &wasmtime::ValType, b: &wasmtime::ValType) -> bool {
-        use wasmtime::ValType::*;
-        matches!(
-            (a, b),
-            (I32, I32) | (I64, I64) | (F32, F32) | (F64, F64) | (V128, V128)
-        )
-    }
-}
-
 fn check_exports(module: &Module) -> Result<()> {
     let entry = module.get_export(abi::ENTRY);
     let entry_ok = matches!(
@@ -434,8 +422,8 @@ fn check_exports(module: &Module) -> Result<()> {
         Some(ExternType::Func(ref f))
             if f.params().len() == 1
                 && f.results().len() == 1
-                && f.params().all(|p| matches!(p, wasmtime::ValType::I32))
-                && f.results().all(|r| matches!(r, wasmtime::ValType::I32))
+                && f.params().all(|p| matches!(p, ValType::I32))
+                && f.results().all(|r| matches!(r, ValType::I32))
     );
     if !entry_ok {
         return Err(WasmError::MissingExport("`run: (i32) -> i32`"));
@@ -449,9 +437,10 @@ fn check_exports(module: &Module) -> Result<()> {
 /// Maps what wasmtime returned to the sandbox's error: the host's own aborts first, then the
 /// limiter's record, then traps.
 fn classify(error: wasmtime::Error, state: &HostState) -> WasmError {
-    if let Some(Abort(inner)) = error.downcast_ref::<Abort>() {
-        return clone_error(inner);
-    }
+    let error = match error.downcast::<Abort>() {
+        Ok(Abort(inner)) => return inner,
+        Err(other) => other,
+    };
     if let Some(hit) = state.limiter.hit() {
         return hit;
     }
@@ -463,18 +452,6 @@ fn classify(error: wasmtime::Error, state: &HostState) -> WasmError {
         Some(Trap::Interrupt) => WasmError::limit(Limit::WallTime, "the guest was interrupted"),
         Some(trap) => WasmError::Trap(trap.to_string()),
         None => WasmError::Trap(root_message(&error)),
-    }
-}
-
-fn clone_error(error: &WasmError) -> WasmError {
-    match error {
-        WasmError::LimitExceeded { limit, detail } => WasmError::LimitExceeded {
-            limit: *limit,
-            detail: detail.clone(),
-        },
-        WasmError::Abi(m) => WasmError::Abi(m.clone()),
-        WasmError::Cancelled => WasmError::Cancelled,
-        other => WasmError::Internal(other.to_string()),
     }
 }
 
