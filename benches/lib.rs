@@ -8,7 +8,8 @@ pub fn bench_data(scale: f64) -> anyhow::Result<PathBuf> {
     let dir = target_dir()
         .join("bench-data")
         .join(format!("scale-{scale}"));
-    let marker = dir.join("complete");
+    // The marker names the generator's data version, so data of an older layout is regenerated.
+    let marker = dir.join(format!("complete-v{}", sandbox_demo::DATA_VERSION));
     if !marker.exists() {
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;

@@ -1,6 +1,7 @@
 //! The sandbox path (session, guard, rewrite with the hidden unit count, execution, release gate,
 //! IPC encoding, SHA-256 and a durable audit append) against raw DataFusion on the same aggregate
-//! queries over the same Parquet files, at a scale of at least 5 million rows.
+//! queries over the same Parquet files, at a scale of at least 5 million rows: two over one
+//! dataset and a join of three departments' datasets.
 //!
 //! Criterion reports each path; then both are run interleaved in one loop and the ratio of the
 //! medians is printed, since absolute times drift on shared machines.
@@ -18,7 +19,7 @@ use sandbox_benches::median;
 use sandbox_engine::{Engine, EngineConfig, JobSpec, RequestContext};
 use sandbox_policy::{Principal, PrincipalRole};
 
-const QUERIES: [(&str, &str); 2] = [
+const QUERIES: [(&str, &str); 3] = [
     (
         "monthly_by_rating",
         "SELECT month, tax_credit_rating, COUNT(*) AS n, SUM(vat_paid) AS vat, \
@@ -28,6 +29,17 @@ const QUERIES: [(&str, &str); 2] = [
         "filtered_by_rating",
         "SELECT tax_credit_rating, COUNT(DISTINCT credit_code) AS enterprises, SUM(vat_paid) AS vat \
          FROM tax_monthly WHERE month >= '2024-01' GROUP BY tax_credit_rating",
+    ),
+    (
+        // Three departments joined on the privacy unit (tax, social insurance, the register):
+        // one unit class, so the query's own distinct count is the threshold's count.
+        "three_table_join",
+        "SELECT e.industry, COUNT(DISTINCT t.credit_code) AS enterprises, SUM(t.vat_paid) AS vat, \
+         AVG(s.insured_headcount) AS headcount \
+         FROM tax_monthly t \
+         JOIN social_insurance_monthly s ON t.credit_code = s.credit_code AND t.month = s.month \
+         JOIN enterprises e ON t.credit_code = e.credit_code \
+         GROUP BY e.industry",
     ),
 ];
 
@@ -98,15 +110,18 @@ fn setup() -> anyhow::Result<Paths> {
     let partitions = std::thread::available_parallelism().map_or(2, |n| n.get());
     let raw =
         SessionContext::new_with_config(SessionConfig::new().with_target_partitions(partitions));
-    runtime.block_on(
-        raw.register_parquet(
-            "tax_monthly",
-            data.join("datasets/tax_monthly")
-                .to_str()
-                .expect("utf8 path"),
-            ParquetReadOptions::default(),
-        ),
-    )?;
+    for table in ["tax_monthly", "social_insurance_monthly", "enterprises"] {
+        runtime.block_on(
+            raw.register_parquet(
+                table,
+                data.join("datasets")
+                    .join(table)
+                    .to_str()
+                    .expect("utf8 path"),
+                ParquetReadOptions::default(),
+            ),
+        )?;
+    }
     let rows: u64 = runtime.block_on(async {
         let batches = raw
             .sql("SELECT COUNT(*) FROM tax_monthly")

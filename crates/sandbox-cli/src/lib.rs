@@ -205,6 +205,61 @@ impl Client {
         Ok(self.governance.reject_module(request).await?.into_inner())
     }
 
+    /// Submits a SQL template (TOML) for the owners' approval.
+    pub async fn submit_template(
+        &mut self,
+        definition_toml: &str,
+    ) -> Result<pb::Template, tonic::Status> {
+        let request = self.request(pb::SubmitTemplateRequest {
+            definition_toml: definition_toml.to_string(),
+        });
+        Ok(self.governance.submit_template(request).await?.into_inner())
+    }
+
+    /// Approves a template's hash for the caller's datasets (owners).
+    pub async fn approve_template(
+        &mut self,
+        sha256: &str,
+        max_runs: u64,
+        valid_days: u64,
+    ) -> Result<pb::Template, tonic::Status> {
+        let request = self.request(pb::ApproveTemplateRequest {
+            sha256: sha256.to_string(),
+            max_runs,
+            valid_days,
+        });
+        Ok(self
+            .governance
+            .approve_template(request)
+            .await?
+            .into_inner())
+    }
+
+    pub async fn templates(&mut self) -> Result<Vec<pb::Template>, tonic::Status> {
+        let request = self.request(pb::ListTemplatesRequest {});
+        Ok(self
+            .governance
+            .list_templates(request)
+            .await?
+            .into_inner()
+            .templates)
+    }
+
+    /// Runs an approved template by name and fetches what it released.
+    pub async fn template(
+        &mut self,
+        name: &str,
+        params: std::collections::HashMap<String, String>,
+    ) -> Result<SqlResult, tonic::Status> {
+        self.run(pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::Template(pb::TemplateJob {
+                name: name.to_string(),
+                params,
+            })),
+        })
+        .await
+    }
+
     pub async fn modules(&mut self) -> Result<Vec<pb::Module>, tonic::Status> {
         let request = self.request(pb::ListModulesRequest {});
         Ok(self

@@ -88,6 +88,41 @@ enum Command {
     /// Manage consents (admins; consumers list and revoke their own).
     #[command(subcommand)]
     Consent(ConsentCommand),
+    /// Submit, approve, list and run approved SQL templates.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCommand {
+    /// Submit a template (TOML) for the owners' approval (consumer, analyst).
+    Submit { file: PathBuf },
+    /// Approve a template for your datasets among those it reads (owner).
+    Approve {
+        sha256: String,
+        /// Most runs allowed.
+        #[arg(long, default_value_t = 100)]
+        max_runs: u64,
+        /// Days the approval stays valid.
+        #[arg(long, default_value_t = 90)]
+        valid_days: u64,
+    },
+    /// List your org's templates, or, as an owner, those reading your datasets.
+    List,
+    /// Run an approved template by name; print the released rows.
+    Run {
+        name: String,
+        /// A parameter value, `key=value`; repeat for each parameter.
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+    },
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{text}` is not key=value"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -274,7 +309,105 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             params,
         }) => wasm_run(&cli, module, input, params).await,
         Command::Consent(command) => consent(&cli, command).await,
+        Command::Template(command) => template(&cli, command).await,
     }
+}
+
+fn print_template(t: &pb::Template, format: Format) {
+    match format {
+        Format::Json => out!(
+            "{}",
+            serde_json::json!({
+                "sha256": t.sha256, "name": t.name, "description": t.description, "sql": t.sql,
+                "mode": t.mode, "min_units": t.min_units,
+                "contract": serde_json::from_str::<serde_json::Value>(&t.contract_json)
+                    .unwrap_or_default(),
+                "params": t.params.iter().map(|p| serde_json::json!({
+                    "name": p.name, "type": p.r#type,
+                })).collect::<Vec<_>>(),
+                "datasets": t.datasets, "org": t.org, "submitted_by": t.submitted_by,
+                "state": t.state, "reason": t.reason, "runs": t.runs, "runs_left": t.runs_left,
+                "approvals": t.approvals.iter().map(|a| serde_json::json!({
+                    "org": a.org, "approved_by": a.approved_by, "datasets": a.datasets,
+                    "max_runs": a.max_runs, "expires_at": a.expires_at,
+                })).collect::<Vec<_>>(),
+            })
+        ),
+        _ => {
+            out!(
+                "{}  {}  ({}; {}; org {})",
+                t.sha256,
+                t.name,
+                t.state,
+                t.mode,
+                t.org
+            );
+            if !t.description.is_empty() {
+                out!("    {}", t.description);
+            }
+            out!("    reads:   {}", t.datasets.join(", "));
+            let params: Vec<String> = t
+                .params
+                .iter()
+                .map(|p| format!("{}: {}", p.name, p.r#type))
+                .collect();
+            out!("    params:  {}", params.join(", "));
+            if !t.reason.is_empty() {
+                out!("    reason:  {}", t.reason);
+            }
+            for a in &t.approvals {
+                out!(
+                    "    approved by {} ({}) for {}: {} runs, expires {}",
+                    a.org,
+                    a.approved_by,
+                    a.datasets.join(", "),
+                    a.max_runs,
+                    a.expires_at
+                );
+            }
+            out!("    runs: {} (left {})", t.runs, t.runs_left);
+        }
+    }
+}
+
+async fn template(cli: &Cli, command: &TemplateCommand) -> Result<(), Failure> {
+    match command {
+        TemplateCommand::Submit { file } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+            let template = client(cli).await?.submit_template(&text).await?;
+            print_template(&template, cli.format);
+        }
+        TemplateCommand::Approve {
+            sha256,
+            max_runs,
+            valid_days,
+        } => {
+            let template = client(cli)
+                .await?
+                .approve_template(sha256, *max_runs, *valid_days)
+                .await?;
+            print_template(&template, cli.format);
+        }
+        TemplateCommand::List => {
+            for template in client(cli).await?.templates().await? {
+                print_template(&template, cli.format);
+            }
+        }
+        TemplateCommand::Run { name, params } => {
+            let result = client(cli)
+                .await?
+                .template(name, params.iter().cloned().collect())
+                .await?;
+            print_batches(&result.batches, cli.format)?;
+            let summary = result.summary;
+            eprintln!(
+                "released {} rows; job {}; audit seq {}; sha256 {}",
+                summary.rows_released, result.job_id, summary.audit_seq, summary.result_sha256
+            );
+        }
+    }
+    Ok(())
 }
 
 fn usage(message: impl Into<String>) -> Failure {

@@ -16,6 +16,11 @@ use std::path::{Path, PathBuf};
 pub use codes::{credit_code, is_valid_credit_code};
 pub use tables::TABLES;
 
+/// Version of the generated layout; bumped whenever a table gains, loses or changes a column, so
+/// that caches of generated data (the benchmarks') know to regenerate. 2: `court_cases` gained
+/// `counterparty_code`.
+pub const DATA_VERSION: u32 = 2;
+
 /// Errors of the generator.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {

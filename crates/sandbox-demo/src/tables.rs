@@ -641,6 +641,7 @@ fn write_court(
         vec![
             utf8("case_id"),
             utf8("credit_code"),
+            utf8("counterparty_code"),
             utf8("filed_month"),
             utf8("case_type"),
             utf8("role"),
@@ -650,7 +651,7 @@ fn write_court(
         ],
     )?;
     let n_months = months.len() as u32;
-    let mut rows = Rows::new(6);
+    let mut rows = Rows::new(7);
     let mut dishonest = BooleanBuilder::new();
     let mut case_number = 0u64;
     for p in profiles {
@@ -679,28 +680,45 @@ fn write_court(
             let year = 2000 + (m / 12) % 100;
             rows.strings[0].append_value(format!("({year})桂民初{case_number}号"));
             rows.strings[1].append_value(&p.credit_code);
-            rows.strings[2].append_value(&months[m as usize]);
-            rows.strings[3].append_value(case_type);
-            rows.strings[4].append_value(if defendant { "defendant" } else { "plaintiff" });
+            rows.strings[2].append_value(counterparty(profiles, p, case_number));
+            rows.strings[3].append_value(&months[m as usize]);
+            rows.strings[4].append_value(case_type);
+            rows.strings[5].append_value(if defendant { "defendant" } else { "plaintiff" });
             rows.floats[0].append_value(amount);
-            rows.strings[5].append_value(status);
+            rows.strings[6].append_value(status);
             dishonest.append_value(listed);
             rows.count += 1;
             if rows.count == BATCH_ROWS {
-                let [id, c, mo, ty, role, st] = rows.take_strings::<6>();
+                let [id, c, cp, mo, ty, role, st] = rows.take_strings::<7>();
                 let [amount] = rows.take_floats::<1>();
                 let flags: ArrayRef = Arc::new(std::mem::take(&mut dishonest).finish());
-                writer.write(vec![id, c, mo, ty, role, amount, st, flags])?;
+                writer.write(vec![id, c, cp, mo, ty, role, amount, st, flags])?;
             }
         }
     }
     if rows.count > 0 {
-        let [id, c, mo, ty, role, st] = rows.take_strings::<6>();
+        let [id, c, cp, mo, ty, role, st] = rows.take_strings::<7>();
         let [amount] = rows.take_floats::<1>();
         let flags: ArrayRef = Arc::new(dishonest.finish());
-        writer.write(vec![id, c, mo, ty, role, amount, st, flags])?;
+        writer.write(vec![id, c, cp, mo, ty, role, amount, st, flags])?;
     }
     writer.finish()
+}
+
+/// The other party of a case: another enterprise of the register, chosen by a hash of the case
+/// number (splitmix64) rather than the shared generator, so that adding the column left every
+/// other generated value as it was.
+fn counterparty<'a>(profiles: &'a [Profile], party: &Profile, case_number: u64) -> &'a str {
+    let mut z = case_number.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let n = profiles.len() as u64;
+    let mut index = (z % n) as usize;
+    if profiles[index].credit_code == party.credit_code && profiles.len() > 1 {
+        index = (index + 1) % profiles.len();
+    }
+    &profiles[index].credit_code
 }
 
 fn write_penalties(

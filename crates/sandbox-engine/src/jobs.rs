@@ -1,16 +1,16 @@
 //! The engine: jobs, their stages, their audit events, and the read-only calls.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ring::digest;
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal, StoredEvent};
-use sandbox_policy::{DatasetPolicy, PolicySet, Principal, PrincipalRole, Registry};
+use sandbox_policy::{DatasetPolicy, Mode, PolicySet, Principal, PrincipalRole, Registry};
 use sandbox_release::{GatePolicy, Released, release};
 use sandbox_sql::{
-    CancellationToken, GrantedDataset, PlannedQuery, SqlEngine, SqlError, SqlLimits,
+    CancellationToken, GrantedDataset, PlannedQuery, PseudonymKey, SqlEngine, SqlError, SqlLimits,
 };
 use sandbox_wasm::{WasmLimits, WasmRuntime};
 use tokio::sync::watch;
@@ -78,6 +78,11 @@ pub enum JobSpec {
         input_query: String,
         parameters: Vec<u8>,
     },
+    /// An approved template, run by name with its parameters.
+    Template {
+        name: String,
+        params: BTreeMap<String, String>,
+    },
 }
 
 impl JobSpec {
@@ -85,6 +90,7 @@ impl JobSpec {
         match self {
             JobSpec::Sql { .. } => "sql",
             JobSpec::Wasm { .. } => "wasm",
+            JobSpec::Template { .. } => "template",
         }
     }
 
@@ -96,6 +102,10 @@ impl JobSpec {
                 input_query,
                 ..
             } => format!("module {module_sha256}; input: {input_query}"),
+            JobSpec::Template { name, params } => {
+                let params: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("template {name}({})", params.join(", "))
+            }
         }
     }
 }
@@ -295,6 +305,8 @@ pub struct Engine {
     pub(crate) guest_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) journal: Journal,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// The server secret the pseudonym keys of consumers derive from.
+    pseudonym_secret: Vec<u8>,
     pub(crate) config: EngineConfig,
 }
 
@@ -332,6 +344,7 @@ impl Engine {
         let wasm = WasmRuntime::new(config.wasm_limits.clone())
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         let registry = crate::modules::replay(&journal)?;
+        let pseudonym_secret = crate::secret::pseudonym_secret(&config.data_dir)?;
         // The engine keeps the policy once, outside its copy of the configuration.
         let policy = Arc::new(std::mem::take(&mut config.policy));
         let datasets = policy
@@ -350,6 +363,7 @@ impl Engine {
             )),
             journal,
             jobs: Mutex::new(HashMap::new()),
+            pseudonym_secret,
             config,
         });
         engine
@@ -396,6 +410,12 @@ impl Engine {
                 )
             })
             .collect()
+    }
+
+    /// The pseudonym key of the caller's org: masked pseudonyms are stable per consumer org and
+    /// unlinkable across orgs.
+    pub(crate) fn pseudonym_key(&self, principal: &Principal) -> PseudonymKey {
+        PseudonymKey::derive(&self.pseudonym_secret, &principal.org)
     }
 
     pub(crate) fn event(ctx: &RequestContext, action: &str) -> AuditEvent {
@@ -456,12 +476,22 @@ impl Engine {
                     .submit_wasm(ctx, event, started, module_sha256, input_query, parameters)
                     .await;
             }
+            JobSpec::Template { name, params } => {
+                return self
+                    .submit_template_run(ctx, event, started, name, params)
+                    .await;
+            }
         };
 
         let granted = self.granted(&ctx.principal);
         let planned = match self
             .sql
-            .plan(&query, &granted)
+            .plan(
+                &query,
+                &granted,
+                &self.pseudonym_key(&ctx.principal),
+                Mode::Aggregate,
+            )
             .instrument(tracing::info_span!("plan"))
             .await
         {
@@ -531,7 +561,11 @@ impl Engine {
     }
 
     /// Execute and release for a SQL job.
-    async fn run_sql(&self, planned: PlannedQuery, cancel: CancellationToken) -> Result<Produced> {
+    pub(crate) async fn run_sql(
+        &self,
+        planned: PlannedQuery,
+        cancel: CancellationToken,
+    ) -> Result<Produced> {
         let gate = GatePolicy {
             min_units: planned.guarded.min_units,
             skip: planned.guarded.skip,
@@ -755,9 +789,13 @@ impl Engine {
                     .explain_wasm(ctx, event, &module_sha256, &input_query)
                     .await;
             }
+            JobSpec::Template { name, params } => {
+                return self.explain_template(ctx, event, &name, &params).await;
+            }
         };
         let granted = self.granted(&ctx.principal);
-        let explanation = match self.sql.plan(&query, &granted).await {
+        let key = self.pseudonym_key(&ctx.principal);
+        let explanation = match self.sql.plan(&query, &granted, &key, Mode::Aggregate).await {
             Ok(planned) => Explanation {
                 allowed: true,
                 rule: String::new(),

@@ -18,6 +18,8 @@
 mod error;
 mod jobs;
 mod modules;
+mod secret;
+mod templates;
 
 pub use error::{EngineError, ErrorKind, Result};
 pub use jobs::{
@@ -26,6 +28,10 @@ pub use jobs::{
 };
 pub use modules::{ApprovalRequest, ModuleView};
 pub use sandbox_audit::{AuditEvent, Decision, StoredEvent};
-pub use sandbox_policy::{Approval, Consent, ConsentKey, Contract};
+pub use sandbox_policy::{
+    Approval, Consent, ConsentKey, Contract, TemplateApproval, TemplateDefinition, TemplateOutput,
+    TemplateRecord,
+};
 pub use sandbox_sql::SqlLimits;
 pub use sandbox_wasm::WasmLimits;
+pub use templates::TemplateView;

@@ -33,9 +33,9 @@ pub(crate) fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-const DAY: u64 = 86_400;
+pub(crate) const DAY: u64 = 86_400;
 /// Longest validity of an approval or a consent added through the API.
-const MAX_VALID_DAYS: u64 = 5 * 366;
+pub(crate) const MAX_VALID_DAYS: u64 = 5 * 366;
 
 /// Folds every record of the journal into a registry. A record that cannot be read stops the
 /// start: state rebuilt from a journal the engine does not understand would be wrong.
@@ -61,7 +61,7 @@ pub(crate) fn replay(journal: &Journal) -> Result<Registry> {
     Ok(registry)
 }
 
-fn record_value(record: &Record) -> serde_json::Value {
+pub(crate) fn record_value(record: &Record) -> serde_json::Value {
     serde_json::to_value(record).expect("records always serialize")
 }
 
@@ -90,7 +90,11 @@ pub struct ApprovalRequest {
     pub columns: Option<Vec<String>>,
 }
 
-fn require_role(ctx: &RequestContext, roles: &[PrincipalRole], what: &'static str) -> Result<()> {
+pub(crate) fn require_role(
+    ctx: &RequestContext,
+    roles: &[PrincipalRole],
+    what: &'static str,
+) -> Result<()> {
     if ctx.principal.has_any_role(roles) {
         Ok(())
     } else {
@@ -98,7 +102,7 @@ fn require_role(ctx: &RequestContext, roles: &[PrincipalRole], what: &'static st
     }
 }
 
-fn invalid(message: impl Into<String>) -> EngineError {
+pub(crate) fn invalid(message: impl Into<String>) -> EngineError {
     EngineError::Invalid {
         code: "invalid-argument",
         message: message.into(),
@@ -106,11 +110,11 @@ fn invalid(message: impl Into<String>) -> EngineError {
 }
 
 impl Engine {
-    fn owner_of(&self, dataset: &str) -> Option<String> {
+    pub(crate) fn owner_of(&self, dataset: &str) -> Option<String> {
         self.policy.dataset(dataset).map(|d| d.owner.clone())
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+    pub(crate) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry
             .lock()
             .expect("registry lock is never poisoned")
@@ -118,7 +122,7 @@ impl Engine {
 
     /// Records a call's terminal event (with its record when it changed state) and applies the
     /// record, or records the refusal. The record is applied only once it is durable.
-    async fn conclude<T>(
+    pub(crate) async fn conclude<T>(
         &self,
         mut event: AuditEvent,
         outcome: Result<(T, Option<Record>)>,
@@ -647,7 +651,7 @@ impl Engine {
         let decided = match self.admit_wasm(ctx, sha256) {
             Ok((effective, scope)) => self
                 .sql
-                .plan_rows(input_query, &scope)
+                .plan_rows(input_query, &scope, &self.pseudonym_key(&ctx.principal))
                 .await
                 .map(|planned| (effective, planned))
                 .map_err(EngineError::from),
@@ -700,7 +704,7 @@ impl Engine {
         let admitted = match self.admit_wasm(ctx, &sha256) {
             Ok((effective, scope)) => self
                 .sql
-                .plan_rows(&input_query, &scope)
+                .plan_rows(&input_query, &scope, &self.pseudonym_key(&ctx.principal))
                 .instrument(tracing::info_span!("plan"))
                 .await
                 .map(|planned| (effective, planned))
@@ -845,7 +849,7 @@ impl Engine {
 
 /// Keeps only input rows whose privacy unit consented: other entities' rows never reach the
 /// guest. Returns the rows kept and how many were withheld.
-fn only_consented(
+pub(crate) fn only_consented(
     batches: Vec<RecordBatch>,
     key_index: usize,
     consented: &HashSet<String>,
@@ -886,25 +890,14 @@ fn check_consent_key(key: &ConsentKey) -> Result<()> {
     }
 }
 
-/// Writes a module's bytes under its hash, durably (temporary file, fsync, rename).
+/// Writes a module's bytes under its hash, durably.
 async fn store_module(dir: &Path, sha256: &str, bytes: &[u8]) -> Result<()> {
-    let dir = dir.to_path_buf();
-    let sha256 = sha256.to_string();
+    let target = dir.join(format!("{sha256}.wasm"));
     let bytes = bytes.to_vec();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        use std::io::Write;
-        std::fs::create_dir_all(&dir)?;
-        let target = dir.join(format!("{sha256}.wasm"));
-        let temporary = dir.join(format!("{sha256}.wasm.tmp"));
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &target)?;
-        std::fs::File::open(&dir)?.sync_all()
-    })
-    .await
-    .map_err(|e| EngineError::Setup(format!("module store panicked: {e}")))?
-    .map_err(|e| EngineError::Setup(format!("cannot store the module: {e}")))
+    tokio::task::spawn_blocking(move || crate::secret::write_durable(&target, &bytes, false))
+        .await
+        .map_err(|e| EngineError::Setup(format!("module store panicked: {e}")))?
+        .map_err(|e| EngineError::Setup(format!("cannot store the module: {e}")))
 }
 
 /// Consents from the demo `consents` Parquet files (`credit_code`, `consumer_org`, `purpose`,

@@ -13,20 +13,26 @@
 //! - [`Grant`] and [`AggregateMode`]: what a principal, an org or a role may do with a dataset.
 //! - [`Principal`]: an authenticated caller (id, org, roles).
 //! - [`Registry`] and its [`Record`]s: uploaded modules, owners' approvals with output
-//!   [`Contract`]s, rejections, consents and runs, folded from the audit journal.
+//!   [`Contract`]s, rejections, consents, SQL templates ([`TemplateDefinition`]) and their
+//!   approvals, and runs, folded from the audit journal.
 
 mod error;
 mod load;
 mod model;
 mod records;
+mod templates;
 
 pub use error::{PolicyError, Result};
 pub use load::{load_dir, load_sources};
 pub use model::{
     AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
-    PolicySet, Principal, PrincipalRole, Role, WasmMode,
+    Mask, Mode, PolicySet, Principal, PrincipalRole, Role, TemplateMode, WasmMode,
 };
 pub use records::{
-    Approval, Consent, ConsentKey, Contract, ContractField, Effective, FieldKind,
-    MAX_CONTRACT_FIELDS, ModuleRecord, Record, Refusal, Registry, Rejection,
+    Approval, Consent, ConsentKey, Contract, ContractField, Effective, EffectiveTemplate,
+    FieldKind, MAX_CONTRACT_FIELDS, ModuleRecord, Record, Refusal, Registry, Rejection,
+};
+pub use templates::{
+    MAX_PARAM_BYTES, MAX_TEMPLATE_PARAMS, ParamKind, ParamValue, TemplateApproval,
+    TemplateDefinition, TemplateOutput, TemplateParam, TemplateRecord,
 };

@@ -15,7 +15,7 @@ use toml::Spanned;
 use crate::error::{PolicyError, Result};
 use crate::model::{
     AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
-    PolicySet, PrincipalRole, Role, WasmMode,
+    Mask, Mode, PolicySet, PrincipalRole, Role, TemplateMode, WasmMode,
 };
 
 #[derive(Deserialize)]
@@ -45,6 +45,11 @@ struct RawColumn {
     name: Spanned<String>,
     level: Spanned<String>,
     role: Spanned<String>,
+    /// The transform of a masked column: `partial`, `pseudonym`, `bucket`, `year` or `month`.
+    mask: Option<Spanned<String>>,
+    keep_first: Option<u32>,
+    keep_last: Option<u32>,
+    width: Option<Spanned<i64>>,
     #[serde(default)]
     description: String,
 }
@@ -57,7 +62,16 @@ struct RawGrant {
     org: Option<String>,
     role: Option<Spanned<String>>,
     aggregate: Option<Spanned<RawAggregate>>,
+    template: Option<Spanned<RawTemplate>>,
     wasm: Option<Spanned<RawWasm>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    min_units: Spanned<i64>,
+    #[serde(default)]
+    purposes: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +86,10 @@ struct RawWasm {
 struct RawAggregate {
     min_units: Spanned<i64>,
     functions: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    filter_measures: Vec<Spanned<String>>,
+    #[serde(default)]
+    expression_arguments: bool,
 }
 
 /// Loads every `*.toml` file of a directory, in name order.
@@ -215,17 +233,19 @@ fn build_dataset(
             return Err(invalid(
                 &at(column.role.span().start),
                 format!(
-                    "column `{name}` of dataset `{id}`: level {} does not allow role `{}` \
-                     (L4 columns may only be measures or hidden)",
+                    "column `{name}` of dataset `{id}`: level {} does not allow role `{}` ({})",
                     level.as_str(),
-                    role.as_str()
+                    role.as_str(),
+                    level.role_cap_reason()
                 ),
             ));
         }
+        let mask = build_mask(column, role, &name, &column_location, at)?;
         columns.push(ColumnPolicy {
             name,
             level,
             role,
+            mask,
             description: column.description.clone(),
             location: column_location,
         });
@@ -274,6 +294,107 @@ fn build_dataset(
         columns,
         location,
     })
+}
+
+/// The transform of a masked column; the mask keys are refused on any other role.
+fn build_mask(
+    column: &RawColumn,
+    role: Role,
+    name: &str,
+    location: &Location,
+    at: &dyn Fn(usize) -> Location,
+) -> Result<Option<Mask>> {
+    let Some(kind) = &column.mask else {
+        if role == Role::Masked {
+            return Err(invalid(
+                location,
+                format!(
+                    "masked column `{name}` needs `mask` (partial, pseudonym, bucket, year or month)"
+                ),
+            ));
+        }
+        if column.keep_first.is_some() || column.keep_last.is_some() || column.width.is_some() {
+            return Err(invalid(
+                location,
+                format!("column `{name}`: keep_first, keep_last and width belong to a `mask`"),
+            ));
+        }
+        return Ok(None);
+    };
+    let mask_location = at(kind.span().start);
+    if role != Role::Masked {
+        return Err(invalid(
+            &mask_location,
+            format!(
+                "column `{name}` has a mask but role `{}`; use role `masked`",
+                role.as_str()
+            ),
+        ));
+    }
+    let partial = column.keep_first.is_some() || column.keep_last.is_some();
+    let mask = match kind.get_ref().as_str() {
+        "partial" if column.width.is_none() => {
+            let keep_first = column.keep_first.unwrap_or(0);
+            let keep_last = column.keep_last.unwrap_or(0);
+            if keep_first + keep_last == 0 || keep_first + keep_last > 8 {
+                return Err(invalid(
+                    &mask_location,
+                    format!(
+                        "column `{name}`: a partial mask keeps 1 to 8 characters in all \
+                         (keep_first + keep_last)"
+                    ),
+                ));
+            }
+            Mask::Partial {
+                keep_first,
+                keep_last,
+            }
+        }
+        "bucket" if !partial => {
+            let width = column.width.as_ref().ok_or_else(|| {
+                invalid(
+                    &mask_location,
+                    format!("column `{name}`: a bucket mask needs a positive `width`"),
+                )
+            })?;
+            let value = *width.get_ref();
+            if value <= 0 {
+                return Err(invalid(
+                    &at(width.span().start),
+                    format!("column `{name}`: bucket width must be positive, got {value}"),
+                ));
+            }
+            Mask::Bucket {
+                width: value.unsigned_abs(),
+            }
+        }
+        "pseudonym" | "year" | "month" if !partial && column.width.is_none() => {
+            match kind.get_ref().as_str() {
+                "pseudonym" => Mask::Pseudonym,
+                "year" => Mask::Year,
+                _ => Mask::Month,
+            }
+        }
+        "partial" | "bucket" | "pseudonym" | "year" | "month" => {
+            return Err(invalid(
+                &mask_location,
+                format!(
+                    "column `{name}`: keep_first/keep_last go with `partial`, width with \
+                     `bucket`; pseudonym, year and month take no parameter"
+                ),
+            ));
+        }
+        other => {
+            return Err(invalid(
+                &mask_location,
+                format!(
+                    "column `{name}`: unknown mask `{other}` (expected partial, pseudonym, \
+                     bucket, year or month)"
+                ),
+            ));
+        }
+    };
+    Ok(Some(mask))
 }
 
 fn build_grant(
@@ -350,9 +471,37 @@ fn build_grant(
                     "aggregate mode allows no function".to_string(),
                 ));
             }
+            let mut filter_measures = BTreeSet::new();
+            for name in &mode.filter_measures {
+                let column = dataset.column(name.get_ref());
+                let reason = match column {
+                    None => Some(format!(
+                        "`{}` is not a column of `{dataset_id}`",
+                        name.get_ref()
+                    )),
+                    Some(c) if c.role != Role::Measure => Some(format!(
+                        "`{}` is a {}, not a measure",
+                        c.name,
+                        c.role.as_str()
+                    )),
+                    Some(c) if !c.level.allows_mode(Mode::Aggregate) => Some(format!(
+                        "measure `{}` is {}: the level allows no use in {}, so no filter on it",
+                        c.name,
+                        c.level.as_str(),
+                        Mode::Aggregate.as_str()
+                    )),
+                    Some(_) => None,
+                };
+                if let Some(reason) = reason {
+                    return Err(invalid(&at(name.span().start), reason));
+                }
+                filter_measures.insert(name.get_ref().clone());
+            }
             Some(AggregateMode {
                 min_units: u64::try_from(min_units).expect("checked to be at least 2"),
                 functions,
+                filter_measures,
+                expression_arguments: mode.expression_arguments,
             })
         }
     };
@@ -395,11 +544,34 @@ fn build_grant(
             Some(WasmMode { purposes, columns })
         }
     };
-    if aggregate.is_none() && wasm.is_none() {
+    let template = match &raw.template {
+        None => None,
+        Some(mode) => {
+            let mode = mode.get_ref();
+            let min_units = *mode.min_units.get_ref();
+            if min_units < 2 {
+                return Err(invalid(
+                    &at(mode.min_units.span().start),
+                    format!("min_units must be at least 2, got {min_units}"),
+                ));
+            }
+            let mut purposes = BTreeSet::new();
+            for purpose in &mode.purposes {
+                check_identifier(purpose.get_ref(), "purpose", &at(purpose.span().start))?;
+                purposes.insert(purpose.get_ref().clone());
+            }
+            Some(TemplateMode {
+                min_units: min_units.unsigned_abs(),
+                purposes,
+            })
+        }
+    };
+    if aggregate.is_none() && template.is_none() && wasm.is_none() {
         return Err(invalid(
             &location,
             format!(
-                "grant on `{dataset_id}` gives no mode (expected `[grant.aggregate]` or `[grant.wasm]`)"
+                "grant on `{dataset_id}` gives no mode (expected `[grant.aggregate]`, \
+                 `[grant.template]` or `[grant.wasm]`)"
             ),
         ));
     }
@@ -408,6 +580,7 @@ fn build_grant(
         dataset: dataset_id.clone(),
         grantee,
         aggregate,
+        template,
         wasm,
         location,
     })

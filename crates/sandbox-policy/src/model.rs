@@ -18,7 +18,19 @@ impl fmt::Display for Location {
 }
 
 /// Sensitivity grade of a column (分级). The level caps the roles a column may take and the modes
-/// it may be used in; see [`Level::allows_role`] and [`Level::allows_ad_hoc_aggregate`].
+/// it may be used in. The table, enforced at load ([`Level::allows_role`]) and by the guard
+/// ([`Level::allows_mode`]):
+///
+/// | level | roles                                                   | ad-hoc aggregate | template | wasm |
+/// |-------|---------------------------------------------------------|------------------|----------|------|
+/// | L1    | any                                                     | yes              | yes      | yes  |
+/// | L2    | any                                                     | yes              | yes      | yes  |
+/// | L3    | identifier, join_key, measure, masked, hidden           | yes              | yes      | yes  |
+/// | L4    | measure, hidden                                         | no               | yes      | yes  |
+///
+/// L3 values are never shown in the clear: not as a dimension, only masked or aggregated. L4
+/// values never reach ad-hoc SQL (that needs differential privacy), only owner-approved templates
+/// and code, whose every run the owner scoped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
     /// Public.
@@ -31,20 +43,51 @@ pub enum Level {
     L4,
 }
 
+/// The ways a column can be used, for the level caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// Ad-hoc aggregate SQL.
+    Aggregate,
+    /// An owner-approved SQL template.
+    Template,
+    /// Owner-approved code.
+    Wasm,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Aggregate => "ad-hoc aggregate SQL",
+            Mode::Template => "an approved template",
+            Mode::Wasm => "approved code",
+        }
+    }
+}
+
 impl Level {
-    /// The level-cap table. L4 values may never be shown or grouped on: an L4 column is either
-    /// hidden or a measure that only differential privacy or approved code may touch.
+    pub const ALL: [Level; 4] = [Level::L1, Level::L2, Level::L3, Level::L4];
+
+    /// Whether a column of this level may take this role (the level-cap table above).
     pub fn allows_role(self, role: Role) -> bool {
         match self {
-            Level::L1 | Level::L2 | Level::L3 => true,
+            Level::L1 | Level::L2 => true,
+            Level::L3 => role != Role::Dimension,
             Level::L4 => matches!(role, Role::Measure | Role::Hidden),
         }
     }
 
-    /// Whether a column of this level may be used in ad-hoc aggregate SQL without differential
-    /// privacy. L4 needs DP or approved code, neither of which is an ad-hoc aggregate.
-    pub fn allows_ad_hoc_aggregate(self) -> bool {
-        self != Level::L4
+    /// Whether a column of this level may be used in this mode (the level-cap table above).
+    pub fn allows_mode(self, mode: Mode) -> bool {
+        self != Level::L4 || mode != Mode::Aggregate
+    }
+
+    /// Why [`Level::allows_role`] refuses, for the loader's message.
+    pub fn role_cap_reason(self) -> &'static str {
+        match self {
+            Level::L1 | Level::L2 => "",
+            Level::L3 => "L3 values are never shown in the clear: mask or aggregate them",
+            Level::L4 => "L4 columns may only be measures or hidden",
+        }
     }
 
     pub fn as_str(self) -> &'static str {
@@ -75,22 +118,38 @@ impl FromStr for Level {
 /// What the plan guard allows a column to be used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
-    /// The privacy unit: never output, grouped on or compared; only `COUNT(DISTINCT ...)`.
+    /// The privacy unit: never output, grouped on or compared; only `COUNT(DISTINCT ...)` and
+    /// equi-joins with the privacy unit of another dataset or a join key.
     Identifier,
+    /// Only in equi-join conditions: never output, never compared to literals.
+    JoinKey,
     /// May be output, grouped by and filtered on.
     Dimension,
     /// Only as the plain argument of an allowed aggregate function.
     Measure,
+    /// Seen only through its declared [`Mask`]: the consumer's catalog holds the transformed value.
+    Masked,
     /// Unusable: not even visible in the consumer's catalog.
     Hidden,
 }
 
 impl Role {
+    pub const ALL: [Role; 6] = [
+        Role::Identifier,
+        Role::JoinKey,
+        Role::Dimension,
+        Role::Measure,
+        Role::Masked,
+        Role::Hidden,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Identifier => "identifier",
+            Role::JoinKey => "join_key",
             Role::Dimension => "dimension",
             Role::Measure => "measure",
+            Role::Masked => "masked",
             Role::Hidden => "hidden",
         }
     }
@@ -99,14 +158,52 @@ impl Role {
 impl FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "identifier" => Ok(Role::Identifier),
-            "dimension" => Ok(Role::Dimension),
-            "measure" => Ok(Role::Measure),
-            "hidden" => Ok(Role::Hidden),
-            other => Err(format!(
-                "unknown role `{other}` (expected identifier, dimension, measure or hidden)"
-            )),
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown role `{s}` (expected one of {})",
+                    Role::ALL.map(|r| r.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// The desensitization (脱敏) of a masked column. The engine applies it below the consumer's
+/// catalog, so a query can only ever read the transformed value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mask {
+    /// Keep the first `keep_first` and last `keep_last` characters, replace the rest by `*`.
+    Partial { keep_first: u32, keep_last: u32 },
+    /// A keyed pseudonym: HMAC-SHA256 under a key derived from the server secret and the
+    /// consumer's org. Stable per consumer, unlinkable across consumers.
+    Pseudonym,
+    /// A number generalized to the lower bound of its bucket of this width.
+    Bucket { width: u64 },
+    /// A date (or `YYYY-MM...` text) generalized to its year, as `YYYY`.
+    Year,
+    /// A date (or `YYYY-MM...` text) generalized to its month, as `YYYY-MM`.
+    Month,
+}
+
+impl Mask {
+    /// Generalizations keep a coarse version of the value: comparing it to a literal reveals
+    /// only the coarse value, so the guard allows it. Partial masks and pseudonyms are tokens.
+    pub fn is_generalization(self) -> bool {
+        matches!(self, Mask::Bucket { .. } | Mask::Year | Mask::Month)
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Mask::Partial {
+                keep_first,
+                keep_last,
+            } => format!("partial (keep first {keep_first}, last {keep_last})"),
+            Mask::Pseudonym => "pseudonym (HMAC-SHA256 per consumer org)".to_string(),
+            Mask::Bucket { width } => format!("bucket of width {width}"),
+            Mask::Year => "year".to_string(),
+            Mask::Month => "month".to_string(),
         }
     }
 }
@@ -117,6 +214,8 @@ pub struct ColumnPolicy {
     pub name: String,
     pub level: Level,
     pub role: Role,
+    /// The transform of a [`Role::Masked`] column; `None` for every other role.
+    pub mask: Option<Mask>,
     pub description: String,
     pub location: Location,
 }
@@ -218,6 +317,12 @@ impl FromStr for AggregateFunction {
 pub struct AggregateMode {
     pub min_units: u64,
     pub functions: BTreeSet<AggregateFunction>,
+    /// Measures that may be compared to constants in `WHERE` (range filters). None by default:
+    /// a narrow range on a measure singles out the entity with that value.
+    pub filter_measures: BTreeSet<String>,
+    /// Whether aggregate arguments may be expressions (`SUM(CASE WHEN ... THEN m END)`) rather
+    /// than plain columns. Off by default: such an argument smuggles a predicate into a sum.
+    pub expression_arguments: bool,
 }
 
 impl AggregateMode {
@@ -230,6 +335,37 @@ impl AggregateMode {
                 .functions
                 .intersection(&other.functions)
                 .copied()
+                .collect(),
+            filter_measures: self
+                .filter_measures
+                .intersection(&other.filter_measures)
+                .cloned()
+                .collect(),
+            expression_arguments: self.expression_arguments && other.expression_arguments,
+        }
+    }
+}
+
+/// Mode `template`: the grantee may run owner-approved SQL templates over the dataset. Each
+/// template's own mode (aggregate with its `min_units`, or scoring) is bound to its hash; the
+/// grant sets the floor and the purposes scoring templates may serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateMode {
+    /// The least `min_units` an aggregate template over this dataset may declare.
+    pub min_units: u64,
+    /// Purposes a scoring template may serve (none: aggregate templates only).
+    pub purposes: BTreeSet<String>,
+}
+
+impl TemplateMode {
+    /// The stricter of two modes: the larger floor, the purposes both allow.
+    pub fn strictest(&self, other: &TemplateMode) -> TemplateMode {
+        TemplateMode {
+            min_units: self.min_units.max(other.min_units),
+            purposes: self
+                .purposes
+                .intersection(&other.purposes)
+                .cloned()
                 .collect(),
         }
     }
@@ -259,6 +395,7 @@ pub struct Grant {
     pub dataset: String,
     pub grantee: Grantee,
     pub aggregate: Option<AggregateMode>,
+    pub template: Option<TemplateMode>,
     pub wasm: Option<WasmMode>,
     pub location: Location,
 }
@@ -379,6 +516,19 @@ impl PolicySet {
             .filter(|g| g.dataset == dataset && g.grantee.matches(principal))
             .filter_map(|g| g.aggregate.as_ref())
             .fold(None, |acc: Option<AggregateMode>, mode| match acc {
+                None => Some(mode.clone()),
+                Some(prev) => Some(prev.strictest(mode)),
+            })
+    }
+
+    /// The template mode the principal holds on a dataset; the strictest combination where
+    /// several grants apply.
+    pub fn template_mode(&self, principal: &Principal, dataset: &str) -> Option<TemplateMode> {
+        self.grants
+            .iter()
+            .filter(|g| g.dataset == dataset && g.grantee.matches(principal))
+            .filter_map(|g| g.template.as_ref())
+            .fold(None, |acc: Option<TemplateMode>, mode| match acc {
                 None => Some(mode.clone()),
                 Some(prev) => Some(prev.strictest(mode)),
             })

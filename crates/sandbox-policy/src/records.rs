@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::templates::{TemplateApproval, TemplateRecord};
+
 /// The constraint on one output column.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -295,12 +297,20 @@ pub enum Record {
         source: String,
         count: u64,
     },
+    TemplateSubmitted(TemplateRecord),
+    TemplateApproved(TemplateApproval),
+    TemplateRun {
+        sha256: String,
+    },
 }
 
 /// Why a module may not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     UnknownModule,
+    UnknownTemplate {
+        name: String,
+    },
     /// Uploaded by another org: approvals are for the uploader's org only.
     NotYours,
     Rejected {
@@ -325,6 +335,9 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::UnknownModule => write!(f, "no module with that hash was uploaded"),
+            Refusal::UnknownTemplate { name } => {
+                write!(f, "your org has submitted no template named `{name}`")
+            }
             Refusal::NotYours => write!(f, "the module was uploaded and approved for another org"),
             Refusal::Rejected { org, reason } => write!(f, "rejected by `{org}`: {reason}"),
             Refusal::AwaitingApproval { orgs } => {
@@ -348,12 +361,118 @@ impl Refusal {
             Refusal::UnknownModule | Refusal::NotYours | Refusal::AwaitingApproval { .. } => {
                 "module-not-approved"
             }
+            Refusal::UnknownTemplate { .. } => "template-not-approved",
             Refusal::Rejected { .. } => "module-rejected",
             Refusal::Expired { .. } => "approval-expired",
             Refusal::RunsExhausted { .. } => "runs-exhausted",
             Refusal::ContractsDiffer => "contracts-differ",
         }
     }
+
+    /// The code of a refusal to run a template.
+    pub fn template_code(&self) -> &'static str {
+        match self {
+            Refusal::UnknownModule
+            | Refusal::NotYours
+            | Refusal::AwaitingApproval { .. }
+            | Refusal::UnknownTemplate { .. } => "template-not-approved",
+            other => other.code(),
+        }
+    }
+}
+
+/// What the approval check needs of a module's or a template's approvals.
+trait OwnerApproval {
+    fn org(&self) -> &str;
+    fn covers(&self, dataset: &str) -> bool;
+    fn expires_at(&self) -> u64;
+    fn max_runs(&self) -> u64;
+}
+
+impl OwnerApproval for Approval {
+    fn org(&self) -> &str {
+        &self.org
+    }
+    fn covers(&self, dataset: &str) -> bool {
+        self.datasets.iter().any(|d| d == dataset)
+    }
+    fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+    fn max_runs(&self) -> u64 {
+        self.max_runs
+    }
+}
+
+impl OwnerApproval for TemplateApproval {
+    fn org(&self) -> &str {
+        &self.org
+    }
+    fn covers(&self, dataset: &str) -> bool {
+        self.datasets.iter().any(|d| d == dataset)
+    }
+    fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+    fn max_runs(&self) -> u64 {
+        self.max_runs
+    }
+}
+
+/// The approvals that let an artifact reading `datasets` run now: every dataset's owner approved
+/// it for that dataset, none of those approvals expired, and runs are left under the smallest
+/// limit. Returns the approvals used (one per owner) and the runs left.
+fn check_approvals<A: OwnerApproval>(
+    datasets: impl IntoIterator<Item = String>,
+    approvals: Option<&BTreeMap<String, A>>,
+    owner_of: impl Fn(&str) -> Option<String>,
+    now: u64,
+    runs: u64,
+) -> Result<(Vec<&A>, u64), Refusal> {
+    let mut missing = BTreeSet::new();
+    let mut used: Vec<&A> = Vec::new();
+    for dataset in datasets {
+        let owner = owner_of(&dataset).unwrap_or_else(|| format!("(owner of {dataset})"));
+        match approvals
+            .and_then(|a| a.get(&owner))
+            .filter(|a| a.covers(&dataset))
+        {
+            Some(approval) => {
+                if !used.iter().any(|u| u.org() == approval.org()) {
+                    used.push(approval);
+                }
+            }
+            None => {
+                missing.insert(owner);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Refusal::AwaitingApproval {
+            orgs: missing.into_iter().collect(),
+        });
+    }
+    if let Some(expired) = used.iter().find(|a| a.expires_at() <= now) {
+        return Err(Refusal::Expired {
+            org: expired.org().to_string(),
+        });
+    }
+    // Reading no dataset means no owner could approve: never runnable.
+    if used.is_empty() {
+        return Err(Refusal::AwaitingApproval { orgs: Vec::new() });
+    }
+    let max_runs = used.iter().map(|a| a.max_runs()).min().unwrap_or(0);
+    if runs >= max_runs {
+        return Err(Refusal::RunsExhausted { max_runs });
+    }
+    Ok((used, max_runs - runs))
+}
+
+/// A template that may run now, and how many runs are left.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EffectiveTemplate {
+    pub template: TemplateRecord,
+    pub runs_left: u64,
 }
 
 /// What a module may do now: the combination of every owner's approval.
@@ -376,6 +495,11 @@ pub struct Registry {
     runs: BTreeMap<String, u64>,
     consents: BTreeMap<ConsentKey, Consent>,
     seeded: BTreeSet<String>,
+    templates: BTreeMap<String, TemplateRecord>,
+    /// The newest submission of each (org, name).
+    template_names: BTreeMap<(String, String), String>,
+    template_approvals: BTreeMap<String, BTreeMap<String, TemplateApproval>>,
+    template_runs: BTreeMap<String, u64>,
 }
 
 impl Registry {
@@ -415,7 +539,73 @@ impl Registry {
             Record::SeedLoaded { source, .. } => {
                 self.seeded.insert(source);
             }
+            Record::TemplateSubmitted(template) => {
+                self.template_names.insert(
+                    (template.org.clone(), template.definition.name.clone()),
+                    template.sha256.clone(),
+                );
+                self.templates
+                    .entry(template.sha256.clone())
+                    .or_insert(template);
+            }
+            Record::TemplateApproved(approval) => {
+                self.template_approvals
+                    .entry(approval.sha256.clone())
+                    .or_default()
+                    .insert(approval.org.clone(), approval);
+            }
+            Record::TemplateRun { sha256 } => *self.template_runs.entry(sha256).or_default() += 1,
         }
+    }
+
+    pub fn template(&self, sha256: &str) -> Option<&TemplateRecord> {
+        self.templates.get(sha256)
+    }
+
+    /// Every submitted template; a name resubmitted with other content is a new template, and
+    /// running by name picks the newest.
+    pub fn templates(&self) -> impl Iterator<Item = &TemplateRecord> {
+        self.templates.values()
+    }
+
+    pub fn template_approvals(&self, sha256: &str) -> impl Iterator<Item = &TemplateApproval> {
+        self.template_approvals
+            .get(sha256)
+            .into_iter()
+            .flat_map(|a| a.values())
+    }
+
+    pub fn template_runs(&self, sha256: &str) -> u64 {
+        self.template_runs.get(sha256).copied().unwrap_or(0)
+    }
+
+    /// The newest template of that name submitted by `org`, if every owner of the data it reads
+    /// approved it, no approval expired and runs are left.
+    pub fn effective_template(
+        &self,
+        org: &str,
+        name: &str,
+        now: u64,
+        owner_of: impl Fn(&str) -> Option<String>,
+    ) -> Result<EffectiveTemplate, Refusal> {
+        let template = self
+            .template_names
+            .get(&(org.to_string(), name.to_string()))
+            .and_then(|sha| self.templates.get(sha))
+            .ok_or_else(|| Refusal::UnknownTemplate {
+                name: name.to_string(),
+            })?;
+        let (_, runs_left) = check_approvals(
+            template.datasets.iter().cloned(),
+            self.template_approvals.get(&template.sha256),
+            owner_of,
+            now,
+            self.template_runs(&template.sha256),
+        )?;
+        Ok(EffectiveTemplate {
+            template: template.clone(),
+            runs_left,
+        })
     }
 
     pub fn module(&self, sha256: &str) -> Option<&ModuleRecord> {
@@ -464,47 +654,16 @@ impl Registry {
                 reason: rejection.reason.clone(),
             });
         }
-        let approvals = self.approvals.get(sha256);
-        let mut missing = BTreeSet::new();
-        let mut used: Vec<&Approval> = Vec::new();
-        for dataset in module.datasets() {
-            let owner = owner_of(&dataset).unwrap_or_else(|| format!("(owner of {dataset})"));
-            match approvals
-                .and_then(|a| a.get(&owner))
-                .filter(|a| a.datasets.contains(&dataset))
-            {
-                Some(approval) => {
-                    if !used.iter().any(|u| u.org == approval.org) {
-                        used.push(approval);
-                    }
-                }
-                None => {
-                    missing.insert(owner);
-                }
-            }
-        }
-        if !missing.is_empty() {
-            return Err(Refusal::AwaitingApproval {
-                orgs: missing.into_iter().collect(),
-            });
-        }
-        if let Some(expired) = used.iter().find(|a| a.expires_at <= now) {
-            return Err(Refusal::Expired {
-                org: expired.org.clone(),
-            });
-        }
-        // A module declaring no dataset has no owner who could approve it: never runnable.
-        let Some(first) = used.first() else {
-            return Err(Refusal::AwaitingApproval { orgs: Vec::new() });
-        };
-        let contract = first.contract.clone();
+        let (used, runs_left) = check_approvals(
+            module.datasets(),
+            self.approvals.get(sha256),
+            owner_of,
+            now,
+            self.runs(sha256),
+        )?;
+        let contract = used[0].contract.clone();
         if used.iter().any(|a| a.contract != contract) {
             return Err(Refusal::ContractsDiffer);
-        }
-        let max_runs = used.iter().map(|a| a.max_runs).min().unwrap_or(0);
-        let runs = self.runs(sha256);
-        if runs >= max_runs {
-            return Err(Refusal::RunsExhausted { max_runs });
         }
         Ok(Effective {
             module: module.clone(),
@@ -513,7 +672,7 @@ impl Registry {
                 .iter()
                 .flat_map(|a| a.columns.iter().cloned())
                 .collect(),
-            runs_left: max_runs - runs,
+            runs_left,
         })
     }
 

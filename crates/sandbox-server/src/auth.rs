@@ -28,10 +28,13 @@ pub enum Rpc {
     AddConsent,
     RevokeConsent,
     ListConsents,
+    SubmitTemplate,
+    ApproveTemplate,
+    ListTemplates,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 14] = [
+    pub const ALL: [Rpc; 17] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::FetchResult,
@@ -46,6 +49,9 @@ impl Rpc {
         Rpc::AddConsent,
         Rpc::RevokeConsent,
         Rpc::ListConsents,
+        Rpc::SubmitTemplate,
+        Rpc::ApproveTemplate,
+        Rpc::ListTemplates,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +70,9 @@ impl Rpc {
             Rpc::AddConsent => "AddConsent",
             Rpc::RevokeConsent => "RevokeConsent",
             Rpc::ListConsents => "ListConsents",
+            Rpc::SubmitTemplate => "SubmitTemplate",
+            Rpc::ApproveTemplate => "ApproveTemplate",
+            Rpc::ListTemplates => "ListTemplates",
         }
     }
 }
@@ -84,6 +93,10 @@ pub fn required_roles(rpc: Rpc) -> &'static [PrincipalRole] {
         Rpc::ListModules => &[Consumer, Owner, Auditor, Admin],
         Rpc::AddConsent => &[Admin],
         Rpc::RevokeConsent | Rpc::ListConsents => &[Consumer, Admin],
+        Rpc::SubmitTemplate => &[Analyst, Consumer],
+        Rpc::ApproveTemplate => &[Owner],
+        // Template text and approvals, never data.
+        Rpc::ListTemplates => &[Analyst, Consumer, Owner, Auditor],
     }
 }
 
@@ -211,6 +224,9 @@ mod tests {
             (Rpc::AddConsent, &[Admin]),
             (Rpc::RevokeConsent, &[Consumer, Admin]),
             (Rpc::ListConsents, &[Consumer, Admin]),
+            (Rpc::SubmitTemplate, &[Analyst, Consumer]),
+            (Rpc::ApproveTemplate, &[Owner]),
+            (Rpc::ListTemplates, &[Analyst, Consumer, Owner, Auditor]),
         ];
         assert_eq!(expected.len(), Rpc::ALL.len());
         for rpc in Rpc::ALL {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use sandbox_engine::{
     ApprovalRequest, Consent, ConsentKey, Decision, Engine, JobSnapshot, JobSpec, JobState,
-    ModuleView, ReleaseOutcome, RequestContext,
+    ModuleView, ReleaseOutcome, RequestContext, TemplateOutput, TemplateView,
 };
 use sandbox_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -100,6 +100,53 @@ impl SandboxService {
     }
 }
 
+fn template(view: TemplateView) -> pb::Template {
+    let definition = view.record.definition;
+    let (mode, min_units, contract_json) = match &definition.output {
+        TemplateOutput::Aggregate { min_units } => ("aggregate", *min_units, String::new()),
+        TemplateOutput::Scoring { contract } => (
+            "scoring",
+            0,
+            serde_json::to_string(contract).unwrap_or_default(),
+        ),
+    };
+    pb::Template {
+        sha256: view.record.sha256,
+        name: definition.name,
+        description: definition.description,
+        sql: definition.sql,
+        mode: mode.into(),
+        min_units,
+        contract_json,
+        params: definition
+            .params
+            .iter()
+            .map(|p| pb::TemplateParam {
+                name: p.name.clone(),
+                r#type: format!("{:?}", p.kind).to_lowercase(),
+            })
+            .collect(),
+        datasets: view.record.datasets,
+        org: view.record.org,
+        submitted_by: view.record.submitted_by,
+        state: view.state,
+        reason: view.reason,
+        approvals: view
+            .approvals
+            .into_iter()
+            .map(|a| pb::TemplateApproval {
+                org: a.org,
+                approved_by: a.approved_by,
+                datasets: a.datasets,
+                max_runs: a.max_runs,
+                expires_at: a.expires_at,
+            })
+            .collect(),
+        runs: view.runs,
+        runs_left: view.runs_left,
+    }
+}
+
 fn job_spec(spec: Option<pb::JobSpec>, request_id: &str) -> Result<JobSpec, Status> {
     match spec.and_then(|s| s.kind) {
         Some(pb::job_spec::Kind::Sql(sql)) => Ok(JobSpec::Sql { query: sql.query }),
@@ -107,6 +154,10 @@ fn job_spec(spec: Option<pb::JobSpec>, request_id: &str) -> Result<JobSpec, Stat
             module_sha256: wasm.module_sha256,
             input_query: wasm.input_query,
             parameters: wasm.parameters,
+        }),
+        Some(pb::job_spec::Kind::Template(template)) => Ok(JobSpec::Template {
+            name: template.name,
+            params: template.params.into_iter().collect(),
         }),
         None => Err(status::invalid(
             "missing-job-spec",
@@ -452,6 +503,51 @@ impl pb::governance_server::Governance for GovernanceService {
             .await
             .map_err(|e| status_of(&e, &ctx.request_id))?;
         Ok(Response::new(module(view)))
+    }
+
+    async fn submit_template(
+        &self,
+        request: Request<pb::SubmitTemplateRequest>,
+    ) -> Result<Response<pb::Template>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::SubmitTemplate).await?;
+        let view = self
+            .gate
+            .engine
+            .submit_template(&ctx, &request.into_inner().definition_toml)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(template(view)))
+    }
+
+    async fn approve_template(
+        &self,
+        request: Request<pb::ApproveTemplateRequest>,
+    ) -> Result<Response<pb::Template>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ApproveTemplate).await?;
+        let r = request.into_inner();
+        let view = self
+            .gate
+            .engine
+            .approve_template(&ctx, &r.sha256, r.max_runs, r.valid_days)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(template(view)))
+    }
+
+    async fn list_templates(
+        &self,
+        request: Request<pb::ListTemplatesRequest>,
+    ) -> Result<Response<pb::ListTemplatesResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ListTemplates).await?;
+        let views = self
+            .gate
+            .engine
+            .list_templates(&ctx)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::ListTemplatesResponse {
+            templates: views.into_iter().map(template).collect(),
+        }))
     }
 
     async fn reject_module(

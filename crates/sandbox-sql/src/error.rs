@@ -17,8 +17,21 @@ pub enum Rule {
     AggregateRequired,
     /// A plan node the guard does not allow (window, union, distinct, values, ...).
     PlanNodeNotAllowed,
-    /// Joins are not supported yet.
-    JoinNotSupported,
+    /// A join without a condition (`FROM a, b` or `CROSS JOIN`).
+    CrossJoin,
+    /// A join type other than inner or left (right, full, semi, anti).
+    JoinTypeNotAllowed,
+    /// A join condition that is not a conjunction of equalities between plain columns.
+    JoinConditionNotAllowed,
+    /// A join not anchored on the privacy unit or a declared join key, or on a column whose role
+    /// cannot be joined (a measure, a masked column).
+    JoinKeyNotAllowed,
+    /// A join key used outside an equi-join condition (output, grouped, compared, aggregated).
+    JoinKeyOutsideJoin,
+    /// A masked token (partial mask or pseudonym) compared to a value or used in an expression.
+    MaskedValueInExpression,
+    /// A range filter on a measure that the grant does not list in `filter_measures`.
+    MeasureFilterNotGranted,
     /// Aggregates over aggregates are not supported yet.
     NestedAggregateNotSupported,
     /// More than one filter over aggregated rows (`HAVING`) in a query.
@@ -66,7 +79,13 @@ impl Rule {
             Rule::ModeNotGranted => "mode-not-granted",
             Rule::AggregateRequired => "aggregate-required",
             Rule::PlanNodeNotAllowed => "plan-node-not-allowed",
-            Rule::JoinNotSupported => "join-not-supported",
+            Rule::CrossJoin => "cross-join",
+            Rule::JoinTypeNotAllowed => "join-type-not-allowed",
+            Rule::JoinConditionNotAllowed => "join-condition-not-allowed",
+            Rule::JoinKeyNotAllowed => "join-key-not-allowed",
+            Rule::JoinKeyOutsideJoin => "join-key-outside-join",
+            Rule::MaskedValueInExpression => "masked-value-in-expression",
+            Rule::MeasureFilterNotGranted => "measure-filter-not-granted",
             Rule::NestedAggregateNotSupported => "nested-aggregate-not-supported",
             Rule::HavingNotSupported => "having-not-supported",
             Rule::IdentifierOutput => "identifier-output",
@@ -89,14 +108,20 @@ impl Rule {
     }
 
     /// Every rule, for documentation and for tests that check the suite covers them.
-    pub const ALL: [Rule; 25] = [
+    pub const ALL: [Rule; 31] = [
         Rule::StatementNotQuery,
         Rule::QueryTooLong,
         Rule::DatasetNotGranted,
         Rule::ModeNotGranted,
         Rule::AggregateRequired,
         Rule::PlanNodeNotAllowed,
-        Rule::JoinNotSupported,
+        Rule::CrossJoin,
+        Rule::JoinTypeNotAllowed,
+        Rule::JoinConditionNotAllowed,
+        Rule::JoinKeyNotAllowed,
+        Rule::JoinKeyOutsideJoin,
+        Rule::MaskedValueInExpression,
+        Rule::MeasureFilterNotGranted,
         Rule::NestedAggregateNotSupported,
         Rule::HavingNotSupported,
         Rule::IdentifierOutput,

@@ -5,8 +5,15 @@
 //! The accepted shape, outermost first:
 //!
 //! ```text
-//! [Limit] (Sort | Projection | SubqueryAlias | Filter)*  Aggregate  (Filter | Projection | SubqueryAlias)*  TableScan
+//! [Limit] (Sort | Projection | SubqueryAlias | Filter)*  Aggregate  Input
+//! Input := (Filter | Projection | SubqueryAlias)* (TableScan | Join(Input, Input))
 //! ```
+//!
+//! Joins are inner or left equi-joins anchored on a join role: the privacy unit of both sides (the
+//! same entity) or a declared join key. The guard keeps *unit classes*: scans whose privacy units
+//! were equated by a join are one class, counted once (so an enterprise in many joined rows counts
+//! once); scans joined through a join key stay separate classes, and every class must reach the
+//! threshold on its own (a join can never change which entity is counted).
 //!
 //! A filter over aggregated rows (`HAVING`, or a `WHERE` over an aggregating derived table) is
 //! not run as a filter: the rewrite turns it into a hidden boolean column [`HAVING_COLUMN`], and
@@ -17,17 +24,21 @@
 //! Everything else is denied with the rule that explains why. The guard is an allow-list: a plan
 //! node, expression kind or function it does not know is denied.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::DataType;
+use datafusion::common::NullEquality;
 use datafusion::common::{Column, DFSchema, ScalarValue, TableReference};
 use datafusion::logical_expr::expr::AggregateFunction;
+use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    Aggregate, AggregateUDF, BinaryExpr, Expr, ExprSchemable, FetchType, LogicalPlan, Operator,
-    Projection, SkipType, Sort, SubqueryAlias, TableScan, cast,
+    Aggregate, AggregateUDF, Between, BinaryExpr, Expr, ExprSchemable, FetchType, Join, JoinType,
+    LogicalPlan, Operator, Projection, SkipType, Sort, SubqueryAlias, TableScan, cast, when,
 };
-use sandbox_policy::{AggregateFunction as Allowed, AggregateMode, DatasetPolicy, Level, Role};
+use sandbox_policy::{
+    AggregateFunction as Allowed, AggregateMode, DatasetPolicy, Level, Mask, Mode, Role,
+};
 
 use crate::error::{Denial, Rule, SqlError};
 use crate::units::CappedUnits;
@@ -92,7 +103,17 @@ pub(crate) struct Source {
     pub(crate) column: Arc<str>,
     pub(crate) role: Role,
     pub(crate) level: Level,
+    pub(crate) mask: Option<Mask>,
     pub(crate) is_unit: bool,
+    /// Which table scan of the plan it comes from (a dataset scanned twice has two).
+    pub(crate) scan: usize,
+}
+
+impl Source {
+    /// A masked token (partial mask or pseudonym), as opposed to a generalized value.
+    fn is_token(&self) -> bool {
+        self.role == Role::Masked && !self.mask.is_some_and(Mask::is_generalization)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -127,22 +148,31 @@ enum Use {
 
 struct Guard<'a> {
     granted: &'a HashMap<String, GrantedDataset>,
+    /// Ad-hoc SQL or an approved template: decides what the level caps allow.
+    context: Mode,
     datasets: BTreeSet<String>,
     columns: BTreeSet<String>,
-    /// The aggregate mode of the (single) dataset scanned.
-    mode: Option<AggregateMode>,
+    /// The aggregate mode of each dataset scanned.
+    modes: BTreeMap<String, AggregateMode>,
+    /// Union-find over table scans: scans whose privacy units a join equated share a root.
+    unit_parent: Vec<usize>,
 }
 
-/// Checks a plan against the caller's grants and rewrites it for the release gate.
+/// Checks a plan against the caller's grants and rewrites it for the release gate. `context` is
+/// [`Mode::Aggregate`] for ad-hoc SQL and [`Mode::Template`] for an owner-approved template, whose
+/// grants the engine builds from the template's approval.
 pub fn guard(
     plan: &LogicalPlan,
     granted: &HashMap<String, GrantedDataset>,
+    context: Mode,
 ) -> Result<Guarded, SqlError> {
     let mut guard = Guard {
         granted,
+        context,
         datasets: BTreeSet::new(),
         columns: BTreeSet::new(),
-        mode: None,
+        modes: BTreeMap::new(),
+        unit_parent: Vec::new(),
     };
     // Anywhere in the plan, not only in its output: an inner column named like the hidden unit
     // count could otherwise be mistaken for it after the rewrite.
@@ -186,11 +216,8 @@ pub fn guard(
         }
     };
 
-    let (input_lineage, _) = guard.below(&aggregate.input)?;
-    let mode = guard
-        .mode
-        .clone()
-        .expect("below() sets the mode whenever it returns Ok");
+    let input_lineage = guard.below(&aggregate.input)?;
+    let mode = guard.combined_mode()?;
     let input_schema = aggregate.input.schema();
     for expr in &aggregate.group_expr {
         if matches!(expr, Expr::GroupingSet(_)) {
@@ -247,28 +274,53 @@ pub fn guard(
         }
     }
 
-    // The rewrite: count distinct privacy units per group, and carry the count to the output.
-    let unit_index = input_lineage
-        .iter()
-        .position(Lineage::is_plain_unit)
-        .ok_or_else(|| {
-            deny(
-                Rule::PrivacyUnitUnavailable,
-                "the privacy unit column must reach the aggregate; derived tables that drop it \
-                 are not supported",
-            )
-        })?;
-    let (qualifier, field) = input_schema.qualified_field(unit_index);
-    let unit_column = Expr::Column(Column::new(qualifier.cloned(), field.name()));
-    if let Lineage::Plain(source) = &input_lineage[unit_index] {
-        guard
-            .columns
-            .insert(format!("{}.{}", source.dataset, source.column));
+    // The rewrite: count distinct privacy units per group and unit class, and carry the least
+    // count to the output.
+    let mut class_columns: BTreeMap<usize, usize> = BTreeMap::new();
+    for root in guard.unit_roots() {
+        let index = input_lineage
+            .iter()
+            .position(|l| matches!(l, Lineage::Plain(s) if s.is_unit && guard.root(s.scan) == root))
+            .ok_or_else(|| {
+                deny(
+                    Rule::PrivacyUnitUnavailable,
+                    "the privacy unit of every dataset must reach the aggregate; derived tables \
+                     that drop it are not supported",
+                )
+            })?;
+        class_columns.insert(root, index);
     }
-    let existing_exact_count = aggregate
-        .aggr_expr
-        .iter()
-        .position(|expr| counts_distinct_units(expr, input_schema, &input_lineage));
+    let unit_columns: Vec<Expr> = class_columns
+        .values()
+        .map(|&index| {
+            if let Lineage::Plain(source) = &input_lineage[index] {
+                guard
+                    .columns
+                    .insert(format!("{}.{}", source.dataset, source.column));
+            }
+            let (qualifier, field) = input_schema.qualified_field(index);
+            Expr::Column(Column::new(qualifier.cloned(), field.name()))
+        })
+        .collect();
+    let existing_exact_count = match unit_columns.len() {
+        1 => aggregate
+            .aggr_expr
+            .iter()
+            .position(|expr| counts_distinct_units(expr, input_schema, &input_lineage)),
+        _ => None,
+    };
+    let capped = |column: Expr| {
+        Expr::AggregateFunction(AggregateFunction::new_udf(
+            Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(
+                mode.min_units,
+            ))),
+            vec![column],
+            false,
+            None,
+            vec![],
+            None,
+        ))
+    };
     let mut rewritten = match existing_exact_count {
         // The query already counts distinct units exactly: the hidden count is that column.
         // Adding the capped counter beside it would also stop DataFusion from planning the
@@ -276,12 +328,7 @@ pub fn guard(
         Some(index) => {
             let plan = LogicalPlan::Aggregate(aggregate.clone());
             let schema = plan.schema().clone();
-            let mut exprs: Vec<Expr> = schema
-                .iter()
-                .map(|(qualifier, field)| {
-                    Expr::Column(Column::new(qualifier.cloned(), field.name()))
-                })
-                .collect();
+            let mut exprs = columns_of(&schema);
             let (qualifier, field) = schema.qualified_field(aggregate.group_expr.len() + index);
             exprs.push(
                 cast(
@@ -294,20 +341,9 @@ pub fn guard(
                 Projection::try_new(exprs, Arc::new(plan)).map_err(rewrite_error)?,
             )
         }
-        None => {
-            let units = Expr::AggregateFunction(AggregateFunction::new_udf(
-                Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(
-                    mode.min_units,
-                ))),
-                vec![unit_column],
-                false,
-                None,
-                vec![],
-                None,
-            ))
-            .alias(UNITS_COLUMN);
+        None if unit_columns.len() == 1 => {
             let mut aggr_expr = aggregate.aggr_expr.clone();
-            aggr_expr.push(units);
+            aggr_expr.push(capped(unit_columns[0].clone()).alias(UNITS_COLUMN));
             LogicalPlan::Aggregate(
                 Aggregate::try_new(
                     aggregate.input.clone(),
@@ -315,6 +351,38 @@ pub fn guard(
                     aggr_expr,
                 )
                 .map_err(rewrite_error)?,
+            )
+        }
+        // Several unit classes: one capped count each, and the least of them is the row's count,
+        // so the row is released only if every class reaches the threshold.
+        None => {
+            let mut aggr_expr = aggregate.aggr_expr.clone();
+            let mut counts = Vec::new();
+            for (i, column) in unit_columns.iter().enumerate() {
+                let name = format!("{UNITS_COLUMN}_{i}");
+                aggr_expr.push(capped(column.clone()).alias(&name));
+                counts.push(Expr::Column(Column::new_unqualified(name)));
+            }
+            let plan = LogicalPlan::Aggregate(
+                Aggregate::try_new(
+                    aggregate.input.clone(),
+                    aggregate.group_expr.clone(),
+                    aggr_expr,
+                )
+                .map_err(rewrite_error)?,
+            );
+            let schema = plan.schema().clone();
+            let mut exprs = columns_of(&schema);
+            exprs.truncate(exprs.len() - counts.len());
+            let mut least = counts[0].clone();
+            for count in &counts[1..] {
+                least = when(count.clone().lt(least.clone()), count.clone())
+                    .otherwise(least)
+                    .map_err(rewrite_error)?;
+            }
+            exprs.push(least.alias(UNITS_COLUMN));
+            LogicalPlan::Projection(
+                Projection::try_new(exprs, Arc::new(plan)).map_err(rewrite_error)?,
             )
         }
     };
@@ -333,13 +401,7 @@ pub fn guard(
             }
             // Every column passes, plus the predicate as a hidden column for the gate.
             LogicalPlan::Filter(filter) => {
-                let mut exprs: Vec<Expr> = rewritten
-                    .schema()
-                    .iter()
-                    .map(|(qualifier, field)| {
-                        Expr::Column(Column::new(qualifier.cloned(), field.name()))
-                    })
-                    .collect();
+                let mut exprs = columns_of(rewritten.schema());
                 exprs.push(filter.predicate.clone().alias(HAVING_COLUMN));
                 having = true;
                 LogicalPlan::Projection(
@@ -371,6 +433,14 @@ pub fn guard(
     })
 }
 
+/// A column expression for every column of a schema, qualifiers kept.
+fn columns_of(schema: &DFSchema) -> Vec<Expr> {
+    schema
+        .iter()
+        .map(|(qualifier, field)| Expr::Column(Column::new(qualifier.cloned(), field.name())))
+        .collect()
+}
+
 /// Whether a table reference points into the session's only schema (`datafusion.public`), where
 /// the granted datasets are registered. Anything else is not a granted dataset.
 pub(crate) fn is_default_qualifier(reference: &TableReference) -> bool {
@@ -386,6 +456,7 @@ pub(crate) fn scan_lineage(
     scan: &TableScan,
     dataset: &Arc<str>,
     policy: &DatasetPolicy,
+    scan_index: usize,
 ) -> Result<Vec<Lineage>, SqlError> {
     scan.projected_schema
         .fields()
@@ -405,7 +476,9 @@ pub(crate) fn scan_lineage(
                 column: Arc::from(column.name.as_str()),
                 role: column.role,
                 level: column.level,
+                mask: column.mask,
                 is_unit: column.name == policy.privacy_unit,
+                scan: scan_index,
             }))
         })
         .collect()
@@ -457,7 +530,10 @@ fn contains_aggregate(plan: &LogicalPlan) -> bool {
 /// The denial for a plan node outside the accepted shape.
 pub(crate) fn node_denial(node: &LogicalPlan) -> SqlError {
     match node {
-        LogicalPlan::Join(_) => deny(Rule::JoinNotSupported, "joins are not supported yet"),
+        LogicalPlan::Join(_) => deny(
+            Rule::PlanNodeNotAllowed,
+            "joins are only allowed below the aggregate, over rows of granted datasets",
+        ),
         LogicalPlan::Aggregate(_) => deny(
             Rule::NestedAggregateNotSupported,
             "aggregates over aggregates are not supported yet",
@@ -505,8 +581,8 @@ fn node_name(node: &LogicalPlan) -> String {
 }
 
 impl Guard<'_> {
-    /// Lineage of every output column of a node below the aggregate, and the dataset scanned.
-    fn below(&mut self, node: &LogicalPlan) -> Result<(Vec<Lineage>, Arc<str>), SqlError> {
+    /// Lineage of every output column of a node below the aggregate.
+    fn below(&mut self, node: &LogicalPlan) -> Result<Vec<Lineage>, SqlError> {
         match node {
             LogicalPlan::TableScan(scan) => {
                 let name = scan.table_name.table();
@@ -530,37 +606,114 @@ impl Guard<'_> {
                 if !scan.filters.is_empty() || scan.fetch.is_some() {
                     return Err(deny(Rule::PlanNodeNotAllowed, "pre-filtered table scans"));
                 }
-                if self.mode.is_some() {
-                    return Err(deny(Rule::JoinNotSupported, "only one dataset per query"));
-                }
-                self.mode = Some(mode);
+                self.modes.insert(name.to_string(), mode);
                 self.datasets.insert(name.to_string());
-                let dataset: Arc<str> = Arc::from(name);
-                let lineage = scan_lineage(scan, &dataset, &granted.policy)?;
-                Ok((lineage, dataset))
+                let index = self.unit_parent.len();
+                self.unit_parent.push(index);
+                scan_lineage(scan, &Arc::from(name), &granted.policy, index)
             }
             LogicalPlan::Filter(filter) => {
-                let (lineage, dataset) = self.below(&filter.input)?;
-                self.row_expr(
-                    &filter.predicate,
-                    filter.input.schema(),
-                    &lineage,
-                    Use::Filter,
-                )?;
-                Ok((lineage, dataset))
+                let lineage = self.below(&filter.input)?;
+                self.filter_expr(&filter.predicate, filter.input.schema(), &lineage)?;
+                Ok(lineage)
             }
             LogicalPlan::SubqueryAlias(alias) => self.below(&alias.input),
             LogicalPlan::Projection(projection) => {
-                let (lineage, dataset) = self.below(&projection.input)?;
+                let lineage = self.below(&projection.input)?;
                 let schema = projection.input.schema();
                 let mut out = Vec::with_capacity(projection.expr.len());
                 for expr in &projection.expr {
                     out.push(self.row_expr(expr, schema, &lineage, Use::Derive)?);
                 }
-                Ok((out, dataset))
+                Ok(out)
             }
+            LogicalPlan::Join(join) => {
+                let left = self.below(&join.left)?;
+                let right = self.below(&join.right)?;
+                self.join(join, &left, &right)?;
+                // Inner and left joins output the left columns, then the right ones.
+                Ok(left.into_iter().chain(right).collect())
+            }
+            LogicalPlan::Values(_) | LogicalPlan::EmptyRelation(_) => Err(deny(
+                Rule::PlanNodeNotAllowed,
+                "only granted datasets can be read: no VALUES lists or constant relations",
+            )),
             other => Err(node_denial(other)),
         }
+    }
+
+    /// Checks a join's roles: anchored on a join role; equating the privacy units of both sides
+    /// merges their unit classes.
+    fn join(&mut self, join: &Join, left: &[Lineage], right: &[Lineage]) -> Result<(), SqlError> {
+        let mut anchored = false;
+        for (l, r) in join_equalities(join, left, right)? {
+            for source in [&l, &r] {
+                self.columns
+                    .insert(format!("{}.{}", source.dataset, source.column));
+            }
+            let join_role = |s: &Source| matches!(s.role, Role::Identifier | Role::JoinKey);
+            if join_role(&l) && join_role(&r) {
+                anchored = true;
+                // The same entity on both sides: the privacy units, of one name.
+                if l.is_unit && r.is_unit && l.column == r.column {
+                    self.merge_units(l.scan, r.scan);
+                }
+            } else if l.role == Role::Dimension && r.role == Role::Dimension {
+                // An extra equality on dimensions (say, the same month) says no more than the
+                // same comparison in WHERE would.
+            } else {
+                let wrong = if join_role(&l) { &r } else { &l };
+                return Err(deny(
+                    Rule::JoinKeyNotAllowed,
+                    format!(
+                        "`{}.{}` is a {} and cannot be joined on; joins match the privacy unit or \
+                         a declared join key (extra equalities between dimensions are allowed)",
+                        wrong.dataset,
+                        wrong.column,
+                        wrong.role.as_str()
+                    ),
+                ));
+            }
+        }
+        if !anchored {
+            return Err(deny(
+                Rule::JoinKeyNotAllowed,
+                "a join must match the privacy unit or a declared join key of both sides",
+            ));
+        }
+        Ok(())
+    }
+
+    fn root(&self, mut scan: usize) -> usize {
+        while self.unit_parent[scan] != scan {
+            scan = self.unit_parent[scan];
+        }
+        scan
+    }
+
+    fn merge_units(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.root(a), self.root(b));
+        self.unit_parent[b.max(a)] = a.min(b);
+    }
+
+    /// The distinct unit classes of the scans, by root.
+    fn unit_roots(&self) -> BTreeSet<usize> {
+        (0..self.unit_parent.len()).map(|s| self.root(s)).collect()
+    }
+
+    /// The strictest combination of the modes of every dataset scanned: the largest threshold
+    /// and the functions all allow.
+    fn combined_mode(&self) -> Result<AggregateMode, SqlError> {
+        self.modes
+            .values()
+            .cloned()
+            .reduce(|a, b| a.strictest(&b))
+            .ok_or_else(|| {
+                deny(
+                    Rule::AggregateRequired,
+                    "the query must aggregate a dataset",
+                )
+            })
     }
 
     /// The denial for a query without an aggregate: the most specific rule that explains why its
@@ -600,6 +753,94 @@ impl Guard<'_> {
         Ok(found)
     }
 
+    /// Checks a `WHERE` predicate. Conjunctions, disjunctions and negations are taken apart so
+    /// that a granted range filter on a measure can sit beside ordinary dimension filters.
+    fn filter_expr(
+        &mut self,
+        expr: &Expr,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+    ) -> Result<(), SqlError> {
+        match expr {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And | Operator::Or,
+                right,
+            }) => {
+                self.filter_expr(left, schema, lineage)?;
+                self.filter_expr(right, schema, lineage)
+            }
+            Expr::Not(inner) => self.filter_expr(inner, schema, lineage),
+            Expr::BinaryExpr(BinaryExpr { left, op, right })
+                if matches!(
+                    op,
+                    Operator::Eq
+                        | Operator::NotEq
+                        | Operator::Lt
+                        | Operator::LtEq
+                        | Operator::Gt
+                        | Operator::GtEq
+                ) && (is_constant(left) || is_constant(right)) =>
+            {
+                let subject = if is_constant(left) { right } else { left };
+                if self.measure_range(subject, schema, lineage)? {
+                    Ok(())
+                } else {
+                    self.row_expr(expr, schema, lineage, Use::Filter).map(drop)
+                }
+            }
+            Expr::Between(Between {
+                expr: subject,
+                low,
+                high,
+                ..
+            }) if is_constant(low) && is_constant(high) => {
+                if self.measure_range(subject, schema, lineage)? {
+                    Ok(())
+                } else {
+                    self.row_expr(expr, schema, lineage, Use::Filter).map(drop)
+                }
+            }
+            _ => self.row_expr(expr, schema, lineage, Use::Filter).map(drop),
+        }
+    }
+
+    /// Whether `subject` is a plain measure compared to a constant under a grant that lists it in
+    /// `filter_measures` (then the comparison is allowed). A plain measure the grant does not
+    /// list is denied here, with the rule that names the grant option.
+    fn measure_range(
+        &mut self,
+        subject: &Expr,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+    ) -> Result<bool, SqlError> {
+        let Expr::Column(column) = strip_alias(subject) else {
+            return Ok(false);
+        };
+        let Lineage::Plain(source) = self.lookup(column, schema, lineage)? else {
+            return Ok(false);
+        };
+        if source.role != Role::Measure {
+            return Ok(false);
+        }
+        self.check_level(&source)?;
+        let granted = self
+            .modes
+            .get(source.dataset.as_ref())
+            .is_some_and(|m| m.filter_measures.contains(source.column.as_ref()));
+        if granted {
+            Ok(true)
+        } else {
+            Err(deny(
+                Rule::MeasureFilterNotGranted,
+                format!(
+                    "range filters on measure `{}.{}` are not in your grant (`filter_measures`)",
+                    source.dataset, source.column
+                ),
+            ))
+        }
+    }
+
     /// Checks a row-level expression (below the aggregate) and returns its lineage.
     fn row_expr(
         &mut self,
@@ -620,7 +861,7 @@ impl Guard<'_> {
                     let found = self.lookup(column, schema, lineage)?;
                     sources.extend(found.sources().into_iter().cloned());
                 }
-                check_derived_sources(&sources)?;
+                self.check_derived_sources(&sources, false)?;
                 for child in allowed_children(expr, schema)? {
                     self.row_expr(child, schema, lineage, Use::Derive)?;
                 }
@@ -631,7 +872,7 @@ impl Guard<'_> {
         // output decides. Filters and groupings use the value itself.
         if use_ != Use::Derive {
             for source in result.sources() {
-                check_level(source)?;
+                self.check_level(source)?;
                 match (source.role, use_) {
                     (Role::Identifier, Use::Group) => {
                         return Err(deny(
@@ -648,6 +889,7 @@ impl Guard<'_> {
                             ),
                         ));
                     }
+                    (Role::JoinKey, _) => return Err(join_key_denial(source)),
                     (Role::Measure, _) => {
                         return Err(deny(
                             Rule::MeasureOutsideAggregate,
@@ -656,6 +898,9 @@ impl Guard<'_> {
                                 source.column
                             ),
                         ));
+                    }
+                    (Role::Masked, Use::Filter) if source.is_token() => {
+                        return Err(masked_denial(source));
                     }
                     _ => {}
                 }
@@ -734,37 +979,19 @@ impl Guard<'_> {
             };
         }
         let Expr::Column(column) = argument else {
-            // An identifier hidden in the expression gets its own, more specific rule.
-            for referenced in argument.column_refs() {
-                let found = self.lookup(referenced, schema, lineage)?;
-                if let Some(unit) = found.sources().iter().find(|s| s.role == Role::Identifier) {
-                    return Err(deny(
-                        Rule::IdentifierInExpression,
-                        format!(
-                            "the privacy unit `{}` may not be used in expressions",
-                            unit.column
-                        ),
-                    ));
-                }
-            }
-            return Err(deny(
-                Rule::AggregateArgumentNotPlain,
-                format!(
-                    "`{name}` must aggregate a plain column, not an expression (predicates smuggled into aggregates are refused)"
-                ),
-            ));
+            return self.argument_expr(&name, kind, argument, schema, lineage);
         };
         let source = match self.lookup(column, schema, lineage)? {
             Lineage::Plain(source) => source,
             Lineage::Derived(sources) => {
-                check_derived_sources(&sources)?;
+                self.check_derived_sources(&sources, false)?;
                 return Err(deny(
                     Rule::AggregateArgumentNotPlain,
                     format!("`{name}` must aggregate a plain column, not a derived one"),
                 ));
             }
         };
-        check_level(&source)?;
+        self.check_level(&source)?;
         match (source.role, kind) {
             (Role::Identifier, Allowed::CountDistinct) if source.is_unit => Ok(()),
             (Role::Identifier, _) => Err(deny(
@@ -774,6 +1001,7 @@ impl Guard<'_> {
                     source.column
                 ),
             )),
+            (Role::JoinKey, _) => Err(join_key_denial(&source)),
             (Role::Measure, Allowed::CountDistinct) => Err(deny(
                 Rule::DistinctNotAllowed,
                 format!(
@@ -781,11 +1009,219 @@ impl Guard<'_> {
                     source.column
                 ),
             )),
-            (Role::Measure | Role::Dimension, _) => Ok(()),
+            (Role::Measure | Role::Dimension | Role::Masked, _) => Ok(()),
             (Role::Hidden, _) => Err(deny(
                 Rule::PlanNodeNotAllowed,
                 format!("column `{}` is hidden", source.column),
             )),
+        }
+    }
+
+    /// An aggregate argument that is an expression (`SUM(CASE WHEN d = 'x' THEN m END)`):
+    /// allowed only where every dataset it reads grants `expression_arguments`, and then over
+    /// measures, dimensions and generalized values only, with `CASE` allowed.
+    fn argument_expr(
+        &mut self,
+        name: &str,
+        kind: Allowed,
+        argument: &Expr,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+    ) -> Result<(), SqlError> {
+        let mut sources = Vec::new();
+        for referenced in argument.column_refs() {
+            let found = self.lookup(referenced, schema, lineage)?;
+            sources.extend(found.sources().into_iter().cloned());
+        }
+        // An identifier, join key or token hidden in the expression gets its own rule; measures
+        // are what the argument aggregates.
+        self.check_derived_sources(&sources, true)?;
+        let granted = !sources.is_empty()
+            && sources.iter().all(|s| {
+                self.modes
+                    .get(s.dataset.as_ref())
+                    .is_some_and(|m| m.expression_arguments)
+            });
+        if !granted || kind == Allowed::CountDistinct {
+            return Err(deny(
+                Rule::AggregateArgumentNotPlain,
+                format!(
+                    "`{name}` must aggregate a plain column, not an expression (predicates \
+                     smuggled into aggregates are refused unless the grant sets \
+                     `expression_arguments`)"
+                ),
+            ));
+        }
+        check_argument_kinds(argument, schema)
+    }
+
+    fn check_level(&self, source: &Source) -> Result<(), SqlError> {
+        if source.level.allows_mode(self.context) {
+            Ok(())
+        } else {
+            Err(deny(
+                Rule::LevelCap,
+                format!(
+                    "column `{}.{}` is {}: it needs differential privacy, an approved template \
+                     or approved code, not {}",
+                    source.dataset,
+                    source.column,
+                    source.level.as_str(),
+                    self.context.as_str()
+                ),
+            ))
+        }
+    }
+
+    /// Identifiers, join keys, masked tokens and (unless `measures_allowed`, inside an aggregate
+    /// argument) measures may not enter row-level expressions; columns above the level cap may
+    /// not be used at all.
+    fn check_derived_sources(
+        &self,
+        sources: &[Source],
+        measures_allowed: bool,
+    ) -> Result<(), SqlError> {
+        for source in sources {
+            self.check_level(source)?;
+            match source.role {
+                Role::Identifier => {
+                    return Err(deny(
+                        Rule::IdentifierInExpression,
+                        format!(
+                            "the privacy unit `{}` may not be compared to values or used in expressions",
+                            source.column
+                        ),
+                    ));
+                }
+                Role::JoinKey => return Err(join_key_denial(source)),
+                Role::Measure if measures_allowed => {}
+                Role::Measure => {
+                    return Err(deny(
+                        Rule::MeasureOutsideAggregate,
+                        format!(
+                            "measure `{}` may only be used as the plain argument of an allowed aggregate",
+                            source.column
+                        ),
+                    ));
+                }
+                Role::Masked if source.is_token() => return Err(masked_denial(source)),
+                Role::Masked | Role::Dimension | Role::Hidden => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The column equalities of a join, as (left source, right source), for both guards. Refuses
+/// cross joins, join types other than inner and left, NULL-matching keys, conditions other than
+/// a conjunction of equalities, and keys that are not plain columns of their side. Which roles
+/// may be joined is each guard's decision.
+pub(crate) fn join_equalities(
+    join: &Join,
+    left: &[Lineage],
+    right: &[Lineage],
+) -> Result<Vec<(Source, Source)>, SqlError> {
+    if join.on.is_empty() && join.filter.is_none() {
+        return Err(deny(
+            Rule::CrossJoin,
+            "joins need a condition: write `JOIN ... ON` on the privacy unit or a join key",
+        ));
+    }
+    if !matches!(join.join_type, JoinType::Inner | JoinType::Left) {
+        return Err(deny(
+            Rule::JoinTypeNotAllowed,
+            format!(
+                "{} joins are not allowed; use an inner or left join",
+                join.join_type
+            ),
+        ));
+    }
+    if join.null_equality != NullEquality::NullEqualsNothing {
+        return Err(deny(
+            Rule::JoinConditionNotAllowed,
+            "join keys must not match NULL to NULL",
+        ));
+    }
+    let (left_schema, right_schema) = (join.left.schema(), join.right.schema());
+    let side = |expr: &Expr, schema: &DFSchema, lineage: &[Lineage]| match strip_alias(expr) {
+        Expr::Column(column) if schema.has_column(column) => {
+            match lineage_of(column, schema, lineage)? {
+                Lineage::Plain(source) => Ok(source),
+                Lineage::Derived(_) => Err(deny(
+                    Rule::JoinConditionNotAllowed,
+                    "join keys must be plain columns, not derived ones",
+                )),
+            }
+        }
+        Expr::Column(_) => Err(deny(
+            Rule::JoinConditionNotAllowed,
+            "each join equality must compare a column of one side with a column of the other",
+        )),
+        _ => Err(deny(
+            Rule::JoinConditionNotAllowed,
+            "join keys must be plain columns, not expressions",
+        )),
+    };
+    // The SQL planner puts `ON` conditions in the filter, `USING` ones in `on`.
+    let mut pairs = Vec::new();
+    for (l, r) in &join.on {
+        pairs.push((side(l, left_schema, left)?, side(r, right_schema, right)?));
+    }
+    if let Some(filter) = &join.filter {
+        for conjunct in split_conjunction(filter) {
+            let Expr::BinaryExpr(BinaryExpr {
+                left: a,
+                op: Operator::Eq,
+                right: b,
+            }) = conjunct
+            else {
+                return Err(deny(
+                    Rule::JoinConditionNotAllowed,
+                    "join conditions must be equalities of columns joined by AND",
+                ));
+            };
+            // Orient each equality as (left side, right side).
+            let a_on_left = matches!(strip_alias(a), Expr::Column(c) if left_schema.has_column(c));
+            let (a, b) = if a_on_left { (a, b) } else { (b, a) };
+            pairs.push((side(a, left_schema, left)?, side(b, right_schema, right)?));
+        }
+    }
+    Ok(pairs)
+}
+
+fn join_key_denial(source: &Source) -> SqlError {
+    deny(
+        Rule::JoinKeyOutsideJoin,
+        format!(
+            "`{}.{}` is a join key: it may only appear in an equi-join condition",
+            source.dataset, source.column
+        ),
+    )
+}
+
+fn masked_denial(source: &Source) -> SqlError {
+    deny(
+        Rule::MaskedValueInExpression,
+        format!(
+            "`{}.{}` is masked ({}): it may be output and grouped on, not compared or transformed",
+            source.dataset,
+            source.column,
+            source.mask.map_or_else(String::new, Mask::describe)
+        ),
+    )
+}
+
+/// The expression kinds of an aggregate argument under `expression_arguments`: the row-level
+/// allow-list with `CASE`.
+fn check_argument_kinds(expr: &Expr, schema: &DFSchema) -> Result<(), SqlError> {
+    match expr {
+        Expr::Column(_) | Expr::Literal(..) => Ok(()),
+        Expr::Alias(alias) => check_argument_kinds(&alias.expr, schema),
+        other => {
+            for child in expression_children(other, schema, true)? {
+                check_argument_kinds(child, schema)?;
+            }
+            Ok(())
         }
     }
 }
@@ -818,51 +1254,6 @@ pub(crate) fn strip_alias(expr: &Expr) -> &Expr {
         Expr::Alias(alias) => strip_alias(&alias.expr),
         other => other,
     }
-}
-
-fn check_level(source: &Source) -> Result<(), SqlError> {
-    if source.level.allows_ad_hoc_aggregate() {
-        Ok(())
-    } else {
-        Err(deny(
-            Rule::LevelCap,
-            format!(
-                "column `{}.{}` is {}: it needs differential privacy or approved code, not ad-hoc SQL",
-                source.dataset,
-                source.column,
-                source.level.as_str()
-            ),
-        ))
-    }
-}
-
-/// Identifiers and measures may not enter expressions; L4 columns may not be used at all.
-fn check_derived_sources(sources: &[Source]) -> Result<(), SqlError> {
-    for source in sources {
-        check_level(source)?;
-        match source.role {
-            Role::Identifier => {
-                return Err(deny(
-                    Rule::IdentifierInExpression,
-                    format!(
-                        "the privacy unit `{}` may not be compared to values or used in expressions",
-                        source.column
-                    ),
-                ));
-            }
-            Role::Measure => {
-                return Err(deny(
-                    Rule::MeasureOutsideAggregate,
-                    format!(
-                        "measure `{}` may only be used as the plain argument of an allowed aggregate",
-                        source.column
-                    ),
-                ));
-            }
-            Role::Dimension | Role::Hidden => {}
-        }
-    }
-    Ok(())
 }
 
 /// The children of an expression kind the guard allows, or the denial for any other kind.

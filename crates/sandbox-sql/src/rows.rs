@@ -18,14 +18,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use datafusion::common::DFSchema;
-use datafusion::logical_expr::utils::split_conjunction;
-use datafusion::logical_expr::{BinaryExpr, Expr, JoinType, LogicalPlan, Operator};
+use datafusion::logical_expr::{Expr, LogicalPlan};
 use sandbox_policy::DatasetPolicy;
 
 use crate::error::{Rule, SqlError};
 use crate::guard::{
-    HIDDEN_PREFIX, Lineage, Source, deny, expression_children, is_default_qualifier, lineage_of,
-    node_denial, scan_lineage, strip_alias, uses_reserved_name,
+    HIDDEN_PREFIX, Lineage, Source, deny, expression_children, is_default_qualifier,
+    join_equalities, lineage_of, node_denial, scan_lineage, strip_alias, uses_reserved_name,
 };
 
 /// What a code job's input may read: per dataset, its policy and the approved columns.
@@ -52,6 +51,8 @@ struct RowGuard<'a> {
     /// Visible columns the approval does not list, as `dataset.column`: a scan exposes them (the
     /// unoptimized plan scans every visible column), but any use of one is denied.
     unapproved: BTreeSet<String>,
+    /// Table scans seen so far.
+    scans: usize,
 }
 
 /// Checks a code job's input plan against its approved scope.
@@ -67,6 +68,7 @@ pub fn guard_rows(plan: &LogicalPlan, scope: &RowScope) -> Result<GuardedRows, S
         datasets: BTreeSet::new(),
         columns: BTreeSet::new(),
         unapproved: BTreeSet::new(),
+        scans: 0,
     };
     let lineage = guard.walk(plan)?;
     let key_index = lineage
@@ -110,7 +112,8 @@ impl RowGuard<'_> {
                 }
                 self.datasets.insert(name.to_string());
                 let dataset: Arc<str> = Arc::from(name);
-                let lineage = scan_lineage(scan, &dataset, policy)?;
+                let lineage = scan_lineage(scan, &dataset, policy, self.scans)?;
+                self.scans += 1;
                 for source in lineage.iter().flat_map(Lineage::sources) {
                     if !approved.contains(source.column.as_ref()) {
                         self.unapproved.insert(format!("{name}.{}", source.column));
@@ -141,65 +144,19 @@ impl RowGuard<'_> {
                 Ok(lineage)
             }
             LogicalPlan::Join(join) => {
-                if !matches!(join.join_type, JoinType::Inner | JoinType::Left) {
-                    return Err(deny(
-                        Rule::JoinNotSupported,
-                        "only inner and left joins are allowed",
-                    ));
-                }
                 let left = self.walk(&join.left)?;
                 let right = self.walk(&join.right)?;
-                // The SQL planner puts `ON` conditions in the filter; the optimizer moves the
-                // equalities to `on` later. Accept either: a conjunction of column equalities.
-                let mut pairs: Vec<(&Expr, &Expr)> = join.on.iter().map(|(l, r)| (l, r)).collect();
-                if let Some(filter) = &join.filter {
-                    for conjunct in split_conjunction(filter) {
-                        match conjunct {
-                            Expr::BinaryExpr(BinaryExpr {
-                                left: a,
-                                op: Operator::Eq,
-                                right: b,
-                            }) => {
-                                // Orient each equality as (left side, right side).
-                                if plain_column(a, join.left.schema(), &left).is_some() {
-                                    pairs.push((a, b));
-                                } else {
-                                    pairs.push((b, a));
-                                }
-                            }
-                            _ => {
-                                return Err(deny(
-                                    Rule::JoinNotSupported,
-                                    "join conditions must be equalities of columns, matching the \
-                                     privacy unit",
-                                ));
-                            }
-                        }
-                    }
-                }
                 let mut on_unit = false;
-                for (l, r) in pairs {
-                    let l = plain_column(l, join.left.schema(), &left);
-                    let r = plain_column(r, join.right.schema(), &right);
-                    match (l, r) {
-                        (Some(l), Some(r)) => {
-                            self.used(&l)?;
-                            self.used(&r)?;
-                            // The same entity on both sides: both privacy units, of one name.
-                            on_unit |= l.is_unit && r.is_unit && l.column == r.column;
-                        }
-                        _ => {
-                            return Err(deny(
-                                Rule::JoinNotSupported,
-                                "join keys must be plain columns of each side",
-                            ));
-                        }
-                    }
+                for (l, r) in join_equalities(join, &left, &right)? {
+                    self.used(&l)?;
+                    self.used(&r)?;
+                    // The same entity on both sides: both privacy units, of one name.
+                    on_unit |= l.is_unit && r.is_unit && l.column == r.column;
                 }
                 if !on_unit {
                     return Err(deny(
-                        Rule::JoinNotSupported,
-                        "joins must match the privacy unit of both sides",
+                        Rule::JoinKeyNotAllowed,
+                        "a code job's input joins match the privacy unit of both sides",
                     ));
                 }
                 Ok(left.into_iter().chain(right).collect())
@@ -313,17 +270,5 @@ impl RowGuard<'_> {
             sources.extend(found.sources().into_iter().cloned());
         }
         Ok(Lineage::Derived(sources))
-    }
-}
-
-/// The source of a join key when it is a plain column.
-fn plain_column(expr: &Expr, schema: &DFSchema, lineage: &[Lineage]) -> Option<Source> {
-    let Expr::Column(column) = strip_alias(expr) else {
-        return None;
-    };
-    let index = schema.index_of_column(column).ok()?;
-    match lineage.get(index)? {
-        Lineage::Plain(source) => Some(source.clone()),
-        Lineage::Derived(_) => None,
     }
 }

@@ -29,8 +29,12 @@ use futures::StreamExt;
 use sandbox_policy::{DatasetPolicy, PolicySet};
 use tokio_util::sync::CancellationToken;
 
+use datafusion::common::ScalarValue;
+use sandbox_policy::{Mask, Mode};
+
 use crate::error::{Denial, Result, Rule, SqlError};
 use crate::guard::{GrantedDataset, Guarded, guard, is_default_qualifier};
+use crate::masks::{self, MaskedTable, PseudonymKey};
 use crate::rows::{GuardedRows, RowScope, guard_rows};
 
 /// Limits of the SQL path.
@@ -102,6 +106,8 @@ pub struct SqlEngine {
     /// its own: rebuilding the function registry per job would cost more than the query planning.
     base_state: SessionState,
     tables: HashMap<String, Arc<dyn TableProvider>>,
+    /// Masked columns per dataset, in the table's column order; datasets without any are absent.
+    masked: HashMap<String, Vec<(String, Mask)>>,
     limits: SqlLimits,
 }
 
@@ -132,13 +138,23 @@ impl SqlEngine {
             .with_default_features()
             .build();
         let mut tables = HashMap::new();
+        let mut masked = HashMap::new();
         for dataset in policy.datasets.values() {
             let provider = open_dataset(&base_state, dataset, data_dir).await?;
             tables.insert(dataset.id.clone(), provider);
+            let masks: Vec<(String, Mask)> = dataset
+                .columns
+                .iter()
+                .filter_map(|c| c.mask.map(|m| (c.name.clone(), m)))
+                .collect();
+            if !masks.is_empty() {
+                masked.insert(dataset.id.clone(), masks);
+            }
         }
         Ok(SqlEngine {
             base_state,
             tables,
+            masked,
             limits,
         })
     }
@@ -152,13 +168,24 @@ impl SqlEngine {
         self.tables.get(dataset).map(|t| t.schema())
     }
 
-    /// A fresh session whose catalog holds only the given datasets.
-    fn session<'a>(&self, ids: impl Iterator<Item = &'a String>) -> Result<SessionContext> {
+    /// A fresh session whose catalog holds only the given datasets, masked for this consumer.
+    fn session<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a String>,
+        key: &PseudonymKey,
+    ) -> Result<SessionContext> {
         let schema = MemorySchemaProvider::new();
         for id in ids {
             if let Some(table) = self.tables.get(id) {
+                let table: Arc<dyn TableProvider> = match self.masked.get(id) {
+                    Some(masks) => Arc::new(
+                        MaskedTable::new(table.clone(), masks, key)
+                            .map_err(|e| SqlError::Plan(format!("cannot mask `{id}`: {e}")))?,
+                    ),
+                    None => table.clone(),
+                };
                 schema
-                    .register_table(id.clone(), table.clone())
+                    .register_table(id.clone(), table)
                     .map_err(|e| SqlError::Plan(format!("cannot register `{id}`: {e}")))?;
             }
         }
@@ -178,19 +205,53 @@ impl SqlEngine {
         &self,
         sql: &str,
         granted: &HashMap<String, GrantedDataset>,
+        key: &PseudonymKey,
+        mode: Mode,
+    ) -> Result<PlannedQuery> {
+        self.plan_with(sql, granted, key, mode, &HashMap::new())
+            .await
+    }
+
+    /// [`SqlEngine::plan`] for an approved template: `$name` placeholders are bound to `params`
+    /// before the guard sees the plan, so the guard checks the query as it will run.
+    pub async fn plan_with(
+        &self,
+        sql: &str,
+        granted: &HashMap<String, GrantedDataset>,
+        key: &PseudonymKey,
+        mode: Mode,
+        params: &HashMap<String, ScalarValue>,
     ) -> Result<PlannedQuery> {
         let (context, plan) = self
-            .logical_plan(sql, granted.keys(), |t| granted.contains_key(t))
+            .logical_plan(sql, granted.keys(), key, params, |t| {
+                granted.contains_key(t)
+            })
             .await?;
-        let guarded = guard(&plan, granted)?;
+        let guarded = guard(&plan, granted, mode)?;
         Ok(PlannedQuery { context, guarded })
     }
 
     /// Plans the input query of a code job and passes it through the row-mode guard, within the
     /// module's approved scope. Reads no data.
-    pub async fn plan_rows(&self, sql: &str, scope: &RowScope) -> Result<PlannedRows> {
+    pub async fn plan_rows(
+        &self,
+        sql: &str,
+        scope: &RowScope,
+        key: &PseudonymKey,
+    ) -> Result<PlannedRows> {
+        self.plan_rows_with(sql, scope, key, &HashMap::new()).await
+    }
+
+    /// [`SqlEngine::plan_rows`] with `$name` placeholders bound to `params` (scoring templates).
+    pub async fn plan_rows_with(
+        &self,
+        sql: &str,
+        scope: &RowScope,
+        key: &PseudonymKey,
+        params: &HashMap<String, ScalarValue>,
+    ) -> Result<PlannedRows> {
         let (context, plan) = self
-            .logical_plan(sql, scope.datasets.keys(), |t| {
+            .logical_plan(sql, scope.datasets.keys(), key, params, |t| {
                 scope.datasets.contains_key(t)
             })
             .await?;
@@ -203,6 +264,8 @@ impl SqlEngine {
         &self,
         sql: &str,
         catalog: impl Iterator<Item = &'a String>,
+        key: &PseudonymKey,
+        params: &HashMap<String, ScalarValue>,
         known: impl Fn(&str) -> bool,
     ) -> Result<(SessionContext, LogicalPlan)> {
         if sql.len() > self.limits.max_query_bytes {
@@ -216,7 +279,7 @@ impl SqlEngine {
             )
             .into());
         }
-        let context = self.session(catalog)?;
+        let context = self.session(catalog, key)?;
         let state = context.state();
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state
@@ -244,11 +307,45 @@ impl SqlEngine {
                 .into());
             }
         }
-        let plan = state
+        let mut plan = state
             .statement_to_plan(statement)
             .await
             .map_err(|e| SqlError::Plan(root_message(&e)))?;
+        if !params.is_empty() {
+            plan = plan
+                .with_param_values(params.clone())
+                .map_err(|e| SqlError::Plan(root_message(&e)))?;
+        }
         Ok((context, plan))
+    }
+
+    /// The tables a query names (CTE names excluded), without planning it: what a template
+    /// reads, for its approvals.
+    pub fn tables_of(&self, sql: &str) -> Result<Vec<String>> {
+        let state = &self.base_state;
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state
+            .sql_to_statement(sql, &dialect)
+            .map_err(|e| SqlError::Syntax(root_message(&e)))?;
+        let references = state
+            .resolve_table_references(&statement)
+            .map_err(|e| SqlError::Plan(root_message(&e)))?;
+        let mut tables: Vec<String> = Vec::new();
+        for reference in references {
+            if !is_default_qualifier(&reference) {
+                return Err(Denial::new(
+                    Rule::DatasetNotGranted,
+                    format!("`{reference}` is not a dataset"),
+                )
+                .into());
+            }
+            let table = reference.table().to_string();
+            if !tables.contains(&table) {
+                tables.push(table);
+            }
+        }
+        tables.sort();
+        Ok(tables)
     }
 
     /// Runs a planned query under the memory pool, the time limit and the row cap.
@@ -372,6 +469,20 @@ async fn open_dataset(
                 ),
             });
         };
+        if let Some(mask) = column.mask
+            && !masks::supports(mask, field.data_type())
+        {
+            return Err(SqlError::Dataset {
+                dataset: dataset.id.clone(),
+                location: column.location.to_string(),
+                message: format!(
+                    "mask `{}` does not apply to column `{}` of type {}",
+                    mask.describe(),
+                    column.name,
+                    field.data_type()
+                ),
+            });
+        }
         if column.role != sandbox_policy::Role::Hidden {
             fields.push(field.clone());
         }

@@ -8,12 +8,19 @@ use std::sync::Arc;
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::UInt64Type;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use sandbox_policy::{PolicySet, Principal, PrincipalRole};
-use sandbox_sql::{CancellationToken, GrantedDataset, SqlEngine, SqlLimits, UNITS_COLUMN};
+use sandbox_policy::{Mode, PolicySet, Principal, PrincipalRole};
+use sandbox_sql::{
+    CancellationToken, GrantedDataset, PseudonymKey, SqlEngine, SqlLimits, UNITS_COLUMN,
+};
 
 fn policies() -> PolicySet {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
     sandbox_policy::load_dir(&dir).expect("repository policies load")
+}
+
+/// The analyst's pseudonym key, under a test secret.
+fn key() -> PseudonymKey {
+    PseudonymKey::derive(b"test secret", "analytics")
 }
 
 fn analyst() -> Principal {
@@ -86,7 +93,10 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
     let sql = "SELECT industry, COUNT(*) AS n, SUM(registered_capital) AS capital, \
                COUNT(DISTINCT credit_code) AS units FROM enterprises \
                WHERE status = 'active' GROUP BY industry ORDER BY industry";
-    let planned = engine.plan(sql, &grants).await.expect("allowed");
+    let planned = engine
+        .plan(sql, &grants, &key(), Mode::Aggregate)
+        .await
+        .expect("allowed");
     assert_eq!(planned.guarded.min_units, 10);
     let executed = engine
         .execute(planned, CancellationToken::new())
@@ -114,7 +124,10 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
     // Without it, the capped counter gives min(distinct units, 10) per group.
     let capped_sql = "SELECT industry, COUNT(*) AS n FROM enterprises WHERE status = 'active' \
                       GROUP BY industry";
-    let planned = engine.plan(capped_sql, &grants).await.expect("allowed");
+    let planned = engine
+        .plan(capped_sql, &grants, &key(), Mode::Aggregate)
+        .await
+        .expect("allowed");
     let capped_run = engine
         .execute(planned, CancellationToken::new())
         .await
@@ -164,6 +177,8 @@ async fn cancelled_query_stops_with_cancelled() {
         .plan(
             "SELECT month, SUM(vat_paid) FROM tax_monthly GROUP BY month",
             &granted(&policy, &analyst()),
+            &key(),
+            Mode::Aggregate,
         )
         .await
         .expect("allowed");
@@ -188,7 +203,12 @@ async fn query_text_over_the_limit_is_denied_before_parsing() {
         "'C', ".repeat(40) + "'F'"
     );
     let error = engine
-        .plan(&long, &granted(&policy, &analyst()))
+        .plan(
+            &long,
+            &granted(&policy, &analyst()),
+            &key(),
+            Mode::Aggregate,
+        )
         .await
         .expect_err("too long");
     assert_eq!(error.code(), "query-too-long");

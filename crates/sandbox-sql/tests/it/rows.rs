@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sandbox_sql::{CancellationToken, RowScope, SqlLimits};
 
-use crate::engine_over_demo;
+use crate::{engine_over_demo, key};
 
 /// A scope covering these `dataset.column`s.
 fn scope(policy: &sandbox_policy::PolicySet, columns: &[&str]) -> RowScope {
@@ -69,25 +69,30 @@ async fn row_mode_allows_per_entity_features_and_denies_the_rest() {
             "dataset-not-granted",
         ),
         // Hidden columns are not even in the catalog.
-        ("SELECT credit_code, name FROM enterprises", "sql-plan"),
+        ("SELECT credit_code, legal_rep FROM enterprises", "sql-plan"),
+        // Visible, but outside the approved scope.
+        (
+            "SELECT credit_code, name FROM enterprises",
+            "column-not-approved",
+        ),
         // Joins only on the privacy unit of both sides.
         (
             "SELECT t.credit_code FROM tax_monthly t JOIN enterprises e ON t.month = e.industry",
-            "join-not-supported",
+            "join-key-not-allowed",
         ),
         (
             "SELECT t.credit_code FROM tax_monthly t JOIN enterprises e \
              ON t.credit_code = e.credit_code AND t.vat_paid > 10",
-            "join-not-supported",
+            "join-condition-not-allowed",
         ),
         (
             "SELECT t.credit_code FROM tax_monthly t FULL JOIN enterprises e \
              ON t.credit_code = e.credit_code",
-            "join-not-supported",
+            "join-type-not-allowed",
         ),
         (
             "SELECT t.credit_code FROM tax_monthly t CROSS JOIN enterprises e",
-            "join-not-supported",
+            "cross-join",
         ),
         // Aggregates are per entity, and the output keeps the entity.
         (
@@ -127,7 +132,7 @@ async fn row_mode_allows_per_entity_features_and_denies_the_rest() {
     ];
     let mut failures = Vec::new();
     for (query, expected) in cases {
-        let got = match engine.plan_rows(query, &scope).await {
+        let got = match engine.plan_rows(query, &scope, &key()).await {
             Ok(_) => "allow".to_string(),
             Err(e) => e.code().to_string(),
         };
@@ -146,6 +151,7 @@ async fn row_mode_input_carries_the_unit_and_runs() {
         .plan_rows(
             "SELECT SUM(vat_paid) AS v, credit_code FROM tax_monthly GROUP BY credit_code",
             &scope,
+            &key(),
         )
         .await
         .expect("allowed");
@@ -162,4 +168,59 @@ async fn row_mode_input_carries_the_unit_and_runs() {
         .expect("runs");
     let rows: usize = executed.batches.iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, 200, "one row per enterprise");
+}
+
+/// `(credit_code, case token)` pairs of every court case, read through the masked catalog.
+async fn case_tokens(engine: &sandbox_sql::SqlEngine, scope: &RowScope, org: &str) -> Vec<String> {
+    let key = sandbox_sql::PseudonymKey::derive(b"test secret", org);
+    let planned = engine
+        .plan_rows("SELECT credit_code, case_id FROM court_cases", scope, &key)
+        .await
+        .expect("allowed");
+    let executed = engine
+        .execute_rows(planned, CancellationToken::new())
+        .await
+        .expect("runs");
+    crate::sorted_rows(&executed.batches, 2)
+}
+
+#[tokio::test]
+async fn pseudonyms_are_stable_per_consumer_and_unlinkable_across_consumers() {
+    let (dir, policy, engine) = engine_over_demo(300, SqlLimits::default()).await;
+    let scope = scope(&policy, &["court_cases.credit_code", "court_cases.case_id"]);
+    let bank = case_tokens(&engine, &scope, "bank_demo").await;
+    assert_eq!(bank, case_tokens(&engine, &scope, "bank_demo").await);
+    let other = case_tokens(&engine, &scope, "other_bank").await;
+    assert_eq!(bank.len(), other.len());
+    let tokens = |rows: &[String]| -> BTreeSet<String> {
+        rows.iter()
+            .map(|r| r.split('|').nth(1).unwrap().to_string())
+            .collect()
+    };
+    let (a, b) = (tokens(&bank), tokens(&other));
+    assert!(a.is_disjoint(&b), "no token is shared across consumers");
+    // One token per case (no collisions), and never the raw case number.
+    let raw = datafusion::prelude::SessionContext::new();
+    let path = dir.path().join("datasets/court_cases");
+    raw.register_parquet(
+        "court_cases",
+        path.to_str().unwrap(),
+        datafusion::prelude::ParquetReadOptions::default(),
+    )
+    .await
+    .unwrap();
+    let cases = raw
+        .sql("SELECT case_id FROM court_cases")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let raw_ids: BTreeSet<String> = crate::sorted_rows(&cases, 1).into_iter().collect();
+    assert_eq!(a.len(), raw_ids.len());
+    assert!(a.is_disjoint(&raw_ids));
+    assert!(
+        a.iter()
+            .all(|t| t.len() == 32 && t.chars().all(|c| c.is_ascii_hexdigit()))
+    );
 }
