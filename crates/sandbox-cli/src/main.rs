@@ -313,6 +313,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// One owner's approval of a module or a template, in table form.
+fn print_approval(org: &str, by: &str, datasets: &[String], max_runs: u64, expires_at: u64) {
+    out!(
+        "    approved by {org} ({by}) for {}: {max_runs} runs, expires {expires_at}",
+        datasets.join(", ")
+    );
+}
+
 fn print_template(t: &pb::Template, format: Format) {
     match format {
         Format::Json => out!(
@@ -356,13 +364,12 @@ fn print_template(t: &pb::Template, format: Format) {
                 out!("    reason:  {}", t.reason);
             }
             for a in &t.approvals {
-                out!(
-                    "    approved by {} ({}) for {}: {} runs, expires {}",
-                    a.org,
-                    a.approved_by,
-                    a.datasets.join(", "),
+                print_approval(
+                    &a.org,
+                    &a.approved_by,
+                    &a.datasets,
                     a.max_runs,
-                    a.expires_at
+                    a.expires_at,
                 );
             }
             out!("    runs: {} (left {})", t.runs, t.runs_left);
@@ -448,13 +455,12 @@ fn print_module(m: &pb::Module, format: Format) {
                 out!("    reason:  {}", m.reason);
             }
             for a in &m.approvals {
-                out!(
-                    "    approved by {} ({}) for {}: {} runs, expires {}",
-                    a.org,
-                    a.approved_by,
-                    a.datasets.join(", "),
+                print_approval(
+                    &a.org,
+                    &a.approved_by,
+                    &a.datasets,
                     a.max_runs,
-                    a.expires_at
+                    a.expires_at,
                 );
             }
             out!("    runs: {} (left {})", m.runs, m.runs_left);

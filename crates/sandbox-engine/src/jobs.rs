@@ -827,6 +827,54 @@ impl Engine {
         self.record_explanation(event, explanation).await
     }
 
+    /// Records the terminal event of an explanation that was decided (allowed or denied) or
+    /// could not be (any other error, returned to the caller).
+    pub(crate) async fn conclude_explanation(
+        &self,
+        mut event: AuditEvent,
+        outcome: Result<Explanation>,
+    ) -> Result<Explanation> {
+        let explanation = match outcome {
+            Ok(explanation) => explanation,
+            Err(error) if error.kind() == ErrorKind::Denied => Explanation {
+                allowed: false,
+                rule: error.code(),
+                message: error.to_string(),
+                datasets: Vec::new(),
+                columns: Vec::new(),
+                min_units: 0,
+                plan: String::new(),
+            },
+            Err(error) => {
+                event.decision = Decision::Fail;
+                event.rule = error.code();
+                event.message = error.to_string();
+                self.journal.append(event).await?;
+                return Err(error);
+            }
+        };
+        self.record_explanation(event, explanation).await
+    }
+
+    /// Records a job refused before it started (at admission or planning) as its terminal event,
+    /// and returns the refusal.
+    pub(crate) async fn refuse_job<T>(
+        &self,
+        mut event: AuditEvent,
+        started: Instant,
+        error: EngineError,
+    ) -> Result<T> {
+        event.decision = match error.kind() {
+            ErrorKind::Denied => Decision::Deny,
+            _ => Decision::Fail,
+        };
+        event.rule = error.code();
+        event.message = error.to_string();
+        event.duration_ms = started.elapsed().as_millis() as u64;
+        self.journal.append(event).await?;
+        Err(error)
+    }
+
     /// Records an explanation's decision as the `ExplainJob` call's terminal event.
     pub(crate) async fn record_explanation(
         &self,

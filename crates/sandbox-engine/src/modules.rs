@@ -644,7 +644,7 @@ impl Engine {
     pub(crate) async fn explain_wasm(
         &self,
         ctx: &RequestContext,
-        mut event: AuditEvent,
+        event: AuditEvent,
         sha256: &str,
         input_query: &str,
     ) -> Result<Explanation> {
@@ -657,38 +657,20 @@ impl Engine {
                 .map_err(EngineError::from),
             Err(error) => Err(error),
         };
-        let explanation = match decided {
-            Ok((effective, planned)) => Explanation {
-                allowed: true,
-                rule: String::new(),
-                message: format!(
-                    "allowed ({} runs left); input rows of entities without consent are withheld \
+        let explanation = decided.map(|(effective, planned)| Explanation {
+            allowed: true,
+            rule: String::new(),
+            message: format!(
+                "allowed ({} runs left); input rows of entities without consent are withheld \
                      and the output must meet the approved contract",
-                    effective.runs_left
-                ),
-                datasets: planned.guarded.datasets.clone(),
-                columns: planned.guarded.columns.clone(),
-                min_units: 0,
-                plan: planned.guarded.plan.display_indent().to_string(),
-            },
-            Err(error) if error.kind() == ErrorKind::Denied => Explanation {
-                allowed: false,
-                rule: error.code(),
-                message: error.to_string(),
-                datasets: Vec::new(),
-                columns: Vec::new(),
-                min_units: 0,
-                plan: String::new(),
-            },
-            Err(error) => {
-                event.decision = Decision::Fail;
-                event.rule = error.code();
-                event.message = error.to_string();
-                self.journal.append(event).await?;
-                return Err(error);
-            }
-        };
-        self.record_explanation(event, explanation).await
+                effective.runs_left
+            ),
+            datasets: planned.guarded.datasets.clone(),
+            columns: planned.guarded.columns.clone(),
+            min_units: 0,
+            plan: planned.guarded.plan.display_indent().to_string(),
+        });
+        self.conclude_explanation(event, explanation).await
     }
 
     /// Admits, plans and starts a code job. Denials are recorded as the request's terminal event.
@@ -713,17 +695,7 @@ impl Engine {
         };
         let (effective, planned) = match admitted {
             Ok(admitted) => admitted,
-            Err(error) => {
-                event.decision = match error.kind() {
-                    ErrorKind::Denied => Decision::Deny,
-                    _ => Decision::Fail,
-                };
-                event.rule = error.code();
-                event.message = error.to_string();
-                event.duration_ms = started.elapsed().as_millis() as u64;
-                self.journal.append(event).await?;
-                return Err(error);
-            }
+            Err(error) => return self.refuse_job(event, started, error).await,
         };
         event.datasets = planned.guarded.datasets.clone();
         event.columns = planned.guarded.columns.clone();
@@ -731,11 +703,7 @@ impl Engine {
         // a core stays free for everything else.
         let Ok(slot) = self.guest_slots.clone().try_acquire_owned() else {
             let error = EngineError::Busy(self.config.max_concurrent_guests);
-            event.decision = Decision::Fail;
-            event.rule = error.code();
-            event.message = error.to_string();
-            self.journal.append(event).await?;
-            return Err(error);
+            return self.refuse_job(event, started, error).await;
         };
         // The run is counted at admission (under the lock, so concurrent runs cannot exceed the
         // limit) and recorded with the job's terminal event.
@@ -755,11 +723,7 @@ impl Engine {
                 code: refusal.code(),
                 message: refusal.to_string(),
             };
-            event.decision = Decision::Deny;
-            event.rule = error.code();
-            event.message = error.to_string();
-            self.journal.append(event).await?;
-            return Err(error);
+            return self.refuse_job(event, started, error).await;
         }
         event.record = Some(record_value(&Record::ModuleRun {
             sha256: sha256.clone(),

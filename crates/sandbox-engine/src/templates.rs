@@ -14,7 +14,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use datafusion::common::ScalarValue;
 use ring::digest;
-use sandbox_audit::{AuditEvent, Decision};
+use sandbox_audit::AuditEvent;
 use sandbox_policy::{
     AggregateFunction, AggregateMode, EffectiveTemplate, Mode, ParamValue, PrincipalRole, Record,
     Refusal, Registry, Role, TemplateApproval, TemplateDefinition, TemplateOutput, TemplateRecord,
@@ -23,7 +23,7 @@ use sandbox_release::{ContractGate, release_contract};
 use sandbox_sql::{GrantedDataset, PlannedQuery, PlannedRows, RowScope};
 use tracing::Instrument;
 
-use crate::error::{EngineError, ErrorKind, Result};
+use crate::error::{EngineError, Result};
 use crate::jobs::{Engine, Explanation, JobSnapshot, Produced, RequestContext};
 use crate::modules::{
     DAY, MAX_VALID_DAYS, invalid, now, only_consented, record_value, require_role,
@@ -90,7 +90,8 @@ impl Engine {
         let mut event = Self::event(ctx, "SubmitTemplate");
         event.kind = "template".into();
         let outcome = self.check_submission(ctx, text, &mut event);
-        self.conclude(event, outcome).await
+        let record = self.conclude(event, outcome).await?;
+        Ok(self.template_view(&self.registry(), &record))
     }
 
     fn check_submission(
@@ -98,7 +99,7 @@ impl Engine {
         ctx: &RequestContext,
         text: &str,
         event: &mut AuditEvent,
-    ) -> Result<(TemplateView, Option<Record>)> {
+    ) -> Result<(TemplateRecord, Option<Record>)> {
         require_role(
             ctx,
             &[PrincipalRole::Consumer, PrincipalRole::Analyst],
@@ -150,7 +151,7 @@ impl Engine {
         }
         let sha256 = hex::encode(digest::digest(
             &digest::SHA256,
-            &definition.canonical_bytes(),
+            &definition.canonical_bytes(&ctx.principal.org),
         ));
         let record = TemplateRecord {
             sha256,
@@ -161,10 +162,7 @@ impl Engine {
             submitted_at: now(),
         };
         event.message = format!("template `{}` ({})", record.definition.name, record.sha256);
-        let mut registry = self.registry().clone();
-        registry.apply(Record::TemplateSubmitted(record.clone()));
-        let view = self.template_view(&registry, &record);
-        Ok((view, Some(Record::TemplateSubmitted(record))))
+        Ok((record.clone(), Some(Record::TemplateSubmitted(record))))
     }
 
     /// An owner approves a template's hash for the datasets it owns, with run limits and expiry.
@@ -214,31 +212,31 @@ impl Engine {
                 approved_at,
             };
             event.message = format!("approved for {max_runs} runs over {valid_days} days");
-            let record = Record::TemplateApproved(approval);
-            let mut registry = self.registry().clone();
-            let template = registry.template(sha256).cloned().expect("checked above");
-            registry.apply(record.clone());
-            Ok((self.template_view(&registry, &template), Some(record)))
+            Ok((record, Some(Record::TemplateApproved(approval))))
         })();
-        self.conclude(event, outcome).await
+        let record = self.conclude(event, outcome).await?;
+        Ok(self.template_view(&self.registry(), &record))
     }
 
     /// Templates the caller submitted (its org's), or, for an owner, those reading its datasets.
     pub async fn list_templates(&self, ctx: &RequestContext) -> Result<Vec<TemplateView>> {
         let event = Self::event(ctx, "ListTemplates");
-        let registry = self.registry().clone();
         let is_owner = ctx.principal.roles.contains(&PrincipalRole::Owner);
-        let views = registry
-            .templates()
-            .filter(|t| {
-                t.org == ctx.principal.org
-                    || (is_owner
-                        && t.datasets
-                            .iter()
-                            .any(|d| self.owner_of(d).as_deref() == Some(&ctx.principal.org)))
-            })
-            .map(|t| self.template_view(&registry, t))
-            .collect();
+        // The registry lock is released before the journal append below.
+        let views: Vec<TemplateView> = {
+            let registry = self.registry();
+            registry
+                .templates()
+                .filter(|t| {
+                    t.org == ctx.principal.org
+                        || (is_owner
+                            && t.datasets
+                                .iter()
+                                .any(|d| self.owner_of(d).as_deref() == Some(&ctx.principal.org)))
+                })
+                .map(|t| self.template_view(&registry, t))
+                .collect()
+        };
         self.conclude(event, Ok((views, None))).await
     }
 
@@ -370,54 +368,38 @@ impl Engine {
         name: &str,
         values: &BTreeMap<String, String>,
     ) -> Result<Explanation> {
-        let explanation = match self.plan_template_run(ctx, name, values).await {
-            Ok((effective, planned)) => {
-                let (datasets, columns, min_units, plan) = match &planned {
-                    PlannedRun::Aggregate(p) => (
-                        p.guarded.datasets.clone(),
-                        p.guarded.columns.clone(),
-                        p.guarded.min_units,
-                        p.display_plan(),
-                    ),
-                    PlannedRun::Scoring(p) => (
-                        p.guarded.datasets.clone(),
-                        p.guarded.columns.clone(),
-                        0,
-                        p.guarded.plan.display_indent().to_string(),
-                    ),
-                };
-                Explanation {
-                    allowed: true,
-                    rule: String::new(),
-                    message: format!(
-                        "allowed: template {} ({} runs left)",
-                        effective.template.sha256, effective.runs_left
-                    ),
-                    datasets,
-                    columns,
-                    min_units,
-                    plan,
-                }
-            }
-            Err(error) if error.kind() == ErrorKind::Denied => Explanation {
-                allowed: false,
-                rule: error.code(),
-                message: error.to_string(),
-                datasets: Vec::new(),
-                columns: Vec::new(),
-                min_units: 0,
-                plan: String::new(),
-            },
-            Err(error) => {
-                let mut event = event;
-                event.decision = Decision::Fail;
-                event.rule = error.code();
-                event.message = error.to_string();
-                self.journal.append(event).await?;
-                return Err(error);
-            }
-        };
-        self.record_explanation(event, explanation).await
+        let explanation =
+            self.plan_template_run(ctx, name, values)
+                .await
+                .map(|(effective, planned)| {
+                    let (datasets, columns, min_units, plan) = match &planned {
+                        PlannedRun::Aggregate(p) => (
+                            p.guarded.datasets.clone(),
+                            p.guarded.columns.clone(),
+                            p.guarded.min_units,
+                            p.display_plan(),
+                        ),
+                        PlannedRun::Scoring(p) => (
+                            p.guarded.datasets.clone(),
+                            p.guarded.columns.clone(),
+                            0,
+                            p.guarded.plan.display_indent().to_string(),
+                        ),
+                    };
+                    Explanation {
+                        allowed: true,
+                        rule: String::new(),
+                        message: format!(
+                            "allowed: template {} ({} runs left)",
+                            effective.template.sha256, effective.runs_left
+                        ),
+                        datasets,
+                        columns,
+                        min_units,
+                        plan,
+                    }
+                });
+        self.conclude_explanation(event, explanation).await
     }
 
     /// Admits, plans and starts a template run; the run is counted at admission.
@@ -429,24 +411,13 @@ impl Engine {
         name: String,
         values: BTreeMap<String, String>,
     ) -> Result<JobSnapshot> {
-        let refuse = |mut event: AuditEvent, error: EngineError| async move {
-            event.decision = match error.kind() {
-                ErrorKind::Denied => Decision::Deny,
-                _ => Decision::Fail,
-            };
-            event.rule = error.code();
-            event.message = error.to_string();
-            event.duration_ms = started.elapsed().as_millis() as u64;
-            self.journal.append(event).await?;
-            Err(error)
-        };
         let (effective, planned) = match self
             .plan_template_run(ctx, &name, &values)
             .instrument(tracing::info_span!("plan"))
             .await
         {
             Ok(admitted) => admitted,
-            Err(error) => return refuse(event, error).await,
+            Err(error) => return self.refuse_job(event, started, error).await,
         };
         let sha256 = effective.template.sha256.clone();
         event.message = format!("template `{name}` ({sha256})");
@@ -471,7 +442,7 @@ impl Engine {
             admitted
         };
         if let Err(error) = reserved {
-            return refuse(event, error).await;
+            return self.refuse_job(event, started, error).await;
         }
         event.record = Some(record_value(&Record::TemplateRun { sha256 }));
         match planned {

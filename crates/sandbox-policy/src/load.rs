@@ -444,13 +444,7 @@ fn build_grant(
         Some(mode) => {
             let mode_location = at(mode.span().start);
             let mode = mode.get_ref();
-            let min_units = *mode.min_units.get_ref();
-            if min_units < 2 {
-                return Err(invalid(
-                    &at(mode.min_units.span().start),
-                    format!("min_units must be at least 2, got {min_units}"),
-                ));
-            }
+            let min_units = checked_min_units(&mode.min_units, at)?;
             let functions: BTreeSet<AggregateFunction> = match &mode.functions {
                 None => AggregateFunction::DEFAULT.into_iter().collect(),
                 Some(list) => {
@@ -498,7 +492,7 @@ fn build_grant(
                 filter_measures.insert(name.get_ref().clone());
             }
             Some(AggregateMode {
-                min_units: u64::try_from(min_units).expect("checked to be at least 2"),
+                min_units,
                 functions,
                 filter_measures,
                 expression_arguments: mode.expression_arguments,
@@ -548,20 +542,14 @@ fn build_grant(
         None => None,
         Some(mode) => {
             let mode = mode.get_ref();
-            let min_units = *mode.min_units.get_ref();
-            if min_units < 2 {
-                return Err(invalid(
-                    &at(mode.min_units.span().start),
-                    format!("min_units must be at least 2, got {min_units}"),
-                ));
-            }
+            let min_units = checked_min_units(&mode.min_units, at)?;
             let mut purposes = BTreeSet::new();
             for purpose in &mode.purposes {
                 check_identifier(purpose.get_ref(), "purpose", &at(purpose.span().start))?;
                 purposes.insert(purpose.get_ref().clone());
             }
             Some(TemplateMode {
-                min_units: min_units.unsigned_abs(),
+                min_units,
                 purposes,
             })
         }
@@ -584,6 +572,20 @@ fn build_grant(
         wasm,
         location,
     })
+}
+
+/// A mode's threshold: at least 2 distinct units per released row.
+fn checked_min_units(value: &Spanned<i64>, at: &dyn Fn(usize) -> Location) -> Result<u64> {
+    let min_units = *value.get_ref();
+    u64::try_from(min_units)
+        .ok()
+        .filter(|k| *k >= 2)
+        .ok_or_else(|| {
+            invalid(
+                &at(value.span().start),
+                format!("min_units must be at least 2, got {min_units}"),
+            )
+        })
 }
 
 /// Ids and names are lowercase ASCII identifiers, so they can be used as SQL names unquoted and

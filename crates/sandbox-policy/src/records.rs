@@ -389,35 +389,27 @@ trait OwnerApproval {
     fn max_runs(&self) -> u64;
 }
 
-impl OwnerApproval for Approval {
-    fn org(&self) -> &str {
-        &self.org
-    }
-    fn covers(&self, dataset: &str) -> bool {
-        self.datasets.iter().any(|d| d == dataset)
-    }
-    fn expires_at(&self) -> u64 {
-        self.expires_at
-    }
-    fn max_runs(&self) -> u64 {
-        self.max_runs
-    }
+/// Both approval types carry the same four fields under the same names.
+macro_rules! owner_approval {
+    ($($approval:ty),*) => {$(
+        impl OwnerApproval for $approval {
+            fn org(&self) -> &str {
+                &self.org
+            }
+            fn covers(&self, dataset: &str) -> bool {
+                self.datasets.iter().any(|d| d == dataset)
+            }
+            fn expires_at(&self) -> u64 {
+                self.expires_at
+            }
+            fn max_runs(&self) -> u64 {
+                self.max_runs
+            }
+        }
+    )*};
 }
 
-impl OwnerApproval for TemplateApproval {
-    fn org(&self) -> &str {
-        &self.org
-    }
-    fn covers(&self, dataset: &str) -> bool {
-        self.datasets.iter().any(|d| d == dataset)
-    }
-    fn expires_at(&self) -> u64 {
-        self.expires_at
-    }
-    fn max_runs(&self) -> u64 {
-        self.max_runs
-    }
-}
+owner_approval!(Approval, TemplateApproval);
 
 /// The approvals that let an artifact reading `datasets` run now: every dataset's owner approved
 /// it for that dataset, none of those approvals expired, and runs are left under the smallest
@@ -595,6 +587,9 @@ impl Registry {
             .ok_or_else(|| Refusal::UnknownTemplate {
                 name: name.to_string(),
             })?;
+        if template.org != org {
+            return Err(Refusal::NotYours);
+        }
         let (_, runs_left) = check_approvals(
             template.datasets.iter().cloned(),
             self.template_approvals.get(&template.sha256),
@@ -871,5 +866,59 @@ decimals = 3
         ] {
             assert!(Contract::from_toml(&bad).is_err(), "{bad}");
         }
+    }
+
+    fn template(org: &str, sha256: &str) -> TemplateRecord {
+        TemplateRecord {
+            sha256: sha256.into(),
+            definition: crate::templates::TemplateDefinition {
+                name: "t".into(),
+                description: String::new(),
+                sql: "SELECT COUNT(*) FROM tax".into(),
+                params: Vec::new(),
+                output: crate::templates::TemplateOutput::Aggregate { min_units: 10 },
+            },
+            datasets: vec!["tax".into()],
+            org: org.into(),
+            submitted_by: org.into(),
+            submitted_at: 0,
+        }
+    }
+
+    #[test]
+    fn template_approvals_bind_to_the_submitting_org() {
+        let mut r = Registry::default();
+        r.apply(Record::TemplateSubmitted(template("bank_a", "s1")));
+        r.apply(Record::TemplateApproved(TemplateApproval {
+            sha256: "s1".into(),
+            org: "tax_owner".into(),
+            approved_by: "tax_owner".into(),
+            datasets: vec!["tax".into()],
+            max_runs: 1,
+            expires_at: 100,
+            approved_at: 0,
+        }));
+        assert_eq!(
+            r.effective_template("bank_a", "t", 10, owner)
+                .map(|e| e.runs_left),
+            Ok(1)
+        );
+        // Another org never runs it, by name or by submitting a record with the same hash.
+        assert!(matches!(
+            r.effective_template("bank_b", "t", 10, owner),
+            Err(Refusal::UnknownTemplate { .. })
+        ));
+        r.apply(Record::TemplateSubmitted(template("bank_b", "s1")));
+        assert_eq!(
+            r.effective_template("bank_b", "t", 10, owner),
+            Err(Refusal::NotYours)
+        );
+        r.apply(Record::TemplateRun {
+            sha256: "s1".into(),
+        });
+        assert_eq!(
+            r.effective_template("bank_a", "t", 10, owner),
+            Err(Refusal::RunsExhausted { max_runs: 1 })
+        );
     }
 }

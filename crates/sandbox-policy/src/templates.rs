@@ -149,10 +149,13 @@ impl TemplateDefinition {
         }
     }
 
-    /// The bytes the template's SHA-256 is computed over: its JSON form, whose field order is
-    /// fixed by the type, so the same definition always hashes the same.
-    pub fn canonical_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a template always serializes")
+    /// The bytes a template's SHA-256 is computed over: the submitting org, then the
+    /// definition's JSON form (field order fixed by the type). The org is part of it so that
+    /// approvals given to one consumer's template never cover another's identical submission.
+    pub fn canonical_bytes(&self, org: &str) -> Vec<u8> {
+        let mut bytes = format!("{org}\0").into_bytes();
+        bytes.extend(serde_json::to_vec(self).expect("a template always serializes"));
+        bytes
     }
 
     /// Parses the caller's values by the declared types. Every declared parameter needs a value
@@ -242,7 +245,8 @@ type = "string"
     fn templates_parse_hash_stably_and_bind_typed_values() {
         let t = TemplateDefinition::from_toml(AGGREGATE).unwrap();
         assert_eq!(t.output, TemplateOutput::Aggregate { min_units: 20 });
-        assert_eq!(t.canonical_bytes(), t.clone().canonical_bytes());
+        assert_eq!(t.canonical_bytes("bank"), t.clone().canonical_bytes("bank"));
+        assert_ne!(t.canonical_bytes("bank"), t.canonical_bytes("other"));
         let bound = t
             .bind(&BTreeMap::from([("status".into(), "active".into())]))
             .unwrap();

@@ -49,10 +49,14 @@ impl PseudonymKey {
         PseudonymKey(bytes)
     }
 
+    /// The HMAC key that signs values; built once per batch, not per value.
+    fn signer(&self) -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, &self.0)
+    }
+
     /// The pseudonym of one value.
     pub fn pseudonym(&self, value: &str) -> String {
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
-        hex(&hmac::sign(&key, value.as_bytes()).as_ref()[..PSEUDONYM_BYTES])
+        pseudonym(&self.signer(), value)
     }
 }
 
@@ -62,8 +66,15 @@ impl fmt::Debug for PseudonymKey {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn pseudonym(signer: &hmac::Key, value: &str) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let tag = hmac::sign(signer, value.as_bytes());
+    let mut out = String::with_capacity(2 * PSEUDONYM_BYTES);
+    for byte in &tag.as_ref()[..PSEUDONYM_BYTES] {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    out
 }
 
 /// Whether a mask applies to a column of this type; the engine checks every masked column at
@@ -139,7 +150,8 @@ impl MaskFunction {
                 let Some(key) = &self.key else {
                     return exec_err!("no pseudonym key for this consumer");
                 };
-                map_text(array, |s| key.pseudonym(s))
+                let signer = key.signer();
+                map_text(array, |s| pseudonym(&signer, s))
             }
             Mask::Year => generalize_date(array, 4),
             Mask::Month => generalize_date(array, 7),
