@@ -2,7 +2,9 @@
 //! tonic client and server code with tonic-prost-build.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with `env!`: a build script compiled for one checkout may be reused
+    // from a shared target dir by another, and must read that checkout's files.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         root.join("sandbox/v1/sandbox.proto"),
         root.join("sandbox/v1/audit.proto"),

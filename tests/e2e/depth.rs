@@ -135,14 +135,16 @@ async fn masked_columns_show_only_their_transform() {
 async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
     let server = TestServer::start().await.expect("server");
     let mut bank = server.client("bank").await.expect("client");
-    let text = include_str!("../../examples/templates/industry_region_risk.toml");
-    let submitted = bank.submit_template(text).await.expect("submitted");
+    // Renamed, so that the demo's pre-approved `industry_region_risk` does not answer for it.
+    let text = include_str!("../../examples/templates/industry_region_risk.toml")
+        .replace("\"industry_region_risk\"", "\"risk_journey\"");
+    let submitted = bank.submit_template(&text).await.expect("submitted");
     assert_eq!(submitted.state, "pending");
     assert_eq!(submitted.datasets, vec!["court_cases", "enterprises"]);
     let params = HashMap::from([("since".to_string(), "2023-01".to_string())]);
 
     let status = bank
-        .template("industry_region_risk", params.clone())
+        .template("risk_journey", params.clone())
         .await
         .unwrap_err();
     assert_eq!(rule_of(&status), "template-not-approved");
@@ -161,7 +163,7 @@ async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
     assert_eq!(after_court.state, "pending");
     assert!(after_court.reason.contains("market_regulation"));
     let status = bank
-        .template("industry_region_risk", params.clone())
+        .template("risk_journey", params.clone())
         .await
         .unwrap_err();
     assert_eq!(rule_of(&status), "template-not-approved");
@@ -179,7 +181,7 @@ async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
                  JOIN court_cases c ON e.credit_code = c.credit_code GROUP BY e.industry";
     assert_eq!(rule_of(&bank.sql(adhoc).await.unwrap_err()), "level-cap");
     let result = bank
-        .template("industry_region_risk", params.clone())
+        .template("risk_journey", params.clone())
         .await
         .expect("runs");
     assert_eq!(result.summary.min_units, 20);
@@ -194,23 +196,20 @@ async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
     }
     // Parameters are typed and complete.
     let status = bank
-        .template("industry_region_risk", HashMap::new())
+        .template("risk_journey", HashMap::new())
         .await
         .unwrap_err();
     assert_eq!(rule_of(&status), "template-parameters");
-    bank.template("industry_region_risk", params.clone())
+    bank.template("risk_journey", params.clone())
         .await
         .expect("second run");
-    let status = bank
-        .template("industry_region_risk", params)
-        .await
-        .unwrap_err();
+    let status = bank.template("risk_journey", params).await.unwrap_err();
     assert_eq!(rule_of(&status), "runs-exhausted");
 
     // Another consumer cannot run the bank's template.
     let mut analyst = server.client("analyst").await.expect("client");
     let status = analyst
-        .template("industry_region_risk", HashMap::new())
+        .template("risk_journey", HashMap::new())
         .await
         .unwrap_err();
     assert_eq!(rule_of(&status), "template-not-approved");
@@ -222,6 +221,7 @@ async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
         .await
         .expect("events")
         .iter()
+        .filter(|e| !e.request_id.starts_with("demo-seed"))
         .fold(BTreeMap::new(), |mut m, e| {
             *m.entry(format!("{}:{}", e.action, e.decision)).or_default() += 1;
             m
@@ -238,15 +238,16 @@ async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
 async fn scoring_templates_release_only_consented_entities_within_the_contract() {
     let server = TestServer::start().await.expect("server");
     let mut bank = server.client("bank").await.expect("client");
-    let text = include_str!("../../examples/templates/tax_features.toml");
-    let submitted = bank.submit_template(text).await.expect("submitted");
+    let text = include_str!("../../examples/templates/tax_features.toml")
+        .replace("\"tax_features\"", "\"features_journey\"");
+    let submitted = bank.submit_template(&text).await.expect("submitted");
     let mut tax = server.client("owner_tax").await.expect("client");
     tax.approve_template(&submitted.sha256, 10, 30)
         .await
         .expect("approved");
     let result = bank
         .template(
-            "tax_features",
+            "features_journey",
             HashMap::from([("since".to_string(), "2023-01".to_string())]),
         )
         .await
@@ -271,4 +272,55 @@ async fn scoring_templates_release_only_consented_entities_within_the_contract()
     }
     assert!(!released.is_empty());
     assert!(released.is_subset(&consented), "only consented enterprises");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_templates_are_approved_once_at_first_start() {
+    let server = TestServer::start().await.expect("server");
+    let mut bank = server.client("bank").await.expect("client");
+    let listed = bank.templates().await.expect("templates");
+    let names: BTreeSet<&str> = listed.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["industry_region_risk", "tax_features"])
+    );
+    for template in &listed {
+        assert_eq!(template.state, "approved", "{}", template.name);
+        assert_eq!(template.submitted_by, "bank");
+        assert!(
+            template
+                .approvals
+                .iter()
+                .all(|a| a.approved_by == "demo-seed")
+        );
+    }
+    let risk = listed
+        .iter()
+        .find(|t| t.name == "industry_region_risk")
+        .expect("listed");
+    let owners: BTreeSet<&str> = risk.approvals.iter().map(|a| a.org.as_str()).collect();
+    assert_eq!(owners, BTreeSet::from(["court", "market_regulation"]));
+    let params = HashMap::from([("since".to_string(), "2022-01".to_string())]);
+    let result = bank
+        .template("industry_region_risk", params.clone())
+        .await
+        .expect("the demo template runs");
+    assert!(result.summary.rows_released > 0);
+
+    // A restart does not seed again.
+    let server = server.restart().await.expect("restart");
+    let mut bank = server.client("bank").await.expect("client");
+    assert_eq!(bank.templates().await.expect("templates").len(), 2);
+    let mut auditor = server.client("auditor").await.expect("client");
+    let seeds = auditor
+        .events(0, 10_000, false)
+        .await
+        .expect("events")
+        .iter()
+        .filter(|e| e.action == "SeedTemplates")
+        .count();
+    assert_eq!(seeds, 1);
+    bank.template("industry_region_risk", params)
+        .await
+        .expect("still approved after the restart");
 }

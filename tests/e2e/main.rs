@@ -257,12 +257,22 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
 
     // Exactly one event per request made above: the server's start, nine submissions, one
     // delivery (FetchResult of the allowed job) and the bank's refused ListEvents; before them,
-    // the first start's loading of the demo consents (one event per consent and a closing one).
-    // The auditor's own read is recorded after it returns.
+    // the first start's loading of the demo consents (one event per consent and a closing one)
+    // and of the demo templates (submissions, approvals and a closing one, all with request ids
+    // of the seed). The auditor's own read is recorded after it returns.
     let seeded = events
         .iter()
-        .filter(|e| e.principal == "sandboxd" && e.action != "Start")
+        .filter(|e| {
+            (e.principal == "sandboxd" && e.action != "Start")
+                || e.request_id.starts_with("demo-seed")
+        })
         .count();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "SeedTemplates" && e.record_json.contains("seed_loaded")),
+        "the template seed is closed by its marker"
+    );
     assert!(
         events
             .iter()

@@ -12,16 +12,33 @@
 //! query <principal> error <code>       refused for another reason (bad SQL, unknown column)
 //! ```
 //!
+//! A `template <principal> <outcome>` case holds `param name=value` lines and then a template's
+//! TOML: the principal submits it, every owner of the data it reads approves it for one run, and
+//! the principal runs it with those parameters. Submission refusals count as the outcome too.
+//!
+//! Every allowed case is also run by raw DataFusion, with no guard and no gate, over the same
+//! files as the consumer sees them (masked columns through the same transform and the consumer's
+//! pseudonym key). `allow` must release exactly the raw rows; `allow suppressed` a subset of
+//! them: the guard's rewrite never changes a released number, the gate only removes rows. Where
+//! the answer is not simply a subset (a `LIMIT` applied after suppression, a scoring template's
+//! consent filter), the case states the raw query that computes it after a `----` line, and the
+//! released rows must equal that query's rows exactly.
+//!
 //! `BLESS=1 cargo test -p sandbox-tests --test policy_suite` rewrites the headers from the actual
 //! outcomes (review the diff before committing it).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
+use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use sandbox_engine::{Engine, EngineConfig, ErrorKind, JobSpec, RequestContext};
-use sandbox_policy::{Principal, PrincipalRole};
+use sandbox_policy::{PolicySet, Principal, PrincipalRole, TemplateDefinition};
+use sandbox_sql::masks::MaskedTable;
+use sandbox_sql::{PseudonymKey, placeholder_values};
+use sandbox_tests::sorted_rows;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
@@ -41,14 +58,35 @@ impl fmt::Display for Outcome {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Query,
+    Template,
+}
+
+impl Kind {
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Query => "query",
+            Kind::Template => "template",
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Case {
     file: PathBuf,
     /// 0-based index of the header line.
     header_line: usize,
+    kind: Kind,
     principal: String,
     expected: Outcome,
+    /// The SQL of a query; the TOML of a template.
     sql: String,
+    /// A template run's parameters.
+    params: BTreeMap<String, String>,
+    /// The raw query whose rows the release must equal, when not the case's own.
+    raw_sql: Option<String>,
 }
 
 fn parse_outcome(words: &[&str]) -> Option<Outcome> {
@@ -73,24 +111,45 @@ fn parse_file(path: &Path) -> Vec<Case> {
             continue;
         }
         let words: Vec<&str> = line.split_whitespace().collect();
-        let (principal, expected) = match words.as_slice() {
-            ["query", principal, rest @ ..] => (
+        let (kind, principal, expected) = match words.as_slice() {
+            [word @ ("query" | "template"), principal, rest @ ..] => (
+                if *word == "query" {
+                    Kind::Query
+                } else {
+                    Kind::Template
+                },
                 principal.to_string(),
                 parse_outcome(rest).unwrap_or_else(|| {
                     panic!("{}:{}: bad expectation `{line}`", path.display(), i + 1)
                 }),
             ),
             _ => panic!(
-                "{}:{}: expected a `query` header, got `{line}`",
+                "{}:{}: expected a `query` or `template` header, got `{line}`",
                 path.display(),
                 i + 1
             ),
         };
         let header_line = i;
         i += 1;
+        let mut params = BTreeMap::new();
+        while kind == Kind::Template && i < lines.len() {
+            let Some(param) = lines[i].trim().strip_prefix("param ") else {
+                break;
+            };
+            let (name, value) = param.split_once('=').unwrap_or_else(|| {
+                panic!("{}:{}: expected `param name=value`", path.display(), i + 1)
+            });
+            params.insert(name.trim().to_string(), value.trim().to_string());
+            i += 1;
+        }
         let mut sql = Vec::new();
+        let mut raw_sql: Option<Vec<&str>> = None;
         while i < lines.len() && !lines[i].trim().is_empty() {
-            sql.push(lines[i]);
+            match &mut raw_sql {
+                None if lines[i].trim() == "----" => raw_sql = Some(Vec::new()),
+                None => sql.push(lines[i]),
+                Some(raw) => raw.push(lines[i]),
+            }
             i += 1;
         }
         assert!(
@@ -102,9 +161,12 @@ fn parse_file(path: &Path) -> Vec<Case> {
         cases.push(Case {
             file: path.to_path_buf(),
             header_line,
+            kind,
             principal,
             expected,
             sql: sql.join("\n"),
+            params,
+            raw_sql: raw_sql.map(|raw| raw.join("\n")),
         });
     }
     cases
@@ -123,28 +185,155 @@ fn principal(name: &str) -> Principal {
     }
 }
 
-async fn run_case(engine: &Arc<Engine>, case: &Case) -> Outcome {
+/// What a case produced: its outcome and, when allowed, the released rows.
+async fn run_case(engine: &Arc<Engine>, policy: &PolicySet, case: &Case) -> (Outcome, Vec<String>) {
     let ctx = RequestContext {
         principal: principal(&case.principal),
         request_id: format!("suite-{}", case.header_line),
-    };
-    let spec = JobSpec::Sql {
-        query: case.sql.clone(),
     };
     let refused = |e: sandbox_engine::EngineError| match e.kind() {
         ErrorKind::Denied => Outcome::Deny(e.code()),
         _ => Outcome::Error(e.code()),
     };
+    let spec = match case.kind {
+        Kind::Query => JobSpec::Sql {
+            query: case.sql.clone(),
+        },
+        Kind::Template => {
+            let view = match engine.submit_template(&ctx, &case.sql).await {
+                Ok(view) => view,
+                Err(e) => return (refused(e), Vec::new()),
+            };
+            let owners: BTreeSet<&str> = view
+                .record
+                .datasets
+                .iter()
+                .map(|d| policy.datasets[d].owner.as_str())
+                .collect();
+            for owner in owners {
+                let owner_ctx = RequestContext {
+                    principal: Principal {
+                        id: format!("owner of {owner}"),
+                        org: owner.to_string(),
+                        roles: BTreeSet::from([PrincipalRole::Owner]),
+                    },
+                    request_id: format!("suite-{}-approval", case.header_line),
+                };
+                engine
+                    .approve_template(&owner_ctx, &view.record.sha256, 1, 1)
+                    .await
+                    .expect("owners approve the suite's templates");
+            }
+            JobSpec::Template {
+                name: view.record.definition.name.clone(),
+                params: case.params.clone(),
+            }
+        }
+    };
     let snapshot = match engine.submit(&ctx, spec).await {
         Ok(snapshot) => snapshot,
-        Err(e) => return refused(e),
+        Err(e) => return (refused(e), Vec::new()),
     };
     match engine.wait_result(&ctx, &snapshot.job_id).await {
-        Ok(result) => Outcome::Allow {
-            suppressed: result.outcome().rows_suppressed > 0,
-        },
-        Err(e) => refused(e),
+        Ok(result) => {
+            let reader =
+                arrow::ipc::reader::StreamReader::try_new(result.ipc_stream(), None).expect("ipc");
+            let batches: Vec<RecordBatch> = reader.map(|b| b.expect("ipc batch")).collect();
+            let outcome = Outcome::Allow {
+                suppressed: result.outcome().rows_suppressed > 0,
+            };
+            (outcome, sorted_rows(&batches))
+        }
+        Err(e) => (refused(e), Vec::new()),
     }
+}
+
+/// Raw DataFusion over the demo files as one consumer org sees them: no guard, no gate, masked
+/// columns through the same transform and key as in the sandbox (the transforms themselves are
+/// tested on their own in `sandbox-sql`).
+async fn raw_context(data_dir: &Path, policy: &PolicySet, org: &str) -> SessionContext {
+    let secret =
+        std::fs::read(data_dir.join("secrets").join("pseudonym.key")).expect("pseudonym secret");
+    let key = PseudonymKey::derive(&secret, org);
+    let context = SessionContext::new();
+    for dataset in policy.datasets.values() {
+        let [source] = dataset.source.as_slice() else {
+            panic!("demo dataset `{}` has one source", dataset.id)
+        };
+        let path = data_dir.join(source);
+        context
+            .register_parquet(
+                &dataset.id,
+                path.to_str().expect("utf8 path"),
+                ParquetReadOptions::default(),
+            )
+            .await
+            .expect("raw table");
+        let masks: Vec<_> = dataset
+            .columns
+            .iter()
+            .filter_map(|c| c.mask.map(|m| (c.name.clone(), m)))
+            .collect();
+        if !masks.is_empty() {
+            let table = context.table_provider(&dataset.id).await.expect("table");
+            context.deregister_table(&dataset.id).expect("deregister");
+            let masked = MaskedTable::new(table, &masks, &key).expect("masked table");
+            context
+                .register_table(&dataset.id, Arc::new(masked))
+                .expect("register masked");
+        }
+    }
+    context
+}
+
+/// The raw rows of a case's raw query, else its own query (a template's SQL), with a template's
+/// parameters bound; `Err` with the message when raw DataFusion cannot run it.
+async fn raw_rows(context: &SessionContext, case: &Case) -> Result<Vec<String>, String> {
+    let frame = match case.kind {
+        Kind::Query => {
+            context
+                .sql(case.raw_sql.as_ref().unwrap_or(&case.sql))
+                .await
+        }
+        Kind::Template => {
+            let definition = TemplateDefinition::from_toml(&case.sql)?;
+            let bound = definition.bind(&case.params)?;
+            match context
+                .sql(case.raw_sql.as_ref().unwrap_or(&definition.sql))
+                .await
+            {
+                Ok(frame) => frame.with_param_values(placeholder_values(bound)),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let batches = frame
+        .map_err(|e| e.to_string())?
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(sorted_rows(&batches))
+}
+
+/// Whether the released rows are what raw DataFusion computes: all of them for `allow` or a
+/// stated raw query, a sub-multiset for `allow suppressed`.
+fn matches_raw(released: &[String], raw: &[String], exact: bool) -> bool {
+    if exact {
+        return released == raw;
+    }
+    let mut remaining: HashMap<&str, usize> = HashMap::new();
+    for row in raw {
+        *remaining.entry(row.as_str()).or_default() += 1;
+    }
+    released
+        .iter()
+        .all(|row| match remaining.get_mut(row.as_str()) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,9 +345,11 @@ async fn policy_suite() {
     )
     .expect("demo data");
     let policy = sandbox_policy::load_dir(&sandbox_tests::policies_dir()).expect("policies");
-    let engine = Engine::start(EngineConfig::new(dir.path().to_path_buf(), policy))
-        .await
-        .expect("engine");
+    let mut config = EngineConfig::new(dir.path().to_path_buf(), policy.clone());
+    // The demo consents, as the server loads them: scoring templates release consented rows.
+    config.consent_seed = Some(dir.path().join("datasets/consents"));
+    let engine = Engine::start(config).await.expect("engine");
+    let mut raw_contexts: HashMap<String, SessionContext> = HashMap::new();
 
     let cases_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy_suite/cases");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&cases_dir)
@@ -170,7 +361,10 @@ async fn policy_suite() {
     let bless = std::env::var_os("BLESS").is_some();
 
     let mut total = 0;
+    let mut compared = 0;
     let mut failures = Vec::new();
+    // Kept apart from `failures`: blessing rewrites headers, never released numbers.
+    let mut mismatches = Vec::new();
     for file in &files {
         let cases = parse_file(file);
         let mut lines: Vec<String> = std::fs::read_to_string(file)
@@ -180,7 +374,26 @@ async fn policy_suite() {
             .collect();
         for case in &cases {
             total += 1;
-            let actual = run_case(&engine, case).await;
+            let (actual, released) = run_case(&engine, &policy, case).await;
+            if let Outcome::Allow { suppressed } = actual {
+                let org = principal(&case.principal).org;
+                if !raw_contexts.contains_key(&org) {
+                    let context = raw_context(dir.path(), &policy, &org).await;
+                    raw_contexts.insert(org.clone(), context);
+                }
+                compared += 1;
+                let raw = raw_rows(&raw_contexts[&org], case).await;
+                if !raw.as_ref().is_ok_and(|raw| {
+                    matches_raw(&released, raw, !suppressed || case.raw_sql.is_some())
+                }) {
+                    mismatches.push(format!(
+                        "{}:{}: released rows do not match raw DataFusion\n    {}\n    released: {released:?}\n    raw: {raw:?}",
+                        case.file.display(),
+                        case.header_line + 1,
+                        case.sql.replace('\n', "\n    "),
+                    ));
+                }
+            }
             if actual != case.expected {
                 failures.push(format!(
                     "{}:{}: expected `{}`, got `{}`\n    {}",
@@ -190,7 +403,8 @@ async fn policy_suite() {
                     actual,
                     case.sql.replace('\n', "\n    ")
                 ));
-                lines[case.header_line] = format!("query {} {}", case.principal, actual);
+                lines[case.header_line] =
+                    format!("{} {} {}", case.kind.word(), case.principal, actual);
             }
         }
         if bless {
@@ -200,6 +414,17 @@ async fn policy_suite() {
     assert!(
         total >= 150,
         "the policy suite must hold at least 150 cases, has {total}"
+    );
+    eprintln!("policy suite: {total} cases, {compared} allowed ones compared with raw DataFusion");
+    assert!(
+        compared >= 50,
+        "at least 50 allowed cases must be compared with raw DataFusion, were {compared}"
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} allowed cases differ from raw DataFusion:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
     );
     if !bless {
         assert!(

@@ -74,7 +74,9 @@ impl TestServer {
     }
 }
 
-/// Rows of batches rendered as sorted `a|b|c` strings, for order-insensitive comparison.
+/// Rows of batches rendered as sorted `a|b|c` strings, for order-insensitive comparison. Floats
+/// keep 9 significant digits: partial aggregates merge in whatever order the partitions finish, so
+/// their last bits differ from run to run.
 pub fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
     let mut rows = Vec::new();
     for batch in batches {
@@ -82,13 +84,26 @@ pub fn sorted_rows(batches: &[RecordBatch]) -> Vec<String> {
             let cells: Vec<String> = batch
                 .columns()
                 .iter()
-                .map(|c| arrow::util::display::array_value_to_string(c, row).expect("displayable"))
+                .map(|column| cell(column.as_ref(), row))
                 .collect();
             rows.push(cells.join("|"));
         }
     }
     rows.sort();
     rows
+}
+
+fn cell(column: &dyn arrow::array::Array, row: usize) -> String {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, Float32Type, Float64Type};
+    if column.is_null(row) {
+        return "NULL".to_string();
+    }
+    match column.data_type() {
+        DataType::Float64 => format!("{:.8e}", column.as_primitive::<Float64Type>().value(row)),
+        DataType::Float32 => format!("{:.6e}", column.as_primitive::<Float32Type>().value(row)),
+        _ => arrow::util::display::array_value_to_string(column, row).expect("displayable"),
+    }
 }
 
 /// The `sandbox.manifest` JSON of a test module reading these columns.

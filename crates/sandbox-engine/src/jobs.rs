@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::error::{EngineError, ErrorKind, Result};
+use crate::templates::TemplateSeed;
 
 /// What the engine needs to start.
 #[derive(Debug, Clone)]
@@ -36,6 +37,8 @@ pub struct EngineConfig {
     pub max_module_bytes: usize,
     /// Parquet files of consents to load into the journal once (the demo `consents` table).
     pub consent_seed: Option<PathBuf>,
+    /// Templates to submit and have approved once at start (the demo's).
+    pub template_seed: Option<TemplateSeed>,
     /// Most guests running at once; more code jobs are refused (`wasm-busy`), not queued.
     pub max_concurrent_guests: usize,
 }
@@ -52,6 +55,7 @@ impl EngineConfig {
             wasm_limits: WasmLimits::default(),
             max_module_bytes: 32 << 20,
             consent_seed: None,
+            template_seed: None,
             // One core stays free for SQL and the service itself.
             max_concurrent_guests: std::thread::available_parallelism()
                 .map_or(1, |n| n.get().saturating_sub(1))
@@ -385,6 +389,9 @@ impl Engine {
             .await?;
         if let Some(seed) = engine.config.consent_seed.clone() {
             engine.seed_consents(&seed).await?;
+        }
+        if let Some(seed) = engine.config.template_seed.clone() {
+            engine.seed_templates(&seed).await?;
         }
         Ok(engine)
     }

@@ -34,4 +34,4 @@ pub use sandbox_policy::{
 };
 pub use sandbox_sql::SqlLimits;
 pub use sandbox_wasm::WasmLimits;
-pub use templates::TemplateView;
+pub use templates::{TemplateSeed, TemplateView};

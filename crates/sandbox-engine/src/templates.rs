@@ -6,21 +6,21 @@
 //! records, folded into the registry at start like the modules'.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::common::ScalarValue;
 use ring::digest;
 use sandbox_audit::AuditEvent;
 use sandbox_policy::{
-    AggregateFunction, AggregateMode, EffectiveTemplate, Mode, ParamValue, PrincipalRole, Record,
+    AggregateFunction, AggregateMode, EffectiveTemplate, Mode, Principal, PrincipalRole, Record,
     Refusal, Registry, Role, TemplateApproval, TemplateDefinition, TemplateOutput, TemplateRecord,
 };
 use sandbox_release::{ContractGate, release_contract};
-use sandbox_sql::{GrantedDataset, PlannedQuery, PlannedRows, RowScope};
+use sandbox_sql::{GrantedDataset, PlannedQuery, PlannedRows, RowScope, placeholder_values};
 use tracing::Instrument;
 
 use crate::error::{EngineError, Result};
@@ -28,6 +28,21 @@ use crate::jobs::{Engine, Explanation, JobSnapshot, Produced, RequestContext};
 use crate::modules::{
     DAY, MAX_VALID_DAYS, invalid, now, only_consented, record_value, require_role,
 };
+
+/// Templates loaded once at start, as the demo's are: each `*.toml` of `dir` is submitted as
+/// `consumer` (whose grants it must fit) and approved by every owner of the data it reads. The
+/// approvals name the seed, not a person, as approver (`demo-seed`), and every seeded event's
+/// request id starts with `demo-seed`, so an auditor can tell them from an owner's own.
+#[derive(Debug, Clone)]
+pub struct TemplateSeed {
+    pub dir: PathBuf,
+    pub consumer: Principal,
+    pub max_runs: u64,
+    pub valid_days: u64,
+}
+
+/// The principal id the seed's submissions and approvals are recorded under.
+const SEED_PRINCIPAL: &str = "demo-seed";
 
 /// A template as a caller sees it.
 #[derive(Debug, Clone)]
@@ -218,6 +233,83 @@ impl Engine {
         Ok(self.template_view(&self.registry(), &record))
     }
 
+    /// Submits and approves the seed's templates once; a marker record makes it idempotent. A
+    /// template the policy in force refuses is skipped with a warning: the seed is a demo
+    /// convenience, and a refusal here is the guard working, not a reason to refuse to start.
+    pub(crate) async fn seed_templates(&self, seed: &TemplateSeed) -> Result<()> {
+        const SOURCE: &str = "templates";
+        if self.registry().is_seeded(SOURCE) {
+            return Ok(());
+        }
+        let setup =
+            |m: String| EngineError::Setup(format!("template seed {}: {m}", seed.dir.display()));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&seed.dir)
+            .map_err(|e| setup(e.to_string()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        let request_id = || format!("{SEED_PRINCIPAL}-{}", uuid::Uuid::new_v4());
+        let mut seeded = 0u64;
+        for file in &files {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| setup(format!("{}: {e}", file.display())))?;
+            let consumer = RequestContext {
+                principal: seed.consumer.clone(),
+                request_id: request_id(),
+            };
+            let view = match self.submit_template(&consumer, &text).await {
+                Ok(view) => view,
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "demo template refused");
+                    continue;
+                }
+            };
+            let owners: BTreeSet<String> = view
+                .record
+                .datasets
+                .iter()
+                .filter_map(|d| self.owner_of(d))
+                .collect();
+            for owner in owners {
+                let approver = RequestContext {
+                    principal: Principal {
+                        id: SEED_PRINCIPAL.into(),
+                        org: owner,
+                        roles: BTreeSet::from([PrincipalRole::Owner]),
+                    },
+                    request_id: request_id(),
+                };
+                self.approve_template(
+                    &approver,
+                    &view.record.sha256,
+                    seed.max_runs,
+                    seed.valid_days,
+                )
+                .await?;
+            }
+            seeded += 1;
+        }
+        let done = Record::SeedLoaded {
+            source: SOURCE.into(),
+            count: seeded,
+        };
+        self.journal
+            .append(AuditEvent {
+                action: "SeedTemplates".into(),
+                principal: SEED_PRINCIPAL.into(),
+                request_id: request_id(),
+                kind: "template".into(),
+                message: format!("{seeded} demo templates submitted and approved"),
+                record: Some(record_value(&done)),
+                ..AuditEvent::default()
+            })
+            .await?;
+        self.registry().apply(done);
+        tracing::info!(count = seeded, "demo templates approved");
+        Ok(())
+    }
+
     /// Templates the caller submitted (its org's), or, for an owner, those reading its datasets.
     pub async fn list_templates(&self, ctx: &RequestContext) -> Result<Vec<TemplateView>> {
         let event = Self::event(ctx, "ListTemplates");
@@ -260,17 +352,7 @@ impl Engine {
                 code: "template-parameters",
                 message: m,
             })?;
-        let params: HashMap<String, ScalarValue> = bound
-            .into_iter()
-            .map(|(k, v)| {
-                let value = match v {
-                    ParamValue::Int(i) => ScalarValue::Int64(Some(i)),
-                    ParamValue::Float(f) => ScalarValue::Float64(Some(f)),
-                    ParamValue::String(s) => ScalarValue::Utf8(Some(s)),
-                };
-                (k, value)
-            })
-            .collect();
+        let params = placeholder_values(bound);
         let key = self.pseudonym_key(&ctx.principal);
         let planned = match &template.definition.output {
             TemplateOutput::Aggregate { min_units } => {

@@ -180,6 +180,11 @@ impl Authenticator {
     }
 
     /// The principal for an `authorization` header value.
+    /// The principal with this id, if one has credentials.
+    pub fn principal_named(&self, id: &str) -> Option<Principal> {
+        self.by_token_hash.values().find(|p| p.id == id).cloned()
+    }
+
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthFailure> {
         let value = authorization.ok_or(AuthFailure::MissingCredentials)?;
         let token = value

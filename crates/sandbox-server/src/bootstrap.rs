@@ -34,6 +34,25 @@ pub const DEMO_POLICIES: [(&str, &str); 6] = [
     ),
 ];
 
+/// The demo's templates for the bank, compiled in from `examples/templates/`; written to
+/// [`DEMO_TEMPLATES_DIR`] at first start and approved once by every owner they read from.
+pub const DEMO_TEMPLATES: [(&str, &str); 2] = [
+    (
+        "industry_region_risk.toml",
+        include_str!("../../../examples/templates/industry_region_risk.toml"),
+    ),
+    (
+        "tax_features.toml",
+        include_str!("../../../examples/templates/tax_features.toml"),
+    ),
+];
+
+/// Where the demo templates are written in the data dir.
+pub const DEMO_TEMPLATES_DIR: &str = "demo-templates";
+
+/// The demo principal whose templates are pre-approved (one of [`DEMO_PRINCIPALS`]).
+pub const DEMO_TEMPLATE_CONSUMER: &str = "bank";
+
 /// Demo principals: name, org, roles.
 pub const DEMO_PRINCIPALS: [(&str, &str, &[&str]); 9] = [
     ("analyst", "analytics", &["analyst"]),
@@ -124,6 +143,12 @@ fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
     }
     tracing::info!(dir = %policy_dir.display(), "demo policies written");
 
+    let templates_dir = data_dir.join(DEMO_TEMPLATES_DIR);
+    std::fs::create_dir_all(&templates_dir)?;
+    for (name, text) in DEMO_TEMPLATES {
+        std::fs::write(templates_dir.join(name), text)?;
+    }
+
     let credentials = data_dir.join("credentials");
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -195,5 +220,23 @@ mod tests {
             DEMO_POLICIES.len(),
             "every policy file is compiled in"
         );
+    }
+
+    /// Every example template is a demo template, and each parses.
+    #[test]
+    fn demo_templates_are_the_examples() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/templates");
+        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
+            .expect("templates dir")
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|name| name.ends_with(".toml"))
+            .collect();
+        on_disk.sort();
+        let compiled: Vec<&str> = DEMO_TEMPLATES.iter().map(|(name, _)| *name).collect();
+        assert_eq!(on_disk, compiled);
+        for (name, text) in DEMO_TEMPLATES {
+            sandbox_policy::TemplateDefinition::from_toml(text)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use sandbox_engine::{Engine, EngineConfig};
+use sandbox_engine::{Engine, EngineConfig, TemplateSeed};
 use sandbox_proto::v1::audit_server::AuditServer;
 use sandbox_proto::v1::governance_server::GovernanceServer;
 use sandbox_proto::v1::sandbox_server::SandboxServer;
@@ -71,6 +71,27 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     // The demo consents are loaded into the journal once (the engine keeps a marker).
     let seed = config.data_dir.join("datasets/consents");
     engine_config.consent_seed = seed.is_dir().then_some(seed);
+    // So are the demo templates, approved for the demo bank for a year of daily use.
+    let templates = config.data_dir.join(bootstrap::DEMO_TEMPLATES_DIR);
+    if templates.is_dir() {
+        match prepared
+            .authenticator
+            .principal_named(bootstrap::DEMO_TEMPLATE_CONSUMER)
+        {
+            Some(consumer) => {
+                engine_config.template_seed = Some(TemplateSeed {
+                    dir: templates,
+                    consumer,
+                    max_runs: 1000,
+                    valid_days: 365,
+                });
+            }
+            None => tracing::warn!(
+                "no principal `{}`: the demo templates are not approved",
+                bootstrap::DEMO_TEMPLATE_CONSUMER
+            ),
+        }
+    }
     let engine = Engine::start(engine_config)
         .await
         .context("cannot start the engine")?;

@@ -32,7 +32,8 @@ pub enum Rule {
     MaskedValueInExpression,
     /// A range filter on a measure that the grant does not list in `filter_measures`.
     MeasureFilterNotGranted,
-    /// Aggregates over aggregates are not supported yet.
+    /// An aggregate over aggregated rows in a shape the guard cannot prove safe (a limit inside
+    /// the derived table, an aggregate below a join or inside an expression).
     NestedAggregateNotSupported,
     /// More than one filter over aggregated rows (`HAVING`) in a query.
     HavingNotSupported,

@@ -5,9 +5,16 @@
 //! The accepted shape, outermost first:
 //!
 //! ```text
-//! [Limit] (Sort | Projection | SubqueryAlias | Filter)*  Aggregate  Input
+//! Query := [Limit] (Sort | Projection | SubqueryAlias | Filter)*  Aggregate  (Input | Query)
 //! Input := (Filter | Projection | SubqueryAlias)* (TableScan | Join(Input, Input))
 //! ```
+//!
+//! An aggregate over another aggregate query (a derived table or CTE that aggregates) is
+//! guarded in two steps: the inner query on its own, with its rows that would not pass the gate
+//! filtered out inside the plan (too few units, or failing its `HAVING`); then the outer aggregate
+//! over those releasable values only, its row count being the largest of the inner rows it
+//! covers. A limit inside the inner query is denied: it would decide which groups the outer
+//! query sees.
 //!
 //! Joins are inner or left equi-joins anchored on a join role: the privacy unit of both sides (the
 //! same entity) or a declared join key. The guard keeps *unit classes*: scans whose privacy units
@@ -30,11 +37,13 @@ use std::sync::Arc;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::NullEquality;
 use datafusion::common::{Column, DFSchema, ScalarValue, TableReference};
+use datafusion::functions_aggregate::expr_fn::max;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    Aggregate, AggregateUDF, Between, BinaryExpr, Expr, ExprSchemable, FetchType, Join, JoinType,
-    LogicalPlan, Operator, Projection, SkipType, Sort, SubqueryAlias, TableScan, cast, when,
+    Aggregate, AggregateUDF, Between, BinaryExpr, Expr, ExprSchemable, FetchType, Filter, Join,
+    JoinType, LogicalPlan, Operator, Projection, SkipType, Sort, SubqueryAlias, TableScan, cast,
+    when,
 };
 use sandbox_policy::{
     AggregateFunction as Allowed, AggregateMode, DatasetPolicy, Level, Mask, Mode, Role,
@@ -216,22 +225,6 @@ pub fn guard(
         }
     };
 
-    let input_lineage = guard.below(&aggregate.input)?;
-    let mode = guard.combined_mode()?;
-    let input_schema = aggregate.input.schema();
-    for expr in &aggregate.group_expr {
-        if matches!(expr, Expr::GroupingSet(_)) {
-            return Err(deny(
-                Rule::ExpressionNotAllowed,
-                "GROUPING SETS, ROLLUP and CUBE are not supported",
-            ));
-        }
-        guard.row_expr(expr, input_schema, &input_lineage, Use::Group)?;
-    }
-    for expr in &aggregate.aggr_expr {
-        guard.aggregate_expr(expr, input_schema, &input_lineage, &mode)?;
-    }
-
     // Every node above the aggregate only sees aggregated values; check the expression kinds.
     let mut skip = 0;
     let mut fetch = None;
@@ -274,117 +267,10 @@ pub fn guard(
         }
     }
 
-    // The rewrite: count distinct privacy units per group and unit class, and carry the least
-    // count to the output.
-    let mut class_columns: BTreeMap<usize, usize> = BTreeMap::new();
-    for root in guard.unit_roots() {
-        let index = input_lineage
-            .iter()
-            .position(|l| matches!(l, Lineage::Plain(s) if s.is_unit && guard.root(s.scan) == root))
-            .ok_or_else(|| {
-                deny(
-                    Rule::PrivacyUnitUnavailable,
-                    "the privacy unit of every dataset must reach the aggregate; derived tables \
-                     that drop it are not supported",
-                )
-            })?;
-        class_columns.insert(root, index);
-    }
-    let unit_columns: Vec<Expr> = class_columns
-        .values()
-        .map(|&index| {
-            if let Lineage::Plain(source) = &input_lineage[index] {
-                guard
-                    .columns
-                    .insert(format!("{}.{}", source.dataset, source.column));
-            }
-            let (qualifier, field) = input_schema.qualified_field(index);
-            Expr::Column(Column::new(qualifier.cloned(), field.name()))
-        })
-        .collect();
-    let existing_exact_count = match unit_columns.len() {
-        1 => aggregate
-            .aggr_expr
-            .iter()
-            .position(|expr| counts_distinct_units(expr, input_schema, &input_lineage)),
-        _ => None,
-    };
-    let capped = |column: Expr| {
-        Expr::AggregateFunction(AggregateFunction::new_udf(
-            Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(
-                mode.min_units,
-            ))),
-            vec![column],
-            false,
-            None,
-            vec![],
-            None,
-        ))
-    };
-    let mut rewritten = match existing_exact_count {
-        // The query already counts distinct units exactly: the hidden count is that column.
-        // Adding the capped counter beside it would also stop DataFusion from planning the
-        // `COUNT(DISTINCT)` as a two-phase group-by, which is much slower.
-        Some(index) => {
-            let plan = LogicalPlan::Aggregate(aggregate.clone());
-            let schema = plan.schema().clone();
-            let mut exprs = columns_of(&schema);
-            let (qualifier, field) = schema.qualified_field(aggregate.group_expr.len() + index);
-            exprs.push(
-                cast(
-                    Expr::Column(Column::new(qualifier.cloned(), field.name())),
-                    DataType::UInt64,
-                )
-                .alias(UNITS_COLUMN),
-            );
-            LogicalPlan::Projection(
-                Projection::try_new(exprs, Arc::new(plan)).map_err(rewrite_error)?,
-            )
-        }
-        None if unit_columns.len() == 1 => {
-            let mut aggr_expr = aggregate.aggr_expr.clone();
-            aggr_expr.push(capped(unit_columns[0].clone()).alias(UNITS_COLUMN));
-            LogicalPlan::Aggregate(
-                Aggregate::try_new(
-                    aggregate.input.clone(),
-                    aggregate.group_expr.clone(),
-                    aggr_expr,
-                )
-                .map_err(rewrite_error)?,
-            )
-        }
-        // Several unit classes: one capped count each, and the least of them is the row's count,
-        // so the row is released only if every class reaches the threshold.
-        None => {
-            let mut aggr_expr = aggregate.aggr_expr.clone();
-            let mut counts = Vec::new();
-            for (i, column) in unit_columns.iter().enumerate() {
-                let name = format!("{UNITS_COLUMN}_{i}");
-                aggr_expr.push(capped(column.clone()).alias(&name));
-                counts.push(Expr::Column(Column::new_unqualified(name)));
-            }
-            let plan = LogicalPlan::Aggregate(
-                Aggregate::try_new(
-                    aggregate.input.clone(),
-                    aggregate.group_expr.clone(),
-                    aggr_expr,
-                )
-                .map_err(rewrite_error)?,
-            );
-            let schema = plan.schema().clone();
-            let mut exprs = columns_of(&schema);
-            exprs.truncate(exprs.len() - counts.len());
-            let mut least = counts[0].clone();
-            for count in &counts[1..] {
-                least = when(count.clone().lt(least.clone()), count.clone())
-                    .otherwise(least)
-                    .map_err(rewrite_error)?;
-            }
-            exprs.push(least.alias(UNITS_COLUMN));
-            LogicalPlan::Projection(
-                Projection::try_new(exprs, Arc::new(plan)).map_err(rewrite_error)?,
-            )
-        }
+    let (mut rewritten, min_units) = if contains_aggregate(&aggregate.input) {
+        guard.aggregate_over_aggregate(aggregate)?
+    } else {
+        guard.aggregate_over_rows(aggregate)?
     };
     let mut having = false;
     for node in chain.iter().rev() {
@@ -425,7 +311,7 @@ pub fn guard(
 
     Ok(Guarded {
         plan: rewritten,
-        min_units: mode.min_units,
+        min_units,
         skip,
         fetch,
         datasets: guard.datasets.into_iter().collect(),
@@ -536,7 +422,7 @@ pub(crate) fn node_denial(node: &LogicalPlan) -> SqlError {
         ),
         LogicalPlan::Aggregate(_) => deny(
             Rule::NestedAggregateNotSupported,
-            "aggregates over aggregates are not supported yet",
+            "an aggregate is only allowed over rows, or directly over one aggregated derived table",
         ),
         LogicalPlan::Window(_) => {
             deny(Rule::PlanNodeNotAllowed, "window functions are not allowed")
@@ -581,6 +467,213 @@ fn node_name(node: &LogicalPlan) -> String {
 }
 
 impl Guard<'_> {
+    /// An aggregate over rows of granted datasets: checks its input, groups and aggregates, and
+    /// adds the hidden count of distinct privacy units per group. Returns the rewritten aggregate
+    /// and the threshold.
+    fn aggregate_over_rows(
+        &mut self,
+        aggregate: &Aggregate,
+    ) -> Result<(LogicalPlan, u64), SqlError> {
+        let input_lineage = self.below(&aggregate.input)?;
+        let mode = self.combined_mode()?;
+        let input_schema = aggregate.input.schema();
+        no_grouping_sets(aggregate)?;
+        for expr in &aggregate.group_expr {
+            self.row_expr(expr, input_schema, &input_lineage, Use::Group)?;
+        }
+        for expr in &aggregate.aggr_expr {
+            self.aggregate_expr(expr, input_schema, &input_lineage, &mode)?;
+        }
+
+        // The rewrite: count distinct privacy units per group and unit class, and carry the least
+        // count to the output.
+        let mut class_columns: BTreeMap<usize, usize> = BTreeMap::new();
+        for root in self.unit_roots() {
+            let index = input_lineage
+                .iter()
+                .position(|l| matches!(l, Lineage::Plain(s) if s.is_unit && self.root(s.scan) == root))
+                .ok_or_else(|| {
+                    deny(
+                        Rule::PrivacyUnitUnavailable,
+                        "the privacy unit of every dataset must reach the aggregate; derived tables \
+                         that drop it are not supported",
+                    )
+                })?;
+            class_columns.insert(root, index);
+        }
+        let unit_columns: Vec<Expr> = class_columns
+            .values()
+            .map(|&index| {
+                if let Lineage::Plain(source) = &input_lineage[index] {
+                    self.columns
+                        .insert(format!("{}.{}", source.dataset, source.column));
+                }
+                let (qualifier, field) = input_schema.qualified_field(index);
+                Expr::Column(Column::new(qualifier.cloned(), field.name()))
+            })
+            .collect();
+        let existing_exact_count = match unit_columns.len() {
+            1 => aggregate
+                .aggr_expr
+                .iter()
+                .position(|expr| counts_distinct_units(expr, input_schema, &input_lineage)),
+            _ => None,
+        };
+        let capped = |column: Expr| {
+            Expr::AggregateFunction(AggregateFunction::new_udf(
+                Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(
+                    mode.min_units,
+                ))),
+                vec![column],
+                false,
+                None,
+                vec![],
+                None,
+            ))
+        };
+        let rewritten = match existing_exact_count {
+            // The query already counts distinct units exactly: the hidden count is that column.
+            // Adding the capped counter beside it would also stop DataFusion from planning the
+            // `COUNT(DISTINCT)` as a two-phase group-by, which is much slower.
+            Some(index) => {
+                let plan = LogicalPlan::Aggregate(aggregate.clone());
+                let schema = plan.schema().clone();
+                let mut exprs = columns_of(&schema);
+                let (qualifier, field) = schema.qualified_field(aggregate.group_expr.len() + index);
+                exprs.push(
+                    cast(
+                        Expr::Column(Column::new(qualifier.cloned(), field.name())),
+                        DataType::UInt64,
+                    )
+                    .alias(UNITS_COLUMN),
+                );
+                LogicalPlan::Projection(
+                    Projection::try_new(exprs, Arc::new(plan)).map_err(rewrite_error)?,
+                )
+            }
+            None if unit_columns.len() == 1 => {
+                let mut aggr_expr = aggregate.aggr_expr.clone();
+                aggr_expr.push(capped(unit_columns[0].clone()).alias(UNITS_COLUMN));
+                LogicalPlan::Aggregate(
+                    Aggregate::try_new(
+                        aggregate.input.clone(),
+                        aggregate.group_expr.clone(),
+                        aggr_expr,
+                    )
+                    .map_err(rewrite_error)?,
+                )
+            }
+            // Several unit classes: one capped count each, and the least of them is the row's count,
+            // so the row is released only if every class reaches the threshold.
+            None => {
+                let mut aggr_expr = aggregate.aggr_expr.clone();
+                let mut counts = Vec::new();
+                for (i, column) in unit_columns.iter().enumerate() {
+                    let name = format!("{UNITS_COLUMN}_{i}");
+                    aggr_expr.push(capped(column.clone()).alias(&name));
+                    counts.push(Expr::Column(Column::new_unqualified(name)));
+                }
+                let plan = LogicalPlan::Aggregate(
+                    Aggregate::try_new(
+                        aggregate.input.clone(),
+                        aggregate.group_expr.clone(),
+                        aggr_expr,
+                    )
+                    .map_err(rewrite_error)?,
+                );
+                let schema = plan.schema().clone();
+                let mut exprs = columns_of(&schema);
+                exprs.truncate(exprs.len() - counts.len());
+                let mut least = counts[0].clone();
+                for count in &counts[1..] {
+                    least = when(count.clone().lt(least.clone()), count.clone())
+                        .otherwise(least)
+                        .map_err(rewrite_error)?;
+                }
+                exprs.push(least.alias(UNITS_COLUMN));
+                LogicalPlan::Projection(
+                    Projection::try_new(exprs, Arc::new(plan)).map_err(rewrite_error)?,
+                )
+            }
+        };
+        Ok((rewritten, mode.min_units))
+    }
+
+    /// An aggregate over the rows of another aggregate query (a derived table or CTE that
+    /// aggregates). The inner query is guarded on its own; its rows that would not pass the gate
+    /// (fewer than `min_units` units, or failing its `HAVING`) are filtered out *inside* the plan,
+    /// so the outer query only ever sees releasable values. Each outer row then covers at least
+    /// one released inner row, so it carries the largest unit count among them.
+    fn aggregate_over_aggregate(
+        &mut self,
+        aggregate: &Aggregate,
+    ) -> Result<(LogicalPlan, u64), SqlError> {
+        // A limit would decide which inner groups the outer query sees, after an order the
+        // outer query does not show; the gate could not account for the groups it cut.
+        let limited = |node: &LogicalPlan| {
+            matches!(node, LogicalPlan::Limit(_))
+                || matches!(node, LogicalPlan::Sort(sort) if sort.fetch.is_some())
+        };
+        let mut node = aggregate.input.as_ref();
+        while !matches!(node, LogicalPlan::Aggregate(_)) {
+            if limited(node) {
+                return Err(deny(
+                    Rule::NestedAggregateNotSupported,
+                    "LIMIT/OFFSET inside an aggregated derived table is not supported",
+                ));
+            }
+            match node.inputs().as_slice() {
+                [input] => node = input,
+                _ => break,
+            }
+        }
+        let inner = guard(&aggregate.input, self.granted, self.context)?;
+        if inner.skip != 0 || inner.fetch.is_some() {
+            return Err(deny(
+                Rule::NestedAggregateNotSupported,
+                "LIMIT/OFFSET inside an aggregated derived table is not supported",
+            ));
+        }
+        self.datasets.extend(inner.datasets);
+        self.columns.extend(inner.columns);
+        let input_schema = aggregate.input.schema();
+        no_grouping_sets(aggregate)?;
+        for expr in &aggregate.group_expr {
+            post_aggregate_expr(expr, input_schema)?;
+        }
+        for expr in &aggregate.aggr_expr {
+            outer_aggregate_expr(expr, input_schema)?;
+        }
+        let units = || Expr::Column(Column::new_unqualified(UNITS_COLUMN));
+        let mut releasable = units().gt_eq(Expr::Literal(
+            ScalarValue::UInt64(Some(inner.min_units)),
+            None,
+        ));
+        if inner
+            .plan
+            .schema()
+            .has_column_with_unqualified_name(HAVING_COLUMN)
+        {
+            releasable =
+                releasable.and(Expr::Column(Column::new_unqualified(HAVING_COLUMN)).is_true());
+        }
+        let released = LogicalPlan::Filter(
+            Filter::try_new(releasable, Arc::new(inner.plan)).map_err(rewrite_error)?,
+        );
+        let mut exprs = columns_of(input_schema);
+        exprs.push(units());
+        let released = LogicalPlan::Projection(
+            Projection::try_new(exprs, Arc::new(released)).map_err(rewrite_error)?,
+        );
+        let mut aggr_expr = aggregate.aggr_expr.clone();
+        aggr_expr.push(max(units()).alias(UNITS_COLUMN));
+        let rewritten = LogicalPlan::Aggregate(
+            Aggregate::try_new(Arc::new(released), aggregate.group_expr.clone(), aggr_expr)
+                .map_err(rewrite_error)?,
+        );
+        Ok((rewritten, inner.min_units))
+    }
+
     /// Lineage of every output column of a node below the aggregate.
     fn below(&mut self, node: &LogicalPlan) -> Result<Vec<Lineage>, SqlError> {
         match node {
@@ -1428,6 +1521,53 @@ fn allowed_operator(op: Operator) -> bool {
             | IsNotDistinctFrom
             | StringConcat
     )
+}
+
+fn no_grouping_sets(aggregate: &Aggregate) -> Result<(), SqlError> {
+    if aggregate
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return Err(deny(
+            Rule::ExpressionNotAllowed,
+            "GROUPING SETS, ROLLUP and CUBE are not supported",
+        ));
+    }
+    Ok(())
+}
+
+/// An aggregate over released rows of an inner aggregate: one of the grantable functions, without
+/// modifiers, over expressions of the inner query's output columns.
+fn outer_aggregate_expr(expr: &Expr, schema: &DFSchema) -> Result<(), SqlError> {
+    let function = match expr {
+        Expr::Alias(alias) => return outer_aggregate_expr(&alias.expr, schema),
+        Expr::AggregateFunction(function) => function,
+        _ => {
+            return Err(deny(
+                Rule::ExpressionNotAllowed,
+                "only aggregate function calls are allowed in the aggregate",
+            ));
+        }
+    };
+    let name = function.func.name().to_ascii_lowercase();
+    let params = &function.params;
+    if params.filter.is_some() || !params.order_by.is_empty() {
+        return Err(deny(
+            Rule::AggregateModifierNotAllowed,
+            format!("FILTER and ORDER BY inside `{name}` are not allowed"),
+        ));
+    }
+    if !matches!(name.as_str(), "count" | "sum" | "avg" | "min" | "max") {
+        return Err(deny(
+            Rule::FunctionNotAllowed,
+            format!("aggregate function `{name}` is not allowed"),
+        ));
+    }
+    for argument in &params.args {
+        post_aggregate_expr(argument, schema)?;
+    }
+    Ok(())
 }
 
 /// Expressions over aggregated values (above the aggregate): the same expression kinds, over

@@ -25,5 +25,5 @@ pub use error::{Denial, Result, Rule, SqlError};
 pub use guard::{GrantedDataset, Guarded, HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN, guard};
 pub use masks::PseudonymKey;
 pub use rows::{GuardedRows, RowScope, guard_rows};
-pub use session::{Executed, PlannedQuery, PlannedRows, SqlEngine, SqlLimits};
+pub use session::{Executed, PlannedQuery, PlannedRows, SqlEngine, SqlLimits, placeholder_values};
 pub use tokio_util::sync::CancellationToken;

@@ -30,12 +30,29 @@ use sandbox_policy::{DatasetPolicy, PolicySet};
 use tokio_util::sync::CancellationToken;
 
 use datafusion::common::ScalarValue;
-use sandbox_policy::{Mask, Mode};
+use sandbox_policy::{Mask, Mode, ParamValue};
 
 use crate::error::{Denial, Result, Rule, SqlError};
 use crate::guard::{GrantedDataset, Guarded, guard, is_default_qualifier};
 use crate::masks::{self, MaskedTable, PseudonymKey};
 use crate::rows::{GuardedRows, RowScope, guard_rows};
+
+/// A template's bound parameters as the values of its `$name` placeholders.
+pub fn placeholder_values(
+    bound: impl IntoIterator<Item = (String, ParamValue)>,
+) -> HashMap<String, ScalarValue> {
+    bound
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match value {
+                ParamValue::Int(i) => ScalarValue::Int64(Some(i)),
+                ParamValue::Float(f) => ScalarValue::Float64(Some(f)),
+                ParamValue::String(s) => ScalarValue::Utf8(Some(s)),
+            };
+            (name, value)
+        })
+        .collect()
+}
 
 /// Limits of the SQL path.
 #[derive(Debug, Clone)]
