@@ -71,9 +71,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     // The demo consents are loaded into the journal once (the engine keeps a marker).
     let seed = config.data_dir.join("datasets/consents");
     engine_config.consent_seed = seed.is_dir().then_some(seed);
-    // So are the demo templates, approved for the demo bank for a year of daily use.
+    // The demo templates are approved for the demo bank (for a year of daily use) on the first
+    // start only: approvals on the owners' behalf never come from a folder found in a data dir.
     let templates = config.data_dir.join(bootstrap::DEMO_TEMPLATES_DIR);
-    if templates.is_dir() {
+    if prepared.created_demo && templates.is_dir() {
         match prepared
             .authenticator
             .principal_named(bootstrap::DEMO_TEMPLATE_CONSUMER)
