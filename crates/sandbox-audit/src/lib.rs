@@ -23,6 +23,7 @@ mod error;
 mod event;
 mod frame;
 mod journal;
+pub mod merkle;
 mod verify;
 
 pub use error::{AuditError, Result};

@@ -1,6 +1,8 @@
 //! Journal tests: append and read back, group commit under concurrency, tamper detection by the
 //! offline verifier, torn-tail repair at open and refusal of corruption in the middle.
 
+mod proofs;
+
 use std::path::PathBuf;
 
 use sandbox_audit::{AuditEvent, Decision, JOURNAL_FILE, Journal, verify_file};
