@@ -23,6 +23,23 @@ pub enum AuditError {
     Stopped,
     #[error("cannot encode audit event: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The journal holds fewer records than its last signed checkpoint: it was rolled back or
+    /// truncated. The server refuses to start on it.
+    #[error(
+        "journal {path} holds {records} records but its last signed checkpoint covers {checkpoint}: \
+         it was rolled back or truncated"
+    )]
+    Rollback {
+        path: PathBuf,
+        records: u64,
+        checkpoint: u64,
+    },
+    /// The signing key is missing, malformed or does not match its public half.
+    #[error("journal signing key: {0}")]
+    Key(String),
+    /// A proof or root for sizes the journal does not hold.
+    #[error("{0}")]
+    Proof(#[from] crate::merkle::ProofError),
 }
 
 impl AuditError {
@@ -34,6 +51,9 @@ impl AuditError {
             AuditError::Locked(_) => "audit-locked",
             AuditError::Stopped => "audit-stopped",
             AuditError::Encode(_) => "audit-encode",
+            AuditError::Rollback { .. } => "audit-rollback",
+            AuditError::Key(_) => "audit-key",
+            AuditError::Proof(_) => "audit-proof",
         }
     }
 }

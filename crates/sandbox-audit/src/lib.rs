@@ -19,6 +19,7 @@
 //! Fail-stop: if a write or `fdatasync` fails, the journal refuses every later append, so the server
 //! can release nothing further rather than release without a durable record.
 
+pub mod checkpoint;
 mod error;
 mod event;
 mod frame;
@@ -26,7 +27,8 @@ mod journal;
 pub mod merkle;
 mod verify;
 
+pub use checkpoint::Checkpoint;
 pub use error::{AuditError, Result};
 pub use event::{AuditEvent, Decision, StoredEvent};
-pub use journal::{Appended, JOURNAL_FILE, Journal, OpenReport};
-pub use verify::{VerifyFailure, VerifyReport, verify_file};
+pub use journal::{Appended, BundleSource, JOURNAL_FILE, Journal, JournalOptions, OpenReport};
+pub use verify::{BundleReport, VerifyFailure, VerifyReport, verify_bundle, verify_file};

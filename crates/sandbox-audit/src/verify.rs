@@ -3,15 +3,21 @@
 
 use std::path::Path;
 
+use crate::checkpoint::{
+    CHECKPOINTS_FILE, Checkpoint, PUBLIC_KEY_FILE, read_checkpoints, read_public_key,
+};
 use crate::error::{AuditError, Result};
 use crate::event::AuditEvent;
 use crate::frame::{self, HASH_LEN, MAGIC, Scanned};
+use crate::merkle::{self, Hash, MerkleTree};
 
 /// What a walk over the whole file found.
 #[derive(Debug)]
 pub(crate) struct Walk {
     /// Byte offset of every valid record, in order.
     pub offsets: Vec<u64>,
+    /// The Merkle leaf hash of every valid record.
+    pub leaves: Vec<Hash>,
     /// Chain hash after the last valid record.
     pub last_hash: [u8; HASH_LEN],
     /// Sequence number of the last valid record (0 when there is none).
@@ -55,6 +61,7 @@ pub struct VerifyReport {
 pub(crate) fn walk(bytes: &[u8]) -> Walk {
     let mut walk = Walk {
         offsets: Vec::new(),
+        leaves: Vec::new(),
         last_hash: [0u8; HASH_LEN],
         last_seq: 0,
         valid_len: 0,
@@ -140,6 +147,7 @@ pub(crate) fn walk(bytes: &[u8]) -> Walk {
             break;
         }
         walk.offsets.push(offset as u64);
+        walk.leaves.push(merkle::leaf_hash(payload));
         walk.last_hash = stored_hash;
         walk.last_seq = event.seq;
         offset += len;
@@ -172,4 +180,151 @@ pub fn verify_file(path: &Path) -> Result<Result<VerifyReport, VerifyFailure>> {
             head_hash: hex::encode(walk.last_hash),
         }),
     })
+}
+
+/// A bundle that verified: every record, every checkpoint, and the trusted checkpoint if given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleReport {
+    pub records: u64,
+    pub checkpoints: u64,
+    /// The newest checkpoint, covering every record.
+    pub latest: Checkpoint,
+    /// Size of the trusted checkpoint the bundle was shown consistent with.
+    pub trusted_size: Option<u64>,
+}
+
+/// Verifies an exported bundle offline, with no server and no private key: each record's
+/// framing, checksum, chain hash and sequence; the Merkle root recomputed for every checkpoint,
+/// each signed by the bundle's public key, the newest covering every record; and, given a
+/// checkpoint the auditor kept earlier, that the bundle extends it (same key, a consistency
+/// proof from it to the newest checkpoint). Any problem is a failure naming the first bad record
+/// (or the checkpoint, for problems of signatures and roots).
+pub fn verify_bundle(
+    dir: &Path,
+    trusted: Option<&Checkpoint>,
+) -> Result<Result<BundleReport, VerifyFailure>> {
+    let public_key = read_public_key(&dir.join(PUBLIC_KEY_FILE))?;
+    let journal_path = dir.join(crate::journal::JOURNAL_FILE);
+    let bytes = std::fs::read(&journal_path).map_err(|source| AuditError::Io {
+        path: journal_path.clone(),
+        source,
+    })?;
+    let walk = walk(&bytes);
+    if let Some(problem) = walk.problem {
+        return Ok(Err(problem));
+    }
+    let records = walk.offsets.len() as u64;
+    let mut tree = MerkleTree::new();
+    for leaf in &walk.leaves {
+        tree.push(*leaf);
+    }
+    let fail = |record: u64, reason: String| VerifyFailure {
+        record,
+        offset: walk
+            .offsets
+            .get(record.saturating_sub(1) as usize)
+            .copied()
+            .unwrap_or(bytes.len() as u64),
+        reason,
+        torn_tail: false,
+    };
+    let (checkpoints, _, problem) = read_checkpoints(&dir.join(CHECKPOINTS_FILE))?;
+    if let Some(problem) = problem {
+        return Ok(Err(fail(records, problem)));
+    }
+    let mut previous: Option<&Checkpoint> = None;
+    for (i, checkpoint) in checkpoints.iter().enumerate() {
+        let n = i + 1;
+        if !checkpoint.verify(&public_key) {
+            return Ok(Err(fail(
+                checkpoint.size.min(records),
+                format!("checkpoint {n} is not signed by the bundle's key"),
+            )));
+        }
+        if checkpoint.size > records {
+            return Ok(Err(fail(
+                records + 1,
+                format!(
+                    "checkpoint {n} covers {} records but the bundle holds {records}: records \
+                     were deleted or the journal truncated",
+                    checkpoint.size
+                ),
+            )));
+        }
+        if previous.is_some_and(|p| checkpoint.size < p.size) {
+            return Ok(Err(fail(
+                checkpoint.size,
+                format!("checkpoint {n} is smaller than the one before it"),
+            )));
+        }
+        if Some(tree.root(checkpoint.size)?) != checkpoint.root_hash() {
+            return Ok(Err(fail(
+                checkpoint.size,
+                format!(
+                    "the first {} records do not have the root signed in checkpoint {n}: \
+                     records were altered",
+                    checkpoint.size
+                ),
+            )));
+        }
+        previous = Some(checkpoint);
+    }
+    let Some(latest) = checkpoints.last().cloned() else {
+        return Ok(Err(fail(
+            records,
+            "the bundle has no signed checkpoint".into(),
+        )));
+    };
+    if latest.size != records {
+        return Ok(Err(fail(
+            latest.size + 1,
+            format!(
+                "{} records after the last signed checkpoint",
+                records - latest.size
+            ),
+        )));
+    }
+    let mut trusted_size = None;
+    if let Some(trusted) = trusted {
+        if !trusted.verify(&public_key) {
+            return Ok(Err(fail(
+                0,
+                "the trusted checkpoint is not signed by the bundle's key".into(),
+            )));
+        }
+        if trusted.size > records {
+            return Ok(Err(fail(
+                records + 1,
+                format!(
+                    "the trusted checkpoint covers {} records but the bundle holds {records}: \
+                     the journal was rolled back",
+                    trusted.size
+                ),
+            )));
+        }
+        let proof = tree.consistency_proof(trusted.size, latest.size)?;
+        let consistent = match (trusted.root_hash(), latest.root_hash()) {
+            (Some(old), Some(new)) => {
+                merkle::verify_consistency(trusted.size, latest.size, &old, &new, &proof)
+            }
+            _ => false,
+        };
+        if !consistent {
+            return Ok(Err(fail(
+                trusted.size,
+                format!(
+                    "the bundle is not consistent with the trusted checkpoint of {} records: \
+                     its history was rewritten (a fork)",
+                    trusted.size
+                ),
+            )));
+        }
+        trusted_size = Some(trusted.size);
+    }
+    Ok(Ok(BundleReport {
+        records,
+        checkpoints: checkpoints.len() as u64,
+        latest,
+        trusted_size,
+    }))
 }
