@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server on an ephemeral loopback port, driven through the real gRPC
 //! client, checked against raw DataFusion over the same Parquet files and against the journal.
 
+mod audit;
 mod depth;
 mod wasm;
 

@@ -187,8 +187,8 @@ pub fn verify_file(path: &Path) -> Result<Result<VerifyReport, VerifyFailure>> {
 pub struct BundleReport {
     pub records: u64,
     pub checkpoints: u64,
-    /// The newest checkpoint, covering every record.
-    pub latest: Checkpoint,
+    /// The newest checkpoint (covering every record when the whole journal had to be signed).
+    pub latest: Option<Checkpoint>,
     /// Size of the trusted checkpoint the bundle was shown consistent with.
     pub trusted_size: Option<u64>,
 }
@@ -198,10 +198,13 @@ pub struct BundleReport {
 /// each signed by the bundle's public key, the newest covering every record; and, given a
 /// checkpoint the auditor kept earlier, that the bundle extends it (same key, a consistency
 /// proof from it to the newest checkpoint). Any problem is a failure naming the first bad record
-/// (or the checkpoint, for problems of signatures and roots).
+/// (or the checkpoint, for problems of signatures and roots). `whole` requires the newest
+/// checkpoint to cover every record, as it does in an export; without it (a live data dir),
+/// records written since the newest checkpoint are checked by their chain only.
 pub fn verify_bundle(
     dir: &Path,
     trusted: Option<&Checkpoint>,
+    whole: bool,
 ) -> Result<Result<BundleReport, VerifyFailure>> {
     let public_key = read_public_key(&dir.join(PUBLIC_KEY_FILE))?;
     let journal_path = dir.join(crate::journal::JOURNAL_FILE);
@@ -269,18 +272,20 @@ pub fn verify_bundle(
         }
         previous = Some(checkpoint);
     }
-    let Some(latest) = checkpoints.last().cloned() else {
+    let latest = checkpoints.last().cloned();
+    let covered = latest.as_ref().map_or(0, |c| c.size);
+    if whole && latest.is_none() {
         return Ok(Err(fail(
             records,
             "the bundle has no signed checkpoint".into(),
         )));
-    };
-    if latest.size != records {
+    }
+    if whole && covered != records {
         return Ok(Err(fail(
-            latest.size + 1,
+            covered + 1,
             format!(
                 "{} records after the last signed checkpoint",
-                records - latest.size
+                records - covered
             ),
         )));
     }
@@ -302,10 +307,21 @@ pub fn verify_bundle(
                 ),
             )));
         }
-        let proof = tree.consistency_proof(trusted.size, latest.size)?;
-        let consistent = match (trusted.root_hash(), latest.root_hash()) {
+        // Proven against the newest signed root, or the recomputed one of every record when
+        // none is signed yet.
+        let (size, root) = match &latest {
+            Some(latest) => (latest.size.max(trusted.size), latest.root_hash()),
+            None => (records, Some(tree.root(records)?)),
+        };
+        let root = if size == covered {
+            root
+        } else {
+            Some(tree.root(size)?)
+        };
+        let proof = tree.consistency_proof(trusted.size, size)?;
+        let consistent = match (trusted.root_hash(), root) {
             (Some(old), Some(new)) => {
-                merkle::verify_consistency(trusted.size, latest.size, &old, &new, &proof)
+                merkle::verify_consistency(trusted.size, size, &old, &new, &proof)
             }
             _ => false,
         };

@@ -326,6 +326,104 @@ impl Client {
         });
         Ok(self.audit.list_events(request).await?.into_inner().events)
     }
+
+    /// The newest signed checkpoint, or a fresh one (auditor only).
+    pub async fn checkpoint(&mut self, fresh: bool) -> Result<pb::SignedCheckpoint, tonic::Status> {
+        let request = self.request(pb::GetCheckpointRequest { fresh });
+        Ok(self.audit.get_checkpoint(request).await?.into_inner())
+    }
+
+    /// The inclusion proof of record `seq` (tree size 0: a fresh checkpoint's).
+    pub async fn inclusion_proof(
+        &mut self,
+        seq: u64,
+        tree_size: u64,
+    ) -> Result<pb::InclusionProof, tonic::Status> {
+        let request = self.request(pb::GetInclusionProofRequest { seq, tree_size });
+        Ok(self.audit.get_inclusion_proof(request).await?.into_inner())
+    }
+
+    /// The consistency proof between two tree sizes (second 0: a fresh checkpoint's).
+    pub async fn consistency_proof(
+        &mut self,
+        first: u64,
+        second: u64,
+    ) -> Result<pb::ConsistencyProof, tonic::Status> {
+        let request = self.request(pb::GetConsistencyProofRequest { first, second });
+        Ok(self
+            .audit
+            .get_consistency_proof(request)
+            .await?
+            .into_inner())
+    }
+
+    /// Writes an exported bundle into `out` (created if missing); returns its checkpoint's size
+    /// and the bytes written per file. Nothing is left half-written under a file's name: each
+    /// file is written to a temporary name and renamed when complete.
+    pub async fn export_journal(
+        &mut self,
+        out: &std::path::Path,
+    ) -> Result<Vec<(String, u64)>, ExportError> {
+        use futures::StreamExt;
+        use std::io::Write;
+        std::fs::create_dir_all(out)?;
+        let request = self.request(pb::ExportJournalRequest {});
+        let mut stream = self.audit.export_journal(request).await?.into_inner();
+        let mut written: Vec<(String, u64)> = Vec::new();
+        let mut current: Option<(String, std::fs::File)> = None;
+        let finish = |name: &str, file: std::fs::File| -> std::io::Result<()> {
+            file.sync_all()?;
+            std::fs::rename(out.join(format!("{name}.part")), out.join(name))
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let name = bundle_file_name(&chunk.file)?;
+            if current.as_ref().is_none_or(|(n, _)| *n != name) {
+                if let Some((done, file)) = current.take() {
+                    finish(&done, file)?;
+                }
+                if written.iter().any(|(n, _)| *n == name) {
+                    return Err(ExportError::Protocol(format!("`{name}` sent twice")));
+                }
+                let file = std::fs::File::create(out.join(format!("{name}.part")))?;
+                current = Some((name.clone(), file));
+                written.push((name, 0));
+            }
+            let (_, file) = current.as_mut().expect("set above");
+            file.write_all(&chunk.data)?;
+            written.last_mut().expect("pushed above").1 += chunk.data.len() as u64;
+        }
+        if let Some((done, file)) = current.take() {
+            finish(&done, file)?;
+        }
+        Ok(written)
+    }
+}
+
+/// Why an export could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{0}")]
+    Status(#[from] tonic::Status),
+    #[error("cannot write the bundle: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the server sent a bad bundle: {0}")]
+    Protocol(String),
+}
+
+/// Bundle files are plain names the server chose; anything that could leave the folder is
+/// refused.
+fn bundle_file_name(name: &str) -> Result<String, ExportError> {
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
+        && !name.starts_with('.');
+    if plain {
+        Ok(name.to_string())
+    } else {
+        Err(ExportError::Protocol(format!("bad file name `{name}`")))
+    }
 }
 
 /// Hex SHA-256 of a module's bytes: the hash the sandbox knows it by.

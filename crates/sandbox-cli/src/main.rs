@@ -207,8 +207,37 @@ enum AuditCommand {
         #[arg(short = 'n', default_value_t = 20)]
         n: u32,
     },
-    /// Verify the journal offline: framing, checksums, hash chain, sequence. Needs no server.
-    Verify,
+    /// Verify offline, with no server and no private key: a bundle from `audit export`
+    /// (`--bundle`), or the local data dir's journal. Checks every record's framing, checksum,
+    /// chain hash and sequence, recomputes the Merkle root for every signed checkpoint and checks
+    /// its signature, and with `--trusted-checkpoint` that the journal extends a checkpoint kept
+    /// earlier. Exit 1 and the first bad record on any failure.
+    Verify {
+        /// A bundle folder written by `audit export`.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// A checkpoint kept earlier (the JSON line printed by `audit checkpoint`).
+        #[arg(long)]
+        trusted_checkpoint: Option<PathBuf>,
+    },
+    /// Export the journal, its signed checkpoints and public key into a folder, up to a
+    /// checkpoint signed for this export.
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the newest signed checkpoint as one JSON line (keep it for `--trusted-checkpoint`).
+    Checkpoint {
+        /// Sign a new one covering every record now.
+        #[arg(long)]
+        fresh: bool,
+        /// Also write it to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Prove that record SEQ is in the journal: fetch its inclusion proof under a fresh signed
+    /// checkpoint and check both here.
+    Prove { seq: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -296,12 +325,24 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
-        Command::Audit(AuditCommand::Verify) => verify(&cli.data_dir),
+        Command::Audit(AuditCommand::Verify {
+            bundle,
+            trusted_checkpoint,
+        }) => verify(
+            &cli.data_dir,
+            bundle.as_deref(),
+            trusted_checkpoint.as_deref(),
+        ),
         Command::Policy(PolicyCommand::Check { dir }) => policy_check(dir),
         Command::Datasets => datasets(&cli).await,
         Command::Sql { query } => sql(&cli, query).await,
         Command::Explain { query } => explain(&cli, query).await,
         Command::Audit(AuditCommand::Tail { n }) => tail(&cli, *n).await,
+        Command::Audit(AuditCommand::Export { out }) => export(&cli, out).await,
+        Command::Audit(AuditCommand::Checkpoint { fresh, out }) => {
+            checkpoint(&cli, *fresh, out.as_deref()).await
+        }
+        Command::Audit(AuditCommand::Prove { seq }) => prove(&cli, *seq).await,
         Command::Module(command) => module(&cli, command).await,
         Command::Wasm(WasmCommand::Run {
             module,
@@ -601,26 +642,128 @@ async fn consent(cli: &Cli, command: &ConsentCommand) -> Result<(), Failure> {
     Ok(())
 }
 
-fn verify(data_dir: &Path) -> Result<(), Failure> {
-    let path = data_dir.join("audit").join("journal.log");
-    match sandbox_audit::verify_file(&path) {
+fn verify(data_dir: &Path, bundle: Option<&Path>, trusted: Option<&Path>) -> Result<(), Failure> {
+    let failed = |message: String| Failure {
+        code: EXIT_VERIFY_FAILED,
+        message: format!("journal verification FAILED: {message}"),
+    };
+    let trusted = match trusted {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| failed(format!("cannot read {}: {e}", path.display())))?;
+            Some(sandbox_audit::Checkpoint::from_json(&text).map_err(failed)?)
+        }
+        None => None,
+    };
+    // A data dir is verified like a bundle of its audit folder, except that records after the
+    // newest checkpoint (written since) are allowed there.
+    let (dir, whole) = match bundle {
+        Some(dir) => (dir.to_path_buf(), true),
+        None => (data_dir.join("audit"), false),
+    };
+    match sandbox_audit::verify_bundle(&dir, trusted.as_ref(), whole) {
         Ok(Ok(report)) => {
             out!(
-                "journal OK: {} records, head {}",
+                "journal OK: {} records, {} signed checkpoints",
                 report.records,
-                report.head_hash
+                report.checkpoints
             );
+            let covered = report.latest.as_ref().map_or(0, |c| c.size);
+            if let Some(latest) = &report.latest {
+                out!(
+                    "the newest checkpoint covers {} records: root {}, signed {}",
+                    latest.size,
+                    latest.root,
+                    latest.time
+                );
+            }
+            if report.records > covered {
+                out!(
+                    "note: {} records after the newest checkpoint are chained but not signed yet",
+                    report.records - covered
+                );
+            }
+            if let Some(size) = report.trusted_size {
+                out!("consistent with the trusted checkpoint of {size} records");
+            }
             Ok(())
         }
-        Ok(Err(failure)) => Err(Failure {
-            code: EXIT_VERIFY_FAILED,
-            message: format!("journal verification FAILED: {failure}"),
-        }),
-        Err(e) => Err(Failure {
-            code: EXIT_VERIFY_FAILED,
-            message: format!("journal verification FAILED: {e}"),
-        }),
+        Ok(Err(failure)) => Err(failed(failure.to_string())),
+        Err(e) => Err(failed(e.to_string())),
     }
+}
+
+async fn export(cli: &Cli, out: &Path) -> Result<(), Failure> {
+    let mut client = client(cli).await?;
+    let written = client.export_journal(out).await.map_err(|e| match e {
+        sandbox_cli::ExportError::Status(status) => Failure::from(status),
+        other => Failure {
+            code: EXIT_OTHER,
+            message: other.to_string(),
+        },
+    })?;
+    for (name, bytes) in written {
+        out!("{}: {bytes} bytes", out.join(name).display());
+    }
+    out!(
+        "verify it with: sandbox audit verify --bundle {}",
+        out.display()
+    );
+    Ok(())
+}
+
+async fn checkpoint(cli: &Cli, fresh: bool, out: Option<&Path>) -> Result<(), Failure> {
+    let mut client = client(cli).await?;
+    let checkpoint = client.checkpoint(fresh).await?;
+    out!("{}", checkpoint.json);
+    if let Some(path) = out {
+        std::fs::write(path, format!("{}\n", checkpoint.json)).map_err(|e| Failure {
+            code: EXIT_OTHER,
+            message: format!("cannot write {}: {e}", path.display()),
+        })?;
+    }
+    Ok(())
+}
+
+async fn prove(cli: &Cli, seq: u64) -> Result<(), Failure> {
+    let mut client = client(cli).await?;
+    let proof = client.inclusion_proof(seq, 0).await?;
+    let failed = |message: &str| Failure {
+        code: EXIT_VERIFY_FAILED,
+        message: format!("proof of record {seq} FAILED: {message}"),
+    };
+    let checkpoint = proof
+        .checkpoint
+        .as_ref()
+        .ok_or_else(|| failed("no signed checkpoint came with the proof"))?;
+    let signed = sandbox_audit::Checkpoint::from_json(&checkpoint.json).map_err(|e| failed(&e))?;
+    let key = hex::decode(&checkpoint.public_key).map_err(|_| failed("bad public key"))?;
+    if !signed.verify(&key) {
+        return Err(failed("the checkpoint's signature does not verify"));
+    }
+    let hashes: Option<Vec<[u8; 32]>> = proof
+        .hashes
+        .iter()
+        .map(|h| hex::decode(h).ok()?.try_into().ok())
+        .collect();
+    let root = signed.root_hash().ok_or_else(|| failed("bad root"))?;
+    let leaf = sandbox_audit::merkle::leaf_hash(&proof.record);
+    let included = hashes.is_some_and(|hashes| {
+        sandbox_audit::merkle::verify_inclusion(&leaf, seq - 1, signed.size, &hashes, &root)
+    });
+    if !included || proof.tree_size != signed.size {
+        return Err(failed(
+            "the inclusion proof does not verify against the signed root",
+        ));
+    }
+    out!("{}", String::from_utf8_lossy(&proof.record));
+    out!(
+        "record {seq} is in the journal of {} records signed at {} (root {})",
+        signed.size,
+        signed.time,
+        signed.root
+    );
+    Ok(())
 }
 
 fn policy_check(dir: &Path) -> Result<(), Failure> {

@@ -155,6 +155,83 @@ async fn cli_contract() {
     ];
     check(&addr, &data_dir, &cases).await;
 
+    // The auditor's offline evidence: a kept checkpoint, a proof, an export verified with no
+    // server, and the same export against the kept checkpoint.
+    let kept = dir.path().join("kept.json");
+    let bundle = dir.path().join("bundle");
+    let kept_arg = kept.to_str().expect("utf8").to_string();
+    let bundle_arg = bundle.to_str().expect("utf8").to_string();
+    let cases = [
+        (
+            vec![
+                "--as",
+                "auditor",
+                "audit",
+                "checkpoint",
+                "--fresh",
+                "--out",
+                &kept_arg,
+            ],
+            0,
+            "\"signature\"",
+        ),
+        (
+            vec!["--as", "bank", "audit", "checkpoint"],
+            4,
+            "not permitted",
+        ),
+        (
+            vec!["--as", "auditor", "audit", "prove", "3"],
+            0,
+            "record 3 is in the journal",
+        ),
+        (
+            vec!["--as", "auditor", "audit", "prove", "999999"],
+            5,
+            "not in",
+        ),
+        (
+            vec!["--as", "bank", "audit", "export", "--out", &bundle_arg],
+            4,
+            "not permitted",
+        ),
+        (
+            vec!["--as", "auditor", "audit", "export", "--out", &bundle_arg],
+            0,
+            "journal.log",
+        ),
+        (
+            vec!["audit", "verify", "--bundle", &bundle_arg],
+            0,
+            "journal OK",
+        ),
+        (
+            vec![
+                "audit",
+                "verify",
+                "--bundle",
+                &bundle_arg,
+                "--trusted-checkpoint",
+                &kept_arg,
+            ],
+            0,
+            "consistent with the trusted checkpoint",
+        ),
+    ];
+    check(&addr, &data_dir, &cases).await;
+    let journal = bundle.join("journal.log");
+    let mut bytes = std::fs::read(&journal).expect("bundle journal");
+    let last = bytes.len() - 40;
+    bytes[last] ^= 0x01;
+    std::fs::write(&journal, &bytes).expect("tamper");
+    let out = run(
+        &addr,
+        &data_dir,
+        &["audit", "verify", "--bundle", &bundle_arg],
+    );
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stderr.contains("FAILED: record"), "{}", out.stderr);
+
     // A bad token file is an authentication failure (4), not a usage error.
     let bad = dir.path().join("bad.token");
     std::fs::write(&bad, "sbx_0000").expect("write");

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ring::digest;
-use sandbox_audit::{Appended, AuditEvent, Decision, Journal, StoredEvent};
-use sandbox_policy::{DatasetPolicy, Mode, PolicySet, Principal, PrincipalRole, Registry};
+use sandbox_audit::{Appended, AuditEvent, Decision, Journal};
+use sandbox_policy::{DatasetPolicy, Mode, PolicySet, Principal, Registry};
 use sandbox_release::{GatePolicy, Released, release};
 use sandbox_sql::{
     CancellationToken, GrantedDataset, PlannedQuery, PseudonymKey, SqlEngine, SqlError, SqlLimits,
@@ -977,36 +977,6 @@ impl Engine {
         event.datasets = views.iter().map(|v| v.id.clone()).collect();
         self.journal.append(event).await?;
         Ok(views)
-    }
-
-    /// Journal events for auditors. The read is itself recorded.
-    pub async fn list_events(
-        &self,
-        ctx: &RequestContext,
-        from_seq: u64,
-        limit: usize,
-        tail: bool,
-    ) -> Result<(Vec<StoredEvent>, u64)> {
-        // The server's role table already refuses other callers; the engine refuses them too, so
-        // no caller of this library reads the journal without the auditor role.
-        if !ctx.principal.roles.contains(&PrincipalRole::Auditor) {
-            let error = EngineError::RoleNotPermitted("ListEvents");
-            let mut event = Self::event(ctx, "ListEvents");
-            event.decision = Decision::PermissionDenied;
-            event.rule = error.code();
-            self.journal.append(event).await?;
-            return Err(error);
-        }
-        let events = if tail {
-            self.journal.tail(limit)?
-        } else {
-            self.journal.read(from_seq, limit)?
-        };
-        let last_seq = self.journal.last_seq();
-        let mut event = Self::event(ctx, "ListEvents");
-        event.message = format!("read {} events", events.len());
-        self.journal.append(event).await?;
-        Ok((events, last_seq))
     }
 
     fn prune_jobs(&self) {

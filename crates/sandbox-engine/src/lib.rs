@@ -15,19 +15,21 @@
 //! Every request produces exactly one terminal audit event: a job's is written when it ends
 //! (released, denied, failed or cancelled); other calls record theirs before answering.
 
+mod audit;
 mod error;
 mod jobs;
 mod modules;
 mod secret;
 mod templates;
 
+pub use audit::{ConsistencyAnswer, InclusionAnswer};
 pub use error::{EngineError, ErrorKind, Result};
 pub use jobs::{
     ColumnView, DatasetView, Engine, EngineConfig, Explanation, JobResult, JobSnapshot, JobSpec,
     JobState, ReleaseOutcome, RequestContext,
 };
 pub use modules::{ApprovalRequest, ModuleView};
-pub use sandbox_audit::{AuditEvent, Decision, StoredEvent};
+pub use sandbox_audit::{AuditEvent, BundleSource, Checkpoint, Decision, StoredEvent};
 pub use sandbox_policy::{
     Approval, Consent, ConsentKey, Contract, TemplateApproval, TemplateDefinition, TemplateOutput,
     TemplateRecord,

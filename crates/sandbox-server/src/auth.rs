@@ -21,6 +21,10 @@ pub enum Rpc {
     ListDatasets,
     ExplainJob,
     ListEvents,
+    GetCheckpoint,
+    GetInclusionProof,
+    GetConsistencyProof,
+    ExportJournal,
     UploadModule,
     ApproveModule,
     RejectModule,
@@ -34,7 +38,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 17] = [
+    pub const ALL: [Rpc; 21] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::FetchResult,
@@ -42,6 +46,10 @@ impl Rpc {
         Rpc::ListDatasets,
         Rpc::ExplainJob,
         Rpc::ListEvents,
+        Rpc::GetCheckpoint,
+        Rpc::GetInclusionProof,
+        Rpc::GetConsistencyProof,
+        Rpc::ExportJournal,
         Rpc::UploadModule,
         Rpc::ApproveModule,
         Rpc::RejectModule,
@@ -63,6 +71,10 @@ impl Rpc {
             Rpc::ListDatasets => "ListDatasets",
             Rpc::ExplainJob => "ExplainJob",
             Rpc::ListEvents => "ListEvents",
+            Rpc::GetCheckpoint => "GetCheckpoint",
+            Rpc::GetInclusionProof => "GetInclusionProof",
+            Rpc::GetConsistencyProof => "GetConsistencyProof",
+            Rpc::ExportJournal => "ExportJournal",
             Rpc::UploadModule => "UploadModule",
             Rpc::ApproveModule => "ApproveModule",
             Rpc::RejectModule => "RejectModule",
@@ -86,7 +98,11 @@ pub fn required_roles(rpc: Rpc) -> &'static [PrincipalRole] {
             &[Analyst, Consumer]
         }
         Rpc::ListDatasets => &[Analyst, Consumer, Owner],
-        Rpc::ListEvents => &[Auditor],
+        Rpc::ListEvents
+        | Rpc::GetCheckpoint
+        | Rpc::GetInclusionProof
+        | Rpc::GetConsistencyProof
+        | Rpc::ExportJournal => &[Auditor],
         Rpc::UploadModule => &[Consumer],
         Rpc::ApproveModule | Rpc::RejectModule => &[Owner],
         // Module metadata (hashes, manifests, approvals), never data.
@@ -222,6 +238,10 @@ mod tests {
             (Rpc::ExplainJob, &[Analyst, Consumer]),
             (Rpc::ListDatasets, &[Analyst, Consumer, Owner]),
             (Rpc::ListEvents, &[Auditor]),
+            (Rpc::GetCheckpoint, &[Auditor]),
+            (Rpc::GetInclusionProof, &[Auditor]),
+            (Rpc::GetConsistencyProof, &[Auditor]),
+            (Rpc::ExportJournal, &[Auditor]),
             (Rpc::UploadModule, &[Consumer]),
             (Rpc::ApproveModule, &[Owner]),
             (Rpc::RejectModule, &[Owner]),

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use sandbox_engine::{
     ApprovalRequest, Consent, ConsentKey, Decision, Engine, JobSnapshot, JobSpec, JobState,
     ModuleView, ReleaseOutcome, RequestContext, TemplateOutput, TemplateView,
@@ -408,6 +408,127 @@ impl pb::audit_server::Audit for AuditService {
             })
             .collect();
         Ok(Response::new(pb::ListEventsResponse { events, last_seq }))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::SignedCheckpoint>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::GetCheckpoint).await?;
+        let checkpoint = self
+            .gate
+            .engine
+            .checkpoint(&ctx, request.get_ref().fresh)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(self.signed(checkpoint)))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<pb::GetInclusionProofRequest>,
+    ) -> Result<Response<pb::InclusionProof>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::GetInclusionProof).await?;
+        let query = request.into_inner();
+        let answer = self
+            .gate
+            .engine
+            .inclusion_proof(&ctx, query.seq, query.tree_size)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::InclusionProof {
+            seq: answer.seq,
+            tree_size: answer.tree_size,
+            record: answer.record,
+            hashes: answer.hashes.iter().map(hex::encode).collect(),
+            root: hex::encode(answer.root),
+            checkpoint: answer.checkpoint.map(|c| self.signed(c)),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<pb::GetConsistencyProofRequest>,
+    ) -> Result<Response<pb::ConsistencyProof>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::GetConsistencyProof).await?;
+        let query = request.into_inner();
+        let answer = self
+            .gate
+            .engine
+            .consistency_proof(&ctx, query.first, query.second)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::ConsistencyProof {
+            first: answer.first,
+            second: answer.second,
+            hashes: answer.hashes.iter().map(hex::encode).collect(),
+            first_root: hex::encode(answer.first_root),
+            second_root: hex::encode(answer.second_root),
+            checkpoint: answer.checkpoint.map(|c| self.signed(c)),
+        }))
+    }
+
+    type ExportJournalStream = ExportStream;
+
+    async fn export_journal(
+        &self,
+        request: Request<pb::ExportJournalRequest>,
+    ) -> Result<Response<Self::ExportJournalStream>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::ExportJournal).await?;
+        let source = self
+            .gate
+            .engine
+            .export_journal(&ctx)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        // Files are read chunk by chunk as the client takes them, so a large journal is never
+        // held in memory whole.
+        let request_id = ctx.request_id.clone();
+        let chunks = futures::stream::iter(source.files).flat_map(move |(name, path, len)| {
+            let request_id = request_id.clone();
+            let file = std::fs::File::open(&path).map(|f| std::io::Read::take(f, len));
+            futures::stream::unfold(Some(file), move |state| {
+                let (name, request_id) = (name.clone(), request_id.clone());
+                async move {
+                    let mut file = match state? {
+                        Ok(file) => file,
+                        Err(e) => {
+                            tracing::error!(%request_id, error = %e, "export cannot open a journal file");
+                            return Some((Err(Status::internal(format!("export failed (request {request_id})"))), None));
+                        }
+                    };
+                    let mut buffer = vec![0u8; CHUNK_BYTES];
+                    match std::io::Read::read(&mut file, &mut buffer) {
+                        Ok(0) => None,
+                        Ok(n) => {
+                            buffer.truncate(n);
+                            Some((Ok(pb::ExportChunk { file: name, data: buffer }), Some(Ok(file))))
+                        }
+                        Err(e) => {
+                            tracing::error!(%request_id, error = %e, "export read failed");
+                            Some((Err(Status::internal(format!("export failed (request {request_id})"))), None))
+                        }
+                    }
+                }
+            })
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+}
+
+type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
+
+impl AuditService {
+    fn signed(&self, checkpoint: sandbox_engine::Checkpoint) -> pb::SignedCheckpoint {
+        pb::SignedCheckpoint {
+            json: checkpoint.to_line().trim_end().to_string(),
+            origin: checkpoint.origin,
+            tree_size: checkpoint.size,
+            root: checkpoint.root,
+            time: checkpoint.time,
+            signature: checkpoint.signature,
+            public_key: hex::encode(self.gate.engine.journal().public_key()),
+        }
     }
 }
 

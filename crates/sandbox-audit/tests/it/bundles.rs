@@ -43,7 +43,7 @@ fn export(dir: &Path, out: &Path) -> Checkpoint {
 }
 
 fn failure(bundle: &Path, trusted: Option<&Checkpoint>) -> VerifyFailure {
-    verify_bundle(bundle, trusted)
+    verify_bundle(bundle, trusted, true)
         .expect("readable")
         .expect_err("must fail")
 }
@@ -173,7 +173,7 @@ fn an_exported_bundle_verifies_offline_and_against_a_kept_checkpoint() {
     let second = tempfile::tempdir().unwrap();
     let latest = export(dir.path(), second.path());
     assert_eq!((kept.size, latest.size), (20, 27));
-    let report = verify_bundle(second.path(), Some(&kept))
+    let report = verify_bundle(second.path(), Some(&kept), true)
         .unwrap()
         .expect("verifies");
     assert_eq!(report.records, 27);
@@ -254,7 +254,9 @@ fn tampered_bundles_fail_naming_the_first_bad_record() {
 
     // The untouched bundle verifies.
     let bundle = fresh();
-    verify_bundle(bundle.path(), None).unwrap().expect("intact");
+    verify_bundle(bundle.path(), None, true)
+        .unwrap()
+        .expect("intact");
 }
 
 #[test]
@@ -277,7 +279,7 @@ fn a_fork_resigned_with_the_real_key_is_caught_by_a_kept_checkpoint() {
     let forged_bundle = tempfile::tempdir().unwrap();
     let forged = export(fork.path(), forged_bundle.path());
     assert_eq!(forged.size, 25);
-    verify_bundle(forged_bundle.path(), None)
+    verify_bundle(forged_bundle.path(), None, true)
         .unwrap()
         .expect("a fork verifies on its own");
 
@@ -287,7 +289,7 @@ fn a_fork_resigned_with_the_real_key_is_caught_by_a_kept_checkpoint() {
     journal(dir.path(), "g", 3);
     let real_bundle = tempfile::tempdir().unwrap();
     export(dir.path(), real_bundle.path());
-    verify_bundle(real_bundle.path(), Some(&kept))
+    verify_bundle(real_bundle.path(), Some(&kept), true)
         .unwrap()
         .expect("the real history extends the kept checkpoint");
 }
