@@ -124,3 +124,97 @@ async fn auditors_get_signed_checkpoints_and_proofs_that_verify_client_side() {
         assert!(other.export_journal(out.path()).await.is_err());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_sql_is_read_only_and_owners_see_only_their_datasets() {
+    use datafusion::arrow::array::{Array, AsArray};
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    analyst
+        .sql("SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class")
+        .await
+        .expect("allowed");
+    analyst
+        .sql("SELECT month, SUM(vat_paid) FROM tax_monthly GROUP BY month")
+        .await
+        .expect("allowed");
+
+    let mut auditor = server.client("auditor").await.expect("client");
+    let (batches, response) = auditor
+        .audit_sql(
+            "SELECT action, COUNT(*) AS n FROM events WHERE action IN ('SubmitJob', 'AdmitJob') \
+             GROUP BY action ORDER BY action",
+        )
+        .await
+        .expect("auditor query");
+    let rows = sandbox_tests::sorted_rows(&batches);
+    assert_eq!(rows, vec!["AdmitJob|2", "SubmitJob|2"], "{rows:?}");
+    assert!(response.events > 4);
+
+    // The tax bureau sees the events that named tax_monthly, and nothing else.
+    let mut owner = server.client("owner_tax").await.expect("client");
+    let (batches, response) = owner
+        .audit_sql("SELECT datasets, query, guest_log FROM events")
+        .await
+        .expect("owner query");
+    assert!(
+        response.events >= 2 && response.events < 10,
+        "{}",
+        response.events
+    );
+    for batch in &batches {
+        let datasets = batch.column(0).as_list::<i32>();
+        for row in 0..batch.num_rows() {
+            let names = datasets.value(row);
+            let names = names.as_string::<i32>();
+            assert!(
+                names.iter().flatten().any(|d| d == "tax_monthly"),
+                "an owner sees only its datasets' events"
+            );
+        }
+        assert_eq!(batch.column(2).as_list::<i32>().values().len(), 0);
+    }
+
+    // Read-only: no tables, no files, no statements.
+    let target = tempfile::tempdir().expect("tempdir");
+    let file = target.path().join("leak.csv");
+    let writes = [
+        "CREATE TABLE copy AS SELECT * FROM events".to_string(),
+        format!("COPY (SELECT * FROM events) TO '{}'", file.display()),
+        format!(
+            "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '{}'",
+            target.path().display()
+        ),
+        "INSERT INTO events SELECT * FROM events".to_string(),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+    ];
+    for sql in writes {
+        let status = auditor.audit_sql(&sql).await.expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{sql}: {status:?}");
+    }
+    assert!(!file.exists());
+
+    // Not for consumers or analysts; every query is itself recorded.
+    for name in ["analyst", "bank", "admin"] {
+        let mut other = server.client(name).await.expect("client");
+        let status = other
+            .audit_sql("SELECT COUNT(*) FROM events")
+            .await
+            .expect_err("denied");
+        assert_eq!(status.code(), Code::PermissionDenied);
+    }
+    let (batches, _) = auditor
+        .audit_sql("SELECT principal, decision FROM events WHERE action = 'QueryEvents'")
+        .await
+        .expect("auditor query");
+    let rows = sandbox_tests::sorted_rows(&batches);
+    assert!(rows.iter().any(|r| r == "owner_tax|allow"), "{rows:?}");
+    assert!(
+        rows.iter().filter(|r| r.ends_with("|fail")).count() >= 5,
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r == "bank|permission_denied"),
+        "{rows:?}"
+    );
+}

@@ -245,6 +245,13 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
             .contains(&"enterprises.credit_code".to_string())
     );
     assert_eq!(released.result_sha256.len(), 64);
+    // Write-ahead: the one admitted job was recorded, with its query, before it ran; refusals
+    // at planning never ran and have no admission.
+    let admitted: Vec<&pb::AuditEvent> = events.iter().filter(|e| e.action == "AdmitJob").collect();
+    assert_eq!(admitted.len(), 1, "{admitted:#?}");
+    assert_eq!(admitted[0].job_id, released.job_id);
+    assert_eq!(admitted[0].query, released.query);
+    assert!(admitted[0].seq < released.seq);
     let listing = events.iter().filter(|e| e.action == "ListEvents").count();
     assert_eq!(
         listing, 1,
@@ -256,8 +263,9 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
             .any(|e| e.action == "ListEvents" && e.decision == "permission_denied")
     );
 
-    // Exactly one event per request made above: the server's start, nine submissions, one
-    // delivery (FetchResult of the allowed job) and the bank's refused ListEvents; before them,
+    // Exactly one event per request made above, and the admission of the job that ran: the
+    // server's start, nine submissions, one admission, one delivery (FetchResult of the allowed
+    // job) and the bank's refused ListEvents; before them,
     // the first start's loading of the demo consents (one event per consent and a closing one)
     // and of the demo templates (submissions, approvals and a closing one, all with request ids
     // of the seed). The auditor's own read is recorded after it returns.
@@ -280,7 +288,7 @@ async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
             .any(|e| e.action == "SeedConsents" && e.record_json.contains("seed_loaded")),
         "the consent seed is closed by its marker"
     );
-    assert_eq!(events.len(), 12 + seeded, "{events:#?}");
+    assert_eq!(events.len(), 13 + seeded, "{events:#?}");
     assert_eq!(
         events.iter().filter(|e| e.action == "FetchResult").count(),
         1

@@ -357,6 +357,19 @@ impl Client {
             .into_inner())
     }
 
+    /// Read-only SQL over the journal's `events` table (auditors: every event; owners: the
+    /// events that touched their datasets).
+    pub async fn audit_sql(
+        &mut self,
+        sql: &str,
+    ) -> Result<(Vec<RecordBatch>, pb::QueryEventsResponse), tonic::Status> {
+        let request = self.request(pb::QueryEventsRequest {
+            sql: sql.to_string(),
+        });
+        let response = self.audit.query_events(request).await?.into_inner();
+        Ok((decode(&response.arrow_ipc)?, response))
+    }
+
     /// Writes an exported bundle into `out` (created if missing); returns its checkpoint's size
     /// and the bytes written per file. Nothing is left half-written under a file's name: each
     /// file is written to a temporary name and renamed when complete.

@@ -238,6 +238,9 @@ enum AuditCommand {
     /// Prove that record SEQ is in the journal: fetch its inclusion proof under a fresh signed
     /// checkpoint and check both here.
     Prove { seq: u64 },
+    /// Read-only SQL over the journal as the table `events` (auditors: every event; data
+    /// owners: the events that touched their datasets).
+    Sql { query: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -343,6 +346,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             checkpoint(&cli, *fresh, out.as_deref()).await
         }
         Command::Audit(AuditCommand::Prove { seq }) => prove(&cli, *seq).await,
+        Command::Audit(AuditCommand::Sql { query }) => audit_sql(&cli, query).await,
         Command::Module(command) => module(&cli, command).await,
         Command::Wasm(WasmCommand::Run {
             module,
@@ -722,6 +726,13 @@ async fn checkpoint(cli: &Cli, fresh: bool, out: Option<&Path>) -> Result<(), Fa
             message: format!("cannot write {}: {e}", path.display()),
         })?;
     }
+    Ok(())
+}
+
+async fn audit_sql(cli: &Cli, query: &str) -> Result<(), Failure> {
+    let (batches, response) = client(cli).await?.audit_sql(query).await?;
+    print_batches(&batches, cli.format)?;
+    eprintln!("{} rows over {} events", response.rows, response.events);
     Ok(())
 }
 

@@ -191,6 +191,28 @@ async fn cli_contract() {
             "not in",
         ),
         (
+            vec![
+                "--as",
+                "auditor",
+                "audit",
+                "sql",
+                "SELECT action, COUNT(*) AS n FROM events GROUP BY action ORDER BY action",
+            ],
+            0,
+            "SubmitJob",
+        ),
+        (
+            vec![
+                "--as",
+                "bank",
+                "audit",
+                "sql",
+                "SELECT COUNT(*) FROM events",
+            ],
+            4,
+            "not permitted",
+        ),
+        (
             vec!["--as", "bank", "audit", "export", "--out", &bundle_arg],
             4,
             "not permitted",

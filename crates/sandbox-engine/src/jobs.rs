@@ -104,8 +104,15 @@ impl JobSpec {
             JobSpec::Wasm {
                 module_sha256,
                 input_query,
-                ..
-            } => format!("module {module_sha256}; input: {input_query}"),
+                parameters,
+            } => {
+                // Parameters are the guest's bytes: shown as text when they are text.
+                let parameters = match std::str::from_utf8(parameters) {
+                    Ok(text) => text.to_string(),
+                    Err(_) => format!("hex:{}", hex::encode(parameters)),
+                };
+                format!("module {module_sha256}; input: {input_query}; parameters: {parameters}")
+            }
             JobSpec::Template { name, params } => {
                 let params: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 format!("template {name}({})", params.join(", "))
@@ -521,26 +528,34 @@ impl Engine {
         event.columns = planned.guarded.columns.clone();
         event.min_units = planned.guarded.min_units;
 
-        Ok(
-            self.spawn_job(ctx, event, started, move |engine, cancel| async move {
-                engine.run_sql(planned, cancel).await
-            }),
-        )
+        self.spawn_job(ctx, event, started, move |engine, cancel| async move {
+            engine.run_sql(planned, cancel).await
+        })
+        .await
     }
 
-    /// Registers a job and runs `work` (execute and release) in the background, then records and
-    /// publishes its end.
-    pub(crate) fn spawn_job<F, Fut>(
+    /// Records the job's admission durably (write-ahead: the spec, what it reads, and a run it
+    /// counts against a limit, before anything executes, so a crash never refunds a run), then
+    /// registers the job and runs `work` (execute and release) in the background, then records
+    /// and publishes its end.
+    pub(crate) async fn spawn_job<F, Fut>(
         self: &Arc<Self>,
         ctx: &RequestContext,
-        event: AuditEvent,
+        mut event: AuditEvent,
         started: Instant,
         work: F,
-    ) -> JobSnapshot
+    ) -> Result<JobSnapshot>
     where
         F: FnOnce(Arc<Engine>, CancellationToken) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<Produced>> + Send + 'static,
     {
+        let admitted = AuditEvent {
+            action: "AdmitJob".into(),
+            message: "admitted; executing".into(),
+            record: event.record.take(),
+            ..event.clone()
+        };
+        self.journal.append(admitted).await?;
         let job_id = event.job_id.clone();
         self.prune_jobs();
         let (state, _) = watch::channel(JobSnapshot::running(&job_id));
@@ -564,7 +579,7 @@ impl Engine {
             },
             span,
         ));
-        JobSnapshot::running(&job_id)
+        Ok(JobSnapshot::running(&job_id))
     }
 
     /// Execute and release for a SQL job.

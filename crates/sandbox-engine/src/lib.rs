@@ -16,6 +16,7 @@
 //! (released, denied, failed or cancelled); other calls record theirs before answering.
 
 mod audit;
+mod audit_sql;
 mod error;
 mod jobs;
 mod modules;
@@ -23,6 +24,7 @@ mod secret;
 mod templates;
 
 pub use audit::{ConsistencyAnswer, InclusionAnswer};
+pub use audit_sql::AuditQueryResult;
 pub use error::{EngineError, ErrorKind, Result};
 pub use jobs::{
     ColumnView, DatasetView, Engine, EngineConfig, Explanation, JobResult, JobSnapshot, JobSpec,

@@ -734,41 +734,39 @@ impl Engine {
             now(),
         ));
         let key_index = planned.guarded.key_index;
-        Ok(
-            self.spawn_job(ctx, event, started, move |engine, cancel| async move {
-                // Held until the guest is done.
-                let _slot = slot;
-                let executed = engine
-                    .sql
-                    .execute_rows(planned, cancel.clone())
-                    .instrument(tracing::info_span!("execute_input"))
-                    .await?;
-                let rows_scanned = executed.rows_scanned;
-                let (input, rows_withheld) =
-                    only_consented(executed.batches, key_index, &consented)?;
-                let output = engine
-                    .run_guest(&sha256, input, parameters, cancel)
-                    .instrument(tracing::info_span!("execute_guest"))
-                    .await?;
-                let _release = tracing::info_span!("release").entered();
-                let released = release_contract(
-                    output.schema,
-                    output.batches,
-                    &ContractGate {
-                        contract: &effective.contract,
-                        consented: &consented,
-                    },
-                )?;
-                Ok(Produced {
-                    released,
-                    rows_scanned,
-                    work_units: output.work_units,
-                    rows_withheld,
-                    guest_log: output.logs,
-                    code_job: true,
-                })
-            }),
-        )
+        self.spawn_job(ctx, event, started, move |engine, cancel| async move {
+            // Held until the guest is done.
+            let _slot = slot;
+            let executed = engine
+                .sql
+                .execute_rows(planned, cancel.clone())
+                .instrument(tracing::info_span!("execute_input"))
+                .await?;
+            let rows_scanned = executed.rows_scanned;
+            let (input, rows_withheld) = only_consented(executed.batches, key_index, &consented)?;
+            let output = engine
+                .run_guest(&sha256, input, parameters, cancel)
+                .instrument(tracing::info_span!("execute_guest"))
+                .await?;
+            let _release = tracing::info_span!("release").entered();
+            let released = release_contract(
+                output.schema,
+                output.batches,
+                &ContractGate {
+                    contract: &effective.contract,
+                    consented: &consented,
+                },
+            )?;
+            Ok(Produced {
+                released,
+                rows_scanned,
+                work_units: output.work_units,
+                rows_withheld,
+                guest_log: output.logs,
+                code_job: true,
+            })
+        })
+        .await
     }
 
     /// Runs the guest on a blocking thread (never an async worker); cancellation reaches it

@@ -532,11 +532,10 @@ impl Engine {
                 event.datasets = planned.guarded.datasets.clone();
                 event.columns = planned.guarded.columns.clone();
                 event.min_units = planned.guarded.min_units;
-                Ok(
-                    self.spawn_job(ctx, event, started, move |engine, cancel| async move {
-                        engine.run_sql(planned, cancel).await
-                    }),
-                )
+                self.spawn_job(ctx, event, started, move |engine, cancel| async move {
+                    engine.run_sql(planned, cancel).await
+                })
+                .await
             }
             PlannedRun::Scoring(planned) => {
                 event.datasets = planned.guarded.datasets.clone();
@@ -551,36 +550,35 @@ impl Engine {
                     now(),
                 ));
                 let key_index = planned.guarded.key_index;
-                Ok(
-                    self.spawn_job(ctx, event, started, move |engine, cancel| async move {
-                        let executed = engine
-                            .sql
-                            .execute_rows(planned, cancel)
-                            .instrument(tracing::info_span!("execute"))
-                            .await?;
-                        let rows_scanned = executed.rows_scanned;
-                        let batches = plain_strings(executed.batches)?;
-                        let schema = batches.first().map(|b| b.schema());
-                        let (rows, rows_withheld) = only_consented(batches, key_index, &consented)?;
-                        let _release = tracing::info_span!("release").entered();
-                        let released = release_contract(
-                            schema,
-                            rows,
-                            &ContractGate {
-                                contract: &contract,
-                                consented: &consented,
-                            },
-                        )?;
-                        Ok(Produced {
-                            released,
-                            rows_scanned,
-                            work_units: 0,
-                            rows_withheld,
-                            guest_log: Vec::new(),
-                            code_job: true,
-                        })
-                    }),
-                )
+                self.spawn_job(ctx, event, started, move |engine, cancel| async move {
+                    let executed = engine
+                        .sql
+                        .execute_rows(planned, cancel)
+                        .instrument(tracing::info_span!("execute"))
+                        .await?;
+                    let rows_scanned = executed.rows_scanned;
+                    let batches = plain_strings(executed.batches)?;
+                    let schema = batches.first().map(|b| b.schema());
+                    let (rows, rows_withheld) = only_consented(batches, key_index, &consented)?;
+                    let _release = tracing::info_span!("release").entered();
+                    let released = release_contract(
+                        schema,
+                        rows,
+                        &ContractGate {
+                            contract: &contract,
+                            consented: &consented,
+                        },
+                    )?;
+                    Ok(Produced {
+                        released,
+                        rows_scanned,
+                        work_units: 0,
+                        rows_withheld,
+                        guest_log: Vec::new(),
+                        code_job: true,
+                    })
+                })
+                .await
             }
         }
     }

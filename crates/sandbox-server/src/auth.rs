@@ -25,6 +25,7 @@ pub enum Rpc {
     GetInclusionProof,
     GetConsistencyProof,
     ExportJournal,
+    QueryEvents,
     UploadModule,
     ApproveModule,
     RejectModule,
@@ -38,7 +39,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 21] = [
+    pub const ALL: [Rpc; 22] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::FetchResult,
@@ -50,6 +51,7 @@ impl Rpc {
         Rpc::GetInclusionProof,
         Rpc::GetConsistencyProof,
         Rpc::ExportJournal,
+        Rpc::QueryEvents,
         Rpc::UploadModule,
         Rpc::ApproveModule,
         Rpc::RejectModule,
@@ -75,6 +77,7 @@ impl Rpc {
             Rpc::GetInclusionProof => "GetInclusionProof",
             Rpc::GetConsistencyProof => "GetConsistencyProof",
             Rpc::ExportJournal => "ExportJournal",
+            Rpc::QueryEvents => "QueryEvents",
             Rpc::UploadModule => "UploadModule",
             Rpc::ApproveModule => "ApproveModule",
             Rpc::RejectModule => "RejectModule",
@@ -103,6 +106,8 @@ pub fn required_roles(rpc: Rpc) -> &'static [PrincipalRole] {
         | Rpc::GetInclusionProof
         | Rpc::GetConsistencyProof
         | Rpc::ExportJournal => &[Auditor],
+        // Owners see only the events that touched their datasets (the engine filters).
+        Rpc::QueryEvents => &[Auditor, Owner],
         Rpc::UploadModule => &[Consumer],
         Rpc::ApproveModule | Rpc::RejectModule => &[Owner],
         // Module metadata (hashes, manifests, approvals), never data.
@@ -242,6 +247,7 @@ mod tests {
             (Rpc::GetInclusionProof, &[Auditor]),
             (Rpc::GetConsistencyProof, &[Auditor]),
             (Rpc::ExportJournal, &[Auditor]),
+            (Rpc::QueryEvents, &[Auditor, Owner]),
             (Rpc::UploadModule, &[Consumer]),
             (Rpc::ApproveModule, &[Owner]),
             (Rpc::RejectModule, &[Owner]),

@@ -514,6 +514,24 @@ impl pb::audit_server::Audit for AuditService {
         });
         Ok(Response::new(Box::pin(chunks)))
     }
+
+    async fn query_events(
+        &self,
+        request: Request<pb::QueryEventsRequest>,
+    ) -> Result<Response<pb::QueryEventsResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::QueryEvents).await?;
+        let result = self
+            .gate
+            .engine
+            .audit_sql(&ctx, &request.get_ref().sql)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::QueryEventsResponse {
+            arrow_ipc: result.ipc,
+            rows: result.rows,
+            events: result.events,
+        }))
+    }
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;

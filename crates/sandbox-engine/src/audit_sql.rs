@@ -1,0 +1,260 @@
+//! SQL for auditors: read-only SQL over the journal, exposed as one Arrow table `events`. An
+//! auditor sees every event; a data owner only the events that touched its datasets (and no
+//! guest logs). The session holds nothing but that table and refuses DDL, DML (`COPY`
+//! included) and statements, so a query can neither reach files nor change anything.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{
+    ArrayRef, Float64Builder, ListBuilder, RecordBatch, StringBuilder, UInt64Builder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::ipc::writer::StreamWriter;
+use datafusion::datasource::MemTable;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::SessionContext;
+use sandbox_audit::AuditEvent;
+use sandbox_policy::PrincipalRole;
+
+use crate::error::{EngineError, Result};
+use crate::jobs::{Engine, RequestContext};
+
+/// Most rows an audit query may return.
+const MAX_ROWS: usize = 100_000;
+/// Wall-clock limit of one audit query.
+const TIME_LIMIT: Duration = Duration::from_secs(60);
+/// Events read from the journal per step.
+const PAGE: usize = 10_000;
+
+/// The answer to an audit query.
+#[derive(Debug, Clone)]
+pub struct AuditQueryResult {
+    /// Arrow IPC stream of the rows.
+    pub ipc: Vec<u8>,
+    pub rows: u64,
+    /// Events the caller's `events` table held.
+    pub events: u64,
+}
+
+/// The `events` table's columns, one per field of an audit event.
+fn schema() -> SchemaRef {
+    let text = |name: &str| Field::new(name, DataType::Utf8, false);
+    let number = |name: &str| Field::new(name, DataType::UInt64, false);
+    let list = |name: &str| {
+        Field::new(
+            name,
+            DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))),
+            false,
+        )
+    };
+    Arc::new(Schema::new(vec![
+        number("seq"),
+        text("time"),
+        text("action"),
+        text("principal"),
+        text("org"),
+        text("request_id"),
+        text("job_id"),
+        text("kind"),
+        text("query"),
+        list("datasets"),
+        list("columns"),
+        text("decision"),
+        text("rule"),
+        text("message"),
+        number("rows_scanned"),
+        number("rows_released"),
+        number("rows_suppressed"),
+        number("min_units"),
+        Field::new("epsilon_spent", DataType::Float64, false),
+        text("result_sha256"),
+        number("duration_ms"),
+        number("work_units"),
+        list("guest_log"),
+        Field::new("record", DataType::Utf8, true),
+    ]))
+}
+
+/// One batch of events in the `events` schema.
+fn batch(events: &[AuditEvent], with_guest_log: bool) -> Result<RecordBatch> {
+    let texts = |f: fn(&AuditEvent) -> &str| -> ArrayRef {
+        let mut b = StringBuilder::new();
+        for e in events {
+            b.append_value(f(e));
+        }
+        Arc::new(b.finish())
+    };
+    let numbers = |f: fn(&AuditEvent) -> u64| -> ArrayRef {
+        let mut b = UInt64Builder::new();
+        for e in events {
+            b.append_value(f(e));
+        }
+        Arc::new(b.finish())
+    };
+    let lists = |f: &dyn Fn(&AuditEvent) -> &[String]| -> ArrayRef {
+        let mut b = ListBuilder::new(StringBuilder::new());
+        for e in events {
+            for value in f(e) {
+                b.values().append_value(value);
+            }
+            b.append(true);
+        }
+        Arc::new(b.finish())
+    };
+    let mut epsilon = Float64Builder::new();
+    let mut record = StringBuilder::new();
+    for e in events {
+        epsilon.append_value(e.epsilon_spent);
+        record.append_option(e.record.as_ref().map(|r| r.to_string()));
+    }
+    let no_log: &[String] = &[];
+    let columns: Vec<ArrayRef> = vec![
+        numbers(|e| e.seq),
+        texts(|e| &e.time),
+        texts(|e| &e.action),
+        texts(|e| &e.principal),
+        texts(|e| &e.org),
+        texts(|e| &e.request_id),
+        texts(|e| &e.job_id),
+        texts(|e| &e.kind),
+        texts(|e| &e.query),
+        lists(&|e| &e.datasets),
+        lists(&|e| &e.columns),
+        texts(|e| e.decision.as_str()),
+        texts(|e| &e.rule),
+        texts(|e| &e.message),
+        numbers(|e| e.rows_scanned),
+        numbers(|e| e.rows_released),
+        numbers(|e| e.rows_suppressed),
+        numbers(|e| e.min_units),
+        Arc::new(epsilon.finish()),
+        texts(|e| &e.result_sha256),
+        numbers(|e| e.duration_ms),
+        numbers(|e| e.work_units),
+        lists(&|e| if with_guest_log { &e.guest_log } else { no_log }),
+        Arc::new(record.finish()),
+    ];
+    RecordBatch::try_new(schema(), columns)
+        .map_err(|e| EngineError::Setup(format!("cannot build the events table: {e}")))
+}
+
+impl Engine {
+    /// Runs read-only SQL over the journal's events for an auditor (every event) or a data owner
+    /// (the events that touched its datasets). The call is recorded with its query text.
+    pub async fn audit_sql(&self, ctx: &RequestContext, sql: &str) -> Result<AuditQueryResult> {
+        let mut event = Self::event(ctx, "QueryEvents");
+        event.kind = "audit_sql".into();
+        event.query = sql.to_string();
+        let outcome = self.run_audit_sql(ctx, sql).await;
+        match &outcome {
+            Ok(result) => {
+                event.rows_released = result.rows;
+                event.message = format!("{} rows over {} events", result.rows, result.events);
+            }
+            Err(error) => {
+                event.decision = match error.kind() {
+                    crate::ErrorKind::PermissionDenied => sandbox_audit::Decision::PermissionDenied,
+                    _ => sandbox_audit::Decision::Fail,
+                };
+                event.rule = error.code();
+                event.message = error.to_string();
+            }
+        }
+        self.journal.append(event).await?;
+        outcome
+    }
+
+    async fn run_audit_sql(&self, ctx: &RequestContext, sql: &str) -> Result<AuditQueryResult> {
+        let roles = &ctx.principal.roles;
+        let auditor = roles.contains(&PrincipalRole::Auditor);
+        if !auditor && !roles.contains(&PrincipalRole::Owner) {
+            return Err(EngineError::RoleNotPermitted("QueryEvents"));
+        }
+        if sql.len() > self.sql.limits().max_query_bytes {
+            return Err(EngineError::Invalid {
+                code: "query-too-long",
+                message: format!(
+                    "the query is longer than {} bytes",
+                    self.sql.limits().max_query_bytes
+                ),
+            });
+        }
+        // The owner's datasets, fixed before reading: an owner sees an event when it names one.
+        let owned: Vec<String> = self
+            .policy
+            .datasets
+            .values()
+            .filter(|d| d.owner == ctx.principal.org)
+            .map(|d| d.id.clone())
+            .collect();
+        let mut batches = Vec::new();
+        let mut events = 0u64;
+        let mut from = 1;
+        loop {
+            let page = self.journal.read(from, PAGE)?;
+            let Some(last) = page.last() else { break };
+            from = last.event.seq + 1;
+            let visible: Vec<AuditEvent> = page
+                .into_iter()
+                .map(|stored| stored.event)
+                .filter(|e| auditor || e.datasets.iter().any(|d| owned.contains(d)))
+                .collect();
+            events += visible.len() as u64;
+            if !visible.is_empty() {
+                batches.push(batch(&visible, auditor)?);
+            }
+        }
+        let invalid = |e: datafusion::error::DataFusionError| EngineError::Invalid {
+            code: "audit-sql",
+            message: e.message().to_string(),
+        };
+        let context = SessionContext::new();
+        let table = MemTable::try_new(schema(), vec![batches]).map_err(invalid)?;
+        context
+            .register_table("events", Arc::new(table))
+            .map_err(invalid)?;
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let run = async {
+            let frame = context
+                .sql_with_options(sql, options)
+                .await
+                .map_err(invalid)?;
+            let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+            Ok::<_, EngineError>((schema, frame.collect().await.map_err(invalid)?))
+        };
+        let (schema, result) =
+            tokio::time::timeout(TIME_LIMIT, run)
+                .await
+                .map_err(|_| EngineError::Invalid {
+                    code: "audit-sql-timeout",
+                    message: format!("the query ran longer than {}s", TIME_LIMIT.as_secs()),
+                })??;
+        let rows: usize = result.iter().map(RecordBatch::num_rows).sum();
+        if rows > MAX_ROWS {
+            return Err(EngineError::Invalid {
+                code: "audit-sql-too-many-rows",
+                message: format!("the result has more than {MAX_ROWS} rows; add a LIMIT"),
+            });
+        }
+        let mut ipc = Vec::new();
+        {
+            let encode = |e: datafusion::arrow::error::ArrowError| {
+                EngineError::Setup(format!("cannot encode the audit result: {e}"))
+            };
+            let mut writer = StreamWriter::try_new(&mut ipc, &schema).map_err(encode)?;
+            for batch in &result {
+                writer.write(batch).map_err(encode)?;
+            }
+            writer.finish().map_err(encode)?;
+        }
+        Ok(AuditQueryResult {
+            ipc,
+            rows: rows as u64,
+            events,
+        })
+    }
+}
