@@ -459,7 +459,7 @@ impl Journal {
             if first >= offsets.len() || limit == 0 {
                 return Ok(Vec::new());
             }
-            let last = (first + limit).min(offsets.len());
+            let last = first.saturating_add(limit).min(offsets.len());
             let end = if last < offsets.len() {
                 offsets[last]
             } else {

@@ -18,6 +18,9 @@ pub enum ErrorKind {
     /// Memory, rows or time ran out.
     ResourceExhausted,
     Cancelled,
+    /// The audit journal cannot record (a write or sync failed): fail-stop, nothing more is
+    /// released until the server is restarted.
+    Unavailable,
     /// Anything else; details are logged, not shown.
     Internal,
 }
@@ -101,6 +104,9 @@ impl EngineError {
             }
             EngineError::Release(sandbox_release::ReleaseError::ContractViolation(_)) => {
                 ErrorKind::Denied
+            }
+            EngineError::Audit(AuditError::Stopped | AuditError::Io { .. }) => {
+                ErrorKind::Unavailable
             }
             EngineError::Release(_) | EngineError::Audit(_) | EngineError::Setup(_) => {
                 ErrorKind::Internal

@@ -660,7 +660,7 @@ impl Engine {
                         // No durable record, no release.
                         tracing::error!(%error, "cannot record the release; result discarded");
                         JobSnapshot {
-                            error: Some(ErrorKind::Internal),
+                            error: Some(ErrorKind::Unavailable),
                             ..JobSnapshot::ended(
                                 &job_id,
                                 JobState::Failed,

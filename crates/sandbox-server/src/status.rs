@@ -20,13 +20,22 @@ pub fn status_of(error: &EngineError, request_id: &str) -> Status {
         ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Internal => Code::Internal,
     };
-    let message = if error.kind() == ErrorKind::Internal {
-        tracing::error!(request_id, %error, "internal error");
-        "internal error".to_string()
-    } else {
-        error.to_string()
+    let message = match error.kind() {
+        ErrorKind::Internal => {
+            tracing::error!(request_id, %error, "internal error");
+            "internal error".to_string()
+        }
+        // The cause (a path, an OS error) is for operators; the client learns what it means.
+        ErrorKind::Unavailable => {
+            tracing::error!(request_id, %error, "audit journal unavailable");
+            "the audit journal cannot record (a write or sync failed, for example on a full \
+             disk): nothing is released until the server is repaired and restarted"
+                .to_string()
+        }
+        _ => error.to_string(),
     };
     with_headers(code, &error.code(), &message, request_id)
 }
