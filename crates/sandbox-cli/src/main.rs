@@ -731,7 +731,9 @@ async fn checkpoint(cli: &Cli, fresh: bool, out: Option<&Path>) -> Result<(), Fa
 
 async fn audit_sql(cli: &Cli, query: &str) -> Result<(), Failure> {
     let (batches, response) = client(cli).await?.audit_sql(query).await?;
-    print_batches(&batches, cli.format)?;
+    if response.rows > 0 {
+        print_batches(&batches, cli.format)?;
+    }
     eprintln!("{} rows over {} events", response.rows, response.events);
     Ok(())
 }
