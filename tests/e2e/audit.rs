@@ -28,6 +28,20 @@ async fn auditors_get_signed_checkpoints_and_proofs_that_verify_client_side() {
     let server = TestServer::start().await.expect("server");
     let mut auditor = server.client("auditor").await.expect("client");
     let first = signed(&auditor.checkpoint(true).await.expect("checkpoint"));
+    // The start names the policy every later decision was made under.
+    let events = auditor.events(1, 10, false).await.expect("events");
+    let start = events.iter().find(|e| e.action == "Start").expect("start");
+    let digest = start
+        .message
+        .split("policy sha256 ")
+        .nth(1)
+        .and_then(|rest| rest.get(..64))
+        .expect("a policy digest");
+    assert!(
+        digest.chars().all(|c| c.is_ascii_hexdigit()),
+        "{}",
+        start.message
+    );
 
     let mut analyst = server.client("analyst").await.expect("client");
     analyst

@@ -39,6 +39,8 @@ pub struct EngineConfig {
     pub consent_seed: Option<PathBuf>,
     /// Templates to submit and have approved once at start (the demo's).
     pub template_seed: Option<TemplateSeed>,
+    /// A fingerprint of the policy files, recorded in the start event.
+    pub policy_digest: String,
     /// Most guests running at once; more code jobs are refused (`wasm-busy`), not queued.
     pub max_concurrent_guests: usize,
 }
@@ -56,6 +58,7 @@ impl EngineConfig {
             max_module_bytes: 32 << 20,
             consent_seed: None,
             template_seed: None,
+            policy_digest: String::new(),
             // One core stays free for SQL and the service itself.
             max_concurrent_guests: std::thread::available_parallelism()
                 .map_or(1, |n| n.get().saturating_sub(1))
@@ -386,9 +389,15 @@ impl Engine {
                 datasets: engine.policy.datasets.keys().cloned().collect(),
                 decision: Decision::Allow,
                 message: format!(
-                    "started with {} datasets and {} grants; repaired {} torn bytes",
+                    "started with {} datasets and {} grants (policy sha256 {}); repaired {} \
+                     torn bytes",
                     engine.policy.datasets.len(),
                     engine.policy.grants.len(),
+                    if engine.config.policy_digest.is_empty() {
+                        "not given"
+                    } else {
+                        &engine.config.policy_digest
+                    },
                     report.truncated_bytes
                 ),
                 ..AuditEvent::default()

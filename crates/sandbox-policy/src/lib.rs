@@ -23,7 +23,7 @@ mod records;
 mod templates;
 
 pub use error::{PolicyError, Result};
-pub use load::{load_dir, load_sources};
+pub use load::{load_dir, load_sources, read_dir_sources};
 pub use model::{
     AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
     Mask, Mode, PolicySet, Principal, PrincipalRole, Role, TemplateMode, WasmMode,

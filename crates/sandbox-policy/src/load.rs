@@ -94,6 +94,12 @@ struct RawAggregate {
 
 /// Loads every `*.toml` file of a directory, in name order.
 pub fn load_dir(dir: &Path) -> Result<PolicySet> {
+    load_sources(&read_dir_sources(dir)?)
+}
+
+/// The (path, text) of every `*.toml` file of a directory, in name order: what [`load_dir`]
+/// loads, for callers that also fingerprint it.
+pub fn read_dir_sources(dir: &Path) -> Result<Vec<(String, String)>> {
     let entries = std::fs::read_dir(dir).map_err(|source| PolicyError::Io {
         path: dir.to_path_buf(),
         source,
@@ -121,7 +127,7 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet> {
         })?;
         sources.push((path.display().to_string(), text));
     }
-    load_sources(&sources)
+    Ok(sources)
 }
 
 /// Loads policy files given as (name, text) pairs; the name is used in error messages.

@@ -70,6 +70,9 @@ pub const DEMO_PRINCIPALS: [(&str, &str, &[&str]); 9] = [
 #[derive(Debug)]
 pub struct Prepared {
     pub policy: PolicySet,
+    /// SHA-256 over the policy files' names and texts: recorded at start, so the journal shows
+    /// which policy every later decision was made under.
+    pub policy_digest: String,
     /// Where the policy came from; `None` for the built-in demo policies.
     pub policy_dir: Option<PathBuf>,
     pub authenticator: Authenticator,
@@ -82,6 +85,20 @@ pub fn demo_policy_sources() -> Vec<(String, String)> {
         .iter()
         .map(|(name, text)| (format!("<built-in>/{name}"), text.to_string()))
         .collect()
+}
+
+/// SHA-256 (hex) over each file's base name and text, in order.
+fn policy_digest(sources: &[(String, String)]) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for (name, text) in sources {
+        let base = Path::new(name)
+            .file_name()
+            .map_or(name.as_str(), |n| n.to_str().unwrap_or(name));
+        for part in [base.as_bytes(), b"\0", text.as_bytes(), b"\0"] {
+            context.update(part);
+        }
+    }
+    hex::encode(context.finish().as_ref())
 }
 
 pub fn prepare(config: &ServerConfig) -> anyhow::Result<Prepared> {
@@ -102,21 +119,27 @@ pub fn prepare(config: &ServerConfig) -> anyhow::Result<Prepared> {
         None if data_dir.join("policies").is_dir() => Some(data_dir.join("policies")),
         None => None,
     };
-    let policy = match &policy_dir {
-        Some(dir) => sandbox_policy::load_dir(dir)
-            .with_context(|| format!("invalid policy in {}", dir.display()))?,
-        None => sandbox_policy::load_sources(&demo_policy_sources())
-            .context("the built-in demo policies do not load")?,
+    let sources = match &policy_dir {
+        Some(dir) => sandbox_policy::read_dir_sources(dir)
+            .with_context(|| format!("cannot read the policies in {}", dir.display()))?,
+        None => demo_policy_sources(),
     };
+    let policy = sandbox_policy::load_sources(&sources).with_context(|| match &policy_dir {
+        Some(dir) => format!("invalid policy in {}", dir.display()),
+        None => "the built-in demo policies do not load".to_string(),
+    })?;
+    let policy_digest = policy_digest(&sources);
     tracing::info!(
         source = %policy_dir.as_ref().map_or("built-in demo policies".to_string(), |d| d.display().to_string()),
         datasets = policy.datasets.len(),
         grants = policy.grants.len(),
+        digest = %policy_digest,
         "policy loaded"
     );
     let authenticator = Authenticator::load(&data_dir.join("credentials"))?;
     Ok(Prepared {
         policy,
+        policy_digest,
         policy_dir,
         authenticator,
         created_demo: fresh,
