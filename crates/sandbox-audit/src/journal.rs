@@ -358,7 +358,12 @@ impl Journal {
     /// A fresh checkpoint and the files an auditor's bundle needs, each up to what that
     /// checkpoint covers: the journal's records, the checkpoints through it, the public key.
     pub async fn bundle_source(&self) -> Result<BundleSource> {
-        let checkpoint = self.checkpoint_now().await?;
+        self.checkpoint_now().await?;
+        // The newest checkpoint (this one, or a later one written meanwhile) and the prefixes of
+        // both files it covers, taken together so the bundle is one consistent cut.
+        let (checkpoint, checkpoints_len) = lock(&self.shared.latest)
+            .clone()
+            .ok_or(AuditError::Stopped)?;
         let journal_len = {
             let offsets = lock(&self.shared.offsets);
             match offsets.get(checkpoint.size as usize) {
@@ -366,10 +371,6 @@ impl Journal {
                 None => self.shared.committed_len.load(Ordering::Acquire),
             }
         };
-        let checkpoints_len = lock(&self.shared.latest)
-            .as_ref()
-            .filter(|(c, _)| c.size >= checkpoint.size)
-            .map_or(0, |(_, len)| *len);
         let dir = self.shared.path.parent().unwrap_or(Path::new("."));
         let public = dir.join(PUBLIC_KEY_FILE);
         let public_len = std::fs::metadata(&public)
@@ -584,6 +585,8 @@ impl Writer {
     /// stops the journal like a failed append: its durability can no longer be vouched for.
     fn checkpoint(&mut self) -> Result<Checkpoint> {
         if self.shared.stopped.load(Ordering::Acquire) {
+            // Nothing more will be signed: no timer either, or the writer would spin on it.
+            self.uncovered_since = None;
             return Err(AuditError::Stopped);
         }
         let size = self.last_seq;
@@ -593,6 +596,7 @@ impl Writer {
         if let Err(error) = self.log.append(&checkpoint) {
             tracing::error!(journal = %self.shared.path.display(), %error, "checkpoint write failed; stopping");
             self.shared.stopped.store(true, Ordering::Release);
+            self.uncovered_since = None;
             return Err(error);
         }
         self.checkpoints_len += checkpoint.to_line().len() as u64;
@@ -666,8 +670,13 @@ impl Writer {
                         tree.push(leaf);
                     }
                 }
-                lock(&self.shared.offsets).extend(offsets);
-                self.shared.committed_len.store(self.len, Ordering::Release);
+                {
+                    // Offsets and length change together: a reader holding the lock sees where
+                    // the last record it can see ends.
+                    let mut committed = lock(&self.shared.offsets);
+                    committed.extend(offsets);
+                    self.shared.committed_len.store(self.len, Ordering::Release);
+                }
                 self.uncovered_since.get_or_insert_with(Instant::now);
                 for (reply, appended) in outcomes {
                     let _ = reply.send(Ok(appended));

@@ -293,3 +293,36 @@ fn a_fork_resigned_with_the_real_key_is_caught_by_a_kept_checkpoint() {
         .unwrap()
         .expect("the real history extends the kept checkpoint");
 }
+
+#[test]
+fn exports_taken_while_records_and_checkpoints_keep_coming_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = JournalOptions {
+        checkpoint_every: 3,
+        ..JournalOptions::default()
+    };
+    let (journal, _) = Journal::open_with(dir.path(), options).expect("open");
+    let writer = {
+        let journal = journal.clone();
+        std::thread::spawn(move || {
+            for i in 0..1500 {
+                journal.append_blocking(event("w", i)).expect("append");
+            }
+        })
+    };
+    let runtime = runtime();
+    let mut sizes = Vec::new();
+    for _ in 0..8 {
+        let out = tempfile::tempdir().unwrap();
+        let checkpoint = runtime
+            .block_on(journal.export_to(out.path()))
+            .expect("export");
+        let report = verify_bundle(out.path(), None, true)
+            .unwrap()
+            .unwrap_or_else(|f| panic!("an export taken under load verifies: {f}"));
+        assert_eq!(report.records, checkpoint.size);
+        sizes.push(checkpoint.size);
+    }
+    writer.join().expect("writer");
+    assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
+}
