@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ring::digest;
-use sandbox_audit::{Appended, AuditEvent, Decision, Journal};
+use sandbox_audit::{Appended, AuditEvent, Decision, Journal, JournalOptions};
 use sandbox_policy::{DatasetPolicy, Mode, PolicySet, Principal, Registry};
 use sandbox_release::{GatePolicy, Released, release};
 use sandbox_sql::{
@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub template_seed: Option<TemplateSeed>,
     /// A fingerprint of the policy files, recorded in the start event.
     pub policy_digest: String,
+    /// How the audit journal commits and signs checkpoints.
+    pub journal: JournalOptions,
     /// Most guests running at once; more code jobs are refused (`wasm-busy`), not queued.
     pub max_concurrent_guests: usize,
 }
@@ -59,6 +61,7 @@ impl EngineConfig {
             consent_seed: None,
             template_seed: None,
             policy_digest: String::new(),
+            journal: JournalOptions::default(),
             // One core stays free for SQL and the service itself.
             max_concurrent_guests: std::thread::available_parallelism()
                 .map_or(1, |n| n.get().saturating_sub(1))
@@ -345,7 +348,8 @@ impl Engine {
                 "guard and gate disagree on the hidden column names".into(),
             ));
         }
-        let (journal, report) = Journal::open(&config.data_dir.join("audit"))?;
+        let (journal, report) =
+            Journal::open_with(&config.data_dir.join("audit"), config.journal.clone())?;
         if report.truncated_bytes > 0 {
             tracing::warn!(
                 bytes = report.truncated_bytes,

@@ -31,7 +31,9 @@ pub use jobs::{
     JobState, ReleaseOutcome, RequestContext,
 };
 pub use modules::{ApprovalRequest, ModuleView};
-pub use sandbox_audit::{AuditEvent, BundleSource, Checkpoint, Decision, StoredEvent};
+pub use sandbox_audit::{
+    AuditEvent, BundleSource, Checkpoint, Decision, JournalOptions, StoredEvent,
+};
 pub use sandbox_policy::{
     Approval, Consent, ConsentKey, Contract, TemplateApproval, TemplateDefinition, TemplateOutput,
     TemplateRecord,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sandbox_engine::{SqlLimits, WasmLimits};
+use sandbox_engine::{JournalOptions, SqlLimits, WasmLimits};
 
 /// `sandboxd`: the data sandbox service.
 #[derive(Debug, Clone, clap::Parser)]
@@ -50,6 +50,13 @@ pub struct ServerConfig {
     /// 0: one less than the CPU cores (at least 1).
     #[arg(long, default_value_t = 0)]
     pub wasm_max_concurrent: usize,
+    /// The audit journal signs a checkpoint after at most this many new records...
+    #[arg(long, default_value_t = 1000)]
+    pub checkpoint_every: u64,
+    /// ...or this many milliseconds after the first record no checkpoint covers (and at
+    /// shutdown).
+    #[arg(long, default_value_t = 1000)]
+    pub checkpoint_interval_ms: u64,
 }
 
 impl ServerConfig {
@@ -68,6 +75,16 @@ impl ServerConfig {
             wasm_fuel_millions: 200_000,
             wasm_memory_mib: 512,
             wasm_max_concurrent: 1,
+            checkpoint_every: 1000,
+            checkpoint_interval_ms: 1000,
+        }
+    }
+
+    pub fn journal_options(&self) -> JournalOptions {
+        JournalOptions {
+            checkpoint_every: self.checkpoint_every.max(1),
+            checkpoint_interval: Duration::from_millis(self.checkpoint_interval_ms.max(1)),
+            ..JournalOptions::default()
         }
     }
 

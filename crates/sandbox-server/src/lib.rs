@@ -63,6 +63,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let prepared = bootstrap::prepare(&config)?;
     let mut engine_config = EngineConfig::new(config.data_dir.clone(), prepared.policy);
     engine_config.policy_digest = prepared.policy_digest;
+    engine_config.journal = config.journal_options();
     engine_config.sql_limits = config.sql_limits();
     engine_config.wasm_limits = config.wasm_limits();
     engine_config.max_module_bytes = MAX_MODULE_BYTES;
