@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use sandbox_engine::{
     ApprovalRequest, Consent, ConsentKey, Decision, Engine, JobSnapshot, JobSpec, JobState,
     ModuleView, ReleaseOutcome, RequestContext, TemplateOutput, TemplateView,
@@ -482,35 +482,37 @@ impl pb::audit_server::Audit for AuditService {
             .await
             .map_err(|e| status_of(&e, &ctx.request_id))?;
         // Files are read chunk by chunk as the client takes them, so a large journal is never
-        // held in memory whole.
-        let request_id = ctx.request_id.clone();
-        let chunks = futures::stream::iter(source.files).flat_map(move |(name, path, len)| {
-            let request_id = request_id.clone();
-            let file = std::fs::File::open(&path).map(|f| std::io::Read::take(f, len));
-            futures::stream::unfold(Some(file), move |state| {
-                let (name, request_id) = (name.clone(), request_id.clone());
-                async move {
-                    let mut file = match state? {
-                        Ok(file) => file,
-                        Err(e) => {
-                            tracing::error!(%request_id, error = %e, "export cannot open a journal file");
-                            return Some((Err(Status::internal(format!("export failed (request {request_id})"))), None));
-                        }
-                    };
-                    let mut buffer = vec![0u8; CHUNK_BYTES];
-                    match std::io::Read::read(&mut file, &mut buffer) {
-                        Ok(0) => None,
-                        Ok(n) => {
-                            buffer.truncate(n);
-                            Some((Ok(pb::ExportChunk { file: name, data: buffer }), Some(Ok(file))))
-                        }
-                        Err(e) => {
-                            tracing::error!(%request_id, error = %e, "export read failed");
-                            Some((Err(Status::internal(format!("export failed (request {request_id})"))), None))
-                        }
+        // held in memory whole; a read error ends the stream with an error.
+        let state = ExportState {
+            files: source.files.into(),
+            current: None,
+            request_id: ctx.request_id.clone(),
+        };
+        let chunks = futures::stream::unfold(state, |mut state| async move {
+            use tokio::io::AsyncReadExt;
+            loop {
+                if state.current.is_none() {
+                    let (name, path, len) = state.files.pop_front()?;
+                    match tokio::fs::File::open(&path).await {
+                        Ok(file) => state.current = Some((name, file.take(len))),
+                        Err(e) => return Some((Err(state.failed(&e)), state)),
                     }
                 }
-            })
+                let (name, file) = state.current.as_mut()?;
+                let mut buffer = vec![0u8; CHUNK_BYTES];
+                match file.read(&mut buffer).await {
+                    Ok(0) => state.current = None,
+                    Ok(n) => {
+                        buffer.truncate(n);
+                        let chunk = pb::ExportChunk {
+                            file: name.clone(),
+                            data: buffer,
+                        };
+                        return Some((Ok(chunk), state));
+                    }
+                    Err(e) => return Some((Err(state.failed(&e)), state)),
+                }
+            }
         });
         Ok(Response::new(Box::pin(chunks)))
     }
@@ -535,6 +537,23 @@ impl pb::audit_server::Audit for AuditService {
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
+
+/// Where an export stream is: the files still to send and the one being sent.
+struct ExportState {
+    files: std::collections::VecDeque<(String, std::path::PathBuf, u64)>,
+    current: Option<(String, tokio::io::Take<tokio::fs::File>)>,
+    request_id: String,
+}
+
+impl ExportState {
+    /// Ends the stream after an I/O error; the details go to the log, not the client.
+    fn failed(&mut self, error: &std::io::Error) -> Status {
+        tracing::error!(request_id = %self.request_id, %error, "journal export failed");
+        self.files.clear();
+        self.current = None;
+        Status::internal(format!("export failed (request {})", self.request_id))
+    }
+}
 
 impl AuditService {
     fn signed(&self, checkpoint: sandbox_engine::Checkpoint) -> pb::SignedCheckpoint {
