@@ -85,15 +85,18 @@ pub(crate) fn walk(bytes: &[u8]) -> Walk {
         walk.problem = Some(failure(0, 0, "not a journal (bad header)", false));
         return walk;
     }
+    // First pass, in order (the chain is sequential): framing, checksum, chain hash. It stops at
+    // the first bad frame.
     let mut offset = MAGIC.len();
-    walk.valid_len = offset as u64;
-    let mut record = 0u64;
+    let mut frames: Vec<(usize, &[u8], [u8; HASH_LEN], usize)> = Vec::new();
+    let mut chain = [0u8; HASH_LEN];
+    let mut frame_problem = None;
     loop {
-        record += 1;
+        let record = frames.len() as u64 + 1;
         let (payload, stored_hash, len) = match frame::scan(&bytes[offset..]) {
             Scanned::End => break,
             Scanned::TornTail => {
-                walk.problem = Some(failure(
+                frame_problem = Some(failure(
                     record,
                     offset,
                     "incomplete record at the end of the journal (torn write or truncation)",
@@ -102,7 +105,7 @@ pub(crate) fn walk(bytes: &[u8]) -> Walk {
                 break;
             }
             Scanned::Corrupt(reason) => {
-                walk.problem = Some(failure(record, offset, reason, false));
+                frame_problem = Some(failure(record, offset, reason, false));
                 break;
             }
             Scanned::Frame {
@@ -111,9 +114,8 @@ pub(crate) fn walk(bytes: &[u8]) -> Walk {
                 len,
             } => (payload, stored_hash, len),
         };
-        let expected_hash = frame::chain(&walk.last_hash, payload);
-        if expected_hash != stored_hash {
-            walk.problem = Some(failure(
+        if frame::chain(&chain, payload) != stored_hash {
+            frame_problem = Some(failure(
                 record,
                 offset,
                 "chain hash mismatch (a record was altered, deleted or reordered)",
@@ -121,39 +123,77 @@ pub(crate) fn walk(bytes: &[u8]) -> Walk {
             ));
             break;
         }
-        let event: AuditEvent = match serde_json::from_slice(payload) {
-            Ok(event) => event,
-            Err(_) => {
-                walk.problem = Some(failure(
-                    record,
-                    offset,
-                    "payload is not a valid event",
-                    false,
-                ));
-                break;
-            }
-        };
-        if event.seq != walk.last_seq + 1 {
-            walk.problem = Some(failure(
-                record,
-                offset,
-                &format!(
-                    "sequence {} where {} was expected (a record was deleted or reordered)",
-                    event.seq,
-                    walk.last_seq + 1
-                ),
-                false,
-            ));
-            break;
-        }
-        walk.offsets.push(offset as u64);
-        walk.leaves.push(merkle::leaf_hash(payload));
-        walk.last_hash = stored_hash;
-        walk.last_seq = event.seq;
+        chain = stored_hash;
+        frames.push((offset, payload, stored_hash, len));
         offset += len;
-        walk.valid_len = offset as u64;
     }
+
+    // Second pass, independent per record, so split across the cores: each payload is an event
+    // with the next sequence number, and its Merkle leaf.
+    let checked = check_records(&frames);
+    let good = checked
+        .iter()
+        .position(Option::is_none)
+        .unwrap_or(checked.len());
+    walk.problem = if good < frames.len() {
+        let (at, payload, _, _) = frames[good];
+        let reason = match serde_json::from_slice::<AuditEvent>(payload) {
+            Err(_) => "payload is not a valid event".to_string(),
+            Ok(event) => format!(
+                "sequence {} where {} was expected (a record was deleted or reordered)",
+                event.seq,
+                good + 1
+            ),
+        };
+        Some(failure(good as u64 + 1, at, &reason, false))
+    } else {
+        frame_problem
+    };
+    walk.valid_len = match good {
+        0 => MAGIC.len() as u64,
+        n => (frames[n - 1].0 + frames[n - 1].3) as u64,
+    };
+    walk.offsets = frames[..good].iter().map(|f| f.0 as u64).collect();
+    walk.leaves = checked[..good]
+        .iter()
+        .map(|l| l.expect("checked"))
+        .collect();
+    walk.last_seq = good as u64;
+    walk.last_hash = match good {
+        0 => [0u8; HASH_LEN],
+        n => frames[n - 1].2,
+    };
     walk
+}
+
+/// For each frame: its leaf hash when its payload is an event with the sequence number of its
+/// position, else `None`. Runs on every core.
+fn check_records(frames: &[(usize, &[u8], [u8; HASH_LEN], usize)]) -> Vec<Option<Hash>> {
+    let check = |first: usize, part: &[(usize, &[u8], [u8; HASH_LEN], usize)]| {
+        part.iter()
+            .enumerate()
+            .map(|(i, (_, payload, _, _))| {
+                let event: AuditEvent = serde_json::from_slice(payload).ok()?;
+                (event.seq == (first + i) as u64 + 1).then(|| merkle::leaf_hash(payload))
+            })
+            .collect::<Vec<_>>()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || frames.len() < 4096 {
+        return check(0, frames);
+    }
+    let size = frames.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = frames
+            .chunks(size)
+            .enumerate()
+            .map(|(i, part)| scope.spawn(move || check(i * size, part)))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("a record check never panics"))
+            .collect()
+    })
 }
 
 fn failure(record: u64, offset: usize, reason: &str, torn_tail: bool) -> VerifyFailure {
