@@ -180,27 +180,6 @@ impl Journal {
                 "repairing torn journal tail: {problem}"
             );
         }
-        let mut valid_len = walked.valid_len;
-        if valid_len < MAGIC.len() as u64 {
-            file.set_len(0).map_err(|source| io(&path, source))?;
-            file.seek(SeekFrom::Start(0))
-                .map_err(|source| io(&path, source))?;
-            file.write_all(MAGIC).map_err(|source| io(&path, source))?;
-            valid_len = MAGIC.len() as u64;
-        } else if truncated_bytes > 0 {
-            file.set_len(valid_len)
-                .map_err(|source| io(&path, source))?;
-        }
-        file.sync_all().map_err(|source| io(&path, source))?;
-        if let Some(parent) = path.parent() {
-            // Make the file's creation itself durable.
-            if let Ok(folder) = File::open(parent) {
-                let _ = folder.sync_all();
-            }
-        }
-        file.seek(SeekFrom::Start(valid_len))
-            .map_err(|source| io(&path, source))?;
-
         let records = walked.offsets.len() as u64;
         let mut tree = MerkleTree::new();
         for leaf in &walked.leaves {
@@ -244,6 +223,28 @@ impl Journal {
                 });
             }
         }
+        // Only now, with nothing refused, is anything on disk changed.
+        let mut valid_len = walked.valid_len;
+        if valid_len < MAGIC.len() as u64 {
+            file.set_len(0).map_err(|source| io(&path, source))?;
+            file.seek(SeekFrom::Start(0))
+                .map_err(|source| io(&path, source))?;
+            file.write_all(MAGIC).map_err(|source| io(&path, source))?;
+            valid_len = MAGIC.len() as u64;
+        } else if truncated_bytes > 0 {
+            file.set_len(valid_len)
+                .map_err(|source| io(&path, source))?;
+        }
+        file.sync_all().map_err(|source| io(&path, source))?;
+        if let Some(parent) = path.parent() {
+            // Make the file's creation itself durable.
+            if let Ok(folder) = File::open(parent) {
+                let _ = folder.sync_all();
+            }
+        }
+        file.seek(SeekFrom::Start(valid_len))
+            .map_err(|source| io(&path, source))?;
+
         let log = CheckpointLog::open(&checkpoints_path, checkpoints_len)?;
         let covered = checkpoints.last().map_or(0, |c| c.size);
         let latest = checkpoints.last().cloned().map(|c| (c, checkpoints_len));

@@ -326,3 +326,22 @@ fn exports_taken_while_records_and_checkpoints_keep_coming_verify() {
     writer.join().expect("writer");
     assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
 }
+
+#[test]
+fn a_signed_record_cut_short_is_refused_and_left_as_found() {
+    let dir = tempfile::tempdir().unwrap();
+    journal(dir.path(), "s", 8);
+    let path = dir.path().join(JOURNAL_FILE);
+    let bytes = std::fs::read(&path).unwrap();
+    let offsets = record_offsets(&bytes);
+    // Looks like a torn write, but the checkpoint signed that record: it was complete.
+    let cut = &bytes[..offsets[7] + 20];
+    std::fs::write(&path, cut).unwrap();
+    let error = Journal::open(dir.path()).expect_err("must refuse");
+    assert!(matches!(error, AuditError::Rollback { .. }), "{error}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        cut,
+        "the evidence is not repaired away"
+    );
+}
