@@ -761,9 +761,11 @@ async fn prove(cli: &Cli, seq: u64) -> Result<(), Failure> {
         .collect();
     let root = signed.root_hash().ok_or_else(|| failed("bad root"))?;
     let leaf = sandbox_audit::merkle::leaf_hash(&proof.record);
-    let included = hashes.is_some_and(|hashes| {
-        sandbox_audit::merkle::verify_inclusion(&leaf, seq - 1, signed.size, &hashes, &root)
-    });
+    let included = hashes
+        .zip(seq.checked_sub(1))
+        .is_some_and(|(hashes, index)| {
+            sandbox_audit::merkle::verify_inclusion(&leaf, index, signed.size, &hashes, &root)
+        });
     if !included || proof.tree_size != signed.size {
         return Err(failed(
             "the inclusion proof does not verify against the signed root",
