@@ -13,7 +13,8 @@
 //! the gate and being durably recorded first.
 //!
 //! Every request produces exactly one terminal audit event: a job's is written when it ends
-//! (released, denied, failed or cancelled); other calls record theirs before answering.
+//! (released, denied, failed or cancelled), after an `AdmitJob` event made durable before it
+//! executed; other calls record theirs before answering.
 
 mod audit;
 mod audit_sql;
