@@ -53,12 +53,23 @@ fn append_rate(dir: &Path, group_commit: bool, per_writer: usize) -> anyhow::Res
     };
     let (journal, _) = Journal::open_with(dir, options)?;
     let start = Instant::now();
+    write_concurrently(&runtime, &journal, per_writer * WRITERS)?;
+    let elapsed = start.elapsed();
+    Ok((WRITERS * per_writer) as f64 / elapsed.as_secs_f64())
+}
+
+/// Appends `records` events from `WRITERS` concurrent tasks, each waiting for its own appends.
+fn write_concurrently(
+    runtime: &tokio::runtime::Runtime,
+    journal: &Journal,
+    records: usize,
+) -> anyhow::Result<()> {
     runtime.block_on(async {
         let mut tasks = Vec::new();
         for writer in 0..WRITERS {
             let journal = journal.clone();
             tasks.push(tokio::spawn(async move {
-                for i in 0..per_writer {
+                for i in (writer..records).step_by(WRITERS) {
                     journal.append(event(writer, i)).await?;
                 }
                 anyhow::Ok(())
@@ -68,9 +79,7 @@ fn append_rate(dir: &Path, group_commit: bool, per_writer: usize) -> anyhow::Res
             task.await??;
         }
         anyhow::Ok(())
-    })?;
-    let elapsed = start.elapsed();
-    Ok((WRITERS * per_writer) as f64 / elapsed.as_secs_f64())
+    })
 }
 
 /// A journal of `records` events under `dir`, written once and kept between runs.
@@ -96,22 +105,7 @@ fn big_journal(dir: &Path, records: usize) -> anyhow::Result<()> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        runtime.block_on(async {
-            let mut tasks = Vec::new();
-            for writer in 0..WRITERS {
-                let journal = journal.clone();
-                tasks.push(tokio::spawn(async move {
-                    for i in (writer..records).step_by(WRITERS) {
-                        journal.append(event(writer, i)).await?;
-                    }
-                    anyhow::Ok(())
-                }));
-            }
-            for task in tasks {
-                task.await??;
-            }
-            anyhow::Ok(())
-        })?;
+        write_concurrently(&runtime, &journal, records)?;
     }
     std::fs::write(marker, b"")?;
     Ok(())

@@ -107,7 +107,8 @@ impl Signer {
                 }
                 let document = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
                     .map_err(|_| AuditError::Key("no secure randomness for the key".into()))?;
-                write_durable(&key_path, document.as_ref(), true)?;
+                write_durable(&key_path, document.as_ref(), true)
+                    .map_err(|source| io(&key_path, source))?;
                 document.as_ref().to_vec()
             }
             Err(source) => return Err(io(&key_path, source)),
@@ -126,7 +127,8 @@ impl Signer {
                 )));
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                write_durable(&public_path, format!("{public_hex}\n").as_bytes(), false)?;
+                write_durable(&public_path, format!("{public_hex}\n").as_bytes(), false)
+                    .map_err(|source| io(&public_path, source))?;
             }
             Err(source) => return Err(io(&public_path, source)),
         }
@@ -233,29 +235,24 @@ impl CheckpointLog {
     }
 }
 
-/// Writes a small file durably: a temporary file, fsync, rename, fsync of the folder.
-fn write_durable(target: &Path, bytes: &[u8], private: bool) -> Result<()> {
+/// Writes a small file durably (temporary file, fsync, rename, fsync of the folder), so a crash
+/// leaves either the old file or the new one; `private` restricts it to its owner. Shared with
+/// the engine's secrets and stored modules.
+pub fn write_durable(target: &Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let mut temporary = target.as_os_str().to_owned();
     temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
     let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(true);
     if private {
         options.mode(0o600);
     }
-    let mut file = options
-        .open(&temporary)
-        .map_err(|source| io(&temporary, source))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|source| io(&temporary, source))?;
-    std::fs::rename(&temporary, target).map_err(|source| io(target, source))?;
-    if let Some(parent) = target.parent() {
-        File::open(parent)
-            .and_then(|folder| folder.sync_all())
-            .map_err(|source| io(parent, source))?;
-    }
-    Ok(())
+    let mut file = options.open(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, target)?;
+    File::open(dir)?.sync_all()
 }
 
 fn io(path: &Path, source: std::io::Error) -> AuditError {

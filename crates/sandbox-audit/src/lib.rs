@@ -27,7 +27,7 @@ mod journal;
 pub mod merkle;
 mod verify;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, write_durable};
 pub use error::{AuditError, Result};
 pub use event::{AuditEvent, Decision, StoredEvent};
 pub use journal::{Appended, BundleSource, JOURNAL_FILE, Journal, JournalOptions, OpenReport};

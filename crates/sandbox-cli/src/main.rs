@@ -359,11 +359,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// One owner's approval of a module or a template, in table form.
-fn print_approval(org: &str, by: &str, datasets: &[String], max_runs: u64, expires_at: u64) {
-    out!(
-        "    approved by {org} ({by}) for {}: {max_runs} runs, expires {expires_at}",
-        datasets.join(", ")
-    );
+/// The state lines of a module or a template: why it may not run, each owner's approval (org,
+/// approver, datasets, run limit, expiry) and its runs.
+fn print_state<'a>(
+    reason: &str,
+    approvals: impl Iterator<Item = (&'a str, &'a str, &'a [String], u64, u64)>,
+    runs: u64,
+    runs_left: u64,
+) {
+    if !reason.is_empty() {
+        out!("    reason:  {reason}");
+    }
+    for (org, by, datasets, max_runs, expires_at) in approvals {
+        out!(
+            "    approved by {org} ({by}) for {}: {max_runs} runs, expires {expires_at}",
+            datasets.join(", ")
+        );
+    }
+    out!("    runs: {runs} (left {runs_left})");
 }
 
 fn print_template(t: &pb::Template, format: Format) {
@@ -405,19 +418,17 @@ fn print_template(t: &pb::Template, format: Format) {
                 .map(|p| format!("{}: {}", p.name, p.r#type))
                 .collect();
             out!("    params:  {}", params.join(", "));
-            if !t.reason.is_empty() {
-                out!("    reason:  {}", t.reason);
-            }
-            for a in &t.approvals {
-                print_approval(
-                    &a.org,
-                    &a.approved_by,
-                    &a.datasets,
+            let approvals = t.approvals.iter().map(|a| {
+                let datasets: &[String] = &a.datasets;
+                (
+                    a.org.as_str(),
+                    a.approved_by.as_str(),
+                    datasets,
                     a.max_runs,
                     a.expires_at,
-                );
-            }
-            out!("    runs: {} (left {})", t.runs, t.runs_left);
+                )
+            });
+            print_state(&t.reason, approvals, t.runs, t.runs_left);
         }
     }
 }
@@ -496,19 +507,17 @@ fn print_module(m: &pb::Module, format: Format) {
             );
             out!("    purpose: {}", m.purpose);
             out!("    input:   {}", m.input.join(", "));
-            if !m.reason.is_empty() {
-                out!("    reason:  {}", m.reason);
-            }
-            for a in &m.approvals {
-                print_approval(
-                    &a.org,
-                    &a.approved_by,
-                    &a.datasets,
+            let approvals = m.approvals.iter().map(|a| {
+                let datasets: &[String] = &a.datasets;
+                (
+                    a.org.as_str(),
+                    a.approved_by.as_str(),
+                    datasets,
                     a.max_runs,
                     a.expires_at,
-                );
-            }
-            out!("    runs: {} (left {})", m.runs, m.runs_left);
+                )
+            });
+            print_state(&m.reason, approvals, m.runs, m.runs_left);
         }
     }
 }

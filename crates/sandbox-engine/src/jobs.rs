@@ -537,10 +537,21 @@ impl Engine {
                 return Err(error.into());
             }
         };
+        self.spawn_aggregate(ctx, event, started, planned).await
+    }
+
+    /// Spawns a guarded aggregate query (ad hoc or a template's) as a job, its event naming
+    /// what the guard found it reads.
+    pub(crate) async fn spawn_aggregate(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        mut event: AuditEvent,
+        started: Instant,
+        planned: PlannedQuery,
+    ) -> Result<JobSnapshot> {
         event.datasets = planned.guarded.datasets.clone();
         event.columns = planned.guarded.columns.clone();
         event.min_units = planned.guarded.min_units;
-
         self.spawn_job(ctx, event, started, move |engine, cancel| async move {
             engine.run_sql(planned, cancel).await
         })

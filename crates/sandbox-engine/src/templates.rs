@@ -529,13 +529,7 @@ impl Engine {
         event.record = Some(record_value(&Record::TemplateRun { sha256 }));
         match planned {
             PlannedRun::Aggregate(planned) => {
-                event.datasets = planned.guarded.datasets.clone();
-                event.columns = planned.guarded.columns.clone();
-                event.min_units = planned.guarded.min_units;
-                self.spawn_job(ctx, event, started, move |engine, cancel| async move {
-                    engine.run_sql(planned, cancel).await
-                })
-                .await
+                self.spawn_aggregate(ctx, event, started, planned).await
             }
             PlannedRun::Scoring(planned) => {
                 event.datasets = planned.guarded.datasets.clone();
