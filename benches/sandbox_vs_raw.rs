@@ -59,6 +59,7 @@ impl Paths {
                 .submit(
                     &self.ctx,
                     JobSpec::Sql {
+                        dp: None,
                         query: sql.to_string(),
                     },
                 )

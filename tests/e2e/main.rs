@@ -3,6 +3,8 @@
 
 mod audit;
 mod depth;
+mod privacy;
+mod reconstruction;
 mod wasm;
 
 use std::collections::BTreeMap;

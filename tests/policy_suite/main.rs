@@ -10,6 +10,10 @@
 //! query <principal> allow suppressed   released, at least one row suppressed by the gate
 //! query <principal> deny <rule>        refused by the guard with this rule
 //! query <principal> error <code>       refused for another reason (bad SQL, unknown column)
+//! query <principal> allow differencing  released, at least one row withheld by the differencing
+//!                                      defense (its units nearly those of an earlier release)
+//! query <principal> allow dp           released under differential privacy (noisy values)
+//! dpquery <principal> <outcome>        the same, with the caller asking for differential privacy
 //! ```
 //!
 //! A `template <principal> <outcome>` case holds `param name=value` lines and then a template's
@@ -22,7 +26,12 @@
 //! them: the guard's rewrite never changes a released number, the gate only removes rows. Where
 //! the answer is not simply a subset (a `LIMIT` applied after suppression, a scoring template's
 //! consent filter), the case states the raw query that computes it after a `----` line, and the
-//! released rows must equal that query's rows exactly.
+//! released rows must equal that query's rows exactly. `allow differencing` is compared like
+//! `allow suppressed`. The cases of all files run in order against one engine, each principal
+//! being one consumer org, so what earlier cases released is part of what the differencing
+//! defense sees. An `allow dp` release has noisy values:
+//! it must have the raw query's columns and no more groups than raw DataFusion finds (partition
+//! selection only hides groups); its noise is tested statistically in `sandbox-release`.
 //!
 //! `BLESS=1 cargo test -p sandbox-tests --test policy_suite` rewrites the headers from the actual
 //! outcomes (review the diff before committing it).
@@ -34,7 +43,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use sandbox_engine::{Engine, EngineConfig, ErrorKind, JobSpec, RequestContext};
+use sandbox_engine::{DpRequest, Engine, EngineConfig, ErrorKind, JobSpec, RequestContext};
 use sandbox_policy::{PolicySet, Principal, PrincipalRole, TemplateDefinition};
 use sandbox_sql::masks::MaskedTable;
 use sandbox_sql::{PseudonymKey, placeholder_values};
@@ -43,6 +52,8 @@ use sandbox_tests::sorted_rows;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
     Allow { suppressed: bool },
+    AllowDifferencing,
+    AllowDp,
     Deny(String),
     Error(String),
 }
@@ -52,6 +63,8 @@ impl fmt::Display for Outcome {
         match self {
             Outcome::Allow { suppressed: false } => write!(f, "allow"),
             Outcome::Allow { suppressed: true } => write!(f, "allow suppressed"),
+            Outcome::AllowDifferencing => write!(f, "allow differencing"),
+            Outcome::AllowDp => write!(f, "allow dp"),
             Outcome::Deny(rule) => write!(f, "deny {rule}"),
             Outcome::Error(code) => write!(f, "error {code}"),
         }
@@ -61,6 +74,7 @@ impl fmt::Display for Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Query,
+    DpQuery,
     Template,
 }
 
@@ -68,6 +82,7 @@ impl Kind {
     fn word(self) -> &'static str {
         match self {
             Kind::Query => "query",
+            Kind::DpQuery => "dpquery",
             Kind::Template => "template",
         }
     }
@@ -93,6 +108,8 @@ fn parse_outcome(words: &[&str]) -> Option<Outcome> {
     match words {
         ["allow"] => Some(Outcome::Allow { suppressed: false }),
         ["allow", "suppressed"] => Some(Outcome::Allow { suppressed: true }),
+        ["allow", "dp"] => Some(Outcome::AllowDp),
+        ["allow", "differencing"] => Some(Outcome::AllowDifferencing),
         ["deny", rule] => Some(Outcome::Deny(rule.to_string())),
         ["error", code] => Some(Outcome::Error(code.to_string())),
         _ => None,
@@ -112,11 +129,15 @@ fn parse_file(path: &Path) -> Vec<Case> {
         }
         let words: Vec<&str> = line.split_whitespace().collect();
         let (kind, principal, expected) = match words.as_slice() {
-            [word @ ("query" | "template"), principal, rest @ ..] => (
-                if *word == "query" {
-                    Kind::Query
-                } else {
-                    Kind::Template
+            [
+                word @ ("query" | "dpquery" | "template"),
+                principal,
+                rest @ ..,
+            ] => (
+                match *word {
+                    "query" => Kind::Query,
+                    "dpquery" => Kind::DpQuery,
+                    _ => Kind::Template,
                 },
                 principal.to_string(),
                 parse_outcome(rest).unwrap_or_else(|| {
@@ -124,7 +145,7 @@ fn parse_file(path: &Path) -> Vec<Case> {
                 }),
             ),
             _ => panic!(
-                "{}:{}: expected a `query` or `template` header, got `{line}`",
+                "{}:{}: expected a `query`, `dpquery` or `template` header, got `{line}`",
                 path.display(),
                 i + 1
             ),
@@ -172,15 +193,18 @@ fn parse_file(path: &Path) -> Vec<Case> {
     cases
 }
 
-fn principal(name: &str) -> Principal {
-    let (org, role) = match name {
+/// A suite principal: `analyst` or `bank`, optionally `name@org` to act for a consumer org of
+/// its own (a fresh differencing memory and budget, the same grants).
+fn principal(spelled: &str) -> Principal {
+    let (name, org) = spelled.split_once('@').unwrap_or((spelled, ""));
+    let (default_org, role) = match name {
         "analyst" => ("analytics", PrincipalRole::Analyst),
         "bank" => ("bank_demo", PrincipalRole::Consumer),
         other => panic!("unknown principal `{other}` in the policy suite"),
     };
     Principal {
         id: name.to_string(),
-        org: org.to_string(),
+        org: if org.is_empty() { default_org } else { org }.to_string(),
         roles: BTreeSet::from([role]),
     }
 }
@@ -198,6 +222,11 @@ async fn run_case(engine: &Arc<Engine>, policy: &PolicySet, case: &Case) -> (Out
     let spec = match case.kind {
         Kind::Query => JobSpec::Sql {
             query: case.sql.clone(),
+            dp: None,
+        },
+        Kind::DpQuery => JobSpec::Sql {
+            query: case.sql.clone(),
+            dp: Some(DpRequest::default()),
         },
         Kind::Template => {
             let view = match engine.submit_template(&ctx, &case.sql).await {
@@ -239,8 +268,14 @@ async fn run_case(engine: &Arc<Engine>, policy: &PolicySet, case: &Case) -> (Out
             let reader =
                 arrow::ipc::reader::StreamReader::try_new(result.ipc_stream(), None).expect("ipc");
             let batches: Vec<RecordBatch> = reader.map(|b| b.expect("ipc batch")).collect();
-            let outcome = Outcome::Allow {
-                suppressed: result.outcome().rows_suppressed > 0,
+            let outcome = if result.outcome().dp.is_some() {
+                Outcome::AllowDp
+            } else if result.outcome().rows_differencing > 0 {
+                Outcome::AllowDifferencing
+            } else {
+                Outcome::Allow {
+                    suppressed: result.outcome().rows_suppressed > 0,
+                }
             };
             (outcome, sorted_rows(&batches))
         }
@@ -290,7 +325,7 @@ async fn raw_context(data_dir: &Path, policy: &PolicySet, org: &str) -> SessionC
 /// parameters bound; `Err` with the message when raw DataFusion cannot run it.
 async fn raw_rows(context: &SessionContext, case: &Case) -> Result<Vec<String>, String> {
     let frame = match case.kind {
-        Kind::Query => {
+        Kind::Query | Kind::DpQuery => {
             context
                 .sql(case.raw_sql.as_ref().unwrap_or(&case.sql))
                 .await
@@ -336,6 +371,15 @@ fn matches_raw(released: &[String], raw: &[String], exact: bool) -> bool {
         })
 }
 
+/// A DP release: no more rows than raw DataFusion finds, each with the raw query's columns.
+fn noisy_shape_matches(released: &[String], raw: &[String]) -> bool {
+    let columns = |row: &String| row.matches('|').count();
+    released.len() <= raw.len()
+        && raw
+            .first()
+            .is_none_or(|first| released.iter().all(|row| columns(row) == columns(first)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_suite() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -375,7 +419,10 @@ async fn policy_suite() {
         for case in &cases {
             total += 1;
             let (actual, released) = run_case(&engine, &policy, case).await;
-            if let Outcome::Allow { suppressed } = actual {
+            if matches!(
+                actual,
+                Outcome::Allow { .. } | Outcome::AllowDifferencing | Outcome::AllowDp
+            ) {
                 let org = principal(&case.principal).org;
                 if !raw_contexts.contains_key(&org) {
                     let context = raw_context(dir.path(), &policy, &org).await;
@@ -383,9 +430,14 @@ async fn policy_suite() {
                 }
                 compared += 1;
                 let raw = raw_rows(&raw_contexts[&org], case).await;
-                if !raw.as_ref().is_ok_and(|raw| {
-                    matches_raw(&released, raw, !suppressed || case.raw_sql.is_some())
-                }) {
+                let matches = |raw: &Vec<String>| match actual {
+                    Outcome::Allow { suppressed } => {
+                        matches_raw(&released, raw, !suppressed || case.raw_sql.is_some())
+                    }
+                    Outcome::AllowDifferencing => matches_raw(&released, raw, false),
+                    _ => noisy_shape_matches(&released, raw),
+                };
+                if !raw.as_ref().is_ok_and(matches) {
                     mismatches.push(format!(
                         "{}:{}: released rows do not match raw DataFusion\n    {}\n    released: {released:?}\n    raw: {raw:?}",
                         case.file.display(),

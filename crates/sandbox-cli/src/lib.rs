@@ -89,6 +89,19 @@ impl Client {
         pb::JobSpec {
             kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob {
                 query: query.to_string(),
+                differential_privacy: false,
+                epsilon: None,
+            })),
+        }
+    }
+
+    /// A query to run under differential privacy, spending `epsilon` (the grant's when `None`).
+    pub fn dp_spec(query: &str, epsilon: Option<f64>) -> pb::JobSpec {
+        pb::JobSpec {
+            kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob {
+                query: query.to_string(),
+                differential_privacy: true,
+                epsilon,
             })),
         }
     }
@@ -300,6 +313,32 @@ impl Client {
             .await?
             .into_inner()
             .consents)
+    }
+
+    /// The privacy budgets the caller may see.
+    pub async fn budgets(&mut self) -> Result<Vec<pb::Budget>, tonic::Status> {
+        let request = self.request(pb::GetBudgetsRequest {});
+        Ok(self
+            .sandbox
+            .get_budgets(request)
+            .await?
+            .into_inner()
+            .budgets)
+    }
+
+    /// Renews a consumer org's budget on one of the caller's datasets.
+    pub async fn refresh_budget(
+        &mut self,
+        org: &str,
+        dataset: &str,
+        reason: &str,
+    ) -> Result<pb::Budget, tonic::Status> {
+        let request = self.request(pb::RefreshBudgetRequest {
+            org: org.to_string(),
+            dataset: dataset.to_string(),
+            reason: reason.to_string(),
+        });
+        Ok(self.governance.refresh_budget(request).await?.into_inner())
     }
 
     pub async fn datasets(&mut self) -> Result<Vec<pb::Dataset>, tonic::Status> {

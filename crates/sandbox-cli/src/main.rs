@@ -70,7 +70,15 @@ enum Command {
     /// List the datasets you may use: schemas, roles and levels.
     Datasets,
     /// Run an aggregate query and print the released rows; the release summary goes to stderr.
-    Sql { query: String },
+    Sql {
+        query: String,
+        /// Run under differential privacy (noisy answers, debited from your org's budget).
+        #[arg(long)]
+        dp: bool,
+        /// The epsilon to spend under differential privacy (implies --dp); default: the grant's.
+        #[arg(long)]
+        epsilon: Option<f64>,
+    },
     /// Show the policy decision for a query without running it.
     Explain { query: String },
     /// Read the audit journal (auditor role).
@@ -91,6 +99,24 @@ enum Command {
     /// Submit, approve, list and run approved SQL templates.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Privacy budgets under differential privacy.
+    #[command(subcommand)]
+    Budget(BudgetCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BudgetCommand {
+    /// Show the budgets you may see: your org's, your datasets' (owner), all (auditor).
+    Show,
+    /// Renew a consumer org's budget on one of your datasets (owner); recorded with the reason.
+    Refresh {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        dataset: String,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,7 +364,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         ),
         Command::Policy(PolicyCommand::Check { dir }) => policy_check(dir),
         Command::Datasets => datasets(&cli).await,
-        Command::Sql { query } => sql(&cli, query).await,
+        Command::Sql { query, dp, epsilon } => sql(&cli, query, *dp, *epsilon).await,
         Command::Explain { query } => explain(&cli, query).await,
         Command::Audit(AuditCommand::Tail { n }) => tail(&cli, *n).await,
         Command::Audit(AuditCommand::Export { out }) => export(&cli, out).await,
@@ -355,6 +381,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }) => wasm_run(&cli, module, input, params).await,
         Command::Consent(command) => consent(&cli, command).await,
         Command::Template(command) => template(&cli, command).await,
+        Command::Budget(command) => budget(&cli, command).await,
     }
 }
 
@@ -845,20 +872,109 @@ async fn client(cli: &Cli) -> Result<Client, Failure> {
         })
 }
 
-async fn sql(cli: &Cli, query: &str) -> Result<(), Failure> {
-    let result = client(cli).await?.sql(query).await?;
+async fn sql(cli: &Cli, query: &str, dp: bool, epsilon: Option<f64>) -> Result<(), Failure> {
+    let spec = if dp || epsilon.is_some() {
+        sandbox_cli::Client::dp_spec(query, epsilon)
+    } else {
+        sandbox_cli::Client::sql_spec(query)
+    };
+    let result = client(cli).await?.run(spec).await?;
     print_batches(&result.batches, cli.format)?;
     let summary = result.summary;
+    if let Some(dp) = &summary.dp {
+        let noise: Vec<String> = dp
+            .columns
+            .iter()
+            .filter(|c| c.scale > 0.0)
+            .map(|c| format!("{} ±{:.2}", c.column, c.accuracy_95))
+            .collect();
+        eprintln!(
+            "differential privacy: spent epsilon {:.4} delta {:e}{}; your org has epsilon {:.4} \
+             and delta {:e} left; 95% of values within: {}; released {} rows; job {}; audit seq \
+             {}; sha256 {}",
+            dp.epsilon_spent,
+            dp.delta_spent,
+            if dp.cached {
+                " (the same answer as before, at no cost)"
+            } else {
+                ""
+            },
+            dp.epsilon_remaining,
+            dp.delta_remaining,
+            noise.join(", "),
+            summary.rows_released,
+            result.job_id,
+            summary.audit_seq,
+            summary.result_sha256
+        );
+        return Ok(());
+    }
     eprintln!(
-        "released {} rows, suppressed {} rows (min_units {}); rows scanned {}; job {}; audit seq {}; sha256 {}",
+        "released {} rows, suppressed {} rows (min_units {}){}; rows scanned {}; job {}; audit seq {}; sha256 {}",
         summary.rows_released,
         summary.rows_suppressed,
         summary.min_units,
+        if summary.rows_differencing > 0 {
+            format!(
+                ", withheld {} rows that differ from earlier releases in fewer than min_units units",
+                summary.rows_differencing
+            )
+        } else {
+            String::new()
+        },
         summary.rows_scanned,
         result.job_id,
         summary.audit_seq,
         summary.result_sha256
     );
+    Ok(())
+}
+
+async fn budget(cli: &Cli, command: &BudgetCommand) -> Result<(), Failure> {
+    let mut client = client(cli).await?;
+    let budgets = match command {
+        BudgetCommand::Show => client.budgets().await?,
+        BudgetCommand::Refresh {
+            org,
+            dataset,
+            reason,
+        } => vec![client.refresh_budget(org, dataset, reason).await?],
+    };
+    match cli.format {
+        Format::Json => {
+            let rows: Vec<serde_json::Value> = budgets
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "org": b.org, "dataset": b.dataset,
+                        "epsilon_budget": b.epsilon_budget, "delta_budget": b.delta_budget,
+                        "epsilon_spent": b.epsilon_spent, "delta_spent": b.delta_spent,
+                        "queries": b.queries, "refreshes": b.refreshes,
+                    })
+                })
+                .collect();
+            out!("{}", serde_json::Value::Array(rows));
+        }
+        Format::Table | Format::Csv => {
+            out!(
+                "org\tdataset\tepsilon spent\tepsilon budget\tdelta spent\tdelta budget\tqueries\trenewals"
+            );
+            for b in &budgets {
+                let total = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
+                out!(
+                    "{}\t{}\t{:.4}\t{}\t{:e}\t{}\t{}\t{}",
+                    b.org,
+                    b.dataset,
+                    b.epsilon_spent,
+                    total(b.epsilon_budget),
+                    b.delta_spent,
+                    total(b.delta_budget),
+                    b.queries,
+                    b.refreshes
+                );
+            }
+        }
+    }
     Ok(())
 }
 

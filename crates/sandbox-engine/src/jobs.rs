@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use ring::digest;
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal, JournalOptions};
 use sandbox_policy::{DatasetPolicy, Mode, PolicySet, Principal, Registry};
+use sandbox_release::dp::NoiseReport;
 use sandbox_release::{GatePolicy, Released, release};
 use sandbox_sql::{
     CancellationToken, GrantedDataset, PlannedQuery, PseudonymKey, SqlEngine, SqlError, SqlLimits,
@@ -82,6 +83,9 @@ pub struct RequestContext {
 pub enum JobSpec {
     Sql {
         query: String,
+        /// Run under differential privacy (also the default where a grant requires it or the
+        /// query reads an L4 measure).
+        dp: Option<DpRequest>,
     },
     Wasm {
         module_sha256: String,
@@ -95,6 +99,13 @@ pub enum JobSpec {
     },
 }
 
+/// A caller's request to run an ad-hoc query under differential privacy.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DpRequest {
+    /// The epsilon to spend; the grant's per-query epsilon when `None` (and never more).
+    pub epsilon: Option<f64>,
+}
+
 impl JobSpec {
     fn kind(&self) -> &'static str {
         match self {
@@ -106,7 +117,14 @@ impl JobSpec {
 
     fn audit_text(&self) -> String {
         match self {
-            JobSpec::Sql { query } => query.clone(),
+            JobSpec::Sql { query, dp: None } => query.clone(),
+            JobSpec::Sql {
+                query,
+                dp: Some(request),
+            } => match request.epsilon {
+                Some(epsilon) => format!("[dp epsilon={epsilon}] {query}"),
+                None => format!("[dp] {query}"),
+            },
             JobSpec::Wasm {
                 module_sha256,
                 input_query,
@@ -143,14 +161,33 @@ impl JobState {
 }
 
 /// What the release produced, as recorded in the journal and shown to the caller.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReleaseOutcome {
     pub rows_released: u64,
     pub rows_suppressed: u64,
+    /// Rows over the threshold withheld by the differencing defense.
+    pub rows_differencing: u64,
     pub min_units: u64,
     pub result_sha256: String,
     pub audit_seq: u64,
     pub rows_scanned: u64,
+    /// Set for a release under differential privacy.
+    pub dp: Option<DpOutcome>,
+}
+
+/// What a release under differential privacy spent, what remains, and how noisy it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DpOutcome {
+    /// Spent by this query (0 for a cached answer).
+    pub epsilon_spent: f64,
+    pub delta_spent: f64,
+    /// What the caller's org has left, on the dataset with the least left.
+    pub epsilon_remaining: f64,
+    pub delta_remaining: f64,
+    /// The answer is a repeat of an earlier identical query's, at no cost.
+    pub cached: bool,
+    /// Noise scale and 95% interval half-width per output column.
+    pub columns: Vec<NoiseReport>,
 }
 
 /// A released result whose audit event is durable: the only thing delivery may send.
@@ -165,7 +202,17 @@ impl JobResult {
     /// What the caller learns is `outcome`; a code job's other figures are in the journal only.
     fn new(produced: Produced, ipc_stream: Vec<u8>, sha256: String, receipt: &Appended) -> Self {
         let summary = produced.released.summary();
-        let outcome = if produced.code_job {
+        let outcome = if let Some(dp) = produced.dp {
+            // Under differential privacy, exact figures of the data (rows scanned, groups not
+            // shown) are not told: they would bypass the noise.
+            ReleaseOutcome {
+                rows_released: summary.rows_released,
+                result_sha256: sha256,
+                audit_seq: receipt.seq,
+                dp: Some(dp),
+                ..ReleaseOutcome::default()
+            }
+        } else if produced.code_job {
             // Rows dropped, rows withheld, rows scanned and work units are figures the guest or
             // the input query shaped (a guest can emit any number of rows for other entities, an
             // input filter can single out an entity without consent): the caller gets none of
@@ -180,10 +227,12 @@ impl JobResult {
             ReleaseOutcome {
                 rows_released: summary.rows_released,
                 rows_suppressed: summary.rows_suppressed,
+                rows_differencing: summary.rows_differencing,
                 min_units: summary.min_units,
                 result_sha256: sha256,
                 audit_seq: receipt.seq,
                 rows_scanned: produced.rows_scanned,
+                dp: None,
             }
         };
         JobResult {
@@ -212,6 +261,8 @@ pub(crate) struct Produced {
     pub(crate) guest_log: Vec<String>,
     /// A WASM job: its figures go to the journal, not to the caller.
     pub(crate) code_job: bool,
+    /// A release under differential privacy.
+    pub(crate) dp: Option<DpOutcome>,
 }
 
 impl Produced {
@@ -223,6 +274,7 @@ impl Produced {
             rows_withheld: 0,
             guest_log: Vec::new(),
             code_job: false,
+            dp: None,
         }
     }
 }
@@ -322,6 +374,10 @@ pub struct Engine {
     pub(crate) guest_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) journal: Journal,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    /// Per consumer org, the unit sketches of every row released to it exactly.
+    pub(crate) differencing: crate::differencing::DifferencingMemory,
+    /// Answers of queries under differential privacy, by consumer org and normalized plan.
+    pub(crate) dp_answers: crate::privacy::AnswerCache,
     /// The server secret the pseudonym keys of consumers derive from.
     pseudonym_secret: Vec<u8>,
     pub(crate) config: EngineConfig,
@@ -381,6 +437,8 @@ impl Engine {
             )),
             journal,
             jobs: Mutex::new(HashMap::new()),
+            differencing: crate::differencing::DifferencingMemory::open(&config.data_dir)?,
+            dp_answers: Default::default(),
             pseudonym_secret,
             config,
         });
@@ -492,8 +550,8 @@ impl Engine {
         event.kind = spec.kind().to_string();
         event.query = spec.audit_text();
 
-        let query = match spec {
-            JobSpec::Sql { query } => query,
+        let (query, dp) = match spec {
+            JobSpec::Sql { query, dp } => (query, dp),
             JobSpec::Wasm {
                 module_sha256,
                 input_query,
@@ -511,14 +569,14 @@ impl Engine {
         };
 
         let granted = self.granted(&ctx.principal);
+        let mode = if dp.is_some() {
+            Mode::Private
+        } else {
+            Mode::Aggregate
+        };
         let planned = match self
             .sql
-            .plan(
-                &query,
-                &granted,
-                &self.pseudonym_key(&ctx.principal),
-                Mode::Aggregate,
-            )
+            .plan(&query, &granted, &self.pseudonym_key(&ctx.principal), mode)
             .instrument(tracing::info_span!("plan"))
             .await
         {
@@ -537,6 +595,10 @@ impl Engine {
                 return Err(error.into());
             }
         };
+        if planned.guarded.dp.is_some() {
+            let epsilon = dp.and_then(|d| d.epsilon);
+            return self.submit_dp(ctx, event, started, planned, epsilon).await;
+        }
         self.spawn_aggregate(ctx, event, started, planned).await
     }
 
@@ -552,8 +614,9 @@ impl Engine {
         event.datasets = planned.guarded.datasets.clone();
         event.columns = planned.guarded.columns.clone();
         event.min_units = planned.guarded.min_units;
+        let org = ctx.principal.org.clone();
         self.spawn_job(ctx, event, started, move |engine, cancel| async move {
-            engine.run_sql(planned, cancel).await
+            engine.run_sql(&org, planned, cancel).await
         })
         .await
     }
@@ -606,9 +669,12 @@ impl Engine {
         Ok(JobSnapshot::running(&job_id))
     }
 
-    /// Execute and release for a SQL job.
+    /// Execute and release for a SQL job of a consumer org: the gate checks the rows against
+    /// the org's differencing memory, which remembers what is released, durably, before the
+    /// release is recorded.
     pub(crate) async fn run_sql(
         &self,
+        org: &str,
         planned: PlannedQuery,
         cancel: CancellationToken,
     ) -> Result<Produced> {
@@ -623,9 +689,14 @@ impl Engine {
             .execute(planned, cancel)
             .instrument(tracing::info_span!("execute"))
             .await?;
-        let _release = tracing::info_span!("release").entered();
         let rows_scanned = executed.rows_scanned;
-        let released = release(executed.schema, executed.batches, &gate)?;
+        let memory = self.differencing.org(org)?;
+        let mut memory = memory.lock().await;
+        let released = {
+            let _release = tracing::info_span!("release").entered();
+            release(executed.schema, executed.batches, &gate, memory.sketches())?
+        };
+        memory.remember(released.sketches()).await?;
         Ok(Produced::sql(released, rows_scanned))
     }
 
@@ -653,6 +724,17 @@ impl Engine {
                 event.rows_suppressed = summary.rows_suppressed;
                 event.result_sha256 = sha.clone();
                 event.work_units = produced.work_units;
+                if let Some(dp) = &produced.dp {
+                    event.epsilon_spent = dp.epsilon_spent;
+                    event.message = crate::privacy::journal_note(dp);
+                }
+                if summary.rows_differencing > 0 {
+                    event.message = format!(
+                        "differencing: withheld {} rows whose units differ from those of a row \
+                         released to the org before in fewer than {} units",
+                        summary.rows_differencing, summary.min_units
+                    );
+                }
                 event.guest_log = std::mem::take(&mut produced.guest_log);
                 if produced.code_job {
                     event.message = format!(
@@ -824,8 +906,15 @@ impl Engine {
         let mut event = Self::event(ctx, "ExplainJob");
         event.kind = spec.kind().to_string();
         event.query = spec.audit_text();
-        let query = match spec {
-            JobSpec::Sql { query } => query,
+        let (query, mode) = match spec {
+            JobSpec::Sql { query, dp } => (
+                query,
+                if dp.is_some() {
+                    Mode::Private
+                } else {
+                    Mode::Aggregate
+                },
+            ),
             JobSpec::Wasm {
                 module_sha256,
                 input_query,
@@ -841,13 +930,20 @@ impl Engine {
         };
         let granted = self.granted(&ctx.principal);
         let key = self.pseudonym_key(&ctx.principal);
-        let explanation = match self.sql.plan(&query, &granted, &key, Mode::Aggregate).await {
+        let explanation = match self.sql.plan(&query, &granted, &key, mode).await {
             Ok(planned) => Explanation {
                 allowed: true,
                 rule: String::new(),
-                message:
-                    "allowed; rows covering fewer than min_units privacy units will be suppressed"
+                message: match &planned.guarded.dp {
+                    None => "allowed; rows covering fewer than min_units privacy units will be \
+                             suppressed"
                         .into(),
+                    Some(dp) => format!(
+                        "allowed under differential privacy: epsilon {} per query by default, \
+                         groups shown only if their noisy unit count passes a threshold",
+                        dp.mode.epsilon
+                    ),
+                },
                 datasets: planned.guarded.datasets.clone(),
                 columns: planned.guarded.columns.clone(),
                 min_units: planned.guarded.min_units,

@@ -18,9 +18,11 @@
 
 mod audit;
 mod audit_sql;
+mod differencing;
 mod error;
 mod jobs;
 mod modules;
+mod privacy;
 mod secret;
 mod templates;
 
@@ -28,10 +30,11 @@ pub use audit::{ConsistencyAnswer, InclusionAnswer};
 pub use audit_sql::AuditQueryResult;
 pub use error::{EngineError, ErrorKind, Result};
 pub use jobs::{
-    ColumnView, DatasetView, Engine, EngineConfig, Explanation, JobResult, JobSnapshot, JobSpec,
-    JobState, ReleaseOutcome, RequestContext,
+    ColumnView, DatasetView, DpOutcome, DpRequest, Engine, EngineConfig, Explanation, JobResult,
+    JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext,
 };
 pub use modules::{ApprovalRequest, ModuleView};
+pub use privacy::BudgetView;
 pub use sandbox_audit::{
     AuditEvent, BundleSource, Checkpoint, Decision, JournalOptions, StoredEvent,
 };
@@ -39,6 +42,7 @@ pub use sandbox_policy::{
     Approval, Consent, ConsentKey, Contract, TemplateApproval, TemplateDefinition, TemplateOutput,
     TemplateRecord,
 };
+pub use sandbox_release::dp::NoiseReport;
 pub use sandbox_sql::SqlLimits;
 pub use sandbox_wasm::WasmLimits;
 pub use templates::{TemplateSeed, TemplateView};

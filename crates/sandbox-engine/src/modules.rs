@@ -764,6 +764,7 @@ impl Engine {
                 rows_withheld,
                 guest_log: output.logs,
                 code_job: true,
+                dp: None,
             })
         })
         .await

@@ -371,6 +371,7 @@ impl Engine {
                             .map(|c| c.name.clone())
                             .collect(),
                         expression_arguments: true,
+                        dp: None,
                     };
                     granted.insert(
                         dataset.clone(),
@@ -570,6 +571,7 @@ impl Engine {
                         rows_withheld,
                         guest_log: Vec::new(),
                         code_job: true,
+                        dp: None,
                     })
                 })
                 .await

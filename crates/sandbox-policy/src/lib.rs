@@ -25,12 +25,13 @@ mod templates;
 pub use error::{PolicyError, Result};
 pub use load::{load_dir, load_sources, read_dir_sources};
 pub use model::{
-    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
-    Mask, Mode, PolicySet, Principal, PrincipalRole, Role, TemplateMode, WasmMode,
+    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, DpMode, Grant, Grantee, Level,
+    Location, Mask, Mode, PolicySet, Principal, PrincipalRole, Role, TemplateMode, WasmMode,
 };
 pub use records::{
-    Approval, Consent, ConsentKey, Contract, ContractField, Effective, EffectiveTemplate,
-    FieldKind, MAX_CONTRACT_FIELDS, ModuleRecord, Record, Refusal, Registry, Rejection,
+    Approval, BudgetSpent, Consent, ConsentKey, Contract, ContractField, Effective,
+    EffectiveTemplate, FieldKind, MAX_CONTRACT_FIELDS, ModuleRecord, Record, Refusal, Registry,
+    Rejection,
 };
 pub use templates::{
     MAX_PARAM_BYTES, MAX_TEMPLATE_PARAMS, ParamKind, ParamValue, TemplateApproval,

@@ -14,8 +14,8 @@ use toml::Spanned;
 
 use crate::error::{PolicyError, Result};
 use crate::model::{
-    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, Grant, Grantee, Level, Location,
-    Mask, Mode, PolicySet, PrincipalRole, Role, TemplateMode, WasmMode,
+    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, DpMode, Grant, Grantee, Level,
+    Location, Mask, Mode, PolicySet, PrincipalRole, Role, TemplateMode, WasmMode,
 };
 
 #[derive(Deserialize)]
@@ -50,6 +50,8 @@ struct RawColumn {
     keep_first: Option<u32>,
     keep_last: Option<u32>,
     width: Option<Spanned<i64>>,
+    /// `[low, high]` of a measure, for clamping under differential privacy.
+    bounds: Option<Spanned<Vec<f64>>>,
     #[serde(default)]
     description: String,
 }
@@ -90,6 +92,26 @@ struct RawAggregate {
     filter_measures: Vec<Spanned<String>>,
     #[serde(default)]
     expression_arguments: bool,
+    dp: Option<Spanned<RawDp>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDp {
+    epsilon: f64,
+    delta: f64,
+    budget_epsilon: f64,
+    budget_delta: f64,
+    #[serde(default = "one")]
+    max_rows_per_unit: i64,
+    #[serde(default = "one")]
+    max_groups_per_unit: i64,
+    #[serde(default)]
+    required: bool,
+}
+
+fn one() -> i64 {
+    1
 }
 
 /// Loads every `*.toml` file of a directory, in name order.
@@ -247,11 +269,38 @@ fn build_dataset(
             ));
         }
         let mask = build_mask(column, role, &name, &column_location, at)?;
+        let bounds = match &column.bounds {
+            None => None,
+            Some(bounds) => {
+                let location = at(bounds.span().start);
+                if role != Role::Measure {
+                    return Err(invalid(
+                        &location,
+                        format!("column `{name}`: only a measure has `bounds`"),
+                    ));
+                }
+                match bounds.get_ref().as_slice() {
+                    &[low, high] if low.is_finite() && high.is_finite() && low < high => {
+                        Some((low, high))
+                    }
+                    _ => {
+                        return Err(invalid(
+                            &location,
+                            format!(
+                                "column `{name}`: bounds are `[low, high]`, two finite numbers \
+                                 with low < high"
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
         columns.push(ColumnPolicy {
             name,
             level,
             role,
             mask,
+            bounds,
             description: column.description.clone(),
             location: column_location,
         });
@@ -497,11 +546,16 @@ fn build_grant(
                 }
                 filter_measures.insert(name.get_ref().clone());
             }
+            let dp = match &mode.dp {
+                None => None,
+                Some(dp) => Some(dp_mode(dp.get_ref(), &at(dp.span().start))?),
+            };
             Some(AggregateMode {
                 min_units,
                 functions,
                 filter_measures,
                 expression_arguments: mode.expression_arguments,
+                dp,
             })
         }
     };
@@ -581,6 +635,58 @@ fn build_grant(
 }
 
 /// A mode's threshold: at least 2 distinct units per released row.
+/// Checks `[grant.aggregate.dp]`: positive, finite privacy parameters, a per-query spend within
+/// the budget, and contribution bounds of at least one.
+fn dp_mode(raw: &RawDp, location: &Location) -> Result<DpMode> {
+    let positive = |name: &str, value: f64| {
+        if value.is_finite() && value > 0.0 {
+            Ok(value)
+        } else {
+            Err(invalid(
+                location,
+                format!("dp.{name} must be a positive finite number, got {value}"),
+            ))
+        }
+    };
+    let probability = |name: &str, value: f64| {
+        if value.is_finite() && value > 0.0 && value < 1e-3 {
+            Ok(value)
+        } else {
+            Err(invalid(
+                location,
+                format!("dp.{name} must be above 0 and below 0.001, got {value}"),
+            ))
+        }
+    };
+    let count = |name: &str, value: i64| {
+        u64::try_from(value)
+            .ok()
+            .filter(|v| (1..=1_000_000).contains(v))
+            .ok_or_else(|| {
+                invalid(
+                    location,
+                    format!("dp.{name} must be between 1 and 1000000, got {value}"),
+                )
+            })
+    };
+    let mode = DpMode {
+        epsilon: positive("epsilon", raw.epsilon)?,
+        delta: probability("delta", raw.delta)?,
+        budget_epsilon: positive("budget_epsilon", raw.budget_epsilon)?,
+        budget_delta: probability("budget_delta", raw.budget_delta)?,
+        max_rows_per_unit: count("max_rows_per_unit", raw.max_rows_per_unit)?,
+        max_groups_per_unit: count("max_groups_per_unit", raw.max_groups_per_unit)?,
+        required: raw.required,
+    };
+    if mode.epsilon > mode.budget_epsilon || mode.delta > mode.budget_delta {
+        return Err(invalid(
+            location,
+            "one query's epsilon and delta must fit in the budget".to_string(),
+        ));
+    }
+    Ok(mode)
+}
+
 fn checked_min_units(value: &Spanned<i64>, at: &dyn Fn(usize) -> Location) -> Result<u64> {
     let min_units = *value.get_ref();
     u64::try_from(min_units)

@@ -52,6 +52,8 @@ pub enum Mode {
     Template,
     /// Owner-approved code.
     Wasm,
+    /// Ad-hoc aggregate SQL under differential privacy: noisy answers, debited from a budget.
+    Private,
 }
 
 impl Mode {
@@ -60,6 +62,7 @@ impl Mode {
             Mode::Aggregate => "ad-hoc aggregate SQL",
             Mode::Template => "an approved template",
             Mode::Wasm => "approved code",
+            Mode::Private => "ad-hoc aggregate SQL under differential privacy",
         }
     }
 }
@@ -79,6 +82,12 @@ impl Level {
     /// Whether a column of this level may be used in this mode (the level-cap table above).
     pub fn allows_mode(self, mode: Mode) -> bool {
         self != Level::L4 || mode != Mode::Aggregate
+    }
+
+    /// Whether a measure of this level may be aggregated in ad-hoc SQL only under differential
+    /// privacy.
+    pub fn needs_dp(self) -> bool {
+        !self.allows_mode(Mode::Aggregate) && self.allows_mode(Mode::Private)
     }
 
     /// Why [`Level::allows_role`] refuses, for the loader's message.
@@ -216,6 +225,10 @@ pub struct ColumnPolicy {
     pub role: Role,
     /// The transform of a [`Role::Masked`] column; `None` for every other role.
     pub mask: Option<Mask>,
+    /// Declared range of a measure, `(low, high)`: under differential privacy every value is
+    /// clamped into it, and the noise is scaled to it. A measure without bounds cannot be
+    /// summed or averaged under differential privacy.
+    pub bounds: Option<(f64, f64)>,
     pub description: String,
     pub location: Location,
 }
@@ -311,9 +324,47 @@ impl FromStr for AggregateFunction {
     }
 }
 
+/// Differential privacy for ad-hoc aggregates (`[grant.aggregate.dp]`): what one query may
+/// spend, what a consumer org may spend in total on the dataset, and how much one privacy unit
+/// may contribute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpMode {
+    /// Epsilon of one query (the default, and the most a caller may ask for).
+    pub epsilon: f64,
+    /// Delta of one query: the chance that partition selection reveals a group of few units.
+    pub delta: f64,
+    /// Total epsilon a consumer org may spend on the dataset.
+    pub budget_epsilon: f64,
+    /// Total delta a consumer org may spend on the dataset.
+    pub budget_delta: f64,
+    /// Rows of one unit counted per group; a unit's further rows are not counted.
+    pub max_rows_per_unit: u64,
+    /// Groups one unit may contribute to; a unit in more groups is kept in as many chosen at
+    /// random.
+    pub max_groups_per_unit: u64,
+    /// Every ad-hoc query on the dataset runs under differential privacy, not only those that
+    /// read L4 measures or ask for it.
+    pub required: bool,
+}
+
+impl DpMode {
+    /// The stricter of two: the least epsilon, delta, budgets and contributions.
+    pub fn strictest(&self, other: &DpMode) -> DpMode {
+        DpMode {
+            epsilon: self.epsilon.min(other.epsilon),
+            delta: self.delta.min(other.delta),
+            budget_epsilon: self.budget_epsilon.min(other.budget_epsilon),
+            budget_delta: self.budget_delta.min(other.budget_delta),
+            max_rows_per_unit: self.max_rows_per_unit.min(other.max_rows_per_unit),
+            max_groups_per_unit: self.max_groups_per_unit.min(other.max_groups_per_unit),
+            required: self.required || other.required,
+        }
+    }
+}
+
 /// Mode `aggregate`: ad-hoc aggregate SQL whose every output row covers at least `min_units`
 /// distinct privacy units.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AggregateMode {
     pub min_units: u64,
     pub functions: BTreeSet<AggregateFunction>,
@@ -323,6 +374,8 @@ pub struct AggregateMode {
     /// Whether aggregate arguments may be expressions (`SUM(CASE WHEN ... THEN m END)`) rather
     /// than plain columns. Off by default: such an argument smuggles a predicate into a sum.
     pub expression_arguments: bool,
+    /// Differential privacy, when the grant offers it (and required for L4 measures).
+    pub dp: Option<DpMode>,
 }
 
 impl AggregateMode {
@@ -342,6 +395,12 @@ impl AggregateMode {
                 .cloned()
                 .collect(),
             expression_arguments: self.expression_arguments && other.expression_arguments,
+            // A grant without differential privacy does not take it away from one that has it:
+            // whichever applies, its parameters are the strictest of those given.
+            dp: match (&self.dp, &other.dp) {
+                (Some(a), Some(b)) => Some(a.strictest(b)),
+                (a, b) => a.clone().or_else(|| b.clone()),
+            },
         }
     }
 }

@@ -302,6 +302,34 @@ pub enum Record {
     TemplateRun {
         sha256: String,
     },
+    /// A query under differential privacy was admitted: its epsilon and delta are spent on
+    /// every dataset it reads, for the consumer org. Recorded before it executes, so a crash
+    /// never refunds a debit.
+    BudgetDebit {
+        org: String,
+        datasets: Vec<String>,
+        epsilon: f64,
+        delta: f64,
+    },
+    /// A dataset's owner renewed a consumer org's budget on it: what was spent before counts no
+    /// more. Never automatic: every renewal is one of these, with who and why.
+    BudgetRefreshed {
+        org: String,
+        dataset: String,
+        by: String,
+        reason: String,
+    },
+}
+
+/// What a consumer org has spent of its privacy budget on one dataset since its last renewal.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BudgetSpent {
+    pub epsilon: f64,
+    pub delta: f64,
+    /// Queries debited.
+    pub queries: u64,
+    /// Renewals so far.
+    pub refreshes: u64,
 }
 
 /// Why a module may not run.
@@ -492,6 +520,8 @@ pub struct Registry {
     template_names: BTreeMap<(String, String), String>,
     template_approvals: BTreeMap<String, BTreeMap<String, TemplateApproval>>,
     template_runs: BTreeMap<String, u64>,
+    /// (consumer org, dataset) -> budget spent since the last renewal.
+    budgets: BTreeMap<(String, String), BudgetSpent>,
 }
 
 impl Registry {
@@ -547,7 +577,40 @@ impl Registry {
                     .insert(approval.org.clone(), approval);
             }
             Record::TemplateRun { sha256 } => *self.template_runs.entry(sha256).or_default() += 1,
+            Record::BudgetDebit {
+                org,
+                datasets,
+                epsilon,
+                delta,
+            } => {
+                for dataset in datasets {
+                    let spent = self.budgets.entry((org.clone(), dataset)).or_default();
+                    spent.epsilon += epsilon;
+                    spent.delta += delta;
+                    spent.queries += 1;
+                }
+            }
+            Record::BudgetRefreshed { org, dataset, .. } => {
+                let spent = self.budgets.entry((org, dataset)).or_default();
+                *spent = BudgetSpent {
+                    refreshes: spent.refreshes + 1,
+                    ..BudgetSpent::default()
+                };
+            }
         }
+    }
+
+    /// What `org` has spent on `dataset` since the last renewal.
+    pub fn budget_spent(&self, org: &str, dataset: &str) -> BudgetSpent {
+        self.budgets
+            .get(&(org.to_string(), dataset.to_string()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Every (consumer org, dataset) with a debit or a renewal.
+    pub fn budgets(&self) -> impl Iterator<Item = (&(String, String), &BudgetSpent)> {
+        self.budgets.iter()
     }
 
     pub fn template(&self, sha256: &str) -> Option<&TemplateRecord> {

@@ -132,6 +132,7 @@ pub fn release_contract(
         schema: expected,
         batches: released,
         summary,
+        sketches: Vec::new(),
     })
 }
 

@@ -11,6 +11,9 @@
 //!    without counting them, so that the suppressed count never depends on that filter;
 //! 3. applies the query's `OFFSET`/`LIMIT` *after* suppression, so a limit cannot be used to learn
 //!    which rows would have been suppressed;
+//!    A row that passed the threshold is also suppressed when its units differ from those of a
+//!    row released to the same consumer org by an earlier query in fewer than `min_units` units
+//!    (the differencing defense, [`differencing`]), counted apart;
 //! 4. strips every hidden column (any name starting with [`HIDDEN_PREFIX`]).
 //!
 //! Code jobs pass [`release_contract`] instead: the approval's output contract (exact schema, one
@@ -20,15 +23,18 @@
 //! takes a `Released`, so no code path can send rows that did not pass the gate.
 
 mod contract;
+pub mod differencing;
+pub mod dp;
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt64Array};
+use arrow::array::{Array, ArrayRef, BinaryArray, BooleanArray, RecordBatch, UInt64Array};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::ipc::writer::StreamWriter;
 
 pub use contract::{ContractGate, contract_schema, release_contract};
+pub use dp::{DpOutput, DpReport, DpSpec, DpStat, NoisePlan, plan_noise, release_dp};
 
 /// Prefix of every column the sandbox adds for its own checks. Users may not name columns so.
 pub const HIDDEN_PREFIX: &str = "__sandbox_";
@@ -44,6 +50,8 @@ pub enum ReleaseError {
     MissingUnitCount,
     #[error("hidden unit count column has type {0}, expected UInt64; nothing is released")]
     UnitCountType(DataType),
+    #[error("result lacks the hidden unit sketch (or it is malformed); nothing is released")]
+    MissingSketch,
     #[error("hidden HAVING column has type {0}, expected Boolean; nothing is released")]
     HavingType(DataType),
     #[error("batch schema differs from the result schema; nothing is released")]
@@ -52,6 +60,8 @@ pub enum ReleaseError {
     TooManyRows { limit: usize },
     #[error("output breaks the approved contract: {0}; nothing is released")]
     ContractViolation(String),
+    #[error("differential privacy: {0}; nothing is released")]
+    Dp(String),
     #[error("cannot process result batches: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
 }
@@ -61,12 +71,14 @@ impl ReleaseError {
     pub fn code(&self) -> &'static str {
         match self {
             ReleaseError::MissingUnitCount => "release-missing-unit-count",
+            ReleaseError::MissingSketch => "release-missing-sketch",
             ReleaseError::UnitCountType(_) | ReleaseError::HavingType(_) => {
                 "release-hidden-column-type"
             }
             ReleaseError::SchemaMismatch => "release-schema-mismatch",
             ReleaseError::TooManyRows { .. } => "release-too-many-rows",
             ReleaseError::ContractViolation(_) => "contract-violation",
+            ReleaseError::Dp(_) => "release-dp",
             ReleaseError::Arrow(_) => "release-arrow",
         }
     }
@@ -91,7 +103,10 @@ pub struct GatePolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReleaseSummary {
     pub rows_released: u64,
+    /// Rows below the threshold.
     pub rows_suppressed: u64,
+    /// Rows at or above the threshold withheld by the differencing defense.
+    pub rows_differencing: u64,
     pub min_units: u64,
 }
 
@@ -101,6 +116,8 @@ pub struct Released {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
     summary: ReleaseSummary,
+    /// The unit sketches of the released rows (exact releases), for the consumer org's memory.
+    sketches: Vec<differencing::Sketch>,
 }
 
 impl Released {
@@ -112,6 +129,11 @@ impl Released {
     }
     pub fn summary(&self) -> ReleaseSummary {
         self.summary
+    }
+    /// The unit sketches of the released rows: what the consumer org's differencing memory
+    /// must remember once the release is recorded.
+    pub fn sketches(&self) -> &[differencing::Sketch] {
+        &self.sketches
     }
 
     /// The released rows as one Arrow IPC stream (schema, batches, end marker): the exact bytes
@@ -129,11 +151,13 @@ impl Released {
     }
 }
 
-/// Passes a result through the gate.
+/// Passes a result through the gate. `released_before` holds the sketches of every row released
+/// to the same consumer org before (its differencing memory).
 pub fn release(
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
     policy: &GatePolicy,
+    released_before: &[differencing::Sketch],
 ) -> Result<Released> {
     let units_index = schema
         .index_of(UNITS_COLUMN)
@@ -152,6 +176,13 @@ pub fn release(
         }
         Err(_) => None,
     };
+    let sketch_index = schema
+        .index_of(differencing::SKETCH_COLUMN)
+        .map_err(|_| ReleaseError::MissingSketch)?;
+    if schema.field(sketch_index).data_type() != &DataType::Binary {
+        return Err(ReleaseError::MissingSketch);
+    }
+    let mut released_sketches = Vec::new();
     let visible: Vec<usize> = schema
         .fields()
         .iter()
@@ -185,6 +216,33 @@ pub fn release(
             .map(|u| Some(u.unwrap_or(0) >= policy.min_units))
             .collect();
         summary.rows_suppressed += (batch.num_rows() - covered.true_count()) as u64;
+        // The differencing defense, over the rows that passed the threshold (before the query's
+        // HAVING, so the count does not depend on it either).
+        let sketches = batch
+            .column(sketch_index)
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .ok_or(ReleaseError::MissingSketch)?;
+        let mut row_sketches = Vec::with_capacity(batch.num_rows());
+        let mut covered_rows = Vec::with_capacity(batch.num_rows());
+        for row in 0..batch.num_rows() {
+            let sketch = if sketches.is_null(row) {
+                None
+            } else {
+                Some(differencing::decode(sketches.value(row)).ok_or(ReleaseError::MissingSketch)?)
+            };
+            let mut pass = covered.value(row);
+            if pass {
+                let sketch = sketch.as_ref().ok_or(ReleaseError::MissingSketch)?;
+                if differencing::is_differencing(sketch, released_before, policy.min_units) {
+                    pass = false;
+                    summary.rows_differencing += 1;
+                }
+            }
+            covered_rows.push(Some(pass));
+            row_sketches.push(sketch);
+        }
+        let covered = BooleanArray::from(covered_rows);
         // The query's own filter over aggregated rows applies only to rows that passed: a row it
         // rejects is simply not part of the answer, and is not counted.
         let keep = match having_index {
@@ -216,6 +274,12 @@ pub fn release(
             continue;
         }
         remaining -= take;
+        let kept_rows: Vec<usize> = (0..batch.num_rows()).filter(|&r| keep.value(r)).collect();
+        for &row in &kept_rows[skip_here..skip_here + take] {
+            if let Some(sketch) = row_sketches[row].take() {
+                released_sketches.push(sketch);
+            }
+        }
         summary.rows_released += take as u64;
         if summary.rows_released > policy.max_rows as u64 {
             return Err(ReleaseError::TooManyRows {
@@ -228,6 +292,7 @@ pub fn release(
         schema: out_schema,
         batches: released,
         summary,
+        sketches: released_sketches,
     })
 }
 
@@ -247,11 +312,43 @@ mod tests {
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{Field, Schema};
 
+    /// A sketch of the units `range` (one row each).
+    fn sketch_of(range: std::ops::Range<u64>) -> differencing::Sketch {
+        let mut sketch = differencing::Sketch::default();
+        for unit in range {
+            differencing::insert(
+                &mut sketch.cells,
+                unit.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                1,
+            );
+        }
+        sketch
+    }
+
+    fn sketch_column(sketches: &[differencing::Sketch]) -> ArrayRef {
+        Arc::new(BinaryArray::from_iter_values(
+            sketches.iter().map(|s| differencing::encode(&s.cells)),
+        ))
+    }
+
+    /// Disjoint unit sets of 100 units per row: far apart, never differencing.
+    fn disjoint(rows: usize) -> ArrayRef {
+        let sketches: Vec<_> = (0..rows as u64)
+            .map(|i| sketch_of(i * 1000..i * 1000 + 100))
+            .collect();
+        sketch_column(&sketches)
+    }
+
+    fn sketch_field() -> Field {
+        Field::new(differencing::SKETCH_COLUMN, DataType::Binary, false)
+    }
+
     fn batch(groups: &[&str], counts: &[i64], units: &[u64]) -> (SchemaRef, RecordBatch) {
         let schema = Arc::new(Schema::new(vec![
             Field::new("industry", DataType::Utf8, false),
             Field::new("n", DataType::Int64, false),
             Field::new(UNITS_COLUMN, DataType::UInt64, false),
+            sketch_field(),
         ]));
         let batch = RecordBatch::try_new(
             schema.clone(),
@@ -259,10 +356,65 @@ mod tests {
                 Arc::new(StringArray::from(groups.to_vec())),
                 Arc::new(Int64Array::from(counts.to_vec())),
                 unit_counts(units),
+                disjoint(groups.len()),
             ],
         )
         .expect("valid batch");
         (schema, batch)
+    }
+
+    #[test]
+    fn rows_a_few_units_away_from_released_ones_are_withheld() {
+        let released_before = vec![
+            sketch_of(0..100),
+            sketch_of(1000..1100),
+            sketch_of(1000..1103),
+        ];
+        let sketches = [
+            sketch_of(0..99),      // one unit less than a released row: withheld
+            sketch_of(0..100),     // the same units: released
+            sketch_of(50..150),    // 100 units away from every released row: released
+            sketch_of(51..150),    // 1 unit away from the row above, in the same query: released
+            sketch_of(1000..1100), // the same as one released row, 3 from another: released
+            sketch_of(0..5),       // below the threshold: suppressed, not counted as differencing
+        ];
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new(UNITS_COLUMN, DataType::UInt64, false),
+            sketch_field(),
+        ]));
+        let b = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["a", "b", "c", "d", "e", "f"])),
+                unit_counts(&[99, 100, 100, 99, 100, 5]),
+                sketch_column(&sketches),
+            ],
+        )
+        .unwrap();
+        let released = release(schema, vec![b], &policy(10), &released_before).unwrap();
+        let summary = released.summary();
+        assert_eq!(
+            (
+                summary.rows_released,
+                summary.rows_suppressed,
+                summary.rows_differencing
+            ),
+            (4, 1, 1)
+        );
+        assert_eq!(released.sketches(), &sketches[1..5]);
+    }
+
+    #[test]
+    fn a_result_without_sketches_releases_nothing() {
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            UNITS_COLUMN,
+            DataType::UInt64,
+            false,
+        )]));
+        let b = RecordBatch::try_new(schema.clone(), vec![unit_counts(&[50])]).unwrap();
+        let err = release(schema, vec![b], &policy(10), &[]).expect_err("must refuse");
+        assert_eq!(err.code(), "release-missing-sketch");
     }
 
     fn policy(min_units: u64) -> GatePolicy {
@@ -277,7 +429,7 @@ mod tests {
     #[test]
     fn suppresses_small_groups_and_strips_hidden_columns() {
         let (schema, b) = batch(&["A", "C", "F"], &[50, 3, 12], &[10, 3, 9]);
-        let released = release(schema, vec![b], &policy(10)).expect("released");
+        let released = release(schema, vec![b], &policy(10), &[]).expect("released");
         assert_eq!(released.summary().rows_released, 1);
         assert_eq!(released.summary().rows_suppressed, 2);
         assert_eq!(released.schema().fields().len(), 2);
@@ -298,6 +450,7 @@ mod tests {
             Field::new("industry", DataType::Utf8, false),
             Field::new(UNITS_COLUMN, DataType::UInt64, false),
             Field::new(HAVING_COLUMN, DataType::Boolean, true),
+            sketch_field(),
         ]));
         let batch = |having: Vec<Option<bool>>| {
             RecordBatch::try_new(
@@ -306,6 +459,7 @@ mod tests {
                     Arc::new(StringArray::from(vec!["A", "B", "C", "D"])),
                     unit_counts(&[20, 3, 30, 2]),
                     Arc::new(BooleanArray::from(having)),
+                    disjoint(4),
                 ],
             )
             .expect("valid batch")
@@ -321,7 +475,7 @@ mod tests {
                 .iter()
                 .filter(|h| **h == Some(true))
                 .count() as u64;
-            let released = release(schema.clone(), vec![batch(having)], &policy(10)).unwrap();
+            let released = release(schema.clone(), vec![batch(having)], &policy(10), &[]).unwrap();
             assert_eq!(released.summary().rows_suppressed, 2);
             assert_eq!(released.summary().rows_released, expected);
             assert_eq!(
@@ -337,7 +491,7 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
         let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1]))])
             .expect("valid batch");
-        let err = release(schema, vec![b], &policy(2)).expect_err("must refuse");
+        let err = release(schema, vec![b], &policy(2), &[]).expect_err("must refuse");
         assert_eq!(err.code(), "release-missing-unit-count");
     }
 
@@ -348,7 +502,7 @@ mod tests {
         let (schema, b) = batch(&["A", "C", "F"], &[1, 30, 40], &[1, 30, 40]);
         let mut p = policy(10);
         p.fetch = Some(1);
-        let released = release(schema, vec![b], &p).expect("released");
+        let released = release(schema, vec![b], &p, &[]).expect("released");
         assert_eq!(released.summary().rows_released, 1);
         assert_eq!(released.summary().rows_suppressed, 1);
         let n = released.batches()[0]
@@ -366,7 +520,9 @@ mod tests {
         let mut p = policy(2);
         p.max_rows = 1;
         assert_eq!(
-            release(schema, vec![b], &p).expect_err("over cap").code(),
+            release(schema, vec![b], &p, &[])
+                .expect_err("over cap")
+                .code(),
             "release-too-many-rows"
         );
     }

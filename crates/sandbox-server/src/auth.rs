@@ -36,10 +36,12 @@ pub enum Rpc {
     SubmitTemplate,
     ApproveTemplate,
     ListTemplates,
+    GetBudgets,
+    RefreshBudget,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 22] = [
+    pub const ALL: [Rpc; 24] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::FetchResult,
@@ -62,6 +64,8 @@ impl Rpc {
         Rpc::SubmitTemplate,
         Rpc::ApproveTemplate,
         Rpc::ListTemplates,
+        Rpc::GetBudgets,
+        Rpc::RefreshBudget,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +92,8 @@ impl Rpc {
             Rpc::SubmitTemplate => "SubmitTemplate",
             Rpc::ApproveTemplate => "ApproveTemplate",
             Rpc::ListTemplates => "ListTemplates",
+            Rpc::GetBudgets => "GetBudgets",
+            Rpc::RefreshBudget => "RefreshBudget",
         }
     }
 }
@@ -118,6 +124,9 @@ pub fn required_roles(rpc: Rpc) -> &'static [PrincipalRole] {
         Rpc::ApproveTemplate => &[Owner],
         // Template text and approvals, never data.
         Rpc::ListTemplates => &[Analyst, Consumer, Owner, Auditor],
+        // Figures of spent budgets, never data.
+        Rpc::GetBudgets => &[Analyst, Consumer, Owner, Auditor],
+        Rpc::RefreshBudget => &[Owner],
     }
 }
 
@@ -258,6 +267,8 @@ mod tests {
             (Rpc::SubmitTemplate, &[Analyst, Consumer]),
             (Rpc::ApproveTemplate, &[Owner]),
             (Rpc::ListTemplates, &[Analyst, Consumer, Owner, Auditor]),
+            (Rpc::GetBudgets, &[Analyst, Consumer, Owner, Auditor]),
+            (Rpc::RefreshBudget, &[Owner]),
         ];
         assert_eq!(expected.len(), Rpc::ALL.len());
         for rpc in Rpc::ALL {

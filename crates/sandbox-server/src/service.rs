@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use futures::Stream;
 use sandbox_engine::{
-    ApprovalRequest, Consent, ConsentKey, Decision, Engine, JobSnapshot, JobSpec, JobState,
-    ModuleView, ReleaseOutcome, RequestContext, TemplateOutput, TemplateView,
+    ApprovalRequest, BudgetView, Consent, ConsentKey, Decision, DpRequest, Engine, JobSnapshot,
+    JobSpec, JobState, ModuleView, ReleaseOutcome, RequestContext, TemplateOutput, TemplateView,
 };
 use sandbox_proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -149,7 +149,14 @@ fn template(view: TemplateView) -> pb::Template {
 
 fn job_spec(spec: Option<pb::JobSpec>, request_id: &str) -> Result<JobSpec, Status> {
     match spec.and_then(|s| s.kind) {
-        Some(pb::job_spec::Kind::Sql(sql)) => Ok(JobSpec::Sql { query: sql.query }),
+        Some(pb::job_spec::Kind::Sql(sql)) => Ok(JobSpec::Sql {
+            query: sql.query,
+            dp: (sql.differential_privacy || sql.epsilon.is_some_and(|e| e != 0.0)).then_some(
+                DpRequest {
+                    epsilon: sql.epsilon.filter(|e| *e != 0.0),
+                },
+            ),
+        }),
         Some(pb::job_spec::Kind::Wasm(wasm)) => Ok(JobSpec::Wasm {
             module_sha256: wasm.module_sha256,
             input_query: wasm.input_query,
@@ -181,10 +188,40 @@ fn summary(outcome: &ReleaseOutcome) -> pb::ReleaseSummary {
     pb::ReleaseSummary {
         rows_released: outcome.rows_released,
         rows_suppressed: outcome.rows_suppressed,
+        rows_differencing: outcome.rows_differencing,
         min_units: outcome.min_units,
         result_sha256: outcome.result_sha256.clone(),
         audit_seq: outcome.audit_seq,
         rows_scanned: outcome.rows_scanned,
+        dp: outcome.dp.as_ref().map(|dp| pb::DpSummary {
+            epsilon_spent: dp.epsilon_spent,
+            delta_spent: dp.delta_spent,
+            epsilon_remaining: dp.epsilon_remaining,
+            delta_remaining: dp.delta_remaining,
+            cached: dp.cached,
+            columns: dp
+                .columns
+                .iter()
+                .map(|c| pb::NoiseColumn {
+                    column: c.column.clone(),
+                    scale: c.scale,
+                    accuracy_95: c.accuracy_95,
+                })
+                .collect(),
+        }),
+    }
+}
+
+fn budget(view: BudgetView) -> pb::Budget {
+    pb::Budget {
+        org: view.org,
+        dataset: view.dataset,
+        epsilon_budget: view.epsilon_budget,
+        delta_budget: view.delta_budget,
+        epsilon_spent: view.epsilon_spent,
+        delta_spent: view.delta_spent,
+        queries: view.queries,
+        refreshes: view.refreshes,
     }
 }
 
@@ -278,6 +315,22 @@ impl pb::sandbox_server::Sandbox for SandboxService {
             .await
             .map_err(|e| status_of(&e, &ctx.request_id))?;
         Ok(Response::new(job_status(&snapshot)))
+    }
+
+    async fn get_budgets(
+        &self,
+        request: Request<pb::GetBudgetsRequest>,
+    ) -> Result<Response<pb::GetBudgetsResponse>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::GetBudgets).await?;
+        let views = self
+            .gate
+            .engine
+            .budgets(&ctx)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(pb::GetBudgetsResponse {
+            budgets: views.into_iter().map(budget).collect(),
+        }))
     }
 
     async fn list_datasets(
@@ -706,6 +759,21 @@ impl pb::governance_server::Governance for GovernanceService {
         Ok(Response::new(pb::ListTemplatesResponse {
             templates: views.into_iter().map(template).collect(),
         }))
+    }
+
+    async fn refresh_budget(
+        &self,
+        request: Request<pb::RefreshBudgetRequest>,
+    ) -> Result<Response<pb::Budget>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::RefreshBudget).await?;
+        let r = request.into_inner();
+        let view = self
+            .gate
+            .engine
+            .refresh_budget(&ctx, &r.org, &r.dataset, &r.reason)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(Response::new(budget(view)))
     }
 
     async fn reject_module(

@@ -108,7 +108,10 @@ async fn workload(addr: String, token: String, worker: usize, received: Arc<Mute
     for round in 0.. {
         let query = QUERIES[(worker + round) % QUERIES.len()].to_string();
         let spec = pb::JobSpec {
-            kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob { query })),
+            kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob {
+                query,
+                ..Default::default()
+            })),
         };
         let Ok(submitted) = client
             .submit_job(request(pb::SubmitJobRequest {
@@ -275,6 +278,7 @@ async fn one_job(addr: &str, token: &str) -> Result<Received, tonic::Status> {
     let spec = pb::JobSpec {
         kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob {
             query: QUERIES[0].to_string(),
+            ..Default::default()
         })),
     };
     let job_id = client

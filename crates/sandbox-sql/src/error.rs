@@ -69,6 +69,13 @@ pub enum Rule {
     PrivacyUnitUnavailable,
     /// Row mode (a code job's input): a column the module's approval does not list.
     ColumnNotApproved,
+    /// Differential privacy is asked for or needed, but a dataset's grant does not offer it.
+    DpNotGranted,
+    /// A query shape or function differential privacy does not cover here (`MIN`/`MAX`,
+    /// `HAVING`, ordering by a noisy value, nested aggregates, joins through a join key).
+    DpNotSupported,
+    /// `SUM` or `AVG` under differential privacy of a measure without declared bounds.
+    DpBoundsMissing,
 }
 
 impl Rule {
@@ -105,11 +112,14 @@ impl Rule {
             Rule::LimitNotConstant => "limit-not-constant",
             Rule::PrivacyUnitUnavailable => "privacy-unit-unavailable",
             Rule::ColumnNotApproved => "column-not-approved",
+            Rule::DpNotGranted => "dp-not-granted",
+            Rule::DpNotSupported => "dp-not-supported",
+            Rule::DpBoundsMissing => "dp-bounds-missing",
         }
     }
 
     /// Every rule, for documentation and for tests that check the suite covers them.
-    pub const ALL: [Rule; 31] = [
+    pub const ALL: [Rule; 34] = [
         Rule::StatementNotQuery,
         Rule::QueryTooLong,
         Rule::DatasetNotGranted,
@@ -141,6 +151,9 @@ impl Rule {
         Rule::LimitNotConstant,
         Rule::PrivacyUnitUnavailable,
         Rule::ColumnNotApproved,
+        Rule::DpNotGranted,
+        Rule::DpNotSupported,
+        Rule::DpBoundsMissing,
     ];
 }
 

@@ -42,15 +42,18 @@ use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
     Aggregate, AggregateUDF, Between, BinaryExpr, Expr, ExprSchemable, FetchType, Filter, Join,
-    JoinType, LogicalPlan, Operator, Projection, SkipType, Sort, SubqueryAlias, TableScan, cast,
-    when,
+    JoinType, Limit, LogicalPlan, Operator, Projection, SkipType, Sort, SubqueryAlias, TableScan,
+    cast, when,
 };
 use sandbox_policy::{
-    AggregateFunction as Allowed, AggregateMode, DatasetPolicy, Level, Mask, Mode, Role,
+    AggregateFunction as Allowed, AggregateMode, DatasetPolicy, DpMode, Level, Mask, Mode, Role,
 };
+use sandbox_release::DpSpec;
 
 use crate::error::{Denial, Rule, SqlError};
+use crate::sketch::UnitSketch;
 use crate::units::CappedUnits;
+pub use sandbox_release::differencing::SKETCH_COLUMN;
 
 /// Prefix and name of the hidden unit-count column. They match `sandbox-release`'s constants; the
 /// engine checks that at start so the two cannot drift.
@@ -103,6 +106,17 @@ pub struct Guarded {
     pub datasets: Vec<String>,
     /// Columns touched, as `dataset.column`.
     pub columns: Vec<String>,
+    /// Set when the query runs under differential privacy: what the gate must noise, and the
+    /// combined parameters of the grants. Then `min_units` is 0: partition selection decides
+    /// which groups show.
+    pub dp: Option<DpGuarded>,
+}
+
+/// A query under differential privacy, as the guard found it.
+#[derive(Debug, Clone)]
+pub struct DpGuarded {
+    pub spec: DpSpec,
+    pub mode: DpMode,
 }
 
 /// Where a value in the plan comes from.
@@ -149,40 +163,85 @@ impl Lineage {
 
 /// How a row-level expression is used, for the rule that names a violation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Use {
+pub(crate) enum Use {
     Filter,
     Group,
     Derive,
 }
 
-struct Guard<'a> {
-    granted: &'a HashMap<String, GrantedDataset>,
-    /// Ad-hoc SQL or an approved template: decides what the level caps allow.
-    context: Mode,
-    datasets: BTreeSet<String>,
-    columns: BTreeSet<String>,
+pub(crate) struct Guard<'a> {
+    pub(crate) granted: &'a HashMap<String, GrantedDataset>,
+    /// Ad-hoc SQL, under differential privacy or not, or an approved template: decides what the
+    /// level caps allow.
+    pub(crate) context: Mode,
+    pub(crate) datasets: BTreeSet<String>,
+    pub(crate) columns: BTreeSet<String>,
     /// The aggregate mode of each dataset scanned.
-    modes: BTreeMap<String, AggregateMode>,
+    pub(crate) modes: BTreeMap<String, AggregateMode>,
     /// Union-find over table scans: scans whose privacy units a join equated share a root.
-    unit_parent: Vec<usize>,
+    pub(crate) unit_parent: Vec<usize>,
+}
+
+impl<'a> Guard<'a> {
+    pub(crate) fn new(granted: &'a HashMap<String, GrantedDataset>, context: Mode) -> Self {
+        Guard {
+            granted,
+            context,
+            datasets: BTreeSet::new(),
+            columns: BTreeSet::new(),
+            modes: BTreeMap::new(),
+            unit_parent: Vec::new(),
+        }
+    }
 }
 
 /// Checks a plan against the caller's grants and rewrites it for the release gate. `context` is
-/// [`Mode::Aggregate`] for ad-hoc SQL and [`Mode::Template`] for an owner-approved template, whose
+/// [`Mode::Aggregate`] for ad-hoc SQL, [`Mode::Private`] for ad-hoc SQL the caller asks to run
+/// under differential privacy, and [`Mode::Template`] for an owner-approved template, whose
 /// grants the engine builds from the template's approval.
+///
+/// Ad-hoc SQL runs under differential privacy when the caller asks, when a grant of a dataset it
+/// reads requires it, or when it reads a measure whose level allows ad-hoc use only under
+/// differential privacy (L4) and every dataset it reads offers it. Otherwise it is exact, under
+/// the threshold.
 pub fn guard(
     plan: &LogicalPlan,
     granted: &HashMap<String, GrantedDataset>,
     context: Mode,
 ) -> Result<Guarded, SqlError> {
-    let mut guard = Guard {
-        granted,
-        context,
-        datasets: BTreeSet::new(),
-        columns: BTreeSet::new(),
-        modes: BTreeMap::new(),
-        unit_parent: Vec::new(),
-    };
+    if !matches!(context, Mode::Aggregate | Mode::Private) {
+        return guard_exact(plan, granted, context);
+    }
+    let modes = crate::dp::scanned_modes(plan, granted);
+    let offered = !modes.is_empty() && modes.iter().all(|m| m.dp.is_some());
+    let required = modes
+        .iter()
+        .any(|m| m.dp.as_ref().is_some_and(|dp| dp.required));
+    if context == Mode::Private || required {
+        if !offered {
+            return Err(deny(
+                Rule::DpNotGranted,
+                "differential privacy is asked for or required, but not every dataset the query \
+                 reads offers it to you",
+            ));
+        }
+        return crate::dp::guard_dp(plan, granted);
+    }
+    match guard_exact(plan, granted, Mode::Aggregate) {
+        Err(SqlError::Denied(denial)) if denial.rule == Rule::LevelCap && offered => {
+            crate::dp::guard_dp(plan, granted)
+        }
+        other => other,
+    }
+}
+
+/// The exact guard: the threshold on distinct units, no noise.
+fn guard_exact(
+    plan: &LogicalPlan,
+    granted: &HashMap<String, GrantedDataset>,
+    context: Mode,
+) -> Result<Guarded, SqlError> {
+    let mut guard = Guard::new(granted, context);
     // Anywhere in the plan, not only in its output: an inner column named like the hidden unit
     // count could otherwise be mistaken for it after the rewrite.
     if uses_reserved_name(plan) {
@@ -250,14 +309,7 @@ pub fn guard(
                         "LIMIT/OFFSET is only allowed on the outermost query",
                     ));
                 }
-                skip = match limit.get_skip_type() {
-                    Ok(SkipType::Literal(n)) => n,
-                    _ => return Err(deny(Rule::LimitNotConstant, "OFFSET must be a constant")),
-                };
-                fetch = match limit.get_fetch_type() {
-                    Ok(FetchType::Literal(n)) => n,
-                    _ => return Err(deny(Rule::LimitNotConstant, "LIMIT must be a constant")),
-                };
+                (skip, fetch) = limit_values(limit)?;
             }
             LogicalPlan::Filter(filter) => {
                 post_aggregate_expr(&filter.predicate, filter.input.schema())?;
@@ -278,6 +330,7 @@ pub fn guard(
             LogicalPlan::Projection(projection) => {
                 let mut exprs = projection.expr.clone();
                 exprs.push(Expr::Column(Column::new_unqualified(UNITS_COLUMN)));
+                exprs.push(Expr::Column(Column::new_unqualified(SKETCH_COLUMN)));
                 if having {
                     exprs.push(Expr::Column(Column::new_unqualified(HAVING_COLUMN)));
                 }
@@ -316,11 +369,25 @@ pub fn guard(
         fetch,
         datasets: guard.datasets.into_iter().collect(),
         columns: guard.columns.into_iter().collect(),
+        dp: None,
     })
 }
 
+/// A query's `OFFSET` and `LIMIT`, which must be constants (the gate applies them).
+pub(crate) fn limit_values(limit: &Limit) -> Result<(usize, Option<usize>), SqlError> {
+    let skip = match limit.get_skip_type() {
+        Ok(SkipType::Literal(n)) => n,
+        _ => return Err(deny(Rule::LimitNotConstant, "OFFSET must be a constant")),
+    };
+    let fetch = match limit.get_fetch_type() {
+        Ok(FetchType::Literal(n)) => n,
+        _ => return Err(deny(Rule::LimitNotConstant, "LIMIT must be a constant")),
+    };
+    Ok((skip, fetch))
+}
+
 /// A column expression for every column of a schema, qualifiers kept.
-fn columns_of(schema: &DFSchema) -> Vec<Expr> {
+pub(crate) fn columns_of(schema: &DFSchema) -> Vec<Expr> {
     schema
         .iter()
         .map(|(qualifier, field)| Expr::Column(Column::new(qualifier.cloned(), field.name())))
@@ -389,12 +456,12 @@ pub(crate) fn deny(rule: Rule, message: impl Into<String>) -> SqlError {
     SqlError::Denied(Denial::new(rule, message))
 }
 
-fn rewrite_error(e: datafusion::error::DataFusionError) -> SqlError {
+pub(crate) fn rewrite_error(e: datafusion::error::DataFusionError) -> SqlError {
     // Fail closed: a plan the rewrite cannot rebuild is not run.
     SqlError::Plan(format!("cannot add the hidden unit count: {e}"))
 }
 
-fn single_input(node: &LogicalPlan) -> Result<&LogicalPlan, SqlError> {
+pub(crate) fn single_input(node: &LogicalPlan) -> Result<&LogicalPlan, SqlError> {
     match node.inputs().as_slice() {
         [input] => Ok(input),
         _ => Err(node_denial(node)),
@@ -409,7 +476,7 @@ pub(crate) fn uses_reserved_name(plan: &LogicalPlan) -> bool {
         || plan.inputs().into_iter().any(uses_reserved_name)
 }
 
-fn contains_aggregate(plan: &LogicalPlan) -> bool {
+pub(crate) fn contains_aggregate(plan: &LogicalPlan) -> bool {
     matches!(plan, LogicalPlan::Aggregate(_)) || plan.inputs().into_iter().any(contains_aggregate)
 }
 
@@ -531,12 +598,31 @@ impl Guard<'_> {
                 None,
             ))
         };
+        // Every row also carries the sketch of its units, for the differencing defense.
+        let sketch = Expr::AggregateFunction(AggregateFunction::new_udf(
+            Arc::new(AggregateUDF::new_from_impl(UnitSketch::units())),
+            unit_columns.clone(),
+            false,
+            None,
+            vec![],
+            None,
+        ))
+        .alias(SKETCH_COLUMN);
         let rewritten = match existing_exact_count {
             // The query already counts distinct units exactly: the hidden count is that column.
             // Adding the capped counter beside it would also stop DataFusion from planning the
             // `COUNT(DISTINCT)` as a two-phase group-by, which is much slower.
             Some(index) => {
-                let plan = LogicalPlan::Aggregate(aggregate.clone());
+                let mut aggr_expr = aggregate.aggr_expr.clone();
+                aggr_expr.push(sketch);
+                let plan = LogicalPlan::Aggregate(
+                    Aggregate::try_new(
+                        aggregate.input.clone(),
+                        aggregate.group_expr.clone(),
+                        aggr_expr,
+                    )
+                    .map_err(rewrite_error)?,
+                );
                 let schema = plan.schema().clone();
                 let mut exprs = columns_of(&schema);
                 let (qualifier, field) = schema.qualified_field(aggregate.group_expr.len() + index);
@@ -554,6 +640,7 @@ impl Guard<'_> {
             None if unit_columns.len() == 1 => {
                 let mut aggr_expr = aggregate.aggr_expr.clone();
                 aggr_expr.push(capped(unit_columns[0].clone()).alias(UNITS_COLUMN));
+                aggr_expr.push(sketch);
                 LogicalPlan::Aggregate(
                     Aggregate::try_new(
                         aggregate.input.clone(),
@@ -567,6 +654,7 @@ impl Guard<'_> {
             // so the row is released only if every class reaches the threshold.
             None => {
                 let mut aggr_expr = aggregate.aggr_expr.clone();
+                aggr_expr.push(sketch);
                 let mut counts = Vec::new();
                 for (i, column) in unit_columns.iter().enumerate() {
                     let name = format!("{UNITS_COLUMN}_{i}");
@@ -627,7 +715,7 @@ impl Guard<'_> {
                 _ => break,
             }
         }
-        let inner = guard(&aggregate.input, self.granted, self.context)?;
+        let inner = guard_exact(&aggregate.input, self.granted, self.context)?;
         if inner.skip != 0 || inner.fetch.is_some() {
             return Err(deny(
                 Rule::NestedAggregateNotSupported,
@@ -660,13 +748,27 @@ impl Guard<'_> {
         let released = LogicalPlan::Filter(
             Filter::try_new(releasable, Arc::new(inner.plan)).map_err(rewrite_error)?,
         );
+        let sketch = || Expr::Column(Column::new_unqualified(SKETCH_COLUMN));
         let mut exprs = columns_of(input_schema);
         exprs.push(units());
+        exprs.push(sketch());
         let released = LogicalPlan::Projection(
             Projection::try_new(exprs, Arc::new(released)).map_err(rewrite_error)?,
         );
         let mut aggr_expr = aggregate.aggr_expr.clone();
         aggr_expr.push(max(units()).alias(UNITS_COLUMN));
+        // An outer row covers the union of its inner rows' units: sketches add.
+        aggr_expr.push(
+            Expr::AggregateFunction(AggregateFunction::new_udf(
+                Arc::new(AggregateUDF::new_from_impl(UnitSketch::sum())),
+                vec![sketch()],
+                false,
+                None,
+                vec![],
+                None,
+            ))
+            .alias(SKETCH_COLUMN),
+        );
         let rewritten = LogicalPlan::Aggregate(
             Aggregate::try_new(Arc::new(released), aggregate.group_expr.clone(), aggr_expr)
                 .map_err(rewrite_error)?,
@@ -675,7 +777,7 @@ impl Guard<'_> {
     }
 
     /// Lineage of every output column of a node below the aggregate.
-    fn below(&mut self, node: &LogicalPlan) -> Result<Vec<Lineage>, SqlError> {
+    pub(crate) fn below(&mut self, node: &LogicalPlan) -> Result<Vec<Lineage>, SqlError> {
         match node {
             LogicalPlan::TableScan(scan) => {
                 let name = scan.table_name.table();
@@ -777,7 +879,7 @@ impl Guard<'_> {
         Ok(())
     }
 
-    fn root(&self, mut scan: usize) -> usize {
+    pub(crate) fn root(&self, mut scan: usize) -> usize {
         while self.unit_parent[scan] != scan {
             scan = self.unit_parent[scan];
         }
@@ -790,13 +892,13 @@ impl Guard<'_> {
     }
 
     /// The distinct unit classes of the scans, by root.
-    fn unit_roots(&self) -> BTreeSet<usize> {
+    pub(crate) fn unit_roots(&self) -> BTreeSet<usize> {
         (0..self.unit_parent.len()).map(|s| self.root(s)).collect()
     }
 
     /// The strictest combination of the modes of every dataset scanned: the largest threshold
     /// and the functions all allow.
-    fn combined_mode(&self) -> Result<AggregateMode, SqlError> {
+    pub(crate) fn combined_mode(&self) -> Result<AggregateMode, SqlError> {
         self.modes
             .values()
             .cloned()
@@ -811,7 +913,7 @@ impl Guard<'_> {
 
     /// The denial for a query without an aggregate: the most specific rule that explains why its
     /// rows cannot be released.
-    fn no_aggregate(&mut self, plan: &LogicalPlan) -> SqlError {
+    pub(crate) fn no_aggregate(&mut self, plan: &LogicalPlan) -> SqlError {
         let mut sources = Vec::new();
         raw_sources(plan, self.granted, &mut sources);
         if sources.iter().any(|(_, role)| *role == Role::Identifier) {
@@ -832,7 +934,7 @@ impl Guard<'_> {
         }
     }
 
-    fn lookup(
+    pub(crate) fn lookup(
         &mut self,
         column: &Column,
         schema: &DFSchema,
@@ -935,7 +1037,7 @@ impl Guard<'_> {
     }
 
     /// Checks a row-level expression (below the aggregate) and returns its lineage.
-    fn row_expr(
+    pub(crate) fn row_expr(
         &mut self,
         expr: &Expr,
         schema: &DFSchema,
@@ -1002,7 +1104,7 @@ impl Guard<'_> {
         Ok(result)
     }
 
-    fn aggregate_expr(
+    pub(crate) fn aggregate_expr(
         &mut self,
         expr: &Expr,
         schema: &DFSchema,
@@ -1523,7 +1625,7 @@ fn allowed_operator(op: Operator) -> bool {
     )
 }
 
-fn no_grouping_sets(aggregate: &Aggregate) -> Result<(), SqlError> {
+pub(crate) fn no_grouping_sets(aggregate: &Aggregate) -> Result<(), SqlError> {
     if aggregate
         .group_expr
         .iter()
@@ -1572,7 +1674,7 @@ fn outer_aggregate_expr(expr: &Expr, schema: &DFSchema) -> Result<(), SqlError> 
 
 /// Expressions over aggregated values (above the aggregate): the same expression kinds, over
 /// columns that are group keys or allowed aggregates.
-fn post_aggregate_expr(expr: &Expr, schema: &DFSchema) -> Result<(), SqlError> {
+pub(crate) fn post_aggregate_expr(expr: &Expr, schema: &DFSchema) -> Result<(), SqlError> {
     match expr {
         Expr::Column(_) | Expr::Literal(..) => Ok(()),
         Expr::Alias(alias) => post_aggregate_expr(&alias.expr, schema),

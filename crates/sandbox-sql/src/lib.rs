@@ -14,15 +14,19 @@
 //! it), a time limit, a row cap and a cancellation token, and returns [`Executed`]: batches that
 //! still carry the hidden column and must pass the release gate before anything leaves.
 
+mod dp;
 mod error;
 mod guard;
 pub mod masks;
 mod rows;
 mod session;
+pub mod sketch;
 pub mod units;
 
 pub use error::{Denial, Result, Rule, SqlError};
-pub use guard::{GrantedDataset, Guarded, HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN, guard};
+pub use guard::{
+    DpGuarded, GrantedDataset, Guarded, HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN, guard,
+};
 pub use masks::PseudonymKey;
 pub use rows::{GuardedRows, RowScope, guard_rows};
 pub use session::{Executed, PlannedQuery, PlannedRows, SqlEngine, SqlLimits, placeholder_values};

@@ -25,7 +25,7 @@ use datafusion::logical_expr::{
 };
 
 /// Hash state for units. Fixed, so that partial states from different partitions merge.
-const UNIT_HASH: QualityRandomState = QualityRandomState::with_seed(0x5a4e_4442_4f58);
+pub(crate) const UNIT_HASH: QualityRandomState = QualityRandomState::with_seed(0x5a4e_4442_4f58);
 
 /// The aggregate `sandbox_capped_units(unit)`. It is never registered in a session, so queries
 /// cannot call it; only the guard's rewrite adds it.

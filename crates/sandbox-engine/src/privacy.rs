@@ -1,0 +1,412 @@
+//! Differential privacy in the engine: the budget ledger, the answer cache, budget views and
+//! renewals.
+//!
+//! The ledger is the registry's: `BudgetDebit` records (in a job's `AdmitJob` event, durable
+//! before the query executes) and `BudgetRefreshed` records (an owner's explicit renewal), folded
+//! at start like approvals and runs. A debit is checked and applied under the registry lock, so
+//! concurrent queries cannot overspend, and it is never refunded: a job that fails or a server
+//! that crashes after admission keeps it spent.
+//!
+//! An identical query (same consumer org, same rewritten plan, same epsilon) gets the answer
+//! already released, at no cost: asking again cannot average the noise away. Answers are kept in
+//! memory; after a restart, the repeat of a query is answered afresh and paid again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ring::digest;
+use sandbox_audit::AuditEvent;
+use sandbox_policy::{PrincipalRole, Record};
+use sandbox_release::dp::{DpReport, plan_noise, release_dp};
+use sandbox_release::{GatePolicy, Released};
+use sandbox_sql::PlannedQuery;
+use tracing::Instrument;
+
+use crate::error::{EngineError, Result};
+use crate::jobs::{DpOutcome, Engine, JobSnapshot, Produced, RequestContext};
+use crate::modules::record_value;
+
+/// Most answers kept; beyond it the cache starts afresh (a repeat then pays again).
+const MAX_CACHED_ANSWERS: usize = 10_000;
+
+#[derive(Clone)]
+struct CachedAnswer {
+    released: Released,
+    report: DpReport,
+    job_id: String,
+}
+
+/// Released DP answers by (consumer org, plan digest).
+#[derive(Default)]
+pub(crate) struct AnswerCache {
+    answers: Mutex<HashMap<String, CachedAnswer>>,
+}
+
+impl AnswerCache {
+    fn get(&self, key: &str) -> Option<CachedAnswer> {
+        self.lock().get(key).cloned()
+    }
+
+    fn put(&self, key: String, answer: CachedAnswer) {
+        let mut answers = self.lock();
+        if answers.len() >= MAX_CACHED_ANSWERS {
+            answers.clear();
+        }
+        answers.insert(key, answer);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CachedAnswer>> {
+        self.answers
+            .lock()
+            .expect("answer cache lock is never poisoned")
+    }
+}
+
+/// A consumer org's budget on one dataset, as a caller may see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetView {
+    pub org: String,
+    pub dataset: String,
+    /// The total the caller's grant allows; `None` where the viewer is not that consumer (an
+    /// owner or an auditor sees what was spent, each consumer's grant says how much it may).
+    pub epsilon_budget: Option<f64>,
+    pub delta_budget: Option<f64>,
+    pub epsilon_spent: f64,
+    pub delta_spent: f64,
+    pub queries: u64,
+    pub refreshes: u64,
+}
+
+fn denied(code: &'static str, message: impl Into<String>) -> EngineError {
+    EngineError::Denied {
+        code,
+        message: message.into(),
+    }
+}
+
+/// The text a DP job's terminal event carries.
+pub(crate) fn journal_note(dp: &DpOutcome) -> String {
+    let columns: Vec<String> = dp
+        .columns
+        .iter()
+        .filter(|c| c.scale > 0.0)
+        .map(|c| {
+            format!(
+                "{} scale {:.4} (95% ±{:.4})",
+                c.column, c.scale, c.accuracy_95
+            )
+        })
+        .collect();
+    format!(
+        "differential privacy: epsilon {} delta {:e}{}; remaining epsilon {} delta {:e}; {}",
+        dp.epsilon_spent,
+        dp.delta_spent,
+        if dp.cached { " (cached answer)" } else { "" },
+        dp.epsilon_remaining,
+        dp.delta_remaining,
+        columns.join(", ")
+    )
+}
+
+impl Engine {
+    /// Admits a query the guard planned under differential privacy: the epsilon asked for
+    /// (within the grant's), the noise plan, a cached answer if the same query was answered,
+    /// otherwise the budget check and debit under the registry lock, recorded with the job's
+    /// admission.
+    pub(crate) async fn submit_dp(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        mut event: AuditEvent,
+        started: Instant,
+        planned: PlannedQuery,
+        requested: Option<f64>,
+    ) -> Result<JobSnapshot> {
+        let guarded = planned
+            .guarded
+            .dp
+            .clone()
+            .expect("submit_dp takes a plan under differential privacy");
+        event.datasets = planned.guarded.datasets.clone();
+        event.columns = planned.guarded.columns.clone();
+        let epsilon = match requested {
+            None => guarded.mode.epsilon,
+            Some(e) if e.is_finite() && e > 0.0 && e <= guarded.mode.epsilon => e,
+            Some(e) => {
+                let error = denied(
+                    "dp-epsilon-not-allowed",
+                    format!(
+                        "epsilon {e} is not allowed: your grant allows up to {} per query",
+                        guarded.mode.epsilon
+                    ),
+                );
+                return self.refuse_job(event, started, error).await;
+            }
+        };
+        let noise = match plan_noise(&guarded.spec, epsilon, guarded.mode.delta) {
+            Ok(noise) => noise,
+            Err(error) => return self.refuse_job(event, started, error.into()).await,
+        };
+        let org = ctx.principal.org.clone();
+        let key = hex::encode(digest::digest(
+            &digest::SHA256,
+            // The plan computes the statistics; the spec names the outputs (aliases included).
+            format!(
+                "{org}\0{}\0{:?}\0{}\0{}\0{}",
+                planned.display_plan(),
+                guarded.spec,
+                epsilon.to_bits(),
+                guarded.mode.delta.to_bits(),
+                planned.guarded.skip
+            )
+            .as_bytes(),
+        ));
+        let datasets = planned.guarded.datasets.clone();
+
+        if let Some(cached) = self.dp_answers.get(&key) {
+            let (epsilon_remaining, delta_remaining) = self.remaining(ctx, &datasets, 0.0, 0.0)?;
+            let dp = DpOutcome {
+                epsilon_spent: 0.0,
+                delta_spent: 0.0,
+                epsilon_remaining,
+                delta_remaining,
+                cached: true,
+                columns: cached.report.columns.clone(),
+            };
+            event.message = format!("the answer already released by job {}", cached.job_id);
+            return self
+                .spawn_job(ctx, event, started, move |_, _| async move {
+                    Ok(Produced {
+                        dp: Some(dp),
+                        ..Produced::sql(cached.released, 0)
+                    })
+                })
+                .await;
+        }
+
+        // Check and debit under one lock: concurrent queries cannot both take the last of a
+        // budget. The record goes into the job's admission, durable before it executes.
+        let debit = Record::BudgetDebit {
+            org: org.clone(),
+            datasets: datasets.clone(),
+            epsilon: noise.epsilon,
+            delta: noise.delta,
+        };
+        let remaining = {
+            let mut registry = self.registry();
+            let remaining =
+                self.remaining_in(&registry, ctx, &datasets, noise.epsilon, noise.delta);
+            if remaining.is_ok() {
+                registry.apply(debit.clone());
+            }
+            remaining
+        };
+        let (epsilon_remaining, delta_remaining) = match remaining {
+            Ok(left) => left,
+            Err(error) => return self.refuse_job(event, started, error).await,
+        };
+        event.record = Some(record_value(&debit));
+        let job_id = event.job_id.clone();
+        let gate = GatePolicy {
+            min_units: 0,
+            skip: planned.guarded.skip,
+            fetch: planned.guarded.fetch,
+            max_rows: self.config.max_release_rows,
+        };
+        self.spawn_job(ctx, event, started, move |engine, cancel| async move {
+            let executed = engine
+                .sql
+                .execute(planned, cancel)
+                .instrument(tracing::info_span!("execute"))
+                .await?;
+            let _release = tracing::info_span!("release").entered();
+            let (released, report) = release_dp(executed.schema, executed.batches, &noise, &gate)?;
+            engine.dp_answers.put(
+                key,
+                CachedAnswer {
+                    released: released.clone(),
+                    report: report.clone(),
+                    job_id,
+                },
+            );
+            Ok(Produced {
+                dp: Some(DpOutcome {
+                    epsilon_spent: report.epsilon,
+                    delta_spent: report.delta,
+                    epsilon_remaining,
+                    delta_remaining,
+                    cached: false,
+                    columns: report.columns,
+                }),
+                ..Produced::sql(released, executed.rows_scanned)
+            })
+        })
+        .await
+    }
+
+    /// What the caller's org would have left on the dataset with the least left after spending
+    /// `epsilon` and `delta` on each of `datasets`; refused if any would go below zero.
+    fn remaining(
+        &self,
+        ctx: &RequestContext,
+        datasets: &[String],
+        epsilon: f64,
+        delta: f64,
+    ) -> Result<(f64, f64)> {
+        let registry = self.registry();
+        self.remaining_in(&registry, ctx, datasets, epsilon, delta)
+    }
+
+    fn remaining_in(
+        &self,
+        registry: &sandbox_policy::Registry,
+        ctx: &RequestContext,
+        datasets: &[String],
+        epsilon: f64,
+        delta: f64,
+    ) -> Result<(f64, f64)> {
+        let mut left = (f64::INFINITY, f64::INFINITY);
+        for dataset in datasets {
+            let budget = self
+                .policy
+                .aggregate_mode(&ctx.principal, dataset)
+                .and_then(|m| m.dp)
+                .ok_or_else(|| {
+                    denied(
+                        "dp-not-granted",
+                        format!("dataset `{dataset}` offers you no differential privacy budget"),
+                    )
+                })?;
+            let spent = registry.budget_spent(&ctx.principal.org, dataset);
+            let epsilon_left = budget.budget_epsilon - spent.epsilon - epsilon;
+            let delta_left = budget.budget_delta - spent.delta - delta;
+            // A relative tolerance for the sum of floating-point debits, never more.
+            if epsilon_left < -1e-9 * budget.budget_epsilon
+                || delta_left < -1e-9 * budget.budget_delta
+            {
+                return Err(denied(
+                    "budget-exhausted",
+                    format!(
+                        "the privacy budget of your org on `{dataset}` does not cover this query: \
+                         spent epsilon {:.6} of {}, delta {:e} of {:e}; this query needs epsilon \
+                         {epsilon:.6}, delta {delta:e}",
+                        spent.epsilon, budget.budget_epsilon, spent.delta, budget.budget_delta
+                    ),
+                ));
+            }
+            left = (
+                left.0.min(epsilon_left.max(0.0)),
+                left.1.min(delta_left.max(0.0)),
+            );
+        }
+        Ok(left)
+    }
+
+    /// The budgets a caller may see: a consumer its org's on every dataset granted to it under
+    /// differential privacy; an owner what every consumer org spent on its datasets; an auditor
+    /// every ledger entry. Recorded like every call.
+    pub async fn budgets(&self, ctx: &RequestContext) -> Result<Vec<BudgetView>> {
+        let event = Self::event(ctx, "GetBudgets");
+        let principal = &ctx.principal;
+        let mut views = Vec::new();
+        let mut seen = BTreeSet::new();
+        {
+            let registry = self.registry();
+            for dataset in self.policy.granted_datasets(principal) {
+                let Some(dp) = self
+                    .policy
+                    .aggregate_mode(principal, &dataset.id)
+                    .and_then(|m| m.dp)
+                else {
+                    continue;
+                };
+                let spent = registry.budget_spent(&principal.org, &dataset.id);
+                seen.insert((principal.org.clone(), dataset.id.clone()));
+                views.push(BudgetView {
+                    org: principal.org.clone(),
+                    dataset: dataset.id.clone(),
+                    epsilon_budget: Some(dp.budget_epsilon),
+                    delta_budget: Some(dp.budget_delta),
+                    epsilon_spent: spent.epsilon,
+                    delta_spent: spent.delta,
+                    queries: spent.queries,
+                    refreshes: spent.refreshes,
+                });
+            }
+            let owned: BTreeSet<String> = self
+                .policy
+                .owned_datasets(principal)
+                .map(|d| d.id.clone())
+                .collect();
+            let auditor = principal.roles.contains(&PrincipalRole::Auditor);
+            for ((org, dataset), spent) in registry.budgets() {
+                if (auditor || owned.contains(dataset))
+                    && !seen.contains(&(org.clone(), dataset.clone()))
+                {
+                    views.push(BudgetView {
+                        org: org.clone(),
+                        dataset: dataset.clone(),
+                        epsilon_budget: None,
+                        delta_budget: None,
+                        epsilon_spent: spent.epsilon,
+                        delta_spent: spent.delta,
+                        queries: spent.queries,
+                        refreshes: spent.refreshes,
+                    });
+                }
+            }
+        }
+        self.journal.append(event).await?;
+        Ok(views)
+    }
+
+    /// Renews a consumer org's budget on a dataset: only the dataset's owner may, with a
+    /// reason, and the renewal is a journal record (nothing renews by itself).
+    pub async fn refresh_budget(
+        &self,
+        ctx: &RequestContext,
+        org: &str,
+        dataset: &str,
+        reason: &str,
+    ) -> Result<BudgetView> {
+        let mut event = Self::event(ctx, "RefreshBudget");
+        event.datasets = vec![dataset.to_string()];
+        let outcome = (|| {
+            let owner = self
+                .owner_of(dataset)
+                .ok_or_else(|| EngineError::NotFound(format!("dataset `{dataset}` not found")))?;
+            if owner != ctx.principal.org || !ctx.principal.roles.contains(&PrincipalRole::Owner) {
+                return Err(EngineError::NotPermitted(format!(
+                    "only the owner of `{dataset}` may renew budgets on it"
+                )));
+            }
+            if org.is_empty() || reason.trim().is_empty() {
+                return Err(crate::modules::invalid(
+                    "a renewal names the consumer org and gives a reason",
+                ));
+            }
+            Ok((
+                (),
+                Some(Record::BudgetRefreshed {
+                    org: org.to_string(),
+                    dataset: dataset.to_string(),
+                    by: ctx.principal.id.clone(),
+                    reason: reason.to_string(),
+                }),
+            ))
+        })();
+        event.message = format!("renew the budget of `{org}` on `{dataset}`: {reason}");
+        self.conclude(event, outcome).await?;
+        let spent = self.registry().budget_spent(org, dataset);
+        Ok(BudgetView {
+            org: org.to_string(),
+            dataset: dataset.to_string(),
+            epsilon_budget: None,
+            delta_budget: None,
+            epsilon_spent: spent.epsilon,
+            delta_spent: spent.delta,
+            queries: spent.queries,
+            refreshes: spent.refreshes,
+        })
+    }
+}

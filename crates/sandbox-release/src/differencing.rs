@@ -1,0 +1,301 @@
+//! The differencing defense of exact releases: a row is not released when the units behind it
+//! differ from those of a row already released to the same consumer org in at least one and fewer
+//! than `min_units` units (THREATS class 6: `... AND region <> 'x'` against the same query
+//! without it, tracker queries `q(C OR T) + q(C OR NOT T) - q(ALL)`). Two such rows subtract to
+//! the contribution of fewer than `min_units` units, which the threshold exists to hide.
+//!
+//! Each row carries a [`Sketch`] of its units, built in the plan (the hidden [`SKETCH_COLUMN`]):
+//! an invertible Bloom lookup table (Goodrich and Mitzenmacher 2011) of the row's input rows keyed
+//! by their unit. Cells hold exact integer sums (a count, the sum of unit keys, the sum of a check
+//! hash), so sketches add and subtract: the difference of two rows' sketches is the sketch of the
+//! units whose rows differ, which is peeled cell by cell to list them when there are few, and is
+//! proven large without peeling when many cells differ (each unit touches exactly one cell in each
+//! of three partitions). What cannot be proven to differ in at least `min_units` units is
+//! treated as a small difference: suppressed (fail closed).
+//!
+//! A unit counts as differing when its number of rows in the two groups differs: removing one
+//! row of one enterprise (one month, one case) is a difference too, because the two sums would
+//! then subtract to that row's value.
+//!
+//! What it does not catch, by design: differences that need three or more released rows (a
+//! linear combination of rows each far from the others), and it also withholds rows that merely
+//! happen to cover nearly the same units as an earlier query's row over other input rows (two
+//! months asked in separate queries whose enterprises differ in a few; one `GROUP BY month`
+//! query is not affected, as the rows of one query are not compared with each other).
+
+/// Hidden column with each output row's sketch (binary).
+pub const SKETCH_COLUMN: &str = "__sandbox_sketch";
+
+/// Cells per partition; three partitions.
+pub const PARTITION_CELLS: usize = 16;
+pub const PARTITIONS: usize = 3;
+pub const CELLS: usize = PARTITION_CELLS * PARTITIONS;
+const CELL_BYTES: usize = 8 + 16 + 16;
+/// Size of a serialized sketch.
+pub const SKETCH_BYTES: usize = CELLS * CELL_BYTES;
+
+/// One cell: how many rows, the sum of their unit keys, the sum of their check values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cell {
+    pub count: i64,
+    pub keys: i128,
+    pub checks: i128,
+}
+
+/// A multiset of unit keys as an invertible Bloom lookup table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sketch {
+    pub cells: [Cell; CELLS],
+}
+
+impl Default for Sketch {
+    fn default() -> Self {
+        Sketch {
+            cells: [Cell::default(); CELLS],
+        }
+    }
+}
+
+/// SplitMix64's finalizer: spreads a unit hash over the cells and derives its check value.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The key (61 bits, so that exact sums of many never overflow), the check value and the three
+/// cells of a unit hash.
+fn place(hash: u64) -> (i128, i128, [usize; PARTITIONS]) {
+    let key = i128::from(hash >> 3);
+    let check = i128::from(mix(hash ^ 0x6a09_e667_f3bc_c908) >> 3);
+    let mut cells = [0; PARTITIONS];
+    for (p, cell) in cells.iter_mut().enumerate() {
+        let spread = mix(hash.wrapping_add((p as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        *cell = p * PARTITION_CELLS + (spread % PARTITION_CELLS as u64) as usize;
+    }
+    (key, check, cells)
+}
+
+/// Adds `times` rows of the unit with this hash to the cells of one sketch (a slice of
+/// [`CELLS`] cells, so that the plan's accumulator can keep all groups in one vector).
+pub fn insert(cells: &mut [Cell], hash: u64, times: i64) {
+    let (key, check, indices) = place(hash);
+    for index in indices {
+        let cell = &mut cells[index];
+        cell.count += times;
+        cell.keys += key * i128::from(times);
+        cell.checks += check * i128::from(times);
+    }
+}
+
+/// Adds one sketch's cells to another's (the union of two multisets).
+pub fn add(into: &mut [Cell], from: &[Cell]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        a.count += b.count;
+        a.keys += b.keys;
+        a.checks += b.checks;
+    }
+}
+
+/// Serializes cells (little-endian, fixed size).
+pub fn encode(cells: &[Cell]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(SKETCH_BYTES);
+    for cell in cells {
+        bytes.extend_from_slice(&cell.count.to_le_bytes());
+        bytes.extend_from_slice(&cell.keys.to_le_bytes());
+        bytes.extend_from_slice(&cell.checks.to_le_bytes());
+    }
+    bytes
+}
+
+/// Parses a serialized sketch; `None` when the size is wrong.
+pub fn decode(bytes: &[u8]) -> Option<Sketch> {
+    if bytes.len() != SKETCH_BYTES {
+        return None;
+    }
+    let mut sketch = Sketch::default();
+    for (cell, chunk) in sketch.cells.iter_mut().zip(bytes.chunks_exact(CELL_BYTES)) {
+        cell.count = i64::from_le_bytes(chunk[0..8].try_into().ok()?);
+        cell.keys = i128::from_le_bytes(chunk[8..24].try_into().ok()?);
+        cell.checks = i128::from_le_bytes(chunk[24..40].try_into().ok()?);
+    }
+    Some(sketch)
+}
+
+/// Whether a new row must be withheld given the rows released to the same org by earlier
+/// queries: some released row's units differ from its own in at least one and fewer than
+/// `min_units` units, and none has exactly its units. (A released row with the same units and
+/// rows already told whatever the new row could add to a difference; the rows of one query are
+/// not compared with each other: a `GROUP BY` splits the input rows into disjoint groups, and two
+/// disjoint row sets subtract to no unit's values.)
+pub fn is_differencing(sketch: &Sketch, released: &[Sketch], min_units: u64) -> bool {
+    let mut near = false;
+    for other in released {
+        match sketch.difference(other, min_units) {
+            Difference::None => return false,
+            d if d.is_differencing(min_units) => near = true,
+            _ => {}
+        }
+    }
+    near
+}
+
+/// How two rows' units compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Difference {
+    /// The same units with the same rows.
+    None,
+    /// Proven to differ in at least this many units (a lower bound).
+    AtLeast(usize),
+    /// Exactly this many units differ (listed by peeling).
+    Exactly(usize),
+    /// Few cells differ but the difference could not be listed: it may be small.
+    Unknown,
+}
+
+impl Difference {
+    /// Whether a new row with this difference to a released one must be suppressed.
+    pub fn is_differencing(self, min_units: u64) -> bool {
+        match self {
+            Difference::None => false,
+            Difference::AtLeast(n) => (n as u64) < min_units,
+            Difference::Exactly(n) => n >= 1 && (n as u64) < min_units,
+            Difference::Unknown => true,
+        }
+    }
+}
+
+impl Sketch {
+    /// How many units differ between `self` and `other`, as far as `min_units` needs to know.
+    pub fn difference(&self, other: &Sketch, min_units: u64) -> Difference {
+        let mut diff = [Cell::default(); CELLS];
+        let mut nonzero = 0;
+        for (d, (a, b)) in diff.iter_mut().zip(self.cells.iter().zip(&other.cells)) {
+            *d = Cell {
+                count: a.count - b.count,
+                keys: a.keys - b.keys,
+                checks: a.checks - b.checks,
+            };
+            nonzero += usize::from(*d != Cell::default());
+        }
+        if nonzero == 0 {
+            return Difference::None;
+        }
+        // Each differing unit changes exactly one cell per partition.
+        let lower_bound = nonzero.div_ceil(PARTITIONS);
+        if lower_bound as u64 >= min_units {
+            return Difference::AtLeast(lower_bound);
+        }
+        peel(&mut diff)
+    }
+}
+
+/// Lists the units of a difference by peeling pure cells: a cell whose sums are those of one
+/// unit key repeated `count` times (its check value confirms it) is removed from all three of
+/// that unit's cells, which may make others pure.
+fn peel(cells: &mut [Cell; CELLS]) -> Difference {
+    let mut found = 0;
+    loop {
+        let mut progressed = false;
+        for index in 0..CELLS {
+            let cell = cells[index];
+            if cell.count == 0 {
+                continue;
+            }
+            let count = i128::from(cell.count);
+            if cell.keys % count != 0 {
+                continue;
+            }
+            let key = cell.keys / count;
+            if !(0..(1i128 << 61)).contains(&key) {
+                continue;
+            }
+            // Rebuild the unit hash's placement from its key: the key is the hash without its
+            // low three bits, so try each of the eight candidates.
+            let mut matched = None;
+            for low in 0..8u64 {
+                let hash = ((key as u64) << 3) | low;
+                let (k, check, indices) = place(hash);
+                if k == key && check * count == cell.checks && indices.contains(&index) {
+                    matched = Some(hash);
+                    break;
+                }
+            }
+            let Some(hash) = matched else { continue };
+            insert(cells, hash, -cell.count);
+            found += 1;
+            progressed = true;
+        }
+        if cells.iter().all(|c| *c == Cell::default()) {
+            return Difference::Exactly(found);
+        }
+        if !progressed {
+            return Difference::Unknown;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sketch(units: &[(u64, i64)]) -> Sketch {
+        let mut s = Sketch::default();
+        for &(unit, times) in units {
+            insert(&mut s.cells, mix(unit), times);
+        }
+        s
+    }
+
+    #[test]
+    fn identical_multisets_do_not_differ_whatever_the_order() {
+        let a = sketch(&[(1, 2), (2, 1), (3, 5)]);
+        let b = sketch(&[(3, 5), (1, 1), (2, 1), (1, 1)]);
+        assert_eq!(a.difference(&b, 10), Difference::None);
+        assert_eq!(decode(&encode(&a.cells)).unwrap(), a);
+        assert!(decode(&[0; 10]).is_none());
+    }
+
+    #[test]
+    fn small_differences_are_listed_exactly_and_large_ones_proven() {
+        let base: Vec<(u64, i64)> = (0..5_000).map(|u| (u, 1 + (u % 24) as i64)).collect();
+        let all = sketch(&base);
+        for removed in 1..=12usize {
+            let fewer = sketch(&base[removed..]);
+            let d = all.difference(&fewer, 10);
+            assert_eq!(d.is_differencing(10), removed < 10, "{removed}: {d:?}");
+            if removed < 10 {
+                assert_eq!(d, Difference::Exactly(removed));
+            }
+        }
+        // One row less of one unit is a difference of one unit.
+        let mut changed = base.clone();
+        changed[77].1 -= 1;
+        assert_eq!(
+            all.difference(&sketch(&changed), 10),
+            Difference::Exactly(1)
+        );
+        // Half the units removed: proven without peeling.
+        let half = sketch(&base[2_500..]);
+        assert!(matches!(all.difference(&half, 10), Difference::AtLeast(n) if n >= 10));
+        // A union of sketches is the sketch of the union.
+        let mut merged = sketch(&base[..2_500]);
+        add(&mut merged.cells, &half.cells);
+        assert_eq!(merged.difference(&all, 10), Difference::None);
+    }
+
+    #[test]
+    fn random_small_differences_are_never_missed() {
+        // Whatever the units, a difference below the threshold is suppressed: listed exactly or,
+        // when peeling is stuck, suppressed as unknown.
+        let mut state = 0x1234_5678_9abc_def0u64;
+        for trial in 0..2_000u64 {
+            state = mix(state.wrapping_add(trial));
+            let removed = (state % 9 + 1) as usize;
+            let base: Vec<(u64, i64)> = (0..300).map(|u| (mix(u ^ state), 1)).collect();
+            let a = sketch(&base);
+            let b = sketch(&base[removed..]);
+            assert!(a.difference(&b, 10).is_differencing(10), "trial {trial}");
+        }
+    }
+}

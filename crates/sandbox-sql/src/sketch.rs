@@ -1,0 +1,304 @@
+//! The hidden per-group sketch of units for the differencing defense
+//! (`sandbox_release::differencing`): every input row adds its unit to its group's invertible
+//! Bloom lookup table, so the gate can tell whether two released rows differ in only a few units.
+//!
+//! Two aggregates, never registered in a session (only the guard's rewrite adds them):
+//! `sandbox_unit_sketch(unit, ...)` over rows (one argument per unit class of a join) and
+//! `sandbox_sketch_sum(sketch)` over the sketches of an inner aggregate's released rows (a nested
+//! aggregate's rows cover the union of the inner rows' units, and sketches add).
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray, BooleanArray};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::common::hash_utils::create_hashes;
+use datafusion::common::{Result, ScalarValue, internal_err};
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::utils::format_state_name;
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
+};
+use sandbox_release::differencing::{CELLS, Cell, add, decode, encode, insert};
+
+use crate::units::UNIT_HASH;
+
+/// `sandbox_unit_sketch` (over units) or `sandbox_sketch_sum` (over sketches).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct UnitSketch {
+    signature: Signature,
+    /// Sums sketches instead of sketching units.
+    merge: bool,
+}
+
+impl UnitSketch {
+    /// Sketches the units of its arguments (one per unit class).
+    pub fn units() -> Self {
+        UnitSketch {
+            signature: Signature::variadic_any(Volatility::Immutable),
+            merge: false,
+        }
+    }
+
+    /// Adds up sketches.
+    pub fn sum() -> Self {
+        UnitSketch {
+            signature: Signature::exact(vec![DataType::Binary], Volatility::Immutable),
+            merge: true,
+        }
+    }
+}
+
+impl AggregateUDFImpl for UnitSketch {
+    fn name(&self) -> &str {
+        if self.merge {
+            "sandbox_sketch_sum"
+        } else {
+            "sandbox_unit_sketch"
+        }
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Binary)
+    }
+
+    fn is_nullable(&self) -> bool {
+        false
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        Ok(vec![Arc::new(Field::new(
+            format_state_name(args.name, "sketch"),
+            DataType::Binary,
+            true,
+        ))])
+    }
+
+    fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(SketchAccumulator {
+            merge: self.merge,
+            cells: vec![Cell::default(); CELLS],
+        }))
+    }
+
+    fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
+        true
+    }
+
+    fn create_groups_accumulator(
+        &self,
+        _args: AccumulatorArgs,
+    ) -> Result<Box<dyn GroupsAccumulator>> {
+        Ok(Box::new(SketchGroups {
+            merge: self.merge,
+            cells: Vec::new(),
+            hashes: Vec::new(),
+        }))
+    }
+
+    fn default_value(&self, _data_type: &DataType) -> Result<ScalarValue> {
+        Ok(ScalarValue::Binary(Some(encode(&[Cell::default(); CELLS]))))
+    }
+}
+
+/// Adds every row's units (non-null arguments) to the cells of its group.
+fn add_units(
+    cells: &mut [Cell],
+    values: &[ArrayRef],
+    group_of: impl Fn(usize) -> usize,
+    keep: impl Fn(usize) -> bool,
+    hashes: &mut Vec<u64>,
+) -> Result<()> {
+    for array in values {
+        hashes.clear();
+        hashes.resize(array.len(), 0);
+        create_hashes([array], &UNIT_HASH, hashes)?;
+        for (row, hash) in hashes.iter().enumerate() {
+            if array.is_valid(row) && keep(row) {
+                let group = group_of(row);
+                insert(&mut cells[group * CELLS..(group + 1) * CELLS], *hash, 1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds every row's sketch (a binary of the gate's format) to the cells of its group.
+fn add_sketches(
+    cells: &mut [Cell],
+    array: &ArrayRef,
+    group_of: impl Fn(usize) -> usize,
+    keep: impl Fn(usize) -> bool,
+) -> Result<()> {
+    let Some(binary) = array.as_binary_opt::<i32>() else {
+        return internal_err!("a unit sketch must be Binary");
+    };
+    for row in 0..binary.len() {
+        if binary.is_null(row) || !keep(row) {
+            continue;
+        }
+        let Some(sketch) = decode(binary.value(row)) else {
+            return internal_err!("a unit sketch has the wrong size");
+        };
+        let group = group_of(row);
+        add(
+            &mut cells[group * CELLS..(group + 1) * CELLS],
+            &sketch.cells,
+        );
+    }
+    Ok(())
+}
+
+fn binaries(cells: &[Cell]) -> ArrayRef {
+    let encoded: Vec<Vec<u8>> = cells.chunks_exact(CELLS).map(encode).collect();
+    Arc::new(BinaryArray::from_iter_values(encoded))
+}
+
+fn selected(filter: Option<&BooleanArray>) -> impl Fn(usize) -> bool + '_ {
+    move |row| filter.is_none_or(|f| f.is_valid(row) && f.value(row))
+}
+
+/// Per-group sketches for the hash aggregate, all groups in one vector of cells.
+struct SketchGroups {
+    merge: bool,
+    cells: Vec<Cell>,
+    hashes: Vec<u64>,
+}
+
+impl SketchGroups {
+    fn grow(&mut self, groups: usize) {
+        if self.cells.len() < groups * CELLS {
+            self.cells.resize(groups * CELLS, Cell::default());
+        }
+    }
+
+    fn take(&mut self, emit_to: EmitTo) -> Vec<Cell> {
+        match emit_to {
+            EmitTo::All => std::mem::take(&mut self.cells),
+            EmitTo::First(n) => self.cells.drain(..n * CELLS).collect(),
+        }
+    }
+}
+
+impl GroupsAccumulator for SketchGroups {
+    fn update_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        opt_filter: Option<&BooleanArray>,
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.grow(total_num_groups);
+        let group_of = |row: usize| group_indices[row];
+        if self.merge {
+            add_sketches(&mut self.cells, &values[0], group_of, selected(opt_filter))
+        } else {
+            add_units(
+                &mut self.cells,
+                values,
+                group_of,
+                selected(opt_filter),
+                &mut self.hashes,
+            )
+        }
+    }
+
+    fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
+        Ok(binaries(&self.take(emit_to)))
+    }
+
+    fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
+        Ok(vec![binaries(&self.take(emit_to))])
+    }
+
+    fn merge_batch(
+        &mut self,
+        values: &[ArrayRef],
+        group_indices: &[usize],
+        total_num_groups: usize,
+    ) -> Result<()> {
+        self.grow(total_num_groups);
+        add_sketches(
+            &mut self.cells,
+            &values[0],
+            |row| group_indices[row],
+            |_| true,
+        )
+    }
+
+    /// Each input row as a group of its own (partial aggregation skipped): its own sketch.
+    fn convert_to_state(
+        &self,
+        values: &[ArrayRef],
+        opt_filter: Option<&BooleanArray>,
+    ) -> Result<Vec<ArrayRef>> {
+        let rows = values[0].len();
+        let mut cells = vec![Cell::default(); rows * CELLS];
+        if self.merge {
+            add_sketches(&mut cells, &values[0], |row| row, selected(opt_filter))?;
+        } else {
+            add_units(
+                &mut cells,
+                values,
+                |row| row,
+                selected(opt_filter),
+                &mut Vec::new(),
+            )?;
+        }
+        Ok(vec![binaries(&cells)])
+    }
+
+    fn size(&self) -> usize {
+        self.cells.capacity() * std::mem::size_of::<Cell>() + self.hashes.capacity() * 8
+    }
+}
+
+/// Single-group accumulator, used where the engine does not use the groups accumulator.
+#[derive(Debug)]
+struct SketchAccumulator {
+    merge: bool,
+    cells: Vec<Cell>,
+}
+
+impl Accumulator for SketchAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        if self.merge {
+            add_sketches(&mut self.cells, &values[0], |_| 0, |_| true)
+        } else {
+            add_units(&mut self.cells, values, |_| 0, |_| true, &mut Vec::new())
+        }
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        Ok(ScalarValue::Binary(Some(encode(&self.cells))))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + self.cells.capacity() * std::mem::size_of::<Cell>()
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        Ok(vec![self.evaluate()?])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        add_sketches(&mut self.cells, &states[0], |_| 0, |_| true)
+    }
+}
+
+/// The unit hash of a fixed text: stored with a consumer org's remembered sketches, so that a
+/// build whose unit hash differs (whose sketches could not be compared with the stored ones)
+/// refuses them rather than silently forgetting them.
+pub fn hash_probe() -> u64 {
+    let probe: ArrayRef = Arc::new(datafusion::arrow::array::StringArray::from(vec![
+        "sandbox differencing probe",
+    ]));
+    let mut hashes = vec![0u64; 1];
+    if create_hashes([&probe], &UNIT_HASH, &mut hashes).is_err() {
+        return 0;
+    }
+    hashes[0]
+}

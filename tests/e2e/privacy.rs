@@ -1,0 +1,204 @@
+//! Differential privacy through the real server: L4 measures answered only with noise, repeats
+//! answered from the cache at no cost, rephrasings paid from a durable budget until it refuses,
+//! renewals only by the owner and on the record, and a debit that survives a stop before the
+//! answer was fetched.
+
+use sandbox_proto::v1 as pb;
+use sandbox_tests::{Client, TestServer, rule_of};
+
+const L4_QUERY: &str = "SELECT case_type, COUNT(*) AS cases, AVG(amount) AS avg_amount \
+                        FROM court_cases GROUP BY case_type ORDER BY case_type";
+
+fn dp(summary: &pb::ReleaseSummary) -> &pb::DpSummary {
+    summary
+        .dp
+        .as_ref()
+        .expect("released under differential privacy")
+}
+
+async fn court_spent(client: &mut Client) -> (f64, u64, u64) {
+    let budgets = client.budgets().await.expect("budgets");
+    let court = budgets
+        .iter()
+        .find(|b| b.org == "analytics" && b.dataset == "court_cases")
+        .expect("court budget listed");
+    (court.epsilon_spent, court.queries, court.refreshes)
+}
+
+#[tokio::test]
+async fn l4_measures_are_answered_only_under_dp_and_repeats_cost_nothing() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+
+    // The L4 amount: not refused (the grant offers DP), answered with noise.
+    let first = analyst.sql(L4_QUERY).await.expect("answered under DP");
+    let summary = dp(&first.summary);
+    assert!(!summary.cached);
+    assert!(summary.epsilon_spent > 0.99 && summary.epsilon_spent <= 1.0 + 1e-9);
+    assert!(summary.delta_spent > 0.0 && summary.delta_spent <= 1e-7);
+    assert!((summary.epsilon_remaining - (20.0 - summary.epsilon_spent)).abs() < 1e-9);
+    assert_eq!(
+        first.summary.rows_suppressed, 0,
+        "no exact figure of the data"
+    );
+    assert_eq!(first.summary.rows_scanned, 0, "no exact figure of the data");
+    let noisy: Vec<&str> = summary
+        .columns
+        .iter()
+        .filter(|c| c.scale > 0.0)
+        .map(|c| c.column.as_str())
+        .collect();
+    assert_eq!(noisy, ["cases", "avg_amount"]);
+
+    // Asked 1,000 times, the same query gets the same answer: averaging removes no noise, and
+    // the budget is not touched.
+    for _ in 0..1000 {
+        let again = analyst.sql(L4_QUERY).await.expect("cached");
+        assert!(dp(&again.summary).cached);
+        assert_eq!(dp(&again.summary).epsilon_spent, 0.0);
+        assert_eq!(again.summary.result_sha256, first.summary.result_sha256);
+    }
+    assert_eq!(
+        court_spent(&mut analyst).await.1,
+        1,
+        "one debit for 1,001 answers"
+    );
+
+    // Exact mode is still there for what is not L4; DP on request for the same query.
+    let exact = analyst
+        .sql("SELECT case_type, COUNT(*) AS n FROM court_cases GROUP BY case_type")
+        .await
+        .expect("exact");
+    assert!(exact.summary.dp.is_none());
+    assert_eq!(exact.summary.min_units, 10);
+    let requested = analyst
+        .run(Client::dp_spec(
+            "SELECT case_type, COUNT(*) AS n FROM court_cases GROUP BY case_type",
+            Some(0.25),
+        ))
+        .await
+        .expect("DP on request");
+    assert!((dp(&requested.summary).epsilon_spent - 0.25).abs() < 1e-9);
+
+    // Refused, not clamped: more epsilon than the grant allows; MIN under DP; no bounds.
+    let status = analyst
+        .run(Client::dp_spec(L4_QUERY, Some(5.0)))
+        .await
+        .unwrap_err();
+    assert_eq!(rule_of(&status), "dp-epsilon-not-allowed");
+    for (sql, rule) in [
+        (
+            "SELECT MAX(amount) FROM court_cases",
+            "function-not-allowed",
+        ),
+        (
+            "SELECT COUNT(DISTINCT case_type) FROM court_cases",
+            "dp-not-supported",
+        ),
+        (
+            "SELECT case_type, AVG(amount) AS a FROM court_cases GROUP BY case_type ORDER BY a",
+            "dp-not-supported",
+        ),
+        (
+            "SELECT case_type, AVG(amount) FROM court_cases GROUP BY case_type HAVING COUNT(*) > 5",
+            "dp-not-supported",
+        ),
+        // The bank's register grant offers no DP: the L4 amount stays refused in that join.
+        (
+            "SELECT e.industry, AVG(c.amount) FROM enterprises e JOIN court_cases c \
+             ON e.credit_code = c.credit_code GROUP BY e.industry",
+            "dp-not-granted",
+        ),
+    ] {
+        let status = analyst.run(Client::dp_spec(sql, None)).await.unwrap_err();
+        assert_eq!(rule_of(&status), rule, "{sql}");
+    }
+}
+
+#[tokio::test]
+async fn rephrasings_spend_the_budget_until_it_refuses_and_only_the_owner_renews_it() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    // Each rephrasing (another alias) is a new query: the cache does not cover it, the budget
+    // pays. 20 of epsilon 1 fit in the budget of 20; the 21st is refused.
+    let mut answered = 0;
+    let mut refused = None;
+    for i in 0..25 {
+        let sql =
+            format!("SELECT SUM(amount) AS total_{i} FROM court_cases WHERE role = 'defendant'");
+        match analyst.sql(&sql).await {
+            Ok(result) => {
+                answered += 1;
+                assert!(!dp(&result.summary).cached);
+            }
+            Err(status) => {
+                refused = Some((i, rule_of(&status)));
+                break;
+            }
+        }
+    }
+    assert_eq!(answered, 20);
+    assert_eq!(refused, Some((20, "budget-exhausted".to_string())));
+    let (spent, queries, _) = court_spent(&mut analyst).await;
+    assert!(
+        (spent - 20.0).abs() < 1e-6 && queries == 20,
+        "{spent} {queries}"
+    );
+    // Cached answers still come (they cost nothing); new ones do not, on any phrasing.
+    assert!(
+        analyst
+            .sql("SELECT SUM(amount) AS total_3 FROM court_cases WHERE role = 'defendant'")
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        rule_of(&analyst.sql(L4_QUERY).await.unwrap_err()),
+        "budget-exhausted"
+    );
+
+    // Only the dataset's owner renews, with a reason, on the record.
+    let mut tax = server.client("owner_tax").await.expect("client");
+    let status = tax
+        .refresh_budget("analytics", "court_cases", "new quarter")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let mut court = server.client("owner_court").await.expect("client");
+    let renewed = court
+        .refresh_budget("analytics", "court_cases", "new reporting quarter")
+        .await
+        .expect("renewed");
+    assert_eq!((renewed.epsilon_spent, renewed.refreshes), (0.0, 1));
+    assert!(analyst.sql(L4_QUERY).await.is_ok());
+    let mut auditor = server.client("auditor").await.expect("client");
+    let events = auditor.events(0, 10_000, true).await.expect("events");
+    let renewal = events
+        .iter()
+        .find(|e| e.action == "RefreshBudget" && e.decision == "allow")
+        .expect("the renewal is journaled");
+    assert!(renewal.message.contains("new reporting quarter"));
+}
+
+#[tokio::test]
+async fn a_debit_survives_a_stop_before_the_answer_is_fetched() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    // Admitted (the debit is in the durable admission record), never fetched.
+    let job = analyst.submit_sql(L4_QUERY).await;
+    let job = match job {
+        Ok(job) => job,
+        Err(status) => panic!("admitted: {status}"),
+    };
+    assert!(!job.is_empty());
+    let server = server.restart().await.expect("restart");
+    let mut analyst = server.client("analyst").await.expect("client");
+    let (spent, queries, _) = court_spent(&mut analyst).await;
+    assert!(
+        spent > 0.99 && queries == 1,
+        "the debit was refunded: {spent} {queries}"
+    );
+    // After the restart the cache is empty: the same query is paid again, never free.
+    let again = analyst.sql(L4_QUERY).await.expect("answered");
+    assert!(!dp(&again.summary).cached);
+    assert!((court_spent(&mut analyst).await.0 - 2.0 * spent).abs() < 1e-9);
+}
