@@ -25,6 +25,35 @@ pub fn bench_data(scale: f64) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// The benchmark scale: `SANDBOX_BENCH_SCALE`, else 11 (about 5.2 million `tax_monthly` rows).
+pub fn bench_scale() -> f64 {
+    std::env::var("SANDBOX_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11.0)
+}
+
+/// A fresh data dir for one engine over the shared benchmark data: its journal starts empty but
+/// the data is generated once. Dataset sources are resolved against this folder, so it links to
+/// the data.
+pub fn engine_dir(data: &Path) -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    std::os::unix::fs::symlink(data.join("datasets"), dir.path().join("datasets"))?;
+    Ok(dir)
+}
+
+/// The demo analyst, as the benchmarks submit jobs.
+pub fn analyst_context() -> sandbox_engine::RequestContext {
+    sandbox_engine::RequestContext {
+        principal: sandbox_policy::Principal {
+            id: "analyst".into(),
+            org: "analytics".into(),
+            roles: std::collections::BTreeSet::from([sandbox_policy::PrincipalRole::Analyst]),
+        },
+        request_id: "bench".into(),
+    }
+}
+
 /// The repository's policies.
 pub fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")

@@ -9,7 +9,6 @@
 //! `cargo bench -p sandbox-benches --bench sandbox_vs_raw` (set `SANDBOX_BENCH_SCALE` to change
 //! the scale; 11 gives about 5.2 million `tax_monthly` rows).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,6 @@ use criterion::Criterion;
 use datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext};
 use sandbox_benches::median;
 use sandbox_engine::{Engine, EngineConfig, JobSpec, RequestContext};
-use sandbox_policy::{Principal, PrincipalRole};
 
 const QUERIES: [(&str, &str); 3] = [
     (
@@ -90,19 +88,11 @@ impl Paths {
 }
 
 fn setup() -> anyhow::Result<Paths> {
-    let scale: f64 = std::env::var("SANDBOX_BENCH_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(11.0);
-    let data = sandbox_benches::bench_data(scale)?;
+    let data = sandbox_benches::bench_data(sandbox_benches::bench_scale())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    // The journal lives in a fresh folder beside the shared data, so every run starts empty but
-    // the 5-million-row data is generated once. Dataset sources are resolved against this
-    // folder, so it links to the data.
-    let journal_dir = tempfile::tempdir()?;
-    std::os::unix::fs::symlink(data.join("datasets"), journal_dir.path().join("datasets"))?;
+    let journal_dir = sandbox_benches::engine_dir(&data)?;
     let policy = sandbox_policy::load_dir(&sandbox_benches::policies_dir())?;
     let engine = runtime.block_on(Engine::start(EngineConfig::new(
         journal_dir.path().to_path_buf(),
@@ -142,14 +132,7 @@ fn setup() -> anyhow::Result<Paths> {
         rows >= 5_000_000,
         "benchmark needs at least 5 million rows, got {rows}"
     );
-    let ctx = RequestContext {
-        principal: Principal {
-            id: "analyst".into(),
-            org: "analytics".into(),
-            roles: BTreeSet::from([PrincipalRole::Analyst]),
-        },
-        request_id: "bench".into(),
-    };
+    let ctx = sandbox_benches::analyst_context();
     Ok(Paths {
         runtime,
         engine,

@@ -63,6 +63,17 @@ async fn l4_measures_are_answered_only_under_dp_and_repeats_cost_nothing() {
         1,
         "one debit for 1,001 answers"
     );
+    // Another LIMIT is another question (the gate applies it, so the plan alone does not tell).
+    let one = analyst
+        .sql(&format!("{L4_QUERY} LIMIT 1"))
+        .await
+        .expect("limited");
+    let two = analyst
+        .sql(&format!("{L4_QUERY} LIMIT 2"))
+        .await
+        .expect("limited");
+    assert!(!dp(&one.summary).cached && !dp(&two.summary).cached);
+    assert!(one.summary.rows_released <= 1 && two.summary.rows_released <= 2);
 
     // Exact mode is still there for what is not L4; DP on request for the same query.
     let exact = analyst
@@ -201,4 +212,49 @@ async fn a_debit_survives_a_stop_before_the_answer_is_fetched() {
     let again = analyst.sql(L4_QUERY).await.expect("answered");
     assert!(!dp(&again.summary).cached);
     assert!((court_spent(&mut analyst).await.0 - 2.0 * spent).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn the_differencing_memory_survives_a_restart_and_is_journaled() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    let medium = "SELECT COUNT(*) AS n, SUM(registered_capital) AS capital FROM enterprises \
+                  WHERE size_class = 'medium'";
+    let first = analyst.sql(medium).await.expect("released");
+    assert_eq!(first.summary.rows_released, 1);
+    let server = server.restart().await.expect("restart");
+    let mut analyst = server.client("analyst").await.expect("client");
+    // Without the two suspended medium enterprises: the difference would be theirs.
+    let second = analyst
+        .sql(&format!("{medium} AND status = 'active'"))
+        .await
+        .expect("answered, with the row withheld");
+    assert_eq!(
+        (
+            second.summary.rows_released,
+            second.summary.rows_differencing
+        ),
+        (0, 1)
+    );
+    // The same units as before: released again.
+    assert_eq!(
+        analyst
+            .sql(medium)
+            .await
+            .expect("released")
+            .summary
+            .rows_released,
+        1
+    );
+    let mut auditor = server.client("auditor").await.expect("client");
+    let events = auditor.events(0, 10_000, true).await.expect("events");
+    let withheld = events
+        .iter()
+        .find(|e| e.job_id == second.job_id && e.action == "SubmitJob")
+        .expect("the job's terminal event");
+    assert!(
+        withheld.message.contains("differencing"),
+        "{}",
+        withheld.message
+    );
 }

@@ -151,13 +151,15 @@ impl Engine {
         let key = hex::encode(digest::digest(
             &digest::SHA256,
             // The plan computes the statistics; the spec names the outputs (aliases included).
+            // The gate applies OFFSET and LIMIT; they are not in the plan.
             format!(
-                "{org}\0{}\0{:?}\0{}\0{}\0{}",
+                "{org}\0{}\0{:?}\0{}\0{}\0{}\0{:?}",
                 planned.display_plan(),
                 guarded.spec,
                 epsilon.to_bits(),
                 guarded.mode.delta.to_bits(),
-                planned.guarded.skip
+                planned.guarded.skip,
+                planned.guarded.fetch
             )
             .as_bytes(),
         ));

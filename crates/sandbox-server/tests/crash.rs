@@ -84,6 +84,33 @@ impl XorShift {
     }
 }
 
+/// The clients' runtime: two workers, like the machine.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The demo analyst's token, as the server wrote it at first start.
+fn analyst_token(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("credentials/analyst.token"))
+        .expect("token")
+        .trim()
+        .to_string()
+}
+
+/// A client of a server that is up.
+async fn connect(addr: &str) -> SandboxClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connects");
+    SandboxClient::new(channel)
+}
+
 fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
@@ -172,19 +199,12 @@ fn sigkill_during_concurrent_jobs_never_loses_a_delivered_result() {
         | 1;
     eprintln!("crash test seed {seed}");
     let mut random = XorShift(seed);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     let received = Arc::new(Mutex::new(Vec::new()));
     let started = Instant::now();
     for kill in 0..KILLS {
         let (mut child, addr) = start(&data_dir, None);
-        let token = std::fs::read_to_string(data_dir.join("credentials/analyst.token"))
-            .expect("token")
-            .trim()
-            .to_string();
+        let token = analyst_token(&data_dir);
         let tasks: Vec<_> = (0..CLIENTS)
             .map(|worker| {
                 runtime.spawn(workload(
@@ -324,21 +344,14 @@ async fn one_job(addr: &str, token: &str) -> Result<Received, tonic::Status> {
 fn a_full_disk_stops_releases_with_a_clear_error_and_corrupts_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("data");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     // A first start creates the demo; its journal is the baseline.
     let (mut child, _) = start(&data_dir, None);
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
     let journal = data_dir.join("audit").join(sandbox_audit::JOURNAL_FILE);
     let baseline = std::fs::metadata(&journal).expect("journal").len();
-    let token = std::fs::read_to_string(data_dir.join("credentials/analyst.token"))
-        .expect("token")
-        .trim()
-        .to_string();
+    let token = analyst_token(&data_dir);
 
     // Room for the start and a few jobs, then the disk is full for the journal.
     let (mut child, addr) = start(&data_dir, Some(baseline + 24 * 1024));
@@ -392,4 +405,77 @@ fn a_full_disk_stops_releases_with_a_clear_error_and_corrupts_nothing() {
         .expect("the restarted server releases again");
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
+}
+
+/// A query under differential privacy that is admitted (its debit durable) and then cut off by
+/// SIGKILL, before or while it runs and before its answer is fetched, stays paid: the budget
+/// rebuilt from the journal at the next start counts every admitted query.
+#[test]
+fn sigkill_between_a_dp_debit_and_its_delivery_never_refunds() {
+    const ROUNDS: usize = 5;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let runtime = runtime();
+    let mut random = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut admitted = 0u64;
+    for round in 0..ROUNDS {
+        let (mut child, addr) = start(&data_dir, None);
+        let token = analyst_token(&data_dir);
+        let submitted = runtime.block_on(async {
+            let mut client = connect(&addr).await;
+            // Another alias each round: a new question, never answered from the cache.
+            let spec = pb::JobSpec {
+                kind: Some(pb::job_spec::Kind::Sql(pb::SqlJob {
+                    query: format!(
+                        "SELECT case_type, AVG(amount) AS amount_{round} FROM court_cases \
+                         GROUP BY case_type"
+                    ),
+                    ..Default::default()
+                })),
+            };
+            client
+                .submit_job(authorized(
+                    pb::SubmitJobRequest {
+                        spec: Some(spec),
+                        label: String::new(),
+                    },
+                    &token,
+                ))
+                .await
+                .is_ok()
+        });
+        assert!(submitted, "round {round}: the DP query is admitted");
+        admitted += 1;
+        // Killed 0 to 30 ms after admission: while it runs, or after it ended but before the
+        // answer was fetched.
+        std::thread::sleep(Duration::from_millis(random.next() % 30));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+    }
+    let (mut child, addr) = start(&data_dir, None);
+    let token = analyst_token(&data_dir);
+    let budgets = runtime.block_on(async {
+        connect(&addr)
+            .await
+            .get_budgets(authorized(pb::GetBudgetsRequest {}, &token))
+            .await
+            .expect("budgets")
+            .into_inner()
+            .budgets
+    });
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let court = budgets
+        .iter()
+        .find(|b| b.dataset == "court_cases")
+        .expect("the court budget");
+    assert_eq!(
+        court.queries, admitted,
+        "every admitted query stays debited"
+    );
+    assert!(
+        (court.epsilon_spent - admitted as f64).abs() < 1e-3 * admitted as f64,
+        "epsilon spent {} for {admitted} queries of epsilon (at most) 1",
+        court.epsilon_spent
+    );
 }

@@ -80,7 +80,6 @@ const SCALAR_FUNCTIONS: &[&str] = &[
     "coalesce",
     "date_part",
     "date_trunc",
-    "abs",
     "round",
     "floor",
     "ceil",
@@ -1526,6 +1525,15 @@ pub(crate) fn expression_children<'e>(
                     format!("function `{name}` is not allowed"),
                 ));
             }
+            if let Some(reason) = may_fail(name, &function.args, schema) {
+                return Err(deny(
+                    Rule::ScalarFunctionNotAllowed,
+                    format!(
+                        "`{name}` {reason}: an error would depend on the data (on whether any \
+                         row reaches it)"
+                    ),
+                ));
+            }
             function.args.iter().collect()
         }
         Expr::Case(case) if case_allowed => {
@@ -1571,6 +1579,64 @@ pub(crate) fn expression_children<'e>(
 }
 
 /// Whether an expression is a constant: literals, possibly cast or negated.
+/// Date parts and truncation units `date_part` and `date_trunc` accept.
+const DATE_UNITS: &[&str] = &[
+    "year", "quarter", "month", "week", "day", "hour", "minute", "second", "dow", "doy",
+];
+
+/// Why a call of an allowed scalar function could raise an error at run time, if it could: only
+/// forms that cannot fail on any value are allowed, so that whether a query fails never depends
+/// on the data (a call that fails on every row still tells whether any row reached it).
+fn may_fail(name: &str, args: &[Expr], schema: &DFSchema) -> Option<&'static str> {
+    let literal = |e: &Expr| match strip_alias(e) {
+        Expr::Literal(value, _) => Some(value.clone()),
+        _ => None,
+    };
+    let non_negative_integer = |e: &Expr| {
+        literal(e).is_some_and(|v| match v {
+            ScalarValue::Int64(Some(n)) => n >= 0,
+            ScalarValue::Int32(Some(n)) => n >= 0,
+            ScalarValue::UInt64(Some(_)) | ScalarValue::UInt32(Some(_)) => true,
+            _ => false,
+        })
+    };
+    match name {
+        "substr" => (!args.iter().skip(1).all(|a| literal(a).is_some())
+            || args
+                .get(2)
+                .is_some_and(|length| !non_negative_integer(length)))
+        .then_some("takes a constant start and a constant, non-negative length"),
+        "left" | "right" | "round" => {
+            (!args.iter().skip(1).all(|a| literal(a).is_some())).then_some("takes a constant count")
+        }
+        "date_part" | "date_trunc" => {
+            let known = args
+                .first()
+                .and_then(literal)
+                .is_some_and(|unit| match unit {
+                    ScalarValue::Utf8(Some(u)) | ScalarValue::LargeUtf8(Some(u)) => {
+                        DATE_UNITS.contains(&u.to_ascii_lowercase().as_str())
+                    }
+                    _ => false,
+                });
+            // A text argument is parsed as a timestamp, row by row: it fails on text that is not.
+            let temporal = args.get(1).is_some_and(|a| {
+                a.get_type(schema).is_ok_and(|t| {
+                    matches!(
+                        t,
+                        DataType::Date32 | DataType::Date64 | DataType::Timestamp(..)
+                    )
+                })
+            });
+            (!known || !temporal).then_some(
+                "takes a constant unit it knows (year, quarter, month, ...) and a date or \
+                 timestamp column",
+            )
+        }
+        _ => None,
+    }
+}
+
 fn is_constant(expr: &Expr) -> bool {
     match expr {
         Expr::Literal(..) => true,

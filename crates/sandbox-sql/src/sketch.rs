@@ -7,6 +7,7 @@
 //! `sandbox_sketch_sum(sketch)` over the sketches of an inner aggregate's released rows (a nested
 //! aggregate's rows cover the union of the inner rows' units, and sketches add).
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray, BooleanArray};
@@ -18,7 +19,7 @@ use datafusion::logical_expr::utils::format_state_name;
 use datafusion::logical_expr::{
     Accumulator, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
 };
-use sandbox_release::differencing::{CELLS, Cell, add, decode, encode, insert};
+use sandbox_release::differencing::{CELLS, Cell, add, decode, encode, insert, insert_one};
 
 use crate::units::UNIT_HASH;
 
@@ -113,17 +114,72 @@ fn add_units(
     hashes: &mut Vec<u64>,
 ) -> Result<()> {
     for array in values {
-        hashes.clear();
-        hashes.resize(array.len(), 0);
-        create_hashes([array], &UNIT_HASH, hashes)?;
-        for (row, hash) in hashes.iter().enumerate() {
-            if array.is_valid(row) && keep(row) {
-                let group = group_of(row);
-                insert(&mut cells[group * CELLS..(group + 1) * CELLS], *hash, 1);
+        unit_hashes(array, hashes)?;
+        // Rows of one unit in one group often come in runs (a dataset stored by unit, then
+        // month): a run is added once, with its length.
+        let nulls = array.logical_nulls();
+        let mut run: Option<(usize, u64, i64)> = None;
+        for (row, &hash) in hashes.iter().enumerate() {
+            if !(nulls.as_ref().is_none_or(|n| n.is_valid(row)) && keep(row)) {
+                continue;
             }
+            let group = group_of(row);
+            match &mut run {
+                Some((g, h, times)) if *g == group && *h == hash => *times += 1,
+                _ => {
+                    if let Some((g, h, times)) = run.replace((group, hash, 1)) {
+                        add_run(cells, g, h, times);
+                    }
+                }
+            }
+        }
+        if let Some((g, h, times)) = run {
+            add_run(cells, g, h, times);
         }
     }
     Ok(())
+}
+
+/// The unit hash of every row, as `create_hashes` computes it. For a string view array a row
+/// whose view equals the previous row's (the same bytes: dictionary-encoded Parquet decodes
+/// repeated values to identical views) reuses its hash: datasets stored by unit repeat each unit
+/// over many consecutive rows, and hashing is most of the sketch's cost.
+pub(crate) fn unit_hashes(array: &ArrayRef, hashes: &mut Vec<u64>) -> Result<()> {
+    hashes.clear();
+    hashes.resize(array.len(), 0);
+    let Some(strings) = array.as_string_view_opt() else {
+        create_hashes([array], &UNIT_HASH, hashes)?;
+        return Ok(());
+    };
+    let mut previous: Option<(u128, u64)> = None;
+    for (row, (hash, &view)) in hashes.iter_mut().zip(strings.views().iter()).enumerate() {
+        if strings.is_null(row) {
+            continue;
+        }
+        *hash = match previous {
+            Some((v, h)) if v == view => h,
+            _ => {
+                // Inline values (up to 12 bytes) hash their view, longer ones their bytes.
+                let h = if (view as u32) <= 12 {
+                    UNIT_HASH.hash_one(view)
+                } else {
+                    UNIT_HASH.hash_one(strings.value(row).as_bytes())
+                };
+                previous = Some((view, h));
+                h
+            }
+        };
+    }
+    Ok(())
+}
+
+fn add_run(cells: &mut [Cell], group: usize, hash: u64, times: i64) {
+    let cells = &mut cells[group * CELLS..(group + 1) * CELLS];
+    if times == 1 {
+        insert_one(cells, hash);
+    } else {
+        insert(cells, hash, times);
+    }
 }
 
 /// Adds every row's sketch (a binary of the gate's format) to the cells of its group.
@@ -301,4 +357,33 @@ pub fn hash_probe() -> u64 {
         return 0;
     }
     hashes[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::StringViewArray;
+
+    #[test]
+    fn view_hashes_are_those_of_create_hashes() {
+        let long = "91450100MA5KXXXXX1";
+        let array: ArrayRef = Arc::new(StringViewArray::from(vec![
+            Some(long),
+            Some(long),
+            Some("short"),
+            Some("short"),
+            None,
+            Some("91450100MA5KYYYYY2"),
+            Some(long),
+        ]));
+        let mut expected = vec![0; array.len()];
+        create_hashes([&array], &UNIT_HASH, &mut expected).unwrap();
+        let mut actual = Vec::new();
+        unit_hashes(&array, &mut actual).unwrap();
+        for row in 0..array.len() {
+            if array.is_valid(row) {
+                assert_eq!(actual[row], expected[row], "row {row}");
+            }
+        }
+    }
 }

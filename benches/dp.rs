@@ -1,0 +1,117 @@
+//! A query under differential privacy against the same query exact, through the same engine on
+//! the same data (about 5.2 million `tax_monthly` rows at scale 11), interleaved; and, when
+//! `SANDBOX_BENCH_SMARTNOISE=1`, the same query and privacy parameters in SmartNoise SQL (`pip
+//! install smartnoise-sql pandas pyarrow`) over the same Parquet files, as an outside reference.
+//!
+//! `cargo bench -p sandbox-benches --bench dp` (`SANDBOX_BENCH_SCALE`, `SANDBOX_BENCH_ROUNDS`).
+//!
+//! Every DP run asks for a slightly different epsilon, so that none is answered from the cache;
+//! the analyst's budget on `tax_monthly` is raised for the benchmark only.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sandbox_benches::median;
+use sandbox_engine::{DpRequest, Engine, EngineConfig, JobSpec};
+
+/// The query of `benches/smartnoise_dp.py` too (without the schema prefix SmartNoise needs).
+const QUERY: &str = "SELECT tax_credit_rating, COUNT(*) AS n, SUM(vat_paid) AS vat \
+                     FROM tax_monthly GROUP BY tax_credit_rating";
+
+fn main() -> anyhow::Result<()> {
+    let rounds: usize = std::env::var("SANDBOX_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let data = sandbox_benches::bench_data(sandbox_benches::bench_scale())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let journal_dir = sandbox_benches::engine_dir(&data)?;
+    let sources: Vec<(String, String)> =
+        sandbox_policy::read_dir_sources(&sandbox_benches::policies_dir())?
+            .into_iter()
+            .map(|(name, text)| {
+                let text = if name.ends_with("tax_bureau.toml") {
+                    text.replace("budget_epsilon = 50.0", "budget_epsilon = 1000000.0")
+                        .replace("budget_delta = 1e-5", "budget_delta = 9e-4")
+                } else {
+                    text
+                };
+                (name, text)
+            })
+            .collect();
+    let policy = sandbox_policy::load_sources(&sources)?;
+    let engine = runtime.block_on(Engine::start(EngineConfig::new(
+        journal_dir.path().to_path_buf(),
+        policy,
+    )))?;
+    let ctx = sandbox_benches::analyst_context();
+    let run = |dp: Option<DpRequest>| -> Duration {
+        runtime.block_on(async {
+            let start = Instant::now();
+            let job = engine
+                .submit(
+                    &ctx,
+                    JobSpec::Sql {
+                        query: QUERY.to_string(),
+                        dp,
+                    },
+                )
+                .await
+                .expect("allowed");
+            let result = engine
+                .wait_result(&ctx, &job.job_id)
+                .await
+                .expect("released");
+            assert!(result.outcome().rows_released > 0);
+            assert_eq!(result.outcome().dp.is_some(), dp.is_some());
+            start.elapsed()
+        })
+    };
+    // Warm the caches of both paths.
+    run(None);
+    run(Some(DpRequest { epsilon: Some(1.0) }));
+    let (mut exact, mut private) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        exact.push(run(None));
+        let epsilon = 1.0 - (round as f64 + 1.0) * 1e-9;
+        private.push(run(Some(DpRequest {
+            epsilon: Some(epsilon),
+        })));
+    }
+    let (exact, private) = (median(exact), median(private));
+    println!("query: {QUERY}");
+    println!(
+        "median of {rounds} interleaved runs: exact {exact:.1?}, differential privacy \
+         {private:.1?}, ratio DP / exact {:.3}",
+        private.as_secs_f64() / exact.as_secs_f64()
+    );
+
+    if std::env::var_os("SANDBOX_BENCH_SMARTNOISE").is_some() {
+        let script = sandbox_benches::policies_dir().join("../benches/smartnoise_dp.py");
+        let output = Command::new("python3")
+            .arg(&script)
+            .arg(data.join("datasets/tax_monthly"))
+            .arg(rounds.to_string())
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "SmartNoise SQL failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = String::from_utf8_lossy(&output.stdout);
+        print!("{text}");
+        let seconds: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("smartnoise_median_seconds "))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no median in SmartNoise's output"))?;
+        println!(
+            "ratio sandbox DP / SmartNoise SQL (same query, epsilon 1, delta 1e-7, bounds and \
+             contribution limits): {:.3}",
+            private.as_secs_f64() / seconds
+        );
+    }
+    Ok(())
+}
