@@ -5,6 +5,9 @@
 //!
 //! `cargo bench -p sandbox-benches --bench dp` (`SANDBOX_BENCH_SCALE`, `SANDBOX_BENCH_ROUNDS`).
 //!
+//! It also times the differencing defense's check of new rows against a consumer org's memory of
+//! released rows (a linear scan of sketches), at 100,000 remembered rows.
+//!
 //! Every DP run asks for a slightly different epsilon, so that none is answered from the cache;
 //! the analyst's budget on `tax_monthly` is raised for the benchmark only.
 
@@ -88,6 +91,8 @@ fn main() -> anyhow::Result<()> {
         private.as_secs_f64() / exact.as_secs_f64()
     );
 
+    differencing_scan();
+
     if std::env::var_os("SANDBOX_BENCH_SMARTNOISE").is_some() {
         let script = sandbox_benches::policies_dir().join("../benches/smartnoise_dp.py");
         let output = Command::new("python3")
@@ -114,4 +119,36 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The gate's differencing check of 100 new rows against 100,000 remembered ones, each covering
+/// 50 to 549 units (far apart: the common case, proven on the first partition).
+fn differencing_scan() {
+    use sandbox_release::differencing::{Sketch, insert, is_differencing};
+    let sketch = |seed: u64, units: u64| {
+        let mut s = Sketch::default();
+        for u in 0..units {
+            insert(
+                &mut s.cells,
+                (seed << 20 | u).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                1,
+            );
+        }
+        s
+    };
+    let remembered: Vec<Sketch> = (0..100_000u64).map(|i| sketch(i, 50 + i % 500)).collect();
+    let new: Vec<Sketch> = (0..100u64)
+        .map(|i| sketch(1_000_000 + i, 50 + i % 500))
+        .collect();
+    let start = Instant::now();
+    let withheld = new
+        .iter()
+        .filter(|s| is_differencing(s, &remembered, 10))
+        .count();
+    let elapsed = start.elapsed();
+    println!(
+        "differencing check: 100 new rows against 100,000 remembered in {elapsed:.1?} \
+         ({:.0} ns per comparison; {withheld} withheld)",
+        elapsed.as_nanos() as f64 / 10_000_000.0
+    );
 }

@@ -191,7 +191,7 @@ async fn rephrasings_spend_the_budget_until_it_refuses_and_only_the_owner_renews
 }
 
 #[tokio::test]
-async fn a_debit_survives_a_stop_before_the_answer_is_fetched() {
+async fn a_debit_survives_a_stop_before_the_answer_is_fetched_and_answers_outlive_restarts() {
     let server = TestServer::start().await.expect("server");
     let mut analyst = server.client("analyst").await.expect("client");
     // Admitted (the debit is in the durable admission record), never fetched.
@@ -208,10 +208,20 @@ async fn a_debit_survives_a_stop_before_the_answer_is_fetched() {
         spent > 0.99 && queries == 1,
         "the debit was refunded: {spent} {queries}"
     );
-    // After the restart the cache is empty: the same query is paid again, never free.
-    let again = analyst.sql(L4_QUERY).await.expect("answered");
-    assert!(!dp(&again.summary).cached);
-    assert!((court_spent(&mut analyst).await.0 - 2.0 * spent).abs() < 1e-9);
+    // An answer released before a restart is the answer after it: stored, not drawn again.
+    let question = "SELECT SUM(amount) AS total FROM court_cases";
+    let before = analyst.sql(question).await.expect("answered");
+    assert!(!dp(&before.summary).cached);
+    let server = server.restart().await.expect("restart");
+    let mut analyst = server.client("analyst").await.expect("client");
+    let after = analyst.sql(question).await.expect("answered");
+    assert!(dp(&after.summary).cached, "the stored answer is reused");
+    assert_eq!(after.summary.result_sha256, before.summary.result_sha256);
+    assert_eq!(
+        court_spent(&mut analyst).await.1,
+        2,
+        "two questions paid, one repeat free"
+    );
 }
 
 #[tokio::test]

@@ -438,7 +438,7 @@ impl Engine {
             journal,
             jobs: Mutex::new(HashMap::new()),
             differencing: crate::differencing::DifferencingMemory::open(&config.data_dir)?,
-            dp_answers: Default::default(),
+            dp_answers: crate::privacy::AnswerCache::new(&config.data_dir),
             pseudonym_secret,
             config,
         });

@@ -7,11 +7,12 @@
 //! concurrent queries cannot overspend, and it is never refunded: a job that fails or a server
 //! that crashes after admission keeps it spent.
 //!
-//! An identical query (same consumer org, same rewritten plan, same epsilon) gets the answer
-//! already released, at no cost: asking again cannot average the noise away. Answers are kept in
-//! memory; after a restart, the repeat of a query is answered afresh and paid again.
+//! An identical query (same consumer org, same rewritten plan, outputs, limit and epsilon) gets
+//! the answer already released, at no cost: asking again cannot average the noise away. Answers
+//! are kept in memory and on disk (`<data-dir>/dp-answers/`), so this holds across restarts.
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -27,7 +28,7 @@ use crate::error::{EngineError, Result};
 use crate::jobs::{DpOutcome, Engine, JobSnapshot, Produced, RequestContext};
 use crate::modules::record_value;
 
-/// Most answers kept; beyond it the cache starts afresh (a repeat then pays again).
+/// Most answers kept in memory; beyond it the memory starts afresh (they stay on disk).
 const MAX_CACHED_ANSWERS: usize = 10_000;
 
 #[derive(Clone)]
@@ -37,18 +38,93 @@ struct CachedAnswer {
     job_id: String,
 }
 
-/// Released DP answers by (consumer org, plan digest).
-#[derive(Default)]
+/// What is stored beside an answer's Arrow bytes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAnswer {
+    report: DpReport,
+    job_id: String,
+}
+
+/// Released DP answers by (consumer org, plan digest): in memory, and under
+/// `<data-dir>/dp-answers/<key>.arrow` (the released IPC stream) with `<key>.json` (the noise
+/// report and the job that paid), written durably, so they outlive a restart.
 pub(crate) struct AnswerCache {
+    dir: PathBuf,
     answers: Mutex<HashMap<String, CachedAnswer>>,
 }
 
 impl AnswerCache {
-    fn get(&self, key: &str) -> Option<CachedAnswer> {
-        self.lock().get(key).cloned()
+    pub(crate) fn new(data_dir: &Path) -> Self {
+        AnswerCache {
+            dir: data_dir.join("dp-answers"),
+            answers: Mutex::new(HashMap::new()),
+        }
     }
 
-    fn put(&self, key: String, answer: CachedAnswer) {
+    async fn get(&self, key: &str) -> Option<CachedAnswer> {
+        if let Some(answer) = self.lock().get(key).cloned() {
+            return Some(answer);
+        }
+        let ipc = tokio::fs::read(self.dir.join(format!("{key}.arrow")))
+            .await
+            .ok()?;
+        let meta = tokio::fs::read(self.dir.join(format!("{key}.json")))
+            .await
+            .ok()?;
+        let stored: StoredAnswer = match serde_json::from_slice(&meta) {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(%error, key, "unreadable stored DP answer; answering afresh");
+                return None;
+            }
+        };
+        let released = match sandbox_release::dp::reload_answer(&ipc) {
+            Ok(released) => released,
+            Err(error) => {
+                tracing::warn!(%error, key, "unreadable stored DP answer; answering afresh");
+                return None;
+            }
+        };
+        let answer = CachedAnswer {
+            released,
+            report: stored.report,
+            job_id: stored.job_id,
+        };
+        self.remember(key.to_string(), answer.clone());
+        Some(answer)
+    }
+
+    /// Stores an answer: the Arrow bytes, then its report (an answer without its report is not
+    /// read back). A failed write only means a repeat is answered afresh, and paid.
+    async fn put(&self, key: String, answer: CachedAnswer) {
+        let stored = StoredAnswer {
+            report: answer.report.clone(),
+            job_id: answer.job_id.clone(),
+        };
+        let written = match (answer.released.to_ipc_stream(), serde_json::to_vec(&stored)) {
+            (Ok(ipc), Ok(meta)) => {
+                let (arrow, json) = (
+                    self.dir.join(format!("{key}.arrow")),
+                    self.dir.join(format!("{key}.json")),
+                );
+                tokio::task::spawn_blocking(move || {
+                    crate::secret::write_durable(&arrow, &ipc, false)?;
+                    crate::secret::write_durable(&json, &meta, false)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+            (Err(e), _) => Err(e.to_string()),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        if let Err(error) = written {
+            tracing::warn!(%error, "cannot store a DP answer; a repeat will be answered afresh");
+        }
+        self.remember(key, answer);
+    }
+
+    fn remember(&self, key: String, answer: CachedAnswer) {
         let mut answers = self.lock();
         if answers.len() >= MAX_CACHED_ANSWERS {
             answers.clear();
@@ -165,7 +241,7 @@ impl Engine {
         ));
         let datasets = planned.guarded.datasets.clone();
 
-        if let Some(cached) = self.dp_answers.get(&key) {
+        if let Some(cached) = self.dp_answers.get(&key).await {
             let (epsilon_remaining, delta_remaining) = self.remaining(ctx, &datasets, 0.0, 0.0)?;
             let dp = DpOutcome {
                 epsilon_spent: 0.0,
@@ -221,16 +297,20 @@ impl Engine {
                 .execute(planned, cancel)
                 .instrument(tracing::info_span!("execute"))
                 .await?;
-            let _release = tracing::info_span!("release").entered();
+            let release_span = tracing::info_span!("release").entered();
             let (released, report) = release_dp(executed.schema, executed.batches, &noise, &gate)?;
-            engine.dp_answers.put(
-                key,
-                CachedAnswer {
-                    released: released.clone(),
-                    report: report.clone(),
-                    job_id,
-                },
-            );
+            drop(release_span);
+            engine
+                .dp_answers
+                .put(
+                    key,
+                    CachedAnswer {
+                        released: released.clone(),
+                        report: report.clone(),
+                        job_id,
+                    },
+                )
+                .await;
             Ok(Produced {
                 dp: Some(DpOutcome {
                     epsilon_spent: report.epsilon,

@@ -9,8 +9,8 @@
 //! by their unit. Cells hold exact integer sums (a count, the sum of unit keys, the sum of a check
 //! hash), so sketches add and subtract: the difference of two rows' sketches is the sketch of the
 //! units whose rows differ, which is peeled cell by cell to list them when there are few, and is
-//! proven large without peeling when many cells differ (each unit touches exactly one cell in each
-//! of three partitions). What cannot be proven to differ in at least `min_units` units is
+//! proven large without peeling when many cells of one partition differ (each unit touches
+//! exactly one cell in each of three partitions). What cannot be proven to differ in at least `min_units` units is
 //! treated as a small difference: suppressed (fail closed).
 //!
 //! A unit counts as differing when its number of rows in the two groups differs: removing one
@@ -26,8 +26,11 @@
 /// Hidden column with each output row's sketch (binary).
 pub const SKETCH_COLUMN: &str = "__sandbox_sketch";
 
-/// Cells per partition; three partitions.
-pub const PARTITION_CELLS: usize = 16;
+/// Cells per partition; three partitions. A difference is proven at least `min_units` apart
+/// only when one partition has that many differing cells, so this bounds the thresholds the
+/// defense tells apart exactly: up to 64. Above it (or when peeling a difference below it gets
+/// stuck), a row that cannot be proven far enough is withheld.
+pub const PARTITION_CELLS: usize = 64;
 pub const PARTITIONS: usize = 3;
 pub const CELLS: usize = PARTITION_CELLS * PARTITIONS;
 const CELL_BYTES: usize = 8 + 16 + 16;
@@ -72,7 +75,7 @@ fn place(hash: u64) -> (i128, i128, [usize; PARTITIONS]) {
     let spread = mix(hash.wrapping_add(0x9e37_79b9_7f4a_7c15));
     let mut cells = [0; PARTITIONS];
     for (p, cell) in cells.iter_mut().enumerate() {
-        *cell = p * PARTITION_CELLS + ((spread >> (16 * p)) as usize % PARTITION_CELLS);
+        *cell = p * PARTITION_CELLS + ((spread >> (21 * p)) as usize % PARTITION_CELLS);
     }
     (key, check, cells)
 }
@@ -182,23 +185,36 @@ impl Difference {
 impl Sketch {
     /// How many units differ between `self` and `other`, as far as `min_units` needs to know.
     pub fn difference(&self, other: &Sketch, min_units: u64) -> Difference {
+        // Each differing unit changes exactly one cell per partition, so the differing cells of
+        // any one partition are a lower bound: most pairs are proven far on the first partition,
+        // without building their difference.
+        let mut lower_bound = 0;
+        for (ours, theirs) in self
+            .cells
+            .chunks_exact(PARTITION_CELLS)
+            .zip(other.cells.chunks_exact(PARTITION_CELLS))
+        {
+            let mut differing = 0;
+            for (a, b) in ours.iter().zip(theirs) {
+                if a != b {
+                    differing += 1;
+                    if differing as u64 >= min_units {
+                        return Difference::AtLeast(differing);
+                    }
+                }
+            }
+            lower_bound = lower_bound.max(differing);
+        }
+        if lower_bound == 0 {
+            return Difference::None;
+        }
         let mut diff = [Cell::default(); CELLS];
-        let mut nonzero = 0;
-        for (d, (a, b)) in diff.iter_mut().zip(self.cells.iter().zip(&other.cells)) {
+        for ((d, a), b) in diff.iter_mut().zip(&self.cells).zip(&other.cells) {
             *d = Cell {
                 count: a.count - b.count,
                 keys: a.keys - b.keys,
                 checks: a.checks - b.checks,
             };
-            nonzero += usize::from(*d != Cell::default());
-        }
-        if nonzero == 0 {
-            return Difference::None;
-        }
-        // Each differing unit changes exactly one cell per partition.
-        let lower_bound = nonzero.div_ceil(PARTITIONS);
-        if lower_bound as u64 >= min_units {
-            return Difference::AtLeast(lower_bound);
         }
         peel(&mut diff)
     }
@@ -321,6 +337,18 @@ mod tests {
                 "{units} units: {withheld} of 2000 withheld"
             );
         }
+    }
+
+    #[test]
+    fn large_thresholds_are_told_apart_too() {
+        // Templates may ask for 50 units per row: 30 units apart is differencing, 60 is not,
+        // and disjoint rows of hundreds of units are far.
+        let base: Vec<(u64, i64)> = (0..500).map(|u| (u, 3)).collect();
+        let all = sketch(&base);
+        assert!(all.difference(&sketch(&base[30..]), 50).is_differencing(50));
+        assert!(!all.difference(&sketch(&base[60..]), 50).is_differencing(50));
+        let other: Vec<(u64, i64)> = (1000..1400).map(|u| (u, 1)).collect();
+        assert!(!all.difference(&sketch(&other), 50).is_differencing(50));
     }
 
     #[test]

@@ -181,7 +181,7 @@ pub struct NoisePlan {
 
 /// The noise of one released column, as the caller is told: the Laplace scale and the
 /// half-width of a 95% interval around the true value.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NoiseReport {
     pub column: String,
     pub scale: f64,
@@ -191,7 +191,7 @@ pub struct NoiseReport {
 }
 
 /// What a DP release spent and how noisy it is.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DpReport {
     pub epsilon: f64,
     pub delta: f64,
@@ -567,6 +567,32 @@ pub fn release_dp(
         sketches: Vec::new(),
     };
     Ok((released, report))
+}
+
+/// A DP answer this gate released before, read back from the engine's answer store (the Arrow
+/// IPC stream it released): the same bytes again, no new noise, so that asking an identical
+/// question after a restart neither costs budget nor averages noise away.
+pub fn reload_answer(ipc: &[u8]) -> Result<Released> {
+    let reader = arrow::ipc::reader::StreamReader::try_new(ipc, None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<std::result::Result<Vec<_>, _>>()?;
+    if schema
+        .fields()
+        .iter()
+        .any(|f| crate::is_hidden_name(f.name()))
+    {
+        return Err(dp_error("a stored answer carries hidden columns"));
+    }
+    let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+    Ok(Released {
+        schema,
+        batches,
+        summary: ReleaseSummary {
+            rows_released: rows,
+            ..ReleaseSummary::default()
+        },
+        sketches: Vec::new(),
+    })
 }
 
 #[cfg(test)]
