@@ -152,6 +152,68 @@ async fn cli_contract() {
             5,
             "invalid request",
         ),
+        // Differential privacy: the summary tells the spend and what is left; the budget shows.
+        (
+            vec![
+                "--as",
+                "analyst",
+                "sql",
+                "--epsilon",
+                "0.5",
+                "SELECT COUNT(*) AS n FROM tax_monthly",
+            ],
+            0,
+            "spent epsilon 0.5000",
+        ),
+        (
+            vec![
+                "--as",
+                "analyst",
+                "sql",
+                "--epsilon",
+                "5",
+                "SELECT COUNT(*) AS n FROM tax_monthly",
+            ],
+            3,
+            "dp-epsilon-not-allowed",
+        ),
+        (
+            vec!["--as", "analyst", "--format", "json", "budget", "show"],
+            0,
+            "\"dataset\":\"tax_monthly\"",
+        ),
+        (
+            vec![
+                "--as",
+                "analyst",
+                "budget",
+                "refresh",
+                "--org",
+                "analytics",
+                "--dataset",
+                "tax_monthly",
+                "--reason",
+                "mine",
+            ],
+            4,
+            "not permitted",
+        ),
+        (
+            vec![
+                "--as",
+                "owner_tax",
+                "budget",
+                "refresh",
+                "--org",
+                "analytics",
+                "--dataset",
+                "tax_monthly",
+                "--reason",
+                "new quarter",
+            ],
+            0,
+            "analytics\ttax_monthly\t0.0000",
+        ),
     ];
     check(&addr, &data_dir, &cases).await;
 
