@@ -262,8 +262,7 @@ pub fn release(
                     .collect()
             }
         };
-        let kept_rows = keep.true_count();
-        if kept_rows == 0 || remaining == 0 {
+        if keep.true_count() == 0 || remaining == 0 {
             continue;
         }
         let kept = filter_record_batch(&batch, &keep)?.project(&visible)?;
