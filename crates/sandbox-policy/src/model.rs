@@ -26,11 +26,11 @@ impl fmt::Display for Location {
 /// | L1    | any                                                     | yes              | yes      | yes  |
 /// | L2    | any                                                     | yes              | yes      | yes  |
 /// | L3    | identifier, join_key, measure, masked, hidden           | yes              | yes      | yes  |
-/// | L4    | measure, hidden                                         | no               | yes      | yes  |
+/// | L4    | measure, hidden                                         | only under DP    | yes      | yes  |
 ///
 /// L3 values are never shown in the clear: not as a dimension, only masked or aggregated. L4
-/// values never reach ad-hoc SQL (that needs differential privacy), only owner-approved templates
-/// and code, whose every run the owner scoped.
+/// values reach ad-hoc SQL only under differential privacy ([`Mode::Private`]), and otherwise
+/// only owner-approved templates and code, whose every run the owner scoped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
     /// Public.
@@ -82,12 +82,6 @@ impl Level {
     /// Whether a column of this level may be used in this mode (the level-cap table above).
     pub fn allows_mode(self, mode: Mode) -> bool {
         self != Level::L4 || mode != Mode::Aggregate
-    }
-
-    /// Whether a measure of this level may be aggregated in ad-hoc SQL only under differential
-    /// privacy.
-    pub fn needs_dp(self) -> bool {
-        !self.allows_mode(Mode::Aggregate) && self.allows_mode(Mode::Private)
     }
 
     /// Why [`Level::allows_role`] refuses, for the loader's message.
