@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use ring::digest;
 use sandbox_audit::AuditEvent;
-use sandbox_policy::{PrincipalRole, Record};
+use sandbox_policy::{BudgetSpent, DpMode, PrincipalRole, Record};
 use sandbox_release::dp::{DpReport, plan_noise, release_dp};
 use sandbox_release::{GatePolicy, Released};
 use sandbox_sql::PlannedQuery;
@@ -152,6 +152,22 @@ pub struct BudgetView {
     pub delta_spent: f64,
     pub queries: u64,
     pub refreshes: u64,
+}
+
+impl BudgetView {
+    /// What `org` spent on `dataset`, with the totals of the caller's own grant when it has one.
+    fn new(org: &str, dataset: &str, spent: BudgetSpent, budget: Option<&DpMode>) -> Self {
+        BudgetView {
+            org: org.to_string(),
+            dataset: dataset.to_string(),
+            epsilon_budget: budget.map(|b| b.budget_epsilon),
+            delta_budget: budget.map(|b| b.budget_delta),
+            epsilon_spent: spent.epsilon,
+            delta_spent: spent.delta,
+            queries: spent.queries,
+            refreshes: spent.refreshes,
+        }
+    }
 }
 
 fn denied(code: &'static str, message: impl Into<String>) -> EngineError {
@@ -404,16 +420,12 @@ impl Engine {
                 };
                 let spent = registry.budget_spent(&principal.org, &dataset.id);
                 seen.insert((principal.org.clone(), dataset.id.clone()));
-                views.push(BudgetView {
-                    org: principal.org.clone(),
-                    dataset: dataset.id.clone(),
-                    epsilon_budget: Some(dp.budget_epsilon),
-                    delta_budget: Some(dp.budget_delta),
-                    epsilon_spent: spent.epsilon,
-                    delta_spent: spent.delta,
-                    queries: spent.queries,
-                    refreshes: spent.refreshes,
-                });
+                views.push(BudgetView::new(
+                    &principal.org,
+                    &dataset.id,
+                    spent,
+                    Some(&dp),
+                ));
             }
             let owned: BTreeSet<String> = self
                 .policy
@@ -425,16 +437,7 @@ impl Engine {
                 if (auditor || owned.contains(dataset))
                     && !seen.contains(&(org.clone(), dataset.clone()))
                 {
-                    views.push(BudgetView {
-                        org: org.clone(),
-                        dataset: dataset.clone(),
-                        epsilon_budget: None,
-                        delta_budget: None,
-                        epsilon_spent: spent.epsilon,
-                        delta_spent: spent.delta,
-                        queries: spent.queries,
-                        refreshes: spent.refreshes,
-                    });
+                    views.push(BudgetView::new(org, dataset, *spent, None));
                 }
             }
         }
@@ -480,15 +483,6 @@ impl Engine {
         event.message = format!("renew the budget of `{org}` on `{dataset}`: {reason}");
         self.conclude(event, outcome).await?;
         let spent = self.registry().budget_spent(org, dataset);
-        Ok(BudgetView {
-            org: org.to_string(),
-            dataset: dataset.to_string(),
-            epsilon_budget: None,
-            delta_budget: None,
-            epsilon_spent: spent.epsilon,
-            delta_spent: spent.delta,
-            queries: spent.queries,
-            refreshes: spent.refreshes,
-        })
+        Ok(BudgetView::new(org, dataset, spent, None))
     }
 }

@@ -226,19 +226,21 @@ pub fn release(
         let mut row_sketches = Vec::with_capacity(batch.num_rows());
         let mut covered_rows = Vec::with_capacity(batch.num_rows());
         for row in 0..batch.num_rows() {
-            let sketch = if sketches.is_null(row) {
-                None
-            } else {
-                Some(differencing::decode(sketches.value(row)).ok_or(ReleaseError::MissingSketch)?)
-            };
+            // Only rows over the threshold can be released: only theirs are read.
             let mut pass = covered.value(row);
-            if pass {
-                let sketch = sketch.as_ref().ok_or(ReleaseError::MissingSketch)?;
-                if differencing::is_differencing(sketch, released_before, policy.min_units) {
+            let sketch = if pass {
+                let sketch = (!sketches.is_null(row))
+                    .then(|| differencing::decode(sketches.value(row)))
+                    .flatten()
+                    .ok_or(ReleaseError::MissingSketch)?;
+                if differencing::is_differencing(&sketch, released_before, policy.min_units) {
                     pass = false;
                     summary.rows_differencing += 1;
                 }
-            }
+                Some(sketch)
+            } else {
+                None
+            };
             covered_rows.push(Some(pass));
             row_sketches.push(sketch);
         }

@@ -31,7 +31,7 @@ use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, SortExpr, cast, lit, when,
 };
-use sandbox_policy::{AggregateFunction as Allowed, AggregateMode, Mode, Role};
+use sandbox_policy::{AggregateFunction as Allowed, DpMode, Mode, Role};
 use sandbox_release::dp::{DpOutput, DpSpec, DpStat, stat_column};
 
 use crate::error::{Rule, SqlError};
@@ -40,33 +40,25 @@ use crate::guard::{
     deny, no_grouping_sets, rewrite_error, single_input, strip_alias, uses_reserved_name,
 };
 
-/// The aggregate modes of every granted dataset the plan scans (unknown tables are the guard's
-/// to refuse).
-pub(crate) fn scanned_modes(
+/// For every table the plan scans, the differential privacy its aggregate grant offers the caller
+/// (`None`: none, or no aggregate grant at all; unknown tables are the guard's to refuse).
+pub(crate) fn scanned_dp(
     plan: &LogicalPlan,
     granted: &HashMap<String, GrantedDataset>,
-) -> Vec<AggregateMode> {
-    let mut modes = Vec::new();
+) -> Vec<Option<DpMode>> {
+    let mut offers = Vec::new();
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
-            match granted
-                .get(scan.table_name.table())
-                .and_then(|g| g.aggregate.clone())
-            {
-                Some(mode) => modes.push(mode),
-                // A scan without an aggregate grant: not offered (the guard denies it anyway).
-                None => modes.push(AggregateMode {
-                    min_units: u64::MAX,
-                    functions: Default::default(),
-                    filter_measures: Default::default(),
-                    expression_arguments: false,
-                    dp: None,
-                }),
-            }
+            offers.push(
+                granted
+                    .get(scan.table_name.table())
+                    .and_then(|g| g.aggregate.as_ref())
+                    .and_then(|mode| mode.dp.clone()),
+            );
         }
         Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
     });
-    modes
+    offers
 }
 
 fn unsupported(message: impl Into<String>) -> SqlError {

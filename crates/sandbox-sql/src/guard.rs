@@ -41,9 +41,9 @@ use datafusion::functions_aggregate::expr_fn::max;
 use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
-    Aggregate, AggregateUDF, Between, BinaryExpr, Expr, ExprSchemable, FetchType, Filter, Join,
-    JoinType, Limit, LogicalPlan, Operator, Projection, SkipType, Sort, SubqueryAlias, TableScan,
-    cast, when,
+    Aggregate, AggregateUDF, AggregateUDFImpl, Between, BinaryExpr, Expr, ExprSchemable, FetchType,
+    Filter, Join, JoinType, Limit, LogicalPlan, Operator, Projection, SkipType, Sort,
+    SubqueryAlias, TableScan, cast, when,
 };
 use sandbox_policy::{
     AggregateFunction as Allowed, AggregateMode, DatasetPolicy, DpMode, Level, Mask, Mode, Role,
@@ -211,11 +211,9 @@ pub fn guard(
     if !matches!(context, Mode::Aggregate | Mode::Private) {
         return guard_exact(plan, granted, context);
     }
-    let modes = crate::dp::scanned_modes(plan, granted);
-    let offered = !modes.is_empty() && modes.iter().all(|m| m.dp.is_some());
-    let required = modes
-        .iter()
-        .any(|m| m.dp.as_ref().is_some_and(|dp| dp.required));
+    let offers = crate::dp::scanned_dp(plan, granted);
+    let offered = !offers.is_empty() && offers.iter().all(Option::is_some);
+    let required = offers.iter().flatten().any(|dp| dp.required);
     if context == Mode::Private || required {
         if !offered {
             return Err(deny(
@@ -370,6 +368,19 @@ fn guard_exact(
         columns: guard.columns.into_iter().collect(),
         dp: None,
     })
+}
+
+/// A call of one of the sandbox's own aggregates (never registered in a session, so only the
+/// rewrite can call them).
+fn udaf_call(function: impl AggregateUDFImpl + 'static, args: Vec<Expr>) -> Expr {
+    Expr::AggregateFunction(AggregateFunction::new_udf(
+        Arc::new(AggregateUDF::new_from_impl(function)),
+        args,
+        false,
+        None,
+        vec![],
+        None,
+    ))
 }
 
 /// A query's `OFFSET` and `LIMIT`, which must be constants (the gate applies them).
@@ -585,28 +596,19 @@ impl Guard<'_> {
                 .position(|expr| counts_distinct_units(expr, input_schema, &input_lineage)),
             _ => None,
         };
-        let capped = |column: Expr| {
-            Expr::AggregateFunction(AggregateFunction::new_udf(
-                Arc::new(AggregateUDF::new_from_impl(CappedUnits::new(
-                    mode.min_units,
-                ))),
-                vec![column],
-                false,
-                None,
-                vec![],
-                None,
-            ))
-        };
+        let capped = |column: Expr| udaf_call(CappedUnits::new(mode.min_units), vec![column]);
         // Every row also carries the sketch of its units, for the differencing defense.
-        let sketch = Expr::AggregateFunction(AggregateFunction::new_udf(
-            Arc::new(AggregateUDF::new_from_impl(UnitSketch::units())),
-            unit_columns.clone(),
-            false,
-            None,
-            vec![],
-            None,
-        ))
-        .alias(SKETCH_COLUMN);
+        let sketch = udaf_call(UnitSketch::units(), unit_columns.clone()).alias(SKETCH_COLUMN);
+        // The query's aggregate with more aggregates beside its own.
+        let with_aggregates = |aggr_expr: Vec<Expr>| {
+            Aggregate::try_new(
+                aggregate.input.clone(),
+                aggregate.group_expr.clone(),
+                aggr_expr,
+            )
+            .map(LogicalPlan::Aggregate)
+            .map_err(rewrite_error)
+        };
         let rewritten = match existing_exact_count {
             // The query already counts distinct units exactly: the hidden count is that column.
             // Adding the capped counter beside it would also stop DataFusion from planning the
@@ -614,14 +616,7 @@ impl Guard<'_> {
             Some(index) => {
                 let mut aggr_expr = aggregate.aggr_expr.clone();
                 aggr_expr.push(sketch);
-                let plan = LogicalPlan::Aggregate(
-                    Aggregate::try_new(
-                        aggregate.input.clone(),
-                        aggregate.group_expr.clone(),
-                        aggr_expr,
-                    )
-                    .map_err(rewrite_error)?,
-                );
+                let plan = with_aggregates(aggr_expr)?;
                 let schema = plan.schema().clone();
                 let mut exprs = columns_of(&schema);
                 let (qualifier, field) = schema.qualified_field(aggregate.group_expr.len() + index);
@@ -640,14 +635,7 @@ impl Guard<'_> {
                 let mut aggr_expr = aggregate.aggr_expr.clone();
                 aggr_expr.push(capped(unit_columns[0].clone()).alias(UNITS_COLUMN));
                 aggr_expr.push(sketch);
-                LogicalPlan::Aggregate(
-                    Aggregate::try_new(
-                        aggregate.input.clone(),
-                        aggregate.group_expr.clone(),
-                        aggr_expr,
-                    )
-                    .map_err(rewrite_error)?,
-                )
+                with_aggregates(aggr_expr)?
             }
             // Several unit classes: one capped count each, and the least of them is the row's count,
             // so the row is released only if every class reaches the threshold.
@@ -660,14 +648,7 @@ impl Guard<'_> {
                     aggr_expr.push(capped(column.clone()).alias(&name));
                     counts.push(Expr::Column(Column::new_unqualified(name)));
                 }
-                let plan = LogicalPlan::Aggregate(
-                    Aggregate::try_new(
-                        aggregate.input.clone(),
-                        aggregate.group_expr.clone(),
-                        aggr_expr,
-                    )
-                    .map_err(rewrite_error)?,
-                );
+                let plan = with_aggregates(aggr_expr)?;
                 let schema = plan.schema().clone();
                 let mut exprs = columns_of(&schema);
                 exprs.truncate(exprs.len() - counts.len());
@@ -757,17 +738,7 @@ impl Guard<'_> {
         let mut aggr_expr = aggregate.aggr_expr.clone();
         aggr_expr.push(max(units()).alias(UNITS_COLUMN));
         // An outer row covers the union of its inner rows' units: sketches add.
-        aggr_expr.push(
-            Expr::AggregateFunction(AggregateFunction::new_udf(
-                Arc::new(AggregateUDF::new_from_impl(UnitSketch::sum())),
-                vec![sketch()],
-                false,
-                None,
-                vec![],
-                None,
-            ))
-            .alias(SKETCH_COLUMN),
-        );
+        aggr_expr.push(udaf_call(UnitSketch::sum(), vec![sketch()]).alias(SKETCH_COLUMN));
         let rewritten = LogicalPlan::Aggregate(
             Aggregate::try_new(Arc::new(released), aggregate.group_expr.clone(), aggr_expr)
                 .map_err(rewrite_error)?,

@@ -140,7 +140,8 @@ fn add_units(
     Ok(())
 }
 
-/// The unit hash of every row, as `create_hashes` computes it. For a string view array a row
+/// The unit hash of every row, as `create_hashes` computes it (for the capped count and the
+/// sketch alike). For a string view array a row
 /// whose view equals the previous row's (the same bytes: dictionary-encoded Parquet decodes
 /// repeated values to identical views) reuses its hash: datasets stored by unit repeat each unit
 /// over many consecutive rows, and hashing is most of the sketch's cost.

@@ -16,13 +16,15 @@ use datafusion::arrow::array::{
 use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
-use datafusion::common::hash_utils::{QualityRandomState, create_hashes};
+use datafusion::common::hash_utils::QualityRandomState;
 use datafusion::common::{Result, ScalarValue, internal_err};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::utils::format_state_name;
 use datafusion::logical_expr::{
     Accumulator, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
 };
+
+use crate::sketch::unit_hashes;
 
 /// Hash state for units. Fixed, so that partial states from different partitions merge.
 pub(crate) const UNIT_HASH: QualityRandomState = QualityRandomState::with_seed(0x5a4e_4442_4f58);
@@ -103,13 +105,6 @@ fn insert_capped(set: &mut Vec<u64>, cap: usize, hash: u64) {
     if set.len() < cap && !set.contains(&hash) {
         set.push(hash);
     }
-}
-
-fn hashes_of(array: &ArrayRef, buffer: &mut Vec<u64>) -> Result<()> {
-    buffer.clear();
-    buffer.resize(array.len(), 0);
-    create_hashes([array], &UNIT_HASH, buffer)?;
-    Ok(())
 }
 
 fn list_of(sets: Vec<Vec<u64>>) -> ArrayRef {
@@ -206,12 +201,12 @@ impl GroupsAccumulator for CappedUnitsGroups {
         if rows.len() * 4 < array.len() {
             let rows = UInt32Array::from(rows);
             let subset = take(array.as_ref(), &rows, None)?;
-            hashes_of(&subset, &mut hashes)?;
+            unit_hashes(&subset, &mut hashes)?;
             for (position, &row) in rows.values().iter().enumerate() {
                 self.insert(group_indices[row as usize], hashes[position]);
             }
         } else {
-            hashes_of(array, &mut hashes)?;
+            unit_hashes(array, &mut hashes)?;
             for &row in &rows {
                 self.insert(group_indices[row as usize], hashes[row as usize]);
             }
@@ -258,7 +253,7 @@ impl GroupsAccumulator for CappedUnitsGroups {
     ) -> Result<Vec<ArrayRef>> {
         let array = &values[0];
         let mut hashes = Vec::new();
-        hashes_of(array, &mut hashes)?;
+        unit_hashes(array, &mut hashes)?;
         let sets = (0..array.len())
             .map(|row| {
                 let filtered = opt_filter.is_some_and(|f| !f.is_valid(row) || !f.value(row));
@@ -293,7 +288,7 @@ impl Accumulator for CappedUnitsAccumulator {
         }
         let array = &values[0];
         let mut hashes = Vec::new();
-        hashes_of(array, &mut hashes)?;
+        unit_hashes(array, &mut hashes)?;
         for (row, hash) in hashes.into_iter().enumerate() {
             if !array.is_null(row) {
                 insert_capped(&mut self.units, self.cap, hash);
