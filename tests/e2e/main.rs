@@ -3,6 +3,7 @@
 
 mod audit;
 mod depth;
+mod hardening;
 mod privacy;
 mod reconstruction;
 mod wasm;
@@ -499,7 +500,7 @@ async fn restart_repairs_a_torn_journal_tail() {
         .sql("SELECT size_class, COUNT(*) FROM enterprises GROUP BY size_class")
         .await
         .expect("allowed");
-    let TestServer { dir, server } = server;
+    let TestServer { dir, server, .. } = server;
     server.shutdown().await.expect("shutdown");
 
     // A crash in the middle of writing the last record leaves it incomplete.
@@ -582,7 +583,7 @@ async fn falls_back_to_the_built_in_policies() {
     // `policies/` folder in the working directory, the compiled-in demo policies apply.
     let server = TestServer::start().await.expect("server");
     let data_dir = server.data_dir();
-    let TestServer { dir, server } = server;
+    let TestServer { dir, server, .. } = server;
     server.shutdown().await.expect("shutdown");
     std::fs::remove_dir_all(data_dir.join("policies")).expect("remove the policy copy");
     assert!(

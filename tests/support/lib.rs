@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use arrow::array::RecordBatch;
-pub use sandbox_cli::{Client, SqlResult, rule_of};
+pub use sandbox_cli::{Client, SqlResult, TlsFiles, rule_of};
 use sandbox_server::{RunningServer, ServerConfig};
 
 /// The repository's policy directory.
@@ -19,20 +19,32 @@ pub const TEST_SCALE: f64 = 0.05;
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub server: RunningServer,
+    /// Whether it serves TLS (`url` is then `https://`).
+    pub tls: bool,
 }
 
 impl TestServer {
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_in(tempfile::tempdir()?).await
+        Self::start_with(|_| {}).await
     }
 
-    async fn start_in(dir: tempfile::TempDir) -> anyhow::Result<Self> {
+    /// A server whose test configuration `configure` adjusts (limits, TLS).
+    pub async fn start_with(configure: impl FnOnce(&mut ServerConfig)) -> anyhow::Result<Self> {
+        Self::start_in(tempfile::tempdir()?, configure).await
+    }
+
+    async fn start_in(
+        dir: tempfile::TempDir,
+        configure: impl FnOnce(&mut ServerConfig),
+    ) -> anyhow::Result<Self> {
         let data_dir = dir.path().join("data");
         let mut config = ServerConfig::for_tests(data_dir);
         config.policies = Some(policies_dir());
         config.demo_scale = TEST_SCALE;
+        configure(&mut config);
+        let tls = config.tls;
         let server = sandbox_server::start(config).await?;
-        Ok(TestServer { dir, server })
+        Ok(TestServer { dir, server, tls })
     }
 
     /// Stops the server and starts a new one on the same data dir: what survives is what the
@@ -43,10 +55,10 @@ impl TestServer {
 
     /// Like [`TestServer::restart`], running `while_stopped` between the stop and the start.
     pub async fn restart_with(self, while_stopped: impl FnOnce()) -> anyhow::Result<Self> {
-        let TestServer { dir, server } = self;
+        let TestServer { dir, server, tls } = self;
         server.shutdown().await?;
         while_stopped();
-        Self::start_in(dir).await
+        Self::start_in(dir, |config| config.tls = tls).await
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -54,7 +66,19 @@ impl TestServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.server.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        // The server certificate names `localhost`, not the address.
+        let host = if self.tls {
+            format!("localhost:{}", self.server.addr.port())
+        } else {
+            self.server.addr.to_string()
+        };
+        format!("{scheme}://{host}")
+    }
+
+    /// The data dir's CA and client certificate of a principal (for a TLS server).
+    pub fn tls_files(&self, name: &str) -> TlsFiles {
+        TlsFiles::in_data_dir(&self.data_dir(), name)
     }
 
     /// The demo token of a principal, as written at first start.
@@ -69,8 +93,14 @@ impl TestServer {
         .to_string()
     }
 
+    /// A client with the principal's bearer token (and, over TLS, trusting the local CA
+    /// without a client certificate).
     pub async fn client(&self, name: &str) -> anyhow::Result<Client> {
-        Ok(Client::connect(&self.url(), &self.token(name)).await?)
+        let tls = self.tls.then(|| TlsFiles {
+            ca: self.tls_files(name).ca,
+            ..TlsFiles::default()
+        });
+        Ok(Client::connect_with(&self.url(), Some(&self.token(name)), tls.as_ref()).await?)
     }
 }
 

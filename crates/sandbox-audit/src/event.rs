@@ -19,6 +19,9 @@ pub enum Decision {
     Unauthenticated,
     /// Authenticated, but the principal's roles do not allow the call.
     PermissionDenied,
+    /// Refused by a rate, concurrency or admission limit before anything ran; `rule` names the
+    /// limit. The client may retry later.
+    Throttle,
 }
 
 impl Decision {
@@ -30,6 +33,7 @@ impl Decision {
             Decision::Cancel => "cancel",
             Decision::Unauthenticated => "unauthenticated",
             Decision::PermissionDenied => "permission_denied",
+            Decision::Throttle => "throttle",
         }
     }
 }

@@ -12,7 +12,7 @@ use sandbox_proto::v1::audit_client::AuditClient;
 use sandbox_proto::v1::governance_client::GovernanceClient;
 use sandbox_proto::v1::sandbox_client::SandboxClient;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Metadata key with the stable code of the rule or error.
 pub const RULE_HEADER: &str = "x-sandbox-rule";
@@ -30,6 +30,53 @@ pub enum ConnectError {
     },
     #[error("the token contains characters not allowed in a header")]
     Token,
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no credentials: a token, a client certificate, or both")]
+    NoCredentials,
+}
+
+/// TLS for a connection: the CA to trust and, for mTLS, the client's certificate and key (PEM).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    /// The data dir's CA and the named principal's client certificate (`tls/` of a server's
+    /// data dir).
+    pub fn in_data_dir(data_dir: &std::path::Path, principal: &str) -> Self {
+        let tls = data_dir.join("tls");
+        TlsFiles {
+            ca: Some(tls.join("ca.pem")),
+            cert: Some(tls.join("clients").join(format!("{principal}.pem"))),
+            key: Some(tls.join("clients").join(format!("{principal}.key"))),
+        }
+    }
+
+    fn config(&self) -> Result<ClientTlsConfig, ConnectError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| ConnectError::File {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        // The server's certificate names `localhost` and the loopback addresses.
+        let mut config = ClientTlsConfig::new();
+        if let Some(ca) = &self.ca {
+            config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(config)
+    }
 }
 
 /// Largest message to or from the governance service (an uploaded module).
@@ -49,16 +96,42 @@ pub struct Client {
     pub sandbox: SandboxClient<Channel>,
     pub audit: AuditClient<Channel>,
     pub governance: GovernanceClient<Channel>,
-    authorization: MetadataValue<tonic::metadata::Ascii>,
+    authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Client {
+    /// A plaintext or TLS connection (by the address's scheme) with a bearer token.
     pub async fn connect(address: &str, token: &str) -> Result<Self, ConnectError> {
-        let authorization = format!("Bearer {token}")
-            .parse()
+        Self::connect_with(address, Some(token), None).await
+    }
+
+    /// A connection with a bearer token, TLS (with a client certificate for mTLS), or both. An
+    /// `https://` address without `tls` trusts the system's roots.
+    pub async fn connect_with(
+        address: &str,
+        token: Option<&str>,
+        tls: Option<&TlsFiles>,
+    ) -> Result<Self, ConnectError> {
+        let authorization = token
+            .map(|token| format!("Bearer {token}").parse())
+            .transpose()
             .map_err(|_| ConnectError::Token)?;
-        let channel = Channel::from_shared(address.to_string())
-            .map_err(|_| ConnectError::Address(address.to_string()))?
+        let has_certificate = tls.is_some_and(|t| t.cert.is_some() && t.key.is_some());
+        if authorization.is_none() && !has_certificate {
+            return Err(ConnectError::NoCredentials);
+        }
+        let mut endpoint = Channel::from_shared(address.to_string())
+            .map_err(|_| ConnectError::Address(address.to_string()))?;
+        if let Some(tls) = tls {
+            endpoint =
+                endpoint
+                    .tls_config(tls.config()?)
+                    .map_err(|source| ConnectError::Transport {
+                        address: address.to_string(),
+                        source,
+                    })?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .map_err(|source| ConnectError::Transport {
@@ -79,9 +152,11 @@ impl Client {
     /// A request carrying this client's credentials.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        request
-            .metadata_mut()
-            .insert("authorization", self.authorization.clone());
+        if let Some(authorization) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+        }
         request
     }
 
@@ -123,6 +198,22 @@ impl Client {
             label: String::new(),
         });
         Ok(self.sandbox.submit_job(request).await?.into_inner().job_id)
+    }
+
+    /// The state of one of this principal's jobs.
+    pub async fn job_status(&mut self, job_id: &str) -> Result<pb::JobStatus, tonic::Status> {
+        let request = self.request(pb::GetJobRequest {
+            job_id: job_id.to_string(),
+        });
+        Ok(self.sandbox.get_job(request).await?.into_inner())
+    }
+
+    /// Cancels one of this principal's jobs and returns its final state.
+    pub async fn cancel(&mut self, job_id: &str) -> Result<pb::JobStatus, tonic::Status> {
+        let request = self.request(pb::CancelJobRequest {
+            job_id: job_id.to_string(),
+        });
+        Ok(self.sandbox.cancel_job(request).await?.into_inner())
     }
 
     /// Submits a query and returns its job id without waiting for it.
@@ -494,6 +585,16 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>, tonic::Status> {
 }
 
 /// The stable rule code a status carries, or an empty string.
+/// How long the server asks to wait before retrying (on `RESOURCE_EXHAUSTED`), if it says.
+pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
+    status
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+}
+
 pub fn rule_of(status: &tonic::Status) -> String {
     status
         .metadata()

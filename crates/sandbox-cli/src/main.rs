@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use arrow::array::RecordBatch;
 use clap::{Parser, Subcommand, ValueEnum};
-use sandbox_cli::{Client, ConnectError};
+use sandbox_cli::{Client, ConnectError, TlsFiles};
 use sandbox_proto::v1 as pb;
 
 /// Prints a line to stdout. A closed pipe (`sandbox ... | head`) ends output quietly instead of
@@ -37,7 +37,8 @@ struct Cli {
         env = "SANDBOX_ADDR"
     )]
     addr: String,
-    /// Act as this principal: reads `<data-dir>/credentials/NAME.token`.
+    /// Act as this principal: reads `<data-dir>/credentials/NAME.token`, and over `https://`
+    /// also `<data-dir>/tls/ca.pem` and the client certificate `tls/clients/NAME.{pem,key}`.
     #[arg(
         long = "as",
         global = true,
@@ -48,6 +49,15 @@ struct Cli {
     /// Read the bearer token from this file.
     #[arg(long, global = true, value_name = "F")]
     token_file: Option<PathBuf>,
+    /// TLS: trust this CA certificate (PEM) for the server's certificate.
+    #[arg(long, global = true, value_name = "F")]
+    ca: Option<PathBuf>,
+    /// mTLS: the client certificate (PEM); the principal is the one it names.
+    #[arg(long, global = true, value_name = "F", requires = "key")]
+    cert: Option<PathBuf>,
+    /// mTLS: the client certificate's private key (PEM).
+    #[arg(long, global = true, value_name = "F", requires = "cert")]
+    key: Option<PathBuf>,
     /// Data dir of a local server (for `--as` and `audit verify`).
     #[arg(long, global = true, default_value = "./sandbox-data")]
     data_dir: PathBuf,
@@ -300,9 +310,12 @@ impl From<tonic::Status> for Failure {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => EXIT_NOT_PERMITTED,
             _ => EXIT_OTHER,
         };
+        let retry = sandbox_cli::retry_after(&status)
+            .map(|wait| format!(" (the server asks to retry after {} ms)", wait.as_millis()))
+            .unwrap_or_default();
         Failure {
             code,
-            message: format!("{}: {}", code_name(status.code()), status.message()),
+            message: format!("{}: {}{retry}", code_name(status.code()), status.message()),
         }
     }
 }
@@ -831,7 +844,8 @@ fn policy_check(dir: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-fn token(cli: &Cli) -> Result<String, Failure> {
+/// The bearer token the options name, if any.
+fn token(cli: &Cli) -> Result<Option<String>, Failure> {
     let from_file = |path: &Path| -> Result<String, Failure> {
         let text = std::fs::read_to_string(path).map_err(|e| Failure {
             code: EXIT_USAGE,
@@ -840,35 +854,70 @@ fn token(cli: &Cli) -> Result<String, Failure> {
         Ok(text.trim().to_string())
     };
     if let Some(path) = &cli.token_file {
-        return from_file(path);
+        return from_file(path).map(Some);
     }
     if let Some(name) = &cli.as_principal {
-        return from_file(
-            &cli.data_dir
-                .join("credentials")
-                .join(format!("{name}.token")),
-        );
+        let path = cli
+            .data_dir
+            .join("credentials")
+            .join(format!("{name}.token"));
+        // Over TLS a client certificate may stand in for the token.
+        if cli.addr.starts_with("https://") && !path.exists() {
+            return Ok(None);
+        }
+        return from_file(&path).map(Some);
     }
     match std::env::var("SANDBOX_TOKEN") {
-        Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
-        _ => Err(Failure {
-            code: EXIT_USAGE,
-            message: "no credentials: use --as NAME, --token-file F or SANDBOX_TOKEN".into(),
-        }),
+        Ok(token) if !token.trim().is_empty() => Ok(Some(token.trim().to_string())),
+        _ => Ok(None),
     }
+}
+
+/// The TLS files the options name: `--ca/--cert/--key`, else the data dir's for `--as NAME`
+/// over `https://`.
+fn tls_files(cli: &Cli) -> Option<TlsFiles> {
+    if cli.ca.is_some() || cli.cert.is_some() {
+        return Some(TlsFiles {
+            ca: cli.ca.clone(),
+            cert: cli.cert.clone(),
+            key: cli.key.clone(),
+        });
+    }
+    if !cli.addr.starts_with("https://") {
+        return None;
+    }
+    let mut files = TlsFiles::default();
+    if let Some(name) = &cli.as_principal {
+        let found = TlsFiles::in_data_dir(&cli.data_dir, name);
+        files.ca = found.ca.filter(|p| p.exists());
+        if found.cert.as_ref().is_some_and(|p| p.exists()) {
+            files.cert = found.cert;
+            files.key = found.key;
+        }
+    }
+    Some(files)
 }
 
 /// A client authenticated as the principal the options name.
 async fn client(cli: &Cli) -> Result<Client, Failure> {
     let token = token(cli)?;
-    Client::connect(&cli.addr, &token)
+    let tls = tls_files(cli);
+    Client::connect_with(&cli.addr, token.as_deref(), tls.as_ref())
         .await
         .map_err(|e| Failure {
             code: match e {
                 ConnectError::Transport { .. } => EXIT_OTHER,
-                ConnectError::Address(_) | ConnectError::Token => EXIT_USAGE,
+                ConnectError::NoCredentials => EXIT_USAGE,
+                ConnectError::Address(_) | ConnectError::Token | ConnectError::File { .. } => {
+                    EXIT_USAGE
+                }
             },
-            message: e.to_string(),
+            message: match e {
+                ConnectError::NoCredentials => "no credentials: use --as NAME, --token-file F, \
+                    SANDBOX_TOKEN, or --cert F --key F over https://"
+                    .to_string(),
+                e => e.to_string(),
+            },
         })
 }
 

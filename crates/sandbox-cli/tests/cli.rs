@@ -516,3 +516,76 @@ async fn cli_code_jobs_and_consents() {
 fn sha(path: &str) -> String {
     sandbox_cli::module_sha256(&std::fs::read(path).expect("guest file"))
 }
+
+/// Over TLS: `--as NAME` finds the CA and NAME's client certificate in the data dir (no token
+/// needed), `--ca/--cert/--key` name them, a token works over TLS without a certificate, and a
+/// plaintext client or an untrusted server certificate fail with exit code 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let mut config = sandbox_server::ServerConfig::for_tests(data_dir.clone());
+    config.policies = Some(policies());
+    config.tls = true;
+    let server = sandbox_server::start(config).await.expect("server");
+    let https = format!("https://localhost:{}", server.addr.port());
+    let tls = data_dir.join("tls");
+    let ca = tls.join("ca.pem").display().to_string();
+    let cert = tls.join("clients/bank.pem").display().to_string();
+    let key = tls.join("clients/bank.key").display().to_string();
+    let token_file = data_dir
+        .join("credentials/analyst.token")
+        .display()
+        .to_string();
+    // `--as` over https uses the certificate: hide the token to show it is not needed.
+    std::fs::rename(
+        data_dir.join("credentials/auditor.token"),
+        dir.path().join("auditor.token"),
+    )
+    .expect("move the token away");
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["--as", "analyst", "datasets"], 0, "enterprises"),
+        (vec!["--as", "auditor", "audit", "tail", "-n", "1"], 0, ""),
+        (
+            vec!["--ca", &ca, "--cert", &cert, "--key", &key, "datasets"],
+            0,
+            "tax_monthly",
+        ),
+        (
+            vec!["--ca", &ca, "--token-file", &token_file, "datasets"],
+            0,
+            "enterprises",
+        ),
+        // A certificate names a principal: the bank may not read the journal.
+        (
+            vec!["--ca", &ca, "--cert", &cert, "--key", &key, "audit", "tail"],
+            4,
+            "role-not-permitted",
+        ),
+        // --cert without --key is a usage error.
+        (vec!["--ca", &ca, "--cert", &cert, "datasets"], 2, "--key"),
+    ];
+    check(&https, &data_dir, &cases).await;
+    // Plaintext against the TLS port, and TLS without trusting the local CA.
+    let http = format!("http://{}", server.addr);
+    check(
+        &http,
+        &data_dir,
+        &[(vec!["--as", "analyst", "datasets"], 5, "")],
+    )
+    .await;
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, std::fs::read(tls.join("server.pem")).unwrap()).unwrap();
+    let other = other_ca.display().to_string();
+    check(
+        &https,
+        &data_dir,
+        &[(
+            vec!["--ca", &other, "--token-file", &token_file, "datasets"],
+            5,
+            "",
+        )],
+    )
+    .await;
+    server.shutdown().await.expect("shutdown");
+}

@@ -65,6 +65,16 @@ pub enum EngineError {
     /// Every guest slot is taken; the job is refused rather than queued.
     #[error("{0} code jobs are already running; try again later")]
     Busy(usize),
+    /// The client stopped waiting (cancelled, deadline, disconnect); its job was cancelled.
+    #[error("the client went away; its job was cancelled")]
+    ClientGone,
+    /// Refused by an admission limit before anything ran; the client may retry after the hint.
+    #[error("{message}")]
+    Throttled {
+        code: &'static str,
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// A code job's guest failed; its logs and work units are journaled.
     #[error("{}", .0.error.public_message())]
     Guest(Box<sandbox_wasm::GuestFailure>),
@@ -88,6 +98,8 @@ impl EngineError {
             EngineError::Wasm(e) => e.code().into(),
             EngineError::Guest(failure) => failure.error.code().into(),
             EngineError::Busy(_) => "wasm-busy".into(),
+            EngineError::Throttled { code, .. } => (*code).into(),
+            EngineError::ClientGone => "client-disconnected".into(),
         }
     }
 
@@ -117,7 +129,17 @@ impl EngineError {
             EngineError::NotPermitted(_) => ErrorKind::PermissionDenied,
             EngineError::Wasm(e) => wasm_kind(e),
             EngineError::Guest(failure) => wasm_kind(&failure.error),
-            EngineError::Busy(_) => ErrorKind::ResourceExhausted,
+            EngineError::Busy(_) | EngineError::Throttled { .. } => ErrorKind::ResourceExhausted,
+            EngineError::ClientGone => ErrorKind::Cancelled,
+        }
+    }
+
+    /// How long a client should wait before retrying, for refusals by a limit.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            EngineError::Throttled { retry_after, .. } => Some(*retry_after),
+            EngineError::Busy(_) => Some(crate::admission::RETRY_AFTER),
+            _ => None,
         }
     }
 }

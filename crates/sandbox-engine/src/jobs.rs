@@ -17,6 +17,7 @@ use sandbox_wasm::{WasmLimits, WasmRuntime};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::admission::Submission;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::templates::TemplateSeed;
 
@@ -46,6 +47,10 @@ pub struct EngineConfig {
     pub journal: JournalOptions,
     /// Most guests running at once; more code jobs are refused (`wasm-busy`), not queued.
     pub max_concurrent_guests: usize,
+    /// Most jobs admitted and not yet ended, in total and per principal; more are refused
+    /// (`server-busy`, `too-many-jobs`) with a retry hint, not queued.
+    pub max_running_jobs: usize,
+    pub max_jobs_per_principal: usize,
 }
 
 impl EngineConfig {
@@ -67,6 +72,8 @@ impl EngineConfig {
             max_concurrent_guests: std::thread::available_parallelism()
                 .map_or(1, |n| n.get().saturating_sub(1))
                 .max(1),
+            max_running_jobs: 64,
+            max_jobs_per_principal: 8,
         }
     }
 }
@@ -372,6 +379,8 @@ pub struct Engine {
     pub(crate) registry: Mutex<Registry>,
     /// One permit per guest allowed to run at once.
     pub(crate) guest_slots: Arc<tokio::sync::Semaphore>,
+    /// Jobs admitted and not yet ended.
+    job_slots: crate::admission::JobSlots,
     pub(crate) journal: Journal,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Per consumer org, the unit sketches of every row released to it exactly.
@@ -435,6 +444,10 @@ impl Engine {
             guest_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.max_concurrent_guests.max(1),
             )),
+            job_slots: crate::admission::JobSlots::new(
+                config.max_running_jobs,
+                config.max_jobs_per_principal,
+            ),
             journal,
             jobs: Mutex::new(HashMap::new()),
             differencing: crate::differencing::DifferencingMemory::open(&config.data_dir)?,
@@ -472,6 +485,11 @@ impl Engine {
             engine.seed_templates(&seed).await?;
         }
         Ok(engine)
+    }
+
+    /// Jobs admitted and not yet ended (each holds a slot of the admission limits).
+    pub fn running_jobs(&self) -> usize {
+        self.job_slots.running()
     }
 
     pub fn journal(&self) -> &Journal {
@@ -543,12 +561,23 @@ impl Engine {
         ctx: &RequestContext,
         spec: JobSpec,
     ) -> Result<JobSnapshot> {
-        let started = Instant::now();
         let job_id = uuid::Uuid::new_v4().to_string();
         let mut event = Self::event(ctx, "SubmitJob");
         event.job_id = job_id.clone();
         event.kind = spec.kind().to_string();
         event.query = spec.audit_text();
+        // A slot first: a job over the limits is refused before anything is planned, reserved
+        // or debited.
+        let started = match self.job_slots.acquire(&ctx.principal.id) {
+            Ok(slot) => Submission::new(slot),
+            Err(error) => {
+                event.decision = Decision::Throttle;
+                event.rule = error.code();
+                event.message = error.to_string();
+                self.journal.append(event).await?;
+                return Err(error);
+            }
+        };
 
         let (query, dp) = match spec {
             JobSpec::Sql { query, dp } => (query, dp),
@@ -608,7 +637,7 @@ impl Engine {
         self: &Arc<Self>,
         ctx: &RequestContext,
         mut event: AuditEvent,
-        started: Instant,
+        started: Submission,
         planned: PlannedQuery,
     ) -> Result<JobSnapshot> {
         event.datasets = planned.guarded.datasets.clone();
@@ -629,7 +658,7 @@ impl Engine {
         self: &Arc<Self>,
         ctx: &RequestContext,
         mut event: AuditEvent,
-        started: Instant,
+        started: Submission,
         work: F,
     ) -> Result<JobSnapshot>
     where
@@ -690,6 +719,9 @@ impl Engine {
             .instrument(tracing::info_span!("execute"))
             .await?;
         let rows_scanned = executed.rows_scanned;
+        if executed.spilled_bytes > 0 {
+            tracing::info!(bytes = executed.spilled_bytes, "query spilled to disk");
+        }
         let memory = self.differencing.org(org)?;
         let mut memory = memory.lock().await;
         let released = {
@@ -706,7 +738,7 @@ impl Engine {
         &self,
         outcome: Result<Produced>,
         mut event: AuditEvent,
-        started: Instant,
+        started: Submission,
     ) -> JobSnapshot {
         let job_id = event.job_id.clone();
         let outcome = outcome.and_then(|produced| {
@@ -852,19 +884,39 @@ impl Engine {
     /// Waits until the job ends and returns its result, or the reason it has none. The job's own
     /// terminal event (the release) is already durable; this delivery is recorded too.
     pub async fn wait_result(&self, ctx: &RequestContext, job_id: &str) -> Result<Arc<JobResult>> {
-        let outcome = self.wait_terminal(ctx, job_id).await.and_then(|snapshot| {
-            match (snapshot.state, snapshot.result) {
-                (JobState::Succeeded, Some(result)) => Ok(result),
-                (state, _) => Err(EngineError::JobEnded {
-                    code: snapshot.rule,
-                    message: snapshot.message,
-                    kind: snapshot.error.unwrap_or(match state {
-                        JobState::Cancelled => ErrorKind::Cancelled,
-                        JobState::Denied => ErrorKind::Denied,
-                        _ => ErrorKind::Internal,
-                    }),
-                }),
+        self.wait_result_watched(ctx, job_id, &CancellationToken::new())
+            .await
+    }
+
+    /// [`Engine::wait_result`] for a client that may go away: when `client_gone` fires before
+    /// the job ends, the job is cancelled (nobody waits for its result) and the call is recorded
+    /// as cancelled (`client-disconnected`).
+    pub async fn wait_result_watched(
+        &self,
+        ctx: &RequestContext,
+        job_id: &str,
+        client_gone: &CancellationToken,
+    ) -> Result<Arc<JobResult>> {
+        let waited = tokio::select! {
+            waited = self.wait_terminal(ctx, job_id) => waited,
+            () = client_gone.cancelled() => {
+                if let Ok(job) = self.job(ctx, job_id) {
+                    job.cancel.cancel();
+                }
+                Err(EngineError::ClientGone)
             }
+        };
+        let outcome = waited.and_then(|snapshot| match (snapshot.state, snapshot.result) {
+            (JobState::Succeeded, Some(result)) => Ok(result),
+            (state, _) => Err(EngineError::JobEnded {
+                code: snapshot.rule,
+                message: snapshot.message,
+                kind: snapshot.error.unwrap_or(match state {
+                    JobState::Cancelled => ErrorKind::Cancelled,
+                    JobState::Denied => ErrorKind::Denied,
+                    _ => ErrorKind::Internal,
+                }),
+            }),
         });
         let mut event = Self::event(ctx, "FetchResult");
         event.job_id = job_id.to_string();
@@ -1003,11 +1055,12 @@ impl Engine {
     pub(crate) async fn refuse_job<T>(
         &self,
         mut event: AuditEvent,
-        started: Instant,
+        started: Submission,
         error: EngineError,
     ) -> Result<T> {
-        event.decision = match error.kind() {
-            ErrorKind::Denied => Decision::Deny,
+        event.decision = match &error {
+            _ if error.kind() == ErrorKind::Denied => Decision::Deny,
+            EngineError::Busy(_) | EngineError::Throttled { .. } => Decision::Throttle,
             _ => Decision::Fail,
         };
         event.rule = error.code();

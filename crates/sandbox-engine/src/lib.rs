@@ -16,6 +16,7 @@
 //! (released, denied, failed or cancelled), after an `AdmitJob` event made durable before it
 //! executed; other calls record theirs before answering.
 
+mod admission;
 mod audit;
 mod audit_sql;
 mod differencing;

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use datafusion::arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::{cast, filter_record_batch};
@@ -23,6 +23,7 @@ use sandbox_release::{ContractGate, release_contract};
 use sandbox_sql::{CancellationToken, RowScope};
 use tracing::Instrument;
 
+use crate::admission::Submission;
 use crate::error::{EngineError, ErrorKind, Result};
 use crate::jobs::{Engine, Explanation, JobSnapshot, Produced, RequestContext};
 
@@ -678,7 +679,7 @@ impl Engine {
         self: &Arc<Self>,
         ctx: &RequestContext,
         mut event: AuditEvent,
-        started: Instant,
+        started: Submission,
         sha256: String,
         input_query: String,
         parameters: Vec<u8>,

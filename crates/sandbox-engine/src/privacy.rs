@@ -14,7 +14,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use ring::digest;
 use sandbox_audit::AuditEvent;
@@ -24,6 +23,7 @@ use sandbox_release::{GatePolicy, Released};
 use sandbox_sql::PlannedQuery;
 use tracing::Instrument;
 
+use crate::admission::Submission;
 use crate::error::{EngineError, Result};
 use crate::jobs::{DpOutcome, Engine, JobSnapshot, Produced, RequestContext};
 use crate::modules::record_value;
@@ -210,7 +210,7 @@ impl Engine {
         self: &Arc<Self>,
         ctx: &RequestContext,
         mut event: AuditEvent,
-        started: Instant,
+        started: Submission,
         planned: PlannedQuery,
         requested: Option<f64>,
     ) -> Result<JobSnapshot> {

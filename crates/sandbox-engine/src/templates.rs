@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::cast;
@@ -23,6 +22,7 @@ use sandbox_release::{ContractGate, release_contract};
 use sandbox_sql::{GrantedDataset, PlannedQuery, PlannedRows, RowScope, placeholder_values};
 use tracing::Instrument;
 
+use crate::admission::Submission;
 use crate::error::{EngineError, Result};
 use crate::jobs::{Engine, Explanation, JobSnapshot, Produced, RequestContext};
 use crate::modules::{
@@ -490,7 +490,7 @@ impl Engine {
         self: &Arc<Self>,
         ctx: &RequestContext,
         mut event: AuditEvent,
-        started: Instant,
+        started: Submission,
         name: String,
         values: BTreeMap<String, String>,
     ) -> Result<JobSnapshot> {

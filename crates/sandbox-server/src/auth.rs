@@ -1,7 +1,10 @@
-//! Authentication (bearer tokens, stored hashed) and the authorization table of every RPC.
+//! Authentication (bearer tokens stored hashed, with expiry; verified client certificates; a deny
+//! list re-read on change) and the authorization table of every RPC.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use ring::digest;
@@ -138,6 +141,9 @@ pub struct StoredPrincipal {
     pub org: String,
     pub roles: Vec<String>,
     pub token_sha256: String,
+    /// When the token stops working (RFC 3339, UTC). Absent: it does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -147,6 +153,36 @@ pub struct PrincipalsFile {
     pub principal: Vec<StoredPrincipal>,
 }
 
+/// File of revoked credentials, inside `<data-dir>/credentials/`: re-read whenever it changes,
+/// so a revocation takes effect on the next request without a restart.
+pub const REVOKED_FILE: &str = "revoked.toml";
+
+/// The deny list: credentials refused even though they are otherwise valid.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyList {
+    /// Every credential of these principals (tokens and certificates).
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Tokens, by the SHA-256 (hex) of the token text.
+    #[serde(default)]
+    pub token_sha256: Vec<String>,
+    /// Client certificates, by the SHA-256 (hex) of their DER bytes.
+    #[serde(default)]
+    pub certificate_sha256: Vec<String>,
+}
+
+impl DenyList {
+    fn denies_principal(&self, id: &str) -> bool {
+        self.principals.iter().any(|p| p == id)
+    }
+
+    fn denies(list: &[String], hash: &[u8; 32]) -> bool {
+        let hash = hex::encode(hash);
+        list.iter().any(|h| h.eq_ignore_ascii_case(&hash))
+    }
+}
+
 /// Why a request could not be authenticated. Deliberately coarse: the client learns nothing
 /// about which tokens exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +190,15 @@ pub enum AuthFailure {
     MissingCredentials,
     MalformedCredentials,
     UnknownToken,
+    ExpiredToken,
+    /// The token, the certificate or the principal is on the deny list.
+    Revoked,
+    /// A certificate our CA signed, naming no principal.
+    UnknownCertificate,
+    /// A certificate and a token naming different principals.
+    CredentialMismatch,
+    /// The deny list cannot be read: nobody is let in until it can (fail closed).
+    DenyListUnreadable,
 }
 
 impl AuthFailure {
@@ -162,18 +207,54 @@ impl AuthFailure {
             AuthFailure::MissingCredentials => "missing-credentials",
             AuthFailure::MalformedCredentials => "malformed-credentials",
             AuthFailure::UnknownToken => "unknown-token",
+            AuthFailure::ExpiredToken => "expired-token",
+            AuthFailure::Revoked => "revoked-credential",
+            AuthFailure::UnknownCertificate => "unknown-certificate",
+            AuthFailure::CredentialMismatch => "credential-mismatch",
+            AuthFailure::DenyListUnreadable => "deny-list-unreadable",
         }
     }
 }
 
-/// Maps token hashes to principals.
-#[derive(Debug, Default)]
+/// A principal with its token's expiry.
+#[derive(Debug, Clone)]
+struct Known {
+    principal: Principal,
+    token_expires_at: Option<SystemTime>,
+}
+
+/// The deny list as last read, and the file state it was read at.
+#[derive(Debug)]
+struct Revocations {
+    /// Modification time and length of the file when read; `None`: the file did not exist.
+    stamp: Option<(SystemTime, u64)>,
+    list: Result<DenyList, String>,
+}
+
+/// Maps token hashes and certificate subjects to principals, minus the deny list.
+#[derive(Debug)]
 pub struct Authenticator {
-    by_token_hash: HashMap<[u8; 32], Principal>,
+    by_token_hash: HashMap<[u8; 32], Known>,
+    /// Where the deny list lives; `None` for an authenticator without one (unit tests).
+    revoked_path: Option<PathBuf>,
+    revocations: Mutex<Revocations>,
+}
+
+impl Default for Authenticator {
+    fn default() -> Self {
+        Authenticator {
+            by_token_hash: HashMap::new(),
+            revoked_path: None,
+            revocations: Mutex::new(Revocations {
+                stamp: None,
+                list: Ok(DenyList::default()),
+            }),
+        }
+    }
 }
 
 impl Authenticator {
-    /// Loads `<credentials>/principals.toml`.
+    /// Loads `<credentials>/principals.toml`; the deny list beside it is read on use.
     pub fn load(credentials_dir: &Path) -> anyhow::Result<Self> {
         let path = credentials_dir.join(PRINCIPALS_FILE);
         let text = std::fs::read_to_string(&path)
@@ -197,41 +278,203 @@ impl Authenticator {
                         stored.id
                     )
                 })?;
-            let principal = Principal {
-                id: stored.id,
-                org: stored.org,
-                roles,
+            let token_expires_at = stored
+                .token_expires_at
+                .as_deref()
+                .map(humantime::parse_rfc3339_weak)
+                .transpose()
+                .with_context(|| {
+                    format!(
+                        "principal `{}`: token_expires_at is not an RFC 3339 time",
+                        stored.id
+                    )
+                })?;
+            let known = Known {
+                principal: Principal {
+                    id: stored.id,
+                    org: stored.org,
+                    roles,
+                },
+                token_expires_at,
             };
-            if by_token_hash.insert(hash, principal).is_some() {
+            if by_token_hash.insert(hash, known).is_some() {
                 anyhow::bail!("two principals share a token in {}", path.display());
             }
         }
-        Ok(Authenticator { by_token_hash })
+        let authenticator = Authenticator {
+            by_token_hash,
+            revoked_path: Some(credentials_dir.join(REVOKED_FILE)),
+            ..Authenticator::default()
+        };
+        // A deny list that does not parse stops the start, not only every request.
+        authenticator
+            .deny_list()
+            .map_err(|message| anyhow::anyhow!(message))?;
+        Ok(authenticator)
     }
 
-    /// The principal for an `authorization` header value.
     /// The principal with this id, if one has credentials.
     pub fn principal_named(&self, id: &str) -> Option<Principal> {
-        self.by_token_hash.values().find(|p| p.id == id).cloned()
+        self.by_token_hash
+            .values()
+            .find(|k| k.principal.id == id)
+            .map(|k| k.principal.clone())
     }
 
+    /// The ids of every principal with credentials.
+    pub fn principal_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .by_token_hash
+            .values()
+            .map(|k| k.principal.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The principal of a request: from its verified client certificate (the subject's common
+    /// name names the principal), its bearer token, or both (then they must agree). Expired,
+    /// revoked and mismatched credentials are refused.
+    pub fn authenticate_request(
+        &self,
+        authorization: Option<&str>,
+        client_certificate: Option<&[u8]>,
+    ) -> Result<Principal, AuthFailure> {
+        let deny = self
+            .deny_list()
+            .map_err(|_| AuthFailure::DenyListUnreadable)?;
+        let from_certificate = client_certificate
+            .map(|der| {
+                if DenyList::denies(&deny.certificate_sha256, &sha256(der)) {
+                    return Err(AuthFailure::Revoked);
+                }
+                let name =
+                    crate::tls::subject_name(der).ok_or(AuthFailure::MalformedCredentials)?;
+                self.principal_named(&name)
+                    .ok_or(AuthFailure::UnknownCertificate)
+            })
+            .transpose()?;
+        let from_token = match (authorization, &from_certificate) {
+            (None, Some(_)) => None,
+            (authorization, _) => Some(self.authenticate_token(authorization, &deny)?),
+        };
+        let principal = match (from_certificate, from_token) {
+            (Some(a), Some(b)) if a.id != b.id => return Err(AuthFailure::CredentialMismatch),
+            (Some(p), _) | (None, Some(p)) => p,
+            (None, None) => return Err(AuthFailure::MissingCredentials),
+        };
+        if deny.denies_principal(&principal.id) {
+            return Err(AuthFailure::Revoked);
+        }
+        Ok(principal)
+    }
+
+    /// The principal for an `authorization` header value (no certificate).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, AuthFailure> {
+        self.authenticate_request(authorization, None)
+    }
+
+    fn authenticate_token(
+        &self,
+        authorization: Option<&str>,
+        deny: &DenyList,
+    ) -> Result<Principal, AuthFailure> {
         let value = authorization.ok_or(AuthFailure::MissingCredentials)?;
         let token = value
             .strip_prefix("Bearer ")
             .map(str::trim)
             .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or(AuthFailure::MalformedCredentials)?;
-        self.by_token_hash
-            .get(&token_hash(token))
-            .cloned()
-            .ok_or(AuthFailure::UnknownToken)
+        let hash = token_hash(token);
+        let known = self
+            .by_token_hash
+            .get(&hash)
+            .ok_or(AuthFailure::UnknownToken)?;
+        if DenyList::denies(&deny.token_sha256, &hash) {
+            return Err(AuthFailure::Revoked);
+        }
+        if known
+            .token_expires_at
+            .is_some_and(|at| SystemTime::now() >= at)
+        {
+            return Err(AuthFailure::ExpiredToken);
+        }
+        Ok(known.principal.clone())
+    }
+
+    /// The deny list, re-read when the file's modification time or length changed. A file that
+    /// cannot be read or parsed is an error, which refuses every request until it is fixed.
+    fn deny_list(&self) -> Result<DenyList, String> {
+        let Some(path) = &self.revoked_path else {
+            return Ok(DenyList::default());
+        };
+        let stamp = match std::fs::metadata(path) {
+            Ok(meta) => Some((meta.modified().unwrap_or(UNIX_EPOCH), meta.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let mut revocations = self
+            .revocations
+            .lock()
+            .expect("revocations lock is never poisoned");
+        if revocations.stamp != stamp {
+            revocations.list = match stamp {
+                None => Ok(DenyList::default()),
+                Some(_) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    .and_then(|text| {
+                        toml::from_str::<DenyList>(&text)
+                            .map_err(|e| format!("invalid {}: {e}", path.display()))
+                    }),
+            };
+            revocations.stamp = stamp;
+            match &revocations.list {
+                Ok(list) => tracing::info!(
+                    principals = list.principals.len(),
+                    tokens = list.token_sha256.len(),
+                    certificates = list.certificate_sha256.len(),
+                    "deny list loaded"
+                ),
+                Err(message) => {
+                    tracing::error!(%message, "deny list unreadable: refusing every request")
+                }
+            }
+        }
+        revocations.list.clone()
     }
 }
 
+/// Adds entries to the deny list file of a credentials dir (creating it), for operators and
+/// tests. The server picks the change up on the next request.
+pub fn revoke(credentials_dir: &Path, add: &DenyList) -> anyhow::Result<()> {
+    let path = credentials_dir.join(REVOKED_FILE);
+    let mut list: DenyList = match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DenyList::default(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    list.principals.extend(add.principals.iter().cloned());
+    list.token_sha256.extend(add.token_sha256.iter().cloned());
+    list.certificate_sha256
+        .extend(add.certificate_sha256.iter().cloned());
+    let text = format!(
+        "# Revoked credentials: re-read by sandboxd whenever this file changes.\n{}",
+        toml::to_string(&list)?
+    );
+    // Written beside and renamed over, so the server never reads half a file.
+    let partial = credentials_dir.join(format!("{REVOKED_FILE}.partial"));
+    std::fs::write(&partial, text)?;
+    std::fs::rename(&partial, &path)?;
+    Ok(())
+}
+
 pub fn token_hash(token: &str) -> [u8; 32] {
+    sha256(token.as_bytes())
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
-    out.copy_from_slice(digest::digest(&digest::SHA256, token.as_bytes()).as_ref());
+    out.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
     out
 }
 

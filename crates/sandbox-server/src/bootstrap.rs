@@ -66,6 +66,9 @@ pub const DEMO_PRINCIPALS: [(&str, &str, &[&str]); 9] = [
     ("owner_court", "court", &["owner"]),
 ];
 
+/// How long the demo tokens are valid (the demo certificates too).
+const DEMO_TOKEN_DAYS: u64 = 365;
+
 /// What a start needs from the data dir.
 #[derive(Debug)]
 pub struct Prepared {
@@ -137,6 +140,9 @@ pub fn prepare(config: &ServerConfig) -> anyhow::Result<Prepared> {
         "policy loaded"
     );
     let authenticator = Authenticator::load(&data_dir.join("credentials"))?;
+    if fresh || config.tls {
+        crate::tls::ensure(data_dir, &authenticator.principal_ids(), &config.tls_names)?;
+    }
     Ok(Prepared {
         policy,
         policy_digest,
@@ -179,6 +185,10 @@ fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
         .create(&credentials)?;
     let random = SystemRandom::new();
     let mut file = PrincipalsFile::default();
+    let expires_at = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() + std::time::Duration::from_secs(DEMO_TOKEN_DAYS * 86_400),
+    )
+    .to_string();
     for (name, org, roles) in DEMO_PRINCIPALS {
         let mut bytes = [0u8; 32];
         random
@@ -194,6 +204,7 @@ fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
             org: org.to_string(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
             token_sha256: hex::encode(token_hash(&token)),
+            token_expires_at: Some(expires_at.clone()),
         });
     }
     let text = format!(
@@ -210,7 +221,7 @@ fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

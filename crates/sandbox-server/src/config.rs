@@ -21,6 +21,17 @@ pub struct ServerConfig {
     /// Address to serve gRPC on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve TLS with the data dir's certificates (`tls/`, generated at first start): clients
+    /// authenticate with a client certificate the local CA signed, or a bearer token, or both.
+    #[arg(long)]
+    pub tls: bool,
+    /// Extra DNS name for the server certificate, when it is generated (repeatable).
+    #[arg(long = "tls-name", value_name = "NAME")]
+    pub tls_names: Vec<String>,
+    /// Serve plaintext on a non-loopback address. Without it, such a listen address needs
+    /// `--tls`: tokens would cross the network in the clear.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// Policy directory. Default: `./policies` when present, else the data dir's `policies/`
     /// (written on first start), else the demo policies built into the binary.
     #[arg(long)]
@@ -28,15 +39,52 @@ pub struct ServerConfig {
     /// Scale of the demo data generated on first start (1 = 20,000 enterprises over 24 months).
     #[arg(long, default_value_t = 1.0)]
     pub demo_scale: f64,
+    /// Largest request message, in KiB (module uploads: --max-module-kib).
+    #[arg(long, default_value_t = 4096)]
+    pub max_request_kib: usize,
+    /// Largest module upload, in KiB.
+    #[arg(long, default_value_t = 16384)]
+    pub max_module_kib: usize,
     /// Memory all running queries may use together, in MiB; operators spill beyond it.
     #[arg(long, default_value_t = 2048)]
     pub memory_limit_mib: usize,
+    /// Memory one query may use, in MiB; its sorts and aggregates spill beyond it.
+    #[arg(long, default_value_t = 512)]
+    pub job_memory_limit_mib: usize,
+    /// Disk all spill files (under `<data-dir>/tmp/spill`) may take together, in MiB.
+    #[arg(long, default_value_t = 16384)]
+    pub spill_limit_mib: u64,
     /// Wall-clock limit per query, in seconds.
     #[arg(long, default_value_t = 60)]
     pub query_timeout_secs: u64,
     /// Longest SQL text accepted, in bytes.
     #[arg(long, default_value_t = 65_536)]
     pub max_query_bytes: usize,
+    /// Deepest nesting the SQL parser follows (subqueries, parentheses).
+    #[arg(long, default_value_t = 64)]
+    pub sql_recursion_limit: usize,
+    /// Most nodes (plan nodes plus expression terms) a query's plan may have.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_plan_nodes: usize,
+    /// Deepest expression a query may hold (`a + b + ...` of n terms is n deep).
+    #[arg(long, default_value_t = 256)]
+    pub max_expr_depth: usize,
+    /// Most jobs running at once; more are refused with RESOURCE_EXHAUSTED and a retry hint.
+    #[arg(long, default_value_t = 64)]
+    pub max_jobs: usize,
+    /// Most jobs one principal may have running at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_jobs_per_principal: usize,
+    /// Requests per second one principal may make on average...
+    #[arg(long, default_value_t = 200)]
+    pub rate_limit: u32,
+    /// ...with bursts of up to this many; more are refused with RESOURCE_EXHAUSTED and a retry
+    /// hint.
+    #[arg(long, default_value_t = 400)]
+    pub rate_burst: u32,
+    /// Most concurrent calls on one client connection (HTTP/2 streams).
+    #[arg(long, default_value_t = 256)]
+    pub max_streams_per_connection: u32,
     /// Wall-clock limit of a WASM guest, in seconds.
     #[arg(long, default_value_t = 60)]
     pub wasm_timeout_secs: u64,
@@ -65,11 +113,26 @@ impl ServerConfig {
         ServerConfig {
             data_dir,
             listen: "127.0.0.1:0".parse().expect("valid address"),
+            tls: false,
+            tls_names: Vec::new(),
+            insecure_plaintext: false,
             policies: None,
             demo_scale: 0.05,
+            max_request_kib: 4096,
+            max_module_kib: 16384,
             memory_limit_mib: 512,
+            job_memory_limit_mib: 256,
+            spill_limit_mib: 4096,
             query_timeout_secs: 60,
             max_query_bytes: 65_536,
+            sql_recursion_limit: 64,
+            max_plan_nodes: 20_000,
+            max_expr_depth: 256,
+            max_jobs: 64,
+            max_jobs_per_principal: 8,
+            rate_limit: 1000,
+            rate_burst: 2000,
+            max_streams_per_connection: 256,
             // Short, so that runaway guests in tests end quickly.
             wasm_timeout_secs: 3,
             wasm_fuel_millions: 200_000,
@@ -78,6 +141,26 @@ impl ServerConfig {
             checkpoint_every: 1000,
             checkpoint_interval_ms: 1000,
         }
+    }
+
+    /// Refuses listen addresses that would send tokens in the clear over a network.
+    pub fn check_transport(&self) -> anyhow::Result<()> {
+        if !self.tls && !self.insecure_plaintext && !self.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to serve plaintext on {}: use --tls, listen on a loopback address, or \
+                 pass --insecure-plaintext if a proxy in front terminates TLS",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_kib.max(1) << 10
+    }
+
+    pub fn max_module_bytes(&self) -> usize {
+        self.max_module_kib.max(1) << 10
     }
 
     pub fn journal_options(&self) -> JournalOptions {
@@ -99,9 +182,18 @@ impl ServerConfig {
 
     pub fn sql_limits(&self) -> SqlLimits {
         SqlLimits {
-            memory_pool_bytes: self.memory_limit_mib.max(16) * 1024 * 1024,
+            memory_pool_bytes: self.memory_limit_mib.max(16) << 20,
+            job_memory_bytes: self
+                .job_memory_limit_mib
+                .clamp(8, self.memory_limit_mib.max(16))
+                << 20,
+            spill_dir: Some(self.data_dir.join("tmp").join("spill")),
+            max_spill_bytes: self.spill_limit_mib.max(1) << 20,
             time_limit: Duration::from_secs(self.query_timeout_secs.max(1)),
             max_query_bytes: self.max_query_bytes,
+            parser_recursion_limit: self.sql_recursion_limit.max(1),
+            max_plan_nodes: self.max_plan_nodes.max(1),
+            max_expr_depth: self.max_expr_depth.max(1),
             ..SqlLimits::default()
         }
     }

@@ -9,8 +9,10 @@
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
+pub mod detach;
 pub mod service;
 pub mod status;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,11 +26,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::ServerConfig;
-
-/// Largest request a client may send.
-const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
-/// Largest module a consumer may upload.
-const MAX_MODULE_BYTES: usize = 16 * 1024 * 1024;
 
 /// A server running in the background, for `sandboxd` and for tests.
 #[derive(Debug)]
@@ -60,16 +57,19 @@ impl RunningServer {
 /// Prepares the data dir (generating the demo on first start), opens the engine and starts
 /// serving on `config.listen`.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    config.check_transport()?;
     let prepared = bootstrap::prepare(&config)?;
     let mut engine_config = EngineConfig::new(config.data_dir.clone(), prepared.policy);
     engine_config.policy_digest = prepared.policy_digest;
     engine_config.journal = config.journal_options();
     engine_config.sql_limits = config.sql_limits();
     engine_config.wasm_limits = config.wasm_limits();
-    engine_config.max_module_bytes = MAX_MODULE_BYTES;
+    engine_config.max_module_bytes = config.max_module_bytes();
     if config.wasm_max_concurrent > 0 {
         engine_config.max_concurrent_guests = config.wasm_max_concurrent;
     }
+    engine_config.max_running_jobs = config.max_jobs.max(1);
+    engine_config.max_jobs_per_principal = config.max_jobs_per_principal.max(1);
     // The demo consents are loaded into the journal once (the engine keeps a marker).
     let seed = config.data_dir.join("datasets/consents");
     engine_config.consent_seed = seed.is_dir().then_some(seed);
@@ -99,21 +99,38 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .context("cannot start the engine")?;
     let authenticator = Arc::new(prepared.authenticator);
+    let gate = service::Gatekeeper::new(
+        engine.clone(),
+        authenticator,
+        service::RateLimit {
+            per_second: config.rate_limit,
+            burst: config.rate_burst,
+        },
+    );
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let sandbox = service::SandboxService::new(engine.clone(), authenticator.clone());
-    let audit = service::AuditService::new(engine.clone(), authenticator.clone());
-    let governance = service::GovernanceService::new(engine.clone(), authenticator);
+    let sandbox = service::SandboxService::new(gate.clone());
+    let audit = service::AuditService::new(gate.clone());
+    let governance = service::GovernanceService::new(gate);
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
-        .add_service(SandboxServer::new(sandbox).max_decoding_message_size(MAX_REQUEST_BYTES))
-        .add_service(AuditServer::new(audit).max_decoding_message_size(MAX_REQUEST_BYTES))
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_streams_per_connection.max(1));
+    if config.tls {
+        builder = builder
+            .tls_config(tls::server_config(&config.data_dir)?)
+            .context("invalid TLS configuration")?;
+    }
+    let max_request = config.max_request_bytes();
+    let router = builder
+        .layer(detach::DetachLayer)
+        .add_service(SandboxServer::new(sandbox).max_decoding_message_size(max_request))
+        .add_service(AuditServer::new(audit).max_decoding_message_size(max_request))
         .add_service(
             GovernanceServer::new(governance)
-                .max_decoding_message_size(MAX_MODULE_BYTES + 64 * 1024),
+                .max_decoding_message_size(config.max_module_bytes() + max_request),
         );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {

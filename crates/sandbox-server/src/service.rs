@@ -9,9 +9,14 @@ use sandbox_engine::{
     JobSpec, JobState, ModuleView, ReleaseOutcome, RequestContext, TemplateOutput, TemplateView,
 };
 use sandbox_proto::v1 as pb;
+use std::num::NonZeroU32;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Rpc, required_roles};
+use crate::detach::ClientGone;
 use crate::status::{self, status_of};
 
 /// Bytes of Arrow IPC per streamed message.
@@ -19,23 +24,66 @@ const CHUNK_BYTES: usize = 1 << 20;
 /// Most events one ListEvents call returns.
 const MAX_EVENTS: usize = 10_000;
 
-/// Authentication and authorization shared by both services.
-#[derive(Debug, Clone)]
-struct Gatekeeper {
+/// Requests per second a principal may make, on average and in a burst.
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Authentication, rate limits and authorization shared by every service.
+#[derive(Clone)]
+pub struct Gatekeeper {
     engine: Arc<Engine>,
     authenticator: Arc<Authenticator>,
+    /// One token bucket per principal id (bounded: principals come from the credentials file).
+    rates: Arc<DefaultKeyedRateLimiter<String>>,
+}
+
+impl std::fmt::Debug for Gatekeeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gatekeeper")
+            .field("engine", &self.engine)
+            .finish()
+    }
 }
 
 impl Gatekeeper {
-    /// Authenticates the caller and checks the RPC's roles. A refusal is recorded in the journal
-    /// before it is answered.
+    pub fn new(engine: Arc<Engine>, authenticator: Arc<Authenticator>, rate: RateLimit) -> Self {
+        let per_second = NonZeroU32::new(rate.per_second.max(1)).expect("at least 1");
+        let burst = NonZeroU32::new(rate.burst.max(rate.per_second).max(1)).expect("at least 1");
+        Gatekeeper {
+            engine,
+            authenticator,
+            rates: Arc::new(RateLimiter::keyed(
+                Quota::per_second(per_second).allow_burst(burst),
+            )),
+        }
+    }
+
+    /// Authenticates the caller, applies its rate limit and checks the RPC's roles. A refusal
+    /// is recorded in the journal before it is answered.
     async fn admit<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<RequestContext, Status> {
-        let request_id = uuid::Uuid::new_v4().to_string();
+        // A client may choose the id (a UUID) to find its calls in the journal; anything else
+        // is replaced by a fresh one.
+        let request_id = request
+            .metadata()
+            .get(status::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| uuid::Uuid::parse_str(v).ok())
+            .unwrap_or_else(uuid::Uuid::new_v4)
+            .to_string();
         let authorization = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let principal = match self.authenticator.authenticate(authorization) {
+        // rustls verified the chain to the local CA before the request got here.
+        let certificates = request.peer_certs();
+        let leaf = certificates
+            .as_ref()
+            .and_then(|certs| certs.first())
+            .map(|c| c.as_ref());
+        let principal = match self.authenticator.authenticate_request(authorization, leaf) {
             Ok(principal) => principal,
             Err(failure) => {
                 self.record(
@@ -49,6 +97,18 @@ impl Gatekeeper {
                 return Err(status::unauthenticated(failure, &request_id));
             }
         };
+        if let Err(not_until) = self.rates.check_key(&principal.id) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            self.record(
+                rpc,
+                &request_id,
+                Some(&principal),
+                Decision::Throttle,
+                "rate-limited",
+            )
+            .await?;
+            return Err(status::rate_limited(wait, &request_id));
+        }
         if !principal.has_any_role(required_roles(rpc)) {
             self.record(
                 rpc,
@@ -90,13 +150,8 @@ pub struct SandboxService {
 }
 
 impl SandboxService {
-    pub fn new(engine: Arc<Engine>, authenticator: Arc<Authenticator>) -> Self {
-        SandboxService {
-            gate: Gatekeeper {
-                engine,
-                authenticator,
-            },
-        }
+    pub fn new(gate: Gatekeeper) -> Self {
+        SandboxService { gate }
     }
 }
 
@@ -278,10 +333,15 @@ impl pb::sandbox_server::Sandbox for SandboxService {
         request: Request<pb::FetchResultRequest>,
     ) -> Result<Response<Self::FetchResultStream>, Status> {
         let ctx = self.gate.admit(&request, Rpc::FetchResult).await?;
+        let gone = request
+            .extensions()
+            .get::<ClientGone>()
+            .cloned()
+            .unwrap_or_default();
         let result = self
             .gate
             .engine
-            .wait_result(&ctx, &request.get_ref().job_id)
+            .wait_result_watched(&ctx, &request.get_ref().job_id, &gone.0)
             .await
             .map_err(|e| status_of(&e, &ctx.request_id))?;
         // The job's terminal event is durable: `wait_result` only returns results whose release
@@ -401,13 +461,8 @@ pub struct AuditService {
 }
 
 impl AuditService {
-    pub fn new(engine: Arc<Engine>, authenticator: Arc<Authenticator>) -> Self {
-        AuditService {
-            gate: Gatekeeper {
-                engine,
-                authenticator,
-            },
-        }
+    pub fn new(gate: Gatekeeper) -> Self {
+        AuditService { gate }
     }
 }
 
@@ -629,13 +684,8 @@ pub struct GovernanceService {
 }
 
 impl GovernanceService {
-    pub fn new(engine: Arc<Engine>, authenticator: Arc<Authenticator>) -> Self {
-        GovernanceService {
-            gate: Gatekeeper {
-                engine,
-                authenticator,
-            },
-        }
+    pub fn new(gate: Gatekeeper) -> Self {
+        GovernanceService { gate }
     }
 }
 

@@ -1,12 +1,17 @@
 //! The one place where errors become gRPC statuses.
 
 use sandbox_engine::{EngineError, ErrorKind};
+use std::time::Duration;
+
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::AuthFailure;
 
 /// Metadata key carrying the stable rule or error code.
 pub const RULE_HEADER: &str = "x-sandbox-rule";
+/// Metadata key carrying how long to wait before retrying, in milliseconds.
+pub const RETRY_AFTER_HEADER: &str = "retry-after-ms";
 /// Metadata key carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -37,14 +42,44 @@ pub fn status_of(error: &EngineError, request_id: &str) -> Status {
         }
         _ => error.to_string(),
     };
-    with_headers(code, &error.code(), &message, request_id)
+    let status = with_headers(code, &error.code(), &message, request_id);
+    match error.retry_after() {
+        Some(wait) => with_retry_hint(status, wait),
+        None => status,
+    }
+}
+
+/// A request over its principal's rate limit.
+pub fn rate_limited(wait: Duration, request_id: &str) -> Status {
+    let status = with_headers(
+        Code::ResourceExhausted,
+        "rate-limited",
+        &format!("too many requests; retry in {} ms", wait.as_millis().max(1)),
+        request_id,
+    );
+    with_retry_hint(status, wait)
+}
+
+/// Adds the standard `google.rpc.RetryInfo` detail, and the same delay in milliseconds as the
+/// `retry-after-ms` header for clients that do not decode details.
+fn with_retry_hint(status: Status, wait: Duration) -> Status {
+    let mut hinted = Status::with_error_details(
+        status.code(),
+        status.message(),
+        ErrorDetails::with_retry_info(Some(wait)),
+    );
+    *hinted.metadata_mut() = status.metadata().clone();
+    if let Ok(value) = wait.as_millis().max(1).to_string().parse() {
+        hinted.metadata_mut().insert(RETRY_AFTER_HEADER, value);
+    }
+    hinted
 }
 
 pub fn unauthenticated(failure: AuthFailure, request_id: &str) -> Status {
     with_headers(
         Code::Unauthenticated,
         failure.code(),
-        "missing, malformed or unknown bearer token",
+        "missing, malformed, unknown, expired or revoked credentials",
         request_id,
     )
 }

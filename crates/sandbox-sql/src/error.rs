@@ -9,6 +9,12 @@ pub enum Rule {
     StatementNotQuery,
     /// The query text exceeds the length limit.
     QueryTooLong,
+    /// A conversion of data values that could fail on some rows (added by type coercion, e.g.
+    /// text compared with a number): whether the query fails would depend on hidden rows.
+    CastMayFail,
+    /// The query nests deeper than the parser's recursion limit, or its plan has more nodes or
+    /// deeper expressions than the limits allow.
+    QueryTooComplex,
     /// A table that is not a dataset granted to the caller.
     DatasetNotGranted,
     /// The dataset is granted, but not in aggregate mode.
@@ -83,6 +89,8 @@ impl Rule {
         match self {
             Rule::StatementNotQuery => "statement-not-query",
             Rule::QueryTooLong => "query-too-long",
+            Rule::QueryTooComplex => "query-too-complex",
+            Rule::CastMayFail => "cast-may-fail",
             Rule::DatasetNotGranted => "dataset-not-granted",
             Rule::ModeNotGranted => "mode-not-granted",
             Rule::AggregateRequired => "aggregate-required",
@@ -119,9 +127,11 @@ impl Rule {
     }
 
     /// Every rule, for documentation and for tests that check the suite covers them.
-    pub const ALL: [Rule; 34] = [
+    pub const ALL: [Rule; 36] = [
         Rule::StatementNotQuery,
         Rule::QueryTooLong,
+        Rule::QueryTooComplex,
+        Rule::CastMayFail,
         Rule::DatasetNotGranted,
         Rule::ModeNotGranted,
         Rule::AggregateRequired,

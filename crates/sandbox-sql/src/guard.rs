@@ -43,7 +43,7 @@ use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{
     Aggregate, AggregateUDF, AggregateUDFImpl, Between, BinaryExpr, Expr, ExprSchemable, FetchType,
     Filter, Join, JoinType, Limit, LogicalPlan, Operator, Projection, SkipType, Sort,
-    SubqueryAlias, TableScan, cast, when,
+    SubqueryAlias, TableScan, try_cast, when,
 };
 use sandbox_policy::{
     AggregateFunction as Allowed, AggregateMode, DatasetPolicy, DpMode, Level, Mask, Mode, Role,
@@ -620,8 +620,10 @@ impl Guard<'_> {
                 let schema = plan.schema().clone();
                 let mut exprs = columns_of(&schema);
                 let (qualifier, field) = schema.qualified_field(aggregate.group_expr.len() + index);
+                // A count is never negative; `try_cast` because the plan check refuses casts
+                // that could fail on data, and cannot know this one does not.
                 exprs.push(
-                    cast(
+                    try_cast(
                         Expr::Column(Column::new(qualifier.cloned(), field.name())),
                         DataType::UInt64,
                     )

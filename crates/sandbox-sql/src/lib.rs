@@ -14,9 +14,11 @@
 //! it), a time limit, a row cap and a cancellation token, and returns [`Executed`]: batches that
 //! still carry the hidden column and must pass the release gate before anything leaves.
 
+mod casts;
 mod dp;
 mod error;
 mod guard;
+mod limits;
 pub mod masks;
 mod rows;
 mod session;

@@ -12,19 +12,22 @@ use datafusion::catalog::{
     CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
     MemorySchemaProvider, SchemaProvider, TableProvider,
 };
+use datafusion::common::config::ConfigNonZeroUsize;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::error::DataFusionError;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::FairSpillPool;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use datafusion::sql::sqlparser::parser::ParserError;
 use futures::StreamExt;
 use sandbox_policy::{DatasetPolicy, PolicySet};
 use tokio_util::sync::CancellationToken;
@@ -34,6 +37,7 @@ use sandbox_policy::{Mask, Mode, ParamValue};
 
 use crate::error::{Denial, Result, Rule, SqlError};
 use crate::guard::{GrantedDataset, Guarded, guard, is_default_qualifier};
+use crate::limits::JobMemoryPool;
 use crate::masks::{self, MaskedTable, PseudonymKey};
 use crate::rows::{GuardedRows, RowScope, guard_rows};
 
@@ -59,8 +63,22 @@ pub fn placeholder_values(
 pub struct SqlLimits {
     /// Longest query text accepted, in bytes.
     pub max_query_bytes: usize,
+    /// Deepest nesting the parser follows (subqueries, parentheses, nested expressions).
+    pub parser_recursion_limit: usize,
+    /// Most nodes (plan nodes plus expression nodes) a query's plan may have.
+    pub max_plan_nodes: usize,
+    /// Deepest expression tree a query's plan may hold (a chain `a + b + ...` of n terms is n
+    /// deep).
+    pub max_expr_depth: usize,
     /// Memory all running queries may use together; operators spill to disk beyond it.
     pub memory_pool_bytes: usize,
+    /// Memory one query may use; its operators spill to disk beyond it (or beyond its fair share
+    /// of the total pool, whichever comes first).
+    pub job_memory_bytes: usize,
+    /// Where sorts and aggregates spill; `None`: the operating system's temporary folder.
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// Most bytes all spill files together may take.
+    pub max_spill_bytes: u64,
     /// Wall-clock limit per query.
     pub time_limit: Duration,
     /// Most rows a query may produce before the gate; beyond it the job fails.
@@ -73,7 +91,13 @@ impl Default for SqlLimits {
     fn default() -> Self {
         SqlLimits {
             max_query_bytes: 64 * 1024,
+            parser_recursion_limit: 64,
+            max_plan_nodes: 20_000,
+            max_expr_depth: 256,
             memory_pool_bytes: 2 << 30,
+            job_memory_bytes: 1 << 30,
+            spill_dir: None,
+            max_spill_bytes: 16 << 30,
             time_limit: Duration::from_secs(60),
             max_result_rows: 1_000_000,
             target_partitions: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -115,6 +139,8 @@ pub struct Executed {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
     pub rows_scanned: u64,
+    /// Bytes the query's sorts, aggregates and joins spilled to disk under its memory limit.
+    pub spilled_bytes: u64,
 }
 
 /// Planning and execution of SQL jobs.
@@ -126,6 +152,7 @@ pub struct SqlEngine {
     /// Masked columns per dataset, in the table's column order; datasets without any are absent.
     masked: HashMap<String, Vec<(String, Mask)>>,
     limits: SqlLimits,
+    executor: Executor,
 }
 
 impl std::fmt::Debug for SqlEngine {
@@ -142,13 +169,41 @@ impl SqlEngine {
     /// exposes only the declared, non-hidden columns, so hidden data is never even read. A
     /// declared column missing from the files is an error naming the policy file and line.
     pub async fn new(policy: &PolicySet, data_dir: &Path, limits: SqlLimits) -> Result<Self> {
+        let mut disk =
+            DiskManagerBuilder::default().with_max_temp_directory_size(limits.max_spill_bytes);
+        if let Some(dir) = &limits.spill_dir {
+            // Files of a previous run that ended without cleaning up are of no use.
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(|e| {
+                    SqlError::Plan(format!(
+                        "cannot clear the spill folder {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            }
+            std::fs::create_dir_all(dir).map_err(|e| {
+                SqlError::Plan(format!(
+                    "cannot create the spill folder {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            disk = disk.with_mode(DiskManagerMode::Directories(vec![dir.clone()]));
+        }
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(FairSpillPool::new(limits.memory_pool_bytes)))
+            .with_disk_manager_builder(disk)
             .build_arc()
             .map_err(|e| SqlError::Plan(format!("cannot create runtime: {e}")))?;
-        let config = SessionConfig::new()
+        let mut config = SessionConfig::new()
             .with_information_schema(false)
             .with_target_partitions(limits.target_partitions.max(1));
+        // The memory a sort sets aside for merging its spill files (10 MiB by default) must fit
+        // the query's pool, or a small pool fails the sort instead of spilling it.
+        config.options_mut().execution.sort_spill_reservation_bytes =
+            (limits.job_memory_bytes / 8).min(10 << 20);
+        config.options_mut().sql_parser.recursion_limit =
+            ConfigNonZeroUsize::try_new(limits.parser_recursion_limit.max(1))
+                .map_err(|e| SqlError::Plan(format!("invalid recursion limit: {e}")))?;
         let base_state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
@@ -172,6 +227,7 @@ impl SqlEngine {
             base_state,
             tables,
             masked,
+            executor: Executor::new(limits.target_partitions)?,
             limits,
         })
     }
@@ -212,7 +268,20 @@ impl SqlEngine {
             .map_err(|e| SqlError::Plan(format!("cannot create the job's catalog: {e}")))?;
         let catalogs = MemoryCatalogProviderList::new();
         catalogs.register_catalog("datafusion".to_string(), Arc::new(catalog));
-        let mut state = self.base_state.clone();
+        // The job's own memory pool: bounded by the per-job limit and by the shared total.
+        let shared = self.base_state.runtime_env();
+        let runtime = Arc::new(RuntimeEnv {
+            memory_pool: Arc::new(JobMemoryPool::new(
+                self.limits.job_memory_bytes,
+                shared.memory_pool.clone(),
+            )),
+            disk_manager: shared.disk_manager.clone(),
+            cache_manager: shared.cache_manager.clone(),
+            object_store_registry: shared.object_store_registry.clone(),
+        });
+        let mut state = SessionStateBuilder::new_from_existing(self.base_state.clone())
+            .with_runtime_env(runtime)
+            .build();
         state.register_catalog_list(Arc::new(catalogs));
         Ok(SessionContext::new_with_state(state))
     }
@@ -285,23 +354,13 @@ impl SqlEngine {
         params: &HashMap<String, ScalarValue>,
         known: impl Fn(&str) -> bool,
     ) -> Result<(SessionContext, LogicalPlan)> {
-        if sql.len() > self.limits.max_query_bytes {
-            return Err(Denial::new(
-                Rule::QueryTooLong,
-                format!(
-                    "query text is {} bytes; the limit is {}",
-                    sql.len(),
-                    self.limits.max_query_bytes
-                ),
-            )
-            .into());
-        }
+        self.check_text(sql)?;
         let context = self.session(catalog, key)?;
         let state = context.state();
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state
             .sql_to_statement(sql, &dialect)
-            .map_err(|e| SqlError::Syntax(root_message(&e)))?;
+            .map_err(|e| parse_error(&e, self.limits.parser_recursion_limit))?;
         let is_query = matches!(&statement, DfStatement::Statement(s) if matches!(s.as_ref(), SqlStatement::Query(_)));
         if !is_query {
             return Err(Denial::new(
@@ -333,17 +392,36 @@ impl SqlEngine {
                 .with_param_values(params.clone())
                 .map_err(|e| SqlError::Plan(root_message(&e)))?;
         }
+        crate::limits::check_plan_size(&plan, &self.limits)?;
         Ok((context, plan))
+    }
+
+    /// The limits checked on the text, before it is parsed: its length, its tokens and how
+    /// deep its expressions could nest.
+    fn check_text(&self, sql: &str) -> Result<()> {
+        if sql.len() > self.limits.max_query_bytes {
+            return Err(Denial::new(
+                Rule::QueryTooLong,
+                format!(
+                    "query text is {} bytes; the limit is {}",
+                    sql.len(),
+                    self.limits.max_query_bytes
+                ),
+            )
+            .into());
+        }
+        crate::limits::check_tokens(sql, &self.limits)
     }
 
     /// The tables a query names (CTE names excluded), without planning it: what a template
     /// reads, for its approvals.
     pub fn tables_of(&self, sql: &str) -> Result<Vec<String>> {
+        self.check_text(sql)?;
         let state = &self.base_state;
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state
             .sql_to_statement(sql, &dialect)
-            .map_err(|e| SqlError::Syntax(root_message(&e)))?;
+            .map_err(|e| parse_error(&e, self.limits.parser_recursion_limit))?;
         let references = state
             .resolve_table_references(&statement)
             .map_err(|e| SqlError::Plan(root_message(&e)))?;
@@ -393,15 +471,22 @@ impl SqlEngine {
     ) -> Result<Executed> {
         let time_limit = self.limits.time_limit;
         let max_rows = self.limits.max_result_rows;
-        let run = async {
-            let physical = context
-                .state()
-                .create_physical_plan(plan)
+        let state = context.state();
+        // Analysis and optimization read no data: their errors are about the plan.
+        let optimized = state
+            .optimize(plan)
+            .map_err(|e| SqlError::Plan(root_message(&e)))?;
+        // After type coercion: the casts it added are visible now, before any data is read.
+        crate::casts::refuse_failing_casts(&optimized)?;
+        let task_ctx = context.task_ctx();
+        let work = async move {
+            let physical = state
+                .query_planner()
+                .create_physical_plan(&optimized, &state)
                 .await
                 .map_err(execution_error)?;
             let schema = physical.schema();
-            let mut stream =
-                execute_stream(physical.clone(), context.task_ctx()).map_err(execution_error)?;
+            let mut stream = execute_stream(physical.clone(), task_ctx).map_err(execution_error)?;
             let mut batches = Vec::new();
             let mut rows = 0usize;
             while let Some(batch) = stream.next().await {
@@ -413,20 +498,72 @@ impl SqlEngine {
                     )));
                 }
                 batches.push(batch);
+                // A yield point per batch, so an abort is seen promptly.
+                tokio::task::consume_budget().await;
             }
             Ok(Executed {
                 schema,
                 batches,
                 rows_scanned: rows_scanned(physical.as_ref()),
+                spilled_bytes: spilled_bytes(physical.as_ref()),
             })
         };
+        // On the execution threads: a query's CPU-bound operators never hold the threads that
+        // answer calls, run timers and write the journal.
+        let mut task = self.executor.spawn(work);
         tokio::select! {
             biased;
-            () = cancel.cancelled() => Err(SqlError::Cancelled),
-            outcome = tokio::time::timeout(time_limit, run) => match outcome {
-                Ok(result) => result,
-                Err(_) => Err(SqlError::TimeLimit(time_limit.as_millis() as u64)),
-            },
+            () = cancel.cancelled() => {
+                task.abort();
+                Err(SqlError::Cancelled)
+            }
+            () = tokio::time::sleep(time_limit) => {
+                task.abort();
+                Err(SqlError::TimeLimit(time_limit.as_millis() as u64))
+            }
+            joined = &mut task => joined.map_err(|e| {
+                SqlError::Execution(format!("the query's task ended abnormally: {e}"))
+            })?,
+        }
+    }
+}
+
+/// The threads queries execute on, apart from the runtime that serves calls. Shut down in the
+/// background when the engine is dropped (possibly from async code, where a runtime may not be
+/// dropped in place).
+struct Executor {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Executor {
+    fn new(threads: usize) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("sandbox-sql")
+            .enable_time()
+            .build()
+            .map_err(|e| SqlError::Plan(format!("cannot start the query threads: {e}")))?;
+        Ok(Executor {
+            runtime: Some(runtime),
+        })
+    }
+
+    fn spawn<F>(&self, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime
+            .as_ref()
+            .expect("the runtime lives as long as the engine")
+            .spawn(work)
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }
@@ -523,6 +660,30 @@ fn rows_scanned(plan: &dyn ExecutionPlan) -> u64 {
         .into_iter()
         .map(|c| rows_scanned(c.as_ref()))
         .sum()
+}
+
+/// A parse error; running into the recursion limit is a refusal by a limit, not bad syntax.
+fn parse_error(error: &DataFusionError, limit: usize) -> SqlError {
+    if let DataFusionError::SQL(parser, _) = error.find_root()
+        && matches!(parser.as_ref(), ParserError::RecursionLimitExceeded)
+    {
+        return Denial::new(
+            Rule::QueryTooComplex,
+            format!("the query nests deeper than the parser's limit of {limit} levels"),
+        )
+        .into();
+    }
+    SqlError::Syntax(root_message(error))
+}
+
+/// Bytes spilled by every operator of the physical plan.
+fn spilled_bytes(plan: &dyn ExecutionPlan) -> u64 {
+    let own = plan.metrics().and_then(|m| m.spilled_bytes()).unwrap_or(0) as u64;
+    own + plan
+        .children()
+        .into_iter()
+        .map(|c| spilled_bytes(c.as_ref()))
+        .sum::<u64>()
 }
 
 fn root_message(error: &DataFusionError) -> String {

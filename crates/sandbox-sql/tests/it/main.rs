@@ -213,3 +213,78 @@ async fn query_text_over_the_limit_is_denied_before_parsing() {
         .expect_err("too long");
     assert_eq!(error.code(), "query-too-long");
 }
+
+/// Hostile query shapes are refused by the limits checked before the guard and the optimizer
+/// walk them, with `query-too-complex`, on a worker thread's ordinary stack.
+#[tokio::test]
+async fn oversized_plans_are_refused_before_the_guard() {
+    let (_dir, policy, engine) = engine_over_demo(
+        50,
+        SqlLimits {
+            max_query_bytes: 4 << 20,
+            ..SqlLimits::default()
+        },
+    )
+    .await;
+    let chain = |terms: usize| {
+        format!(
+            "SELECT industry, SUM({}) AS s FROM tax_monthly t JOIN enterprises e \
+             ON t.credit_code = e.credit_code GROUP BY industry",
+            vec!["vat_paid"; terms].join(" + ")
+        )
+    };
+    let nested = |levels: usize| {
+        let mut sql =
+            "SELECT industry, COUNT(*) AS n FROM enterprises GROUP BY industry".to_string();
+        for _ in 0..levels {
+            sql = format!("SELECT industry, SUM(n) AS n FROM ({sql}) GROUP BY industry");
+        }
+        sql
+    };
+    let or_chain = |terms: usize| {
+        format!(
+            "SELECT industry, COUNT(*) AS n FROM enterprises WHERE {} GROUP BY industry",
+            (0..terms)
+                .map(|i| format!("city = 'c{i}'"))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        )
+    };
+    let in_list = |n: usize| {
+        format!(
+            "SELECT industry, COUNT(*) AS n FROM enterprises WHERE city IN ({}) GROUP BY industry",
+            (0..n)
+                .map(|i| format!("'c{i}'"))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("2,000-term chain", chain(2000), "query-too-complex"),
+        ("20,000-term chain", chain(20_000), "query-too-complex"),
+        ("100 nested subqueries", nested(100), "query-too-complex"),
+        ("IN list of 100,000", in_list(100_000), "query-too-complex"),
+        (
+            "deep parentheses",
+            format!(
+                "SELECT industry, COUNT(*) AS n FROM enterprises WHERE {}city = 'x'{} GROUP BY industry",
+                "(".repeat(5000),
+                ")".repeat(5000)
+            ),
+            "query-too-complex",
+        ),
+        ("2,000-term OR chain", or_chain(2000), "query-too-complex"),
+        ("a 60-term OR chain", or_chain(60), "allow"),
+        ("a short IN list", in_list(500), "allow"),
+    ];
+    for (name, sql, expected) in cases {
+        let outcome = match engine
+            .plan(&sql, &granted(&policy, &analyst()), &key(), Mode::Aggregate)
+            .await
+        {
+            Ok(_) => "allow".to_string(),
+            Err(error) => error.code().to_string(),
+        };
+        assert_eq!(outcome, expected, "{name}");
+    }
+}

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use sandbox_sql::{CancellationToken, RowScope, SqlLimits};
+use sandbox_sql::{CancellationToken, RowScope, SqlEngine, SqlLimits};
 
 use crate::{engine_over_demo, key};
 
@@ -223,4 +223,68 @@ async fn pseudonyms_are_stable_per_consumer_and_unlinkable_across_consumers() {
         a.iter()
             .all(|t| t.len() == 32 && t.chars().all(|c| c.is_ascii_hexdigit()))
     );
+}
+
+async fn run_rows(engine: &SqlEngine, scope: &RowScope, query: &str) -> sandbox_sql::Executed {
+    let planned = engine
+        .plan_rows(query, scope, &key())
+        .await
+        .expect("a row-mode query is allowed");
+    engine
+        .execute_rows(planned, CancellationToken::new())
+        .await
+        .expect("the query completes")
+}
+
+/// A sort of more rows than the query's memory pool holds spills to the spill folder and
+/// completes with every row in order; without a spill folder's room it fails cleanly.
+#[tokio::test]
+async fn a_large_sort_spills_under_a_pool_smaller_than_its_input() {
+    let spill = tempfile::tempdir().expect("spill dir");
+    let limits = SqlLimits {
+        job_memory_bytes: 4 << 20,
+        memory_pool_bytes: 64 << 20,
+        spill_dir: Some(spill.path().join("spill")),
+        target_partitions: 2,
+        ..SqlLimits::default()
+    };
+    let (dir, policy, engine) = engine_over_demo(3000, limits).await;
+    let scope = scope(&policy, SCOPE);
+    let query = "SELECT credit_code, month, vat_paid FROM tax_monthly ORDER BY vat_paid, credit_code, month";
+    let executed = run_rows(&engine, &scope, query).await;
+    let unbounded = SqlEngine::new(&policy, dir.path(), SqlLimits::default())
+        .await
+        .expect("engine");
+    let in_memory = run_rows(&unbounded, &scope, query).await;
+    assert_eq!(in_memory.spilled_bytes, 0, "the default pool holds it");
+    let input_bytes: usize = executed
+        .batches
+        .iter()
+        .map(|b| b.get_array_memory_size())
+        .sum();
+    assert!(
+        input_bytes > 4 << 20,
+        "the input ({input_bytes} bytes) is larger than the pool"
+    );
+    assert!(executed.spilled_bytes > 0, "the sort spilled");
+    // The same rows in the same order as sorted in memory (one table, whatever the batches).
+    let render = |batches: &[datafusion::arrow::array::RecordBatch]| {
+        datafusion::arrow::util::pretty::pretty_format_batches(batches)
+            .expect("printable")
+            .to_string()
+    };
+    assert_eq!(render(&executed.batches), render(&in_memory.batches));
+    // In order.
+    let mut last = f64::MIN;
+    for batch in &executed.batches {
+        let column = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::Float64Array>()
+            .expect("vat_paid is a float");
+        for value in column.iter().flatten() {
+            assert!(value >= last);
+            last = value;
+        }
+    }
 }
