@@ -58,6 +58,10 @@ struct Options {
     clients: usize,
     sandboxd: PathBuf,
     scale: f64,
+    /// Extra `sandboxd` flags (limits to try).
+    server_args: Vec<String>,
+    /// Clients that ignore retry hints and call again at once.
+    no_backoff: bool,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -66,6 +70,8 @@ fn options() -> anyhow::Result<Options> {
         clients: 64,
         sandboxd: default_sandboxd()?,
         scale: 0.05,
+        server_args: Vec::new(),
+        no_backoff: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -75,9 +81,11 @@ fn options() -> anyhow::Result<Options> {
             "--clients" => options.clients = value()?.parse()?,
             "--sandboxd" => options.sandboxd = value()?.into(),
             "--scale" => options.scale = value()?.parse()?,
+            "--server-arg" => options.server_args.push(value()?),
+            "--no-backoff" => options.no_backoff = true,
             other => anyhow::bail!(
                 "unknown argument {other}; usage: load_test [--seconds N] [--clients N] \
-                 [--sandboxd PATH] [--scale S]"
+                 [--sandboxd PATH] [--scale S] [--server-arg FLAG]... [--no-backoff]"
             ),
         }
     }
@@ -144,11 +152,14 @@ struct Worker {
     module: Option<String>,
     log: Arc<Mutex<Log>>,
     rng: Rng,
+    /// The wait the server asked for after the last call.
+    backoff: Option<Duration>,
+    honor_hints: bool,
 }
 
 impl Worker {
     fn record<T>(
-        &self,
+        &mut self,
         kind: &'static str,
         request_id: String,
         started: Instant,
@@ -158,7 +169,7 @@ impl Worker {
     }
 
     fn record_job<T>(
-        &self,
+        &mut self,
         kind: &'static str,
         request_id: String,
         job: Option<String>,
@@ -168,6 +179,13 @@ impl Worker {
         let (code, rule) = match result {
             Ok(_) => (Code::Ok, String::new()),
             Err(status) => (status.code(), rule_of(status)),
+        };
+        // A well-behaved client waits as long as the server asks before its next call.
+        self.backoff = match result {
+            Err(status) => {
+                sandbox_cli::retry_after(status).map(|wait| wait.min(Duration::from_secs(1)))
+            }
+            Ok(_) => None,
         };
         self.log.lock().expect("log lock").sent.push(Sent {
             request_id,
@@ -224,7 +242,34 @@ impl Worker {
         self.record_job(kind, id, Some(job_id), started, &result);
     }
 
+    /// Cancels a job, retrying as the server asks while a limit refuses the call (a job left
+    /// running would hold its slot until its time limit).
+    async fn cancel(&mut self, job: String) {
+        for _ in 0..20 {
+            let id = uuid::Uuid::new_v4().to_string();
+            let started = Instant::now();
+            let request = with_id(
+                &self.client,
+                pb::CancelJobRequest {
+                    job_id: job.clone(),
+                },
+                &id,
+            );
+            let result = self.client.sandbox.cancel_job(request).await;
+            self.record("cancel", id, started, &result);
+            match self.backoff.take() {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return,
+            }
+        }
+    }
+
     async fn one(&mut self) {
+        if let Some(wait) = self.backoff.take()
+            && self.honor_hints
+        {
+            tokio::time::sleep(wait).await;
+        }
         match self.rng.below(100) {
             0..=34 => {
                 let sql = ALLOWED[self.rng.below(ALLOWED.len() as u64) as usize];
@@ -247,18 +292,18 @@ impl Worker {
                 // Cancelled while it runs.
                 if let Some(job) = self.submit("slow-sql", Client::sql_spec(SLOW)).await {
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    let id = uuid::Uuid::new_v4().to_string();
-                    let started = Instant::now();
-                    let request = with_id(&self.client, pb::CancelJobRequest { job_id: job }, &id);
-                    let result = self.client.sandbox.cancel_job(request).await;
-                    self.record("cancel", id, started, &result);
+                    self.cancel(job).await;
                 }
             }
             65..=69 => {
                 // Abandoned: the client stops waiting, the server cancels the job.
                 if let Some(job) = self.submit("slow-sql", Client::sql_spec(SLOW)).await {
-                    self.fetch("abandoned-fetch", job, Some(ABANDON_AFTER))
+                    self.fetch("abandoned-fetch", job.clone(), Some(ABANDON_AFTER))
                         .await;
+                    // Refused by a limit, the fetch could not abandon the job: cancel it.
+                    if self.backoff.is_some() {
+                        self.cancel(job).await;
+                    }
                 }
             }
             70..=79 => match self.module.clone() {
@@ -304,7 +349,12 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start(sandboxd: &Path, data_dir: &Path, scale: f64) -> anyhow::Result<Self> {
+    fn start(
+        sandboxd: &Path,
+        data_dir: &Path,
+        scale: f64,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let mut child = Command::new(sandboxd)
             .arg("--data-dir")
@@ -317,6 +367,7 @@ impl Server {
                 "--demo-scale",
                 &scale.to_string(),
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -417,13 +468,23 @@ fn explained(sent: &Sent) -> bool {
 async fn main() -> anyhow::Result<()> {
     let options = options()?;
     let dir = tempfile::tempdir()?;
-    let server = Server::start(&options.sandboxd, &dir.path().join("data"), options.scale)?;
+    let server = Server::start(
+        &options.sandboxd,
+        &dir.path().join("data"),
+        options.scale,
+        &options.server_args,
+    )?;
     println!(
-        "sandboxd (pid {}) on {}; {} clients for {} s",
+        "sandboxd (pid {}) on {}; {} clients for {} s{}",
         server.child.id(),
         server.addr,
         options.clients,
-        options.seconds
+        options.seconds,
+        if options.no_backoff {
+            ", ignoring retry hints"
+        } else {
+            ", each waiting as long as a refusal asks"
+        }
     );
     let module = Some(approved_module(&server).await?);
     let log = Arc::new(Mutex::new(Log::default()));
@@ -443,6 +504,8 @@ async fn main() -> anyhow::Result<()> {
             module: (name == "bank").then(|| module.clone()).flatten(),
             log: log.clone(),
             rng: Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D)),
+            backoff: None,
+            honor_hints: !options.no_backoff,
         };
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {
@@ -543,11 +606,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let samples = rss_samples.lock().expect("samples").clone();
     println!(
-        "\nserver RSS: peak {} MiB, now {} MiB, sampled every second: min {} MiB, max {} MiB",
+        "\nserver RSS: peak {} MiB, at the end {} MiB; every 10 s: {}",
         rss_peak / 1024,
         rss_now / 1024,
-        samples.iter().min().copied().unwrap_or(0) / 1024,
-        samples.iter().max().copied().unwrap_or(0) / 1024
+        samples
+            .iter()
+            .step_by(10)
+            .map(|kib| format!("{} MiB", kib / 1024))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     // The journal: exactly one terminal event per request sent (a job's admission record is

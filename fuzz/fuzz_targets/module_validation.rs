@@ -10,6 +10,33 @@ use sandbox_wasm::{WasmLimits, WasmRuntime};
 
 static RUNTIME: OnceLock<WasmRuntime> = OnceLock::new();
 
+const MANIFEST: &str =
+    r#"{"name":"fuzz","purpose":"credit_assessment","input":["tax_monthly.credit_code"]}"#;
+
+fn leb128(mut value: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Appends the `sandbox.manifest` custom section (custom sections may come anywhere).
+fn append_manifest(bytes: &mut Vec<u8>) {
+    let name = b"sandbox.manifest";
+    let mut payload = Vec::new();
+    leb128(name.len(), &mut payload);
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(MANIFEST.as_bytes());
+    bytes.push(0);
+    leb128(payload.len(), bytes);
+    bytes.extend_from_slice(&payload);
+}
+
 fuzz_target!(|data: &[u8]| {
     let runtime = RUNTIME.get_or_init(|| WasmRuntime::new(WasmLimits::default()).expect("runtime"));
     let Some((&selector, rest)) = data.split_first() else {
@@ -26,6 +53,11 @@ fuzz_target!(|data: &[u8]| {
     config.threads_enabled = false;
     config.simd_enabled = false;
     if let Ok(module) = wasm_smith::Module::new(config, &mut u) {
-        let _ = runtime.inspect(&module.to_bytes());
+        let mut bytes = module.to_bytes();
+        // With a manifest, so validation goes on to compiling and the ABI checks.
+        if selector % 4 != 1 {
+            append_manifest(&mut bytes);
+        }
+        let _ = runtime.inspect(&bytes);
     }
 });

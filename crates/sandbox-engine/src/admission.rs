@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::EngineError;
 
-/// What a refused client is told to wait before retrying: jobs take from milliseconds to the
-/// query time limit, so a short, fixed hint (clients add their own backoff).
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// What a refused client is told to wait before retrying: most jobs take tens of milliseconds,
+/// some up to the query time limit, so a short, fixed hint (clients add their own backoff).
+pub const RETRY_AFTER: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Default)]
 struct Running {

@@ -8,7 +8,7 @@
 //! before the release is recorded and published (a crash in between remembers a row never
 //! delivered: more suppression, never less). A torn last record is dropped at load.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -25,6 +25,15 @@ const HEADER: usize = 16;
 pub(crate) struct OrgMemory {
     path: PathBuf,
     sketches: Vec<Sketch>,
+    /// A digest of every remembered sketch: a row with exactly the units of one remembered
+    /// already adds nothing to compare against, so repeated queries do not grow the memory.
+    known: HashSet<[u8; 16]>,
+}
+
+/// A digest of a sketch's cells.
+fn fingerprint(encoded: &[u8]) -> [u8; 16] {
+    let digest = digest::digest(&digest::SHA256, encoded);
+    digest.as_ref()[..16].try_into().expect("16 bytes")
 }
 
 impl OrgMemory {
@@ -40,13 +49,29 @@ impl OrgMemory {
         let io = |e: std::io::Error| {
             EngineError::Setup(format!("cannot write {}: {e}", self.path.display()))
         };
-        let mut bytes = Vec::with_capacity(released.len() * SKETCH_BYTES + HEADER);
+        let mut fresh = Vec::new();
+        let mut fingerprints = Vec::new();
+        let mut encoded_new = Vec::new();
+        for sketch in released {
+            let encoded = encode(&sketch.cells);
+            let print = fingerprint(&encoded);
+            if self.known.contains(&print) || fingerprints.contains(&print) {
+                continue;
+            }
+            fingerprints.push(print);
+            fresh.push(sketch.clone());
+            encoded_new.push(encoded);
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(fresh.len() * SKETCH_BYTES + HEADER);
         if !tokio::fs::try_exists(&self.path).await.map_err(io)? {
             bytes.extend_from_slice(MAGIC);
             bytes.extend_from_slice(&sandbox_sql::sketch::hash_probe().to_le_bytes());
         }
-        for sketch in released {
-            bytes.extend_from_slice(&encode(&sketch.cells));
+        for encoded in &encoded_new {
+            bytes.extend_from_slice(encoded);
         }
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
@@ -56,7 +81,8 @@ impl OrgMemory {
             .map_err(io)?;
         file.write_all(&bytes).await.map_err(io)?;
         file.sync_data().await.map_err(io)?;
-        self.sketches.extend_from_slice(released);
+        self.sketches.extend(fresh);
+        self.known.extend(fingerprints);
         Ok(())
     }
 }
@@ -92,17 +118,23 @@ impl DifferencingMemory {
             return Ok(memory.clone());
         }
         let path = self.dir.join(file_name(org));
-        let sketches = load(&path)?;
-        let memory = Arc::new(tokio::sync::Mutex::new(OrgMemory { path, sketches }));
+        let (sketches, known) = load(&path)?;
+        let memory = Arc::new(tokio::sync::Mutex::new(OrgMemory {
+            path,
+            sketches,
+            known,
+        }));
         orgs.insert(org.to_string(), memory.clone());
         Ok(memory)
     }
 }
 
-fn load(path: &Path) -> Result<Vec<Sketch>> {
+fn load(path: &Path) -> Result<(Vec<Sketch>, HashSet<[u8; 16]>)> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Vec::new(), HashSet::new()));
+        }
         Err(e) => {
             return Err(EngineError::Setup(format!(
                 "cannot read {}: {e}",
@@ -124,8 +156,52 @@ fn load(path: &Path) -> Result<Vec<Sketch>> {
         )));
     }
     // A torn last record (a crash mid-append, before anything was released) is dropped.
-    Ok(bytes[HEADER..]
-        .chunks_exact(SKETCH_BYTES)
-        .filter_map(decode)
-        .collect())
+    let mut sketches = Vec::new();
+    let mut known = HashSet::new();
+    for chunk in bytes[HEADER..].chunks_exact(SKETCH_BYTES) {
+        if let Some(sketch) = decode(chunk)
+            && known.insert(fingerprint(chunk))
+        {
+            sketches.push(sketch);
+        }
+    }
+    Ok((sketches, known))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandbox_release::differencing::insert_one;
+
+    fn sketch(units: std::ops::Range<u64>) -> Sketch {
+        let mut sketch = Sketch::default();
+        for unit in units {
+            insert_one(&mut sketch.cells, unit.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        sketch
+    }
+
+    /// A row with exactly the units of a remembered one is not remembered twice, in memory or
+    /// on disk, also across a reload; different rows are.
+    #[tokio::test]
+    async fn repeated_rows_do_not_grow_the_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = DifferencingMemory::open(dir.path()).unwrap();
+        let org = memory.org("bank").unwrap();
+        let (a, b) = (sketch(0..20), sketch(5..30));
+        org.lock()
+            .await
+            .remember(&[a.clone(), a.clone(), b.clone()])
+            .await
+            .unwrap();
+        org.lock()
+            .await
+            .remember(&[b.clone(), a.clone()])
+            .await
+            .unwrap();
+        assert_eq!(org.lock().await.sketches(), &[a.clone(), b.clone()]);
+        let reopened = DifferencingMemory::open(dir.path()).unwrap();
+        let org = reopened.org("bank").unwrap();
+        assert_eq!(org.lock().await.sketches(), &[a, b]);
+    }
 }

@@ -492,6 +492,26 @@ impl Engine {
         self.job_slots.running()
     }
 
+    /// For a stop: cancels every running job and waits (at most `grace`) until each has
+    /// recorded its end, so no admitted job is left without a terminal event.
+    pub async fn stop_jobs(&self, grace: Duration) {
+        let running: Vec<Arc<Job>> = self
+            .jobs
+            .lock()
+            .expect("jobs lock is never poisoned")
+            .values()
+            .filter(|job| !job.state.borrow().state.is_terminal())
+            .cloned()
+            .collect();
+        for job in &running {
+            job.cancel.cancel();
+        }
+        let deadline = Instant::now() + grace;
+        while self.running_jobs() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn journal(&self) -> &Journal {
         &self.journal
     }

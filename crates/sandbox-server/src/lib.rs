@@ -16,6 +16,7 @@ pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use sandbox_engine::{Engine, EngineConfig, TemplateSeed};
@@ -26,6 +27,12 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::ServerConfig;
+
+/// How long a stop waits for jobs and calls to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Largest header block of a call (metadata: credentials, request id, deadline).
+const MAX_HEADER_BYTES: u32 = 16 * 1024;
 
 /// A server running in the background, for `sandboxd` and for tests.
 #[derive(Debug)]
@@ -38,12 +45,20 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Stops accepting requests, lets running calls finish and waits for the server to end.
+    /// Stops accepting requests, cancels running jobs (each records its end), lets running
+    /// calls finish, and returns once the engine is released (its journal closed), so a new
+    /// server can open the same data dir.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
+        self.engine.stop_jobs(SHUTDOWN_GRACE).await;
         self.handle.await.context("server task panicked")??;
+        // Calls still finishing in their own tasks hold the engine a moment longer.
+        let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+        while Arc::strong_count(&self.engine) > 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(())
     }
 
@@ -116,8 +131,13 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let audit = service::AuditService::new(gate.clone());
     let governance = service::GovernanceService::new(gate);
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
+    // Slow or vanished clients: a connection whose peer stops answering pings is closed, and
+    // headers are bounded (metadata is read before any message limit applies).
     let mut builder = tonic::transport::Server::builder()
-        .max_concurrent_streams(config.max_streams_per_connection.max(1));
+        .max_concurrent_streams(config.max_streams_per_connection.max(1))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_max_header_list_size(MAX_HEADER_BYTES);
     if config.tls {
         builder = builder
             .tls_config(tls::server_config(&config.data_dir)?)

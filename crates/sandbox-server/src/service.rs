@@ -1,18 +1,17 @@
 //! The tonic services: wire types in, engine calls, wire types out.
 
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sandbox_engine::{
     ApprovalRequest, BudgetView, Consent, ConsentKey, Decision, DpRequest, Engine, JobSnapshot,
     JobSpec, JobState, ModuleView, ReleaseOutcome, RequestContext, TemplateOutput, TemplateView,
 };
 use sandbox_proto::v1 as pb;
-use std::num::NonZeroU32;
-
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Rpc, required_roles};

@@ -161,7 +161,9 @@ pub fn server_config(data_dir: &Path) -> anyhow::Result<ServerTlsConfig> {
             read(paths.server_key())?,
         ))
         .client_ca_root(Certificate::from_pem(read(paths.ca())?))
-        .client_auth_optional(true))
+        .client_auth_optional(true)
+        // A client that never finishes its handshake does not hold a connection for long.
+        .timeout(std::time::Duration::from_secs(10)))
 }
 
 /// The common name of a certificate's subject: the principal a client certificate names.
