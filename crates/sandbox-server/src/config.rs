@@ -198,3 +198,37 @@ impl ServerConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plaintext only on loopback, unless TLS or the operator's explicit override.
+    #[test]
+    fn plaintext_is_refused_off_loopback() {
+        let mut config = ServerConfig::for_tests(PathBuf::from("unused"));
+        let cases = [
+            ("127.0.0.1:50051", false, false, true),
+            ("[::1]:50051", false, false, true),
+            ("0.0.0.0:50051", false, false, false),
+            ("10.1.2.3:50051", false, false, false),
+            ("0.0.0.0:50051", true, false, true),
+            ("0.0.0.0:50051", false, true, true),
+        ];
+        for (listen, tls, insecure, allowed) in cases {
+            config.listen = listen.parse().expect("address");
+            config.tls = tls;
+            config.insecure_plaintext = insecure;
+            assert_eq!(
+                config.check_transport().is_ok(),
+                allowed,
+                "{listen} tls={tls} insecure={insecure}"
+            );
+        }
+        config.listen = "0.0.0.0:50051".parse().expect("address");
+        config.tls = false;
+        config.insecure_plaintext = false;
+        let message = config.check_transport().unwrap_err().to_string();
+        assert!(message.contains("--tls") && message.contains("--insecure-plaintext"));
+    }
+}
