@@ -485,8 +485,8 @@ async fn rate_and_admission_limits_refuse_with_a_retry_hint() {
         (Code::ResourceExhausted, "too-many-jobs")
     );
     assert!(sandbox_cli::retry_after(&status).is_some());
-    // Two in total: the bank takes the second slot, the owner... has no job rights; a third
-    // principal's job finds the server busy.
+    // Two in total: the bank's job takes the second slot, and another job (the analyst's, on a
+    // new connection) finds the server busy.
     let mut bank = server.client("bank").await.unwrap();
     let bank_slow = bank.submit_sql(SLOW).await.expect("bank job admitted");
     let mut third = Client::connect(&server.url(), &server.token("analyst"))
@@ -527,7 +527,7 @@ async fn a_client_that_goes_away_cancels_its_job() {
         .expect("server starts");
     let mut analyst = server.client("analyst").await.unwrap();
     let job_id = analyst.submit_sql(SLOW).await.expect("admitted");
-    let request_id = uuid_like();
+    let request_id = uuid::Uuid::new_v4().to_string();
     let mut request = analyst.request(pb::FetchResultRequest {
         job_id: job_id.clone(),
     });
@@ -567,28 +567,6 @@ async fn a_client_that_goes_away_cancels_its_job() {
     assert_eq!(events[0].event.action, "FetchResult");
     assert_eq!(events[0].event.rule, "client-disconnected");
     server.server.shutdown().await.unwrap();
-}
-
-fn uuid_like() -> String {
-    let bytes: [u8; 16] = rand_bytes();
-    format!(
-        "{}-{}-4{}-8{}-{}",
-        hex::encode(&bytes[0..4]),
-        hex::encode(&bytes[4..6]),
-        &hex::encode(&bytes[6..8])[1..],
-        &hex::encode(&bytes[8..10])[1..],
-        hex::encode(&bytes[10..16])
-    )
-}
-
-fn rand_bytes() -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    out.copy_from_slice(&sha256(&nanos.to_le_bytes())[..16]);
-    out
 }
 
 /// Hostile queries: each gets a clear error or completes within its limits, and the server
