@@ -65,14 +65,6 @@ fn options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-fn token(data_dir: &Path, name: &str) -> anyhow::Result<String> {
-    let path = data_dir.join(format!("credentials/{name}.token"));
-    Ok(std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .trim()
-        .to_string())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut options = options()?;
@@ -103,7 +95,11 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let mut bank = Client::connect(&addr, &token(&options.data_dir, "bank")?).await?;
+    let mut bank = Client::connect(
+        &addr,
+        &sandbox_examples::demo_token(&options.data_dir, "bank")?,
+    )
+    .await?;
     let uploaded = bank.upload_module(module).await?;
     println!(
         "uploaded `{}` ({} bytes): sha256 {}, {}",
@@ -114,7 +110,11 @@ async fn main() -> anyhow::Result<()> {
     if local.is_some() {
         // Demo only: the owners review and approve the module with their own credentials.
         for owner in DEMO_OWNERS {
-            let mut client = Client::connect(&addr, &token(&options.data_dir, owner)?).await?;
+            let mut client = Client::connect(
+                &addr,
+                &sandbox_examples::demo_token(&options.data_dir, owner)?,
+            )
+            .await?;
             let view = client
                 .approve_module(pb::ApproveModuleRequest {
                     sha256: sha.clone(),

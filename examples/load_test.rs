@@ -116,11 +116,6 @@ struct Sent {
     latency: Duration,
 }
 
-#[derive(Default)]
-struct Log {
-    sent: Vec<Sent>,
-}
-
 /// A small deterministic generator per client (no shared state, no extra dependency).
 struct Rng(u64);
 
@@ -150,7 +145,7 @@ struct Worker {
     client: Client,
     bad: Client,
     module: Option<String>,
-    log: Arc<Mutex<Log>>,
+    log: Arc<Mutex<Vec<Sent>>>,
     rng: Rng,
     /// The wait the server asked for after the last call.
     backoff: Option<Duration>,
@@ -187,7 +182,7 @@ impl Worker {
             }
             Ok(_) => None,
         };
-        self.log.lock().expect("log lock").sent.push(Sent {
+        self.log.lock().expect("log lock").push(Sent {
             request_id,
             kind,
             principal: self.principal,
@@ -394,11 +389,7 @@ impl Server {
     }
 
     fn token(&self, name: &str) -> anyhow::Result<String> {
-        let path = self.data_dir.join(format!("credentials/{name}.token"));
-        Ok(std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .trim()
-            .to_string())
+        sandbox_examples::demo_token(&self.data_dir, name)
     }
 
     /// Resident set size now and at its peak, in KiB, from `/proc`.
@@ -487,9 +478,9 @@ async fn main() -> anyhow::Result<()> {
         }
     );
     let module = Some(approved_module(&server).await?);
-    let log = Arc::new(Mutex::new(Log::default()));
+    let log = Arc::new(Mutex::new(Vec::new()));
     let deadline = Instant::now() + Duration::from_secs(options.seconds);
-    let rss_samples = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let mut rss_samples = Vec::new();
 
     let mut tasks = Vec::new();
     for index in 0..options.clients {
@@ -516,17 +507,14 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        rss_samples
-            .lock()
-            .expect("samples")
-            .push(server.rss_kib().0);
+        rss_samples.push(server.rss_kib().0);
     }
     for task in tasks {
         task.await?;
     }
     let elapsed = started.elapsed();
     let (rss_now, rss_peak) = server.rss_kib();
-    let log = std::mem::take(&mut log.lock().expect("log lock").sent);
+    let log = std::mem::take(&mut *log.lock().expect("log lock"));
 
     // Every admitted job ends (and records its end) before the journal is read.
     let mut owners: HashMap<&str, Client> = HashMap::new();
@@ -604,12 +592,11 @@ async fn main() -> anyhow::Result<()> {
     for (code, count) in &by_code {
         println!("  {code:<48} {count}");
     }
-    let samples = rss_samples.lock().expect("samples").clone();
     println!(
         "\nserver RSS: peak {} MiB, at the end {} MiB; every 10 s: {}",
         rss_peak / 1024,
         rss_now / 1024,
-        samples
+        rss_samples
             .iter()
             .step_by(10)
             .map(|kib| format!("{} MiB", kib / 1024))

@@ -26,6 +26,16 @@ fn code_and_rule(result: Result<impl Sized, tonic::Status>) -> (Code, String) {
     }
 }
 
+/// The request id the server put on a refusal.
+fn request_id_of(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .expect("a refusal names its request")
+        .to_string()
+}
+
 /// The rule of the journal's event for a request id.
 async fn journaled(server: &TestServer, request_id: &str) -> Vec<sandbox_engine::StoredEvent> {
     let journal = server.server.engine.journal();
@@ -53,17 +63,7 @@ async fn raw_call(
 ) -> Result<(), tonic::Status> {
     let mut endpoint = tonic::transport::Channel::from_shared(server.url()).unwrap();
     if let Some(tls) = tls {
-        let mut config = tonic::transport::ClientTlsConfig::new().ca_certificate(
-            tonic::transport::Certificate::from_pem(
-                std::fs::read(tls.ca.as_ref().unwrap()).unwrap(),
-            ),
-        );
-        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-            config = config.identity(tonic::transport::Identity::from_pem(
-                std::fs::read(cert).unwrap(),
-                std::fs::read(key).unwrap(),
-            ));
-        }
+        let config = tls.client_config().expect("readable TLS files");
         endpoint = endpoint.tls_config(config).unwrap();
     }
     let channel = endpoint
@@ -219,13 +219,7 @@ async fn credentials_over_tls() {
             (code, rule),
             "{name}: {status:?}"
         );
-        let request_id = status
-            .metadata()
-            .get("x-request-id")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
+        let request_id = request_id_of(&status);
         let events = journaled(&server, &request_id).await;
         assert_eq!(events.len(), 1, "{name}: one terminal event");
         assert_eq!(events[0].event.rule, rule, "{name}");
@@ -402,13 +396,7 @@ async fn credentials_over_plaintext() {
             .expect_err(name);
         assert_eq!(status.code(), Code::Unauthenticated, "{name}");
         assert_eq!(rule_of(&status), rule, "{name}");
-        let request_id = status
-            .metadata()
-            .get("x-request-id")
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
+        let request_id = request_id_of(&status);
         let events = journaled(&server, &request_id).await;
         assert_eq!(events.len(), 1, "{name}");
         assert_eq!(events[0].event.rule, rule, "{name}");
@@ -496,13 +484,7 @@ async fn rate_and_admission_limits_refuse_with_a_retry_hint() {
     assert_eq!(status.code(), Code::ResourceExhausted);
     // (The analyst is over its own limit too; the server-wide limit is checked first.)
     assert_eq!(rule_of(&status), "server-busy");
-    let request_id = status
-        .metadata()
-        .get("x-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let request_id = request_id_of(&status);
     let events = journaled(&server, &request_id).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event.decision, sandbox_engine::Decision::Throttle);
@@ -618,7 +600,7 @@ async fn queries_of_death_get_clear_errors_and_the_server_stays_up() {
     let cases: Vec<(&str, String, &[&str])> = vec![
         ("2,000-term chain", chain, &["query-too-complex"]),
         ("100 nested subqueries", nested, &["query-too-complex"]),
-        ("IN list of 100,000", in_list, &["query-too-long"]),
+        ("IN list of 100,000", in_list.clone(), &["query-too-long"]),
         ("cross join", cross.to_string(), &["cross-join"]),
         // A hash join cannot spill: the query's memory limit or its time limit ends it.
         (
@@ -667,18 +649,30 @@ async fn queries_of_death_get_clear_errors_and_the_server_stays_up() {
         .await
         .unwrap();
     let mut analyst2 = server2.client("analyst").await.unwrap();
-    let in_list = format!(
-        "SELECT industry, COUNT(*) AS n FROM enterprises WHERE city IN ({}) GROUP BY industry",
-        (0..100_000)
-            .map(|i| format!("'c{i}'"))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
     let (code, rule) = code_and_rule(analyst2.sql(&in_list).await);
     assert_eq!(
         (code, rule.as_str()),
         (Code::FailedPrecondition, "query-too-complex")
     );
+
+    // The auditors' SQL over the journal is held to the same text limits.
+    let mut auditor = server.client("auditor").await.unwrap();
+    let chained = format!(
+        "SELECT COUNT(*) AS n FROM events WHERE {}",
+        (0..2000)
+            .map(|i| format!("seq = {i}"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    );
+    let (code, rule) = code_and_rule(auditor.audit_sql(&chained).await);
+    assert_eq!(
+        (code, rule.as_str()),
+        (Code::InvalidArgument, "query-too-complex")
+    );
+    auditor
+        .audit_sql("SELECT COUNT(*) AS n FROM events")
+        .await
+        .expect("audit SQL still served");
 
     // A request larger than the message limit is refused by the transport, and the server
     // keeps serving.

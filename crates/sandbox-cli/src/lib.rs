@@ -16,6 +16,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Metadata key with the stable code of the rule or error.
 pub const RULE_HEADER: &str = "x-sandbox-rule";
+/// Metadata key with how long to wait before retrying, in milliseconds.
+pub const RETRY_AFTER_HEADER: &str = "retry-after-ms";
 
 /// Why a client could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +62,8 @@ impl TlsFiles {
         }
     }
 
-    fn config(&self) -> Result<ClientTlsConfig, ConnectError> {
+    /// The tonic TLS configuration of these files: the CA to trust, and the client identity.
+    pub fn client_config(&self) -> Result<ClientTlsConfig, ConnectError> {
         let read = |path: &std::path::Path| {
             std::fs::read(path).map_err(|source| ConnectError::File {
                 path: path.display().to_string(),
@@ -123,13 +126,12 @@ impl Client {
         let mut endpoint = Channel::from_shared(address.to_string())
             .map_err(|_| ConnectError::Address(address.to_string()))?;
         if let Some(tls) = tls {
-            endpoint =
-                endpoint
-                    .tls_config(tls.config()?)
-                    .map_err(|source| ConnectError::Transport {
-                        address: address.to_string(),
-                        source,
-                    })?;
+            endpoint = endpoint
+                .tls_config(tls.client_config()?)
+                .map_err(|source| ConnectError::Transport {
+                    address: address.to_string(),
+                    source,
+                })?;
         }
         let channel = endpoint
             .connect()
@@ -589,7 +591,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>, tonic::Status> {
 pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
     status
         .metadata()
-        .get("retry-after-ms")
+        .get(RETRY_AFTER_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .map(std::time::Duration::from_millis)

@@ -4,7 +4,6 @@
 //! included) and statements, so a query can neither reach files nor change anything.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use datafusion::arrow::array::{
     ArrayRef, Float64Builder, ListBuilder, RecordBatch, StringBuilder, UInt64Builder,
@@ -13,17 +12,15 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
-use datafusion::prelude::SessionContext;
 use sandbox_audit::AuditEvent;
 use sandbox_policy::PrincipalRole;
+use sandbox_sql::{CancellationToken, SqlError};
 
 use crate::error::{EngineError, Result};
 use crate::jobs::{Engine, RequestContext};
 
 /// Most rows an audit query may return.
 const MAX_ROWS: usize = 100_000;
-/// Wall-clock limit of one audit query.
-const TIME_LIMIT: Duration = Duration::from_secs(60);
 /// Events read from the journal per step.
 const PAGE: usize = 10_000;
 
@@ -171,13 +168,11 @@ impl Engine {
         if !auditor && !roles.contains(&PrincipalRole::Owner) {
             return Err(EngineError::RoleNotPermitted("QueryEvents"));
         }
-        if sql.len() > self.sql.limits().max_query_bytes {
+        // The same text limits as any query: length, tokens and nesting, before parsing.
+        if let Err(error) = self.sql.check_text(sql) {
             return Err(EngineError::Invalid {
-                code: "query-too-long",
-                message: format!(
-                    "the query is longer than {} bytes",
-                    self.sql.limits().max_query_bytes
-                ),
+                code: error.code(),
+                message: error.to_string(),
             });
         }
         // The owner's datasets, fixed before reading: an owner sees an event when it names one.
@@ -209,30 +204,35 @@ impl Engine {
             code: "audit-sql",
             message: e.message().to_string(),
         };
-        let context = SessionContext::new();
         let table = MemTable::try_new(schema(), vec![batches]).map_err(invalid)?;
-        context
-            .register_table("events", Arc::new(table))
-            .map_err(invalid)?;
+        // Bounded like any query: its own memory pool, the parser's recursion limit, and run on
+        // the query threads under the time limit, never on the threads that serve calls.
+        let context = self
+            .sql
+            .scratch_session(vec![("events".to_string(), Arc::new(table))])?;
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        let run = async {
+        let sql = sql.to_string();
+        let run = async move {
             let frame = context
-                .sql_with_options(sql, options)
+                .sql_with_options(&sql, options)
                 .await
                 .map_err(invalid)?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             Ok::<_, EngineError>((schema, frame.collect().await.map_err(invalid)?))
         };
-        let (schema, result) =
-            tokio::time::timeout(TIME_LIMIT, run)
-                .await
-                .map_err(|_| EngineError::Invalid {
+        let (schema, result) = match self.sql.run_bounded(run, CancellationToken::new()).await {
+            Ok(outcome) => outcome?,
+            Err(SqlError::TimeLimit(ms)) => {
+                return Err(EngineError::Invalid {
                     code: "audit-sql-timeout",
-                    message: format!("the query ran longer than {}s", TIME_LIMIT.as_secs()),
-                })??;
+                    message: format!("the query ran longer than {} s", ms / 1000),
+                });
+            }
+            Err(error) => return Err(error.into()),
+        };
         let rows: usize = result.iter().map(RecordBatch::num_rows).sum();
         if rows > MAX_ROWS {
             return Err(EngineError::Invalid {

@@ -590,13 +590,7 @@ impl Engine {
         // or debited.
         let started = match self.job_slots.acquire(&ctx.principal.id) {
             Ok(slot) => Submission::new(slot),
-            Err(error) => {
-                event.decision = Decision::Throttle;
-                event.rule = error.code();
-                event.message = error.to_string();
-                self.journal.append(event).await?;
-                return Err(error);
-            }
+            Err(error) => return self.refuse(event, Duration::ZERO, error).await,
         };
 
         let (query, dp) = match spec {
@@ -1074,8 +1068,18 @@ impl Engine {
     /// and returns the refusal.
     pub(crate) async fn refuse_job<T>(
         &self,
-        mut event: AuditEvent,
+        event: AuditEvent,
         started: Submission,
+        error: EngineError,
+    ) -> Result<T> {
+        self.refuse(event, started.elapsed(), error).await
+    }
+
+    /// Records a refused submission's terminal event (after `elapsed`) and returns the error.
+    async fn refuse<T>(
+        &self,
+        mut event: AuditEvent,
+        elapsed: Duration,
         error: EngineError,
     ) -> Result<T> {
         event.decision = match &error {
@@ -1085,7 +1089,7 @@ impl Engine {
         };
         event.rule = error.code();
         event.message = error.to_string();
-        event.duration_ms = started.elapsed().as_millis() as u64;
+        event.duration_ms = elapsed.as_millis() as u64;
         self.journal.append(event).await?;
         Err(error)
     }

@@ -3,7 +3,6 @@
 //! that cover enough privacy units (checked here independently of the gate's own code).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use datafusion::arrow::array::{Array, AsArray};
@@ -50,8 +49,8 @@ pub fn analyst() -> Principal {
 
 /// The repository's demo policies.
 pub fn demo_policy() -> PolicySet {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
-    sandbox_policy::load_dir(&dir).expect("the repository's policies load")
+    sandbox_policy::load_sources(&crate::policy::demo_sources())
+        .expect("the repository's policies load")
 }
 
 impl GuardOracle {
@@ -82,19 +81,7 @@ impl GuardOracle {
         let engine = runtime
             .block_on(SqlEngine::new(&policy, dir.path(), limits))
             .expect("engine");
-        let analyst = analyst();
-        let granted = policy
-            .granted_datasets(&analyst)
-            .map(|d| {
-                (
-                    d.id.clone(),
-                    GrantedDataset {
-                        policy: std::sync::Arc::new(d.clone()),
-                        aggregate: policy.aggregate_mode(&analyst, &d.id),
-                    },
-                )
-            })
-            .collect();
+        let granted = GrantedDataset::all_for(&policy, &analyst());
         GuardOracle {
             _dir: dir,
             engine,

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -228,7 +228,7 @@ struct Known {
 struct Revocations {
     /// Modification time and length of the file when read; `None`: the file did not exist.
     stamp: Option<(SystemTime, u64)>,
-    list: Result<DenyList, String>,
+    list: Result<Arc<DenyList>, String>,
 }
 
 /// Maps token hashes and certificate subjects to principals, minus the deny list.
@@ -247,7 +247,7 @@ impl Default for Authenticator {
             revoked_path: None,
             revocations: Mutex::new(Revocations {
                 stamp: None,
-                list: Ok(DenyList::default()),
+                list: Ok(Arc::default()),
             }),
         }
     }
@@ -404,9 +404,9 @@ impl Authenticator {
 
     /// The deny list, re-read when the file's modification time or length changed. A file that
     /// cannot be read or parsed is an error, which refuses every request until it is fixed.
-    fn deny_list(&self) -> Result<DenyList, String> {
+    fn deny_list(&self) -> Result<Arc<DenyList>, String> {
         let Some(path) = &self.revoked_path else {
-            return Ok(DenyList::default());
+            return Ok(Arc::default());
         };
         let stamp = match std::fs::metadata(path) {
             Ok(meta) => Some((meta.modified().unwrap_or(UNIX_EPOCH), meta.len())),
@@ -419,11 +419,12 @@ impl Authenticator {
             .expect("revocations lock is never poisoned");
         if revocations.stamp != stamp {
             revocations.list = match stamp {
-                None => Ok(DenyList::default()),
+                None => Ok(Arc::default()),
                 Some(_) => std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read {}: {e}", path.display()))
                     .and_then(|text| {
                         toml::from_str::<DenyList>(&text)
+                            .map(Arc::new)
                             .map_err(|e| format!("invalid {}: {e}", path.display()))
                     }),
             };

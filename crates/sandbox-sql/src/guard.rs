@@ -92,6 +92,28 @@ pub struct GrantedDataset {
     pub aggregate: Option<AggregateMode>,
 }
 
+impl GrantedDataset {
+    /// Every dataset the policy grants `principal`, by id. (The engine builds the same map over
+    /// the dataset policies it shares between jobs.)
+    pub fn all_for(
+        policy: &sandbox_policy::PolicySet,
+        principal: &sandbox_policy::Principal,
+    ) -> HashMap<String, GrantedDataset> {
+        policy
+            .granted_datasets(principal)
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    GrantedDataset {
+                        policy: Arc::new(d.clone()),
+                        aggregate: policy.aggregate_mode(principal, &d.id),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 /// The guard's verdict on an allowed query: the rewritten plan and what the gate must enforce.
 #[derive(Debug, Clone)]
 pub struct Guarded {

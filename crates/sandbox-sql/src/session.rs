@@ -262,6 +262,28 @@ impl SqlEngine {
                     .map_err(|e| SqlError::Plan(format!("cannot register `{id}`: {e}")))?;
             }
         }
+        self.bounded_context(schema)
+    }
+
+    /// A session whose catalog holds only `tables`, under the same limits as a query: its own
+    /// memory pool within the shared one, the spill folder, the parser's recursion limit. For
+    /// SQL over in-memory tables the engine builds itself (the journal's events); run its work
+    /// with [`SqlEngine::run_bounded`] after [`SqlEngine::check_text`].
+    pub fn scratch_session(
+        &self,
+        tables: Vec<(String, Arc<dyn TableProvider>)>,
+    ) -> Result<SessionContext> {
+        let schema = MemorySchemaProvider::new();
+        for (name, table) in tables {
+            schema
+                .register_table(name.clone(), table)
+                .map_err(|e| SqlError::Plan(format!("cannot register `{name}`: {e}")))?;
+        }
+        self.bounded_context(schema)
+    }
+
+    /// A session over one schema of tables, with the job's own memory pool.
+    fn bounded_context(&self, schema: MemorySchemaProvider) -> Result<SessionContext> {
         let catalog = MemoryCatalogProvider::new();
         catalog
             .register_schema("public", Arc::new(schema))
@@ -398,7 +420,7 @@ impl SqlEngine {
 
     /// The limits checked on the text, before it is parsed: its length, its tokens and how
     /// deep its expressions could nest.
-    fn check_text(&self, sql: &str) -> Result<()> {
+    pub fn check_text(&self, sql: &str) -> Result<()> {
         if sql.len() > self.limits.max_query_bytes {
             return Err(Denial::new(
                 Rule::QueryTooLong,
@@ -469,7 +491,6 @@ impl SqlEngine {
         plan: &LogicalPlan,
         cancel: CancellationToken,
     ) -> Result<Executed> {
-        let time_limit = self.limits.time_limit;
         let max_rows = self.limits.max_result_rows;
         let state = context.state();
         // Analysis and optimization read no data: their errors are about the plan.
@@ -508,8 +529,18 @@ impl SqlEngine {
                 spilled_bytes: spilled_bytes(physical.as_ref()),
             })
         };
-        // On the execution threads: a query's CPU-bound operators never hold the threads that
-        // answer calls, run timers and write the journal.
+        self.run_bounded(work, cancel).await?
+    }
+
+    /// Runs `work` on the query threads: a query's CPU-bound operators never hold the threads
+    /// that answer calls, run timers and write the journal. Past the time limit or on `cancel`,
+    /// the work is aborted.
+    pub async fn run_bounded<F>(&self, work: F, cancel: CancellationToken) -> Result<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let time_limit = self.limits.time_limit;
         let mut task = self.executor.spawn(work);
         tokio::select! {
             biased;
@@ -523,7 +554,7 @@ impl SqlEngine {
             }
             joined = &mut task => joined.map_err(|e| {
                 SqlError::Execution(format!("the query's task ended abnormally: {e}"))
-            })?,
+            }),
         }
     }
 }

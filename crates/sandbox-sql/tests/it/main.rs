@@ -1,9 +1,8 @@
 //! Integration tests of the SQL path over generated demo data: the guard's rewrite returns the same
 //! numbers as the raw engine, and the hidden unit count is right.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
 
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::UInt64Type;
@@ -29,21 +28,6 @@ fn analyst() -> Principal {
         org: "analytics".into(),
         roles: BTreeSet::from([PrincipalRole::Analyst]),
     }
-}
-
-fn granted(policy: &PolicySet, principal: &Principal) -> HashMap<String, GrantedDataset> {
-    policy
-        .granted_datasets(principal)
-        .map(|d| {
-            (
-                d.id.clone(),
-                GrantedDataset {
-                    policy: Arc::new(d.clone()),
-                    aggregate: policy.aggregate_mode(principal, &d.id),
-                },
-            )
-        })
-        .collect()
 }
 
 /// Demo data for `enterprises` enterprises in a fresh folder, and an engine over it.
@@ -89,7 +73,7 @@ mod rows;
 #[tokio::test]
 async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
     let (dir, policy, engine) = engine_over_demo(800, SqlLimits::default()).await;
-    let grants = granted(&policy, &analyst());
+    let grants = GrantedDataset::all_for(&policy, &analyst());
     let sql = "SELECT industry, COUNT(*) AS n, SUM(registered_capital) AS capital, \
                COUNT(DISTINCT credit_code) AS units FROM enterprises \
                WHERE status = 'active' GROUP BY industry ORDER BY industry";
@@ -176,7 +160,7 @@ async fn cancelled_query_stops_with_cancelled() {
     let planned = engine
         .plan(
             "SELECT month, SUM(vat_paid) FROM tax_monthly GROUP BY month",
-            &granted(&policy, &analyst()),
+            &GrantedDataset::all_for(&policy, &analyst()),
             &key(),
             Mode::Aggregate,
         )
@@ -205,7 +189,7 @@ async fn query_text_over_the_limit_is_denied_before_parsing() {
     let error = engine
         .plan(
             &long,
-            &granted(&policy, &analyst()),
+            &GrantedDataset::all_for(&policy, &analyst()),
             &key(),
             Mode::Aggregate,
         )
@@ -279,7 +263,12 @@ async fn oversized_plans_are_refused_before_the_guard() {
     ];
     for (name, sql, expected) in cases {
         let outcome = match engine
-            .plan(&sql, &granted(&policy, &analyst()), &key(), Mode::Aggregate)
+            .plan(
+                &sql,
+                &GrantedDataset::all_for(&policy, &analyst()),
+                &key(),
+                Mode::Aggregate,
+            )
             .await
         {
             Ok(_) => "allow".to_string(),
