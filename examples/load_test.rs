@@ -1,8 +1,8 @@
 //! Load test: starts `sandboxd` as its own process on a fresh demo data dir (loopback, ephemeral
 //! port), then runs many concurrent clients for a fixed time, mixing allowed and denied SQL, code
-//! jobs, bad tokens, cancelled jobs and abandoned fetches. Prints throughput, p50/p99 latency,
-//! counts by status code and rule, and the server's peak RSS; then checks that the audit journal
-//! holds exactly one terminal event for every request sent. Exits non-zero on an unexplained
+//! jobs, Flight SQL queries, bad tokens, cancelled jobs and abandoned fetches. Prints throughput,
+//! p50/p99 latency, counts by status code and rule, and the server's peak RSS; then checks that
+//! the audit journal holds exactly one terminal event for every request sent. Exits non-zero on an unexplained
 //! status code or an incomplete journal.
 //!
 //! ```text
@@ -18,6 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use arrow_flight::sql::{Any, CommandStatementQuery, ProstMessageExt, TicketStatementQuery};
+use arrow_flight::{FlightDescriptor, Ticket};
+use prost::Message;
 use sandbox_cli::{Client, rule_of};
 use sandbox_proto::v1 as pb;
 use tonic::Code;
@@ -143,6 +147,9 @@ fn with_id<T>(client: &Client, message: T, request_id: &str) -> tonic::Request<T
 struct Worker {
     principal: &'static str,
     client: Client,
+    /// The same principal over Arrow Flight SQL, with its bearer token.
+    flight: FlightServiceClient<tonic::transport::Channel>,
+    token: String,
     bad: Client,
     module: Option<String>,
     log: Arc<Mutex<Vec<Sent>>>,
@@ -237,6 +244,59 @@ impl Worker {
         self.record_job(kind, id, Some(job_id), started, &result);
     }
 
+    /// A Flight SQL request with the worker's token and a request id of its own.
+    fn flight_request<T>(&self, message: T, request_id: &str) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let metadata = request.metadata_mut();
+        if let Ok(value) = format!("Bearer {}", self.token).parse() {
+            metadata.insert("authorization", value);
+        }
+        if let Ok(value) = request_id.parse() {
+            metadata.insert("x-request-id", value);
+        }
+        request
+    }
+
+    /// An allowed query over Flight SQL: `GetFlightInfo` (the job's submission), then `DoGet`
+    /// of its ticket (the delivery).
+    async fn flight_query(&mut self) {
+        let sql = ALLOWED[self.rng.below(ALLOWED.len() as u64) as usize];
+        let id = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let command = CommandStatementQuery {
+            query: sql.into(),
+            transaction_id: None,
+        };
+        let request = self.flight_request(
+            FlightDescriptor::new_cmd(command.as_any().encode_to_vec()),
+            &id,
+        );
+        let result = self.flight.get_flight_info(request).await;
+        let ticket: Option<Ticket> = result
+            .as_ref()
+            .ok()
+            .and_then(|info| info.get_ref().endpoint.first())
+            .and_then(|endpoint| endpoint.ticket.clone());
+        // The ticket names the job (for the wait on every admitted job at the end).
+        let job = ticket
+            .as_ref()
+            .and_then(|t| Any::decode(t.ticket.clone()).ok())
+            .and_then(|any| any.unpack::<TicketStatementQuery>().ok().flatten())
+            .and_then(|t| String::from_utf8(t.statement_handle.to_vec()).ok());
+        self.record_job("flight-sql", id, job.clone(), started, &result);
+        let Some(ticket) = ticket else { return };
+        let id = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let request = self.flight_request(ticket, &id);
+        let result = async {
+            let mut stream = self.flight.do_get(request).await?.into_inner();
+            while stream.message().await?.is_some() {}
+            Ok::<(), tonic::Status>(())
+        }
+        .await;
+        self.record_job("flight-fetch", id, job, started, &result);
+    }
+
     /// Cancels a job, retrying as the server asks while a limit refuses the call (a job left
     /// running would hold its slot until its time limit).
     async fn cancel(&mut self, job: String) {
@@ -316,6 +376,7 @@ impl Worker {
                     self.record("budgets", id, started, &result);
                 }
             },
+            80..=89 => self.flight_query().await,
             _ => {
                 let id = uuid::Uuid::new_v4().to_string();
                 let started = Instant::now();
@@ -485,11 +546,19 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for index in 0..options.clients {
         let name = if index % 2 == 0 { "analyst" } else { "bank" };
-        let client = Client::connect(&server.addr, &server.token(name)?).await?;
+        let token = server.token(name)?;
+        let client = Client::connect(&server.addr, &token).await?;
         let bad = Client::connect(&server.addr, &format!("sbx_not_a_token_{index}")).await?;
+        let flight = FlightServiceClient::new(
+            tonic::transport::Channel::from_shared(server.addr.clone())?
+                .connect()
+                .await?,
+        );
         let mut worker = Worker {
             principal: name,
             client,
+            flight,
+            token,
             bad,
             // Code jobs are the bank's.
             module: (name == "bank").then(|| module.clone()).flatten(),

@@ -385,8 +385,13 @@ async fn credentials_over_plaintext() {
         ),
         (
             "malformed",
-            Some("Basic YWxhZGRpbjpvcGVuc2VzYW1l".to_string()),
+            Some("Digest username=\"aladdin\"".to_string()),
             "malformed-credentials",
+        ),
+        (
+            "basic with an unknown token",
+            Some("Basic YWxhZGRpbjpvcGVuc2VzYW1l".to_string()),
+            "unknown-token",
         ),
         ("missing", None, "missing-credentials"),
     ];

@@ -3,7 +3,9 @@
 
 mod audit;
 mod depth;
+mod flight;
 mod hardening;
+mod metrics;
 mod privacy;
 mod reconstruction;
 mod wasm;

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::oneshot;
@@ -94,7 +94,12 @@ struct Shared {
     latest: Mutex<Option<(Checkpoint, u64)>>,
     public_key: Vec<u8>,
     stopped: AtomicBool,
+    /// Told how long each durable append took (the server's metrics), once set.
+    append_observer: OnceLock<AppendObserver>,
 }
+
+/// Called with the time an append took, from the call until the record was durable.
+pub type AppendObserver = Box<dyn Fn(Duration) + Send + Sync>;
 
 /// A lock whose holders never panic while holding it.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -261,6 +266,7 @@ impl Journal {
             latest: Mutex::new(latest),
             public_key,
             stopped: AtomicBool::new(false),
+            append_observer: OnceLock::new(),
         });
         let (sender, receiver) = mpsc::channel();
         let writer = Writer {
@@ -293,9 +299,20 @@ impl Journal {
 
     /// Appends an event and waits until it is durable. Returns its sequence number.
     pub async fn append(&self, event: AuditEvent) -> Result<Appended> {
+        let started = Instant::now();
         let (reply, receive) = oneshot::channel();
         self.submit(Command::Append(Box::new(Request { event, reply })))?;
-        receive.await.map_err(|_| AuditError::Stopped)?
+        let appended = receive.await.map_err(|_| AuditError::Stopped)?;
+        if let Some(observe) = self.shared.append_observer.get() {
+            observe(started.elapsed());
+        }
+        appended
+    }
+
+    /// Sets the function told how long each append took (group commit included). Only the
+    /// first call takes effect.
+    pub fn observe_appends(&self, observer: AppendObserver) {
+        let _ = self.shared.append_observer.set(observer);
     }
 
     /// [`Journal::append`] for callers outside an async runtime.

@@ -30,5 +30,7 @@ mod verify;
 pub use checkpoint::{Checkpoint, write_durable};
 pub use error::{AuditError, Result};
 pub use event::{AuditEvent, Decision, StoredEvent};
-pub use journal::{Appended, BundleSource, JOURNAL_FILE, Journal, JournalOptions, OpenReport};
+pub use journal::{
+    AppendObserver, Appended, BundleSource, JOURNAL_FILE, Journal, JournalOptions, OpenReport,
+};
 pub use verify::{BundleReport, VerifyFailure, VerifyReport, verify_bundle, verify_file};

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arrow::datatypes::SchemaRef;
 use ring::digest;
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal, JournalOptions};
 use sandbox_policy::{DatasetPolicy, Mode, PolicySet, Principal, Registry};
@@ -296,6 +297,9 @@ pub struct JobSnapshot {
     /// How the job's error reads, once it ended without a result.
     pub error: Option<ErrorKind>,
     pub result: Option<Arc<JobResult>>,
+    /// The schema its release will have, when known at submission (SQL jobs): what Flight SQL
+    /// clients are told before the rows exist.
+    pub released_schema: Option<SchemaRef>,
 }
 
 impl JobSnapshot {
@@ -307,6 +311,7 @@ impl JobSnapshot {
             message: String::new(),
             error: None,
             result: None,
+            released_schema: None,
         }
     }
 
@@ -323,6 +328,7 @@ impl JobSnapshot {
             message: message.into(),
             error: None,
             result: None,
+            released_schema: None,
         }
     }
 }
@@ -344,6 +350,24 @@ pub struct Explanation {
     pub columns: Vec<String>,
     pub min_units: u64,
     pub plan: String,
+    /// For an allowed SQL query: the schema its release will have.
+    pub released_schema: Option<SchemaRef>,
+}
+
+impl Explanation {
+    /// A refusal: the rule and why.
+    pub(crate) fn denied(rule: impl Into<String>, message: impl Into<String>) -> Self {
+        Explanation {
+            allowed: false,
+            rule: rule.into(),
+            message: message.into(),
+            datasets: Vec::new(),
+            columns: Vec::new(),
+            min_units: 0,
+            plan: String::new(),
+            released_schema: None,
+        }
+    }
 }
 
 /// A dataset as a caller may see it: schema, roles, levels and the caller's modes. Never rows.
@@ -389,6 +413,7 @@ pub struct Engine {
     pub(crate) dp_answers: crate::privacy::AnswerCache,
     /// The server secret the pseudonym keys of consumers derive from.
     pseudonym_secret: Vec<u8>,
+    pub(crate) metrics: crate::metrics::EngineMetrics,
     pub(crate) config: EngineConfig,
 }
 
@@ -453,8 +478,13 @@ impl Engine {
             differencing: crate::differencing::DifferencingMemory::open(&config.data_dir)?,
             dp_answers: crate::privacy::AnswerCache::new(&config.data_dir),
             pseudonym_secret,
+            metrics: crate::metrics::EngineMetrics::default(),
             config,
         });
+        let metrics = engine.metrics.clone();
+        engine
+            .journal
+            .observe_appends(Box::new(move |elapsed| metrics.journal_appended(elapsed)));
         engine
             .journal
             .append(AuditEvent {
@@ -514,6 +544,12 @@ impl Engine {
 
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// The engine's metrics, with the jobs-in-flight gauge brought up to date (for a scrape).
+    pub fn metrics(&self) -> &crate::metrics::EngineMetrics {
+        self.metrics.set_jobs_in_flight(self.running_jobs());
+        &self.metrics
     }
 
     pub fn policy(&self) -> &PolicySet {
@@ -638,11 +674,21 @@ impl Engine {
                 return Err(error.into());
             }
         };
-        if planned.guarded.dp.is_some() {
+        let released_schema = match planned.released_schema() {
+            Ok(schema) => schema,
+            Err(error) => return self.refuse_job(event, started, error.into()).await,
+        };
+        let snapshot = if planned.guarded.dp.is_some() {
             let epsilon = dp.and_then(|d| d.epsilon);
-            return self.submit_dp(ctx, event, started, planned, epsilon).await;
-        }
-        self.spawn_aggregate(ctx, event, started, planned).await
+            self.submit_dp(ctx, event, started, planned, epsilon)
+                .await?
+        } else {
+            self.spawn_aggregate(ctx, event, started, planned).await?
+        };
+        Ok(JobSnapshot {
+            released_schema: Some(released_schema),
+            ..snapshot
+        })
     }
 
     /// Spawns a guarded aggregate query (ad hoc or a template's) as a job, its event naming
@@ -789,6 +835,7 @@ impl Engine {
                         produced.rows_withheld, summary.rows_suppressed
                     );
                 }
+                let (kind, org) = (event.kind.clone(), event.org.clone());
                 match self
                     .journal
                     .append(event)
@@ -796,6 +843,14 @@ impl Engine {
                     .await
                 {
                     Ok(receipt) => {
+                        self.metrics.job_ended(
+                            &kind,
+                            Decision::Allow,
+                            started.elapsed(),
+                            &org,
+                            summary.rows_released,
+                            summary.rows_suppressed,
+                        );
                         let result = JobResult::new(produced, ipc, sha, &receipt);
                         tracing::info!(
                             released = summary.rows_released,
@@ -847,9 +902,12 @@ impl Engine {
                     error: Some(error.kind()),
                     ..JobSnapshot::ended(&job_id, state, error.code(), error.to_string())
                 };
+                let (kind, org) = (event.kind.clone(), event.org.clone());
                 if let Err(audit) = self.journal.append(event).await {
                     tracing::error!(error = %audit, "cannot record the job's end");
                 }
+                self.metrics
+                    .job_ended(&kind, decision, started.elapsed(), &org, 0, 0);
                 snapshot
             }
         }
@@ -1014,16 +1072,11 @@ impl Engine {
                 columns: planned.guarded.columns.clone(),
                 min_units: planned.guarded.min_units,
                 plan: planned.display_plan(),
+                released_schema: Some(planned.released_schema()?),
             },
-            Err(SqlError::Denied(denial)) => Explanation {
-                allowed: false,
-                rule: denial.rule.code().to_string(),
-                message: denial.message,
-                datasets: Vec::new(),
-                columns: Vec::new(),
-                min_units: 0,
-                plan: String::new(),
-            },
+            Err(SqlError::Denied(denial)) => {
+                Explanation::denied(denial.rule.code(), denial.message)
+            }
             Err(other) => {
                 event.decision = Decision::Fail;
                 event.rule = other.code().to_string();
@@ -1044,15 +1097,9 @@ impl Engine {
     ) -> Result<Explanation> {
         let explanation = match outcome {
             Ok(explanation) => explanation,
-            Err(error) if error.kind() == ErrorKind::Denied => Explanation {
-                allowed: false,
-                rule: error.code(),
-                message: error.to_string(),
-                datasets: Vec::new(),
-                columns: Vec::new(),
-                min_units: 0,
-                plan: String::new(),
-            },
+            Err(error) if error.kind() == ErrorKind::Denied => {
+                Explanation::denied(error.code(), error.to_string())
+            }
             Err(error) => {
                 event.decision = Decision::Fail;
                 event.rule = error.code();
@@ -1110,6 +1157,31 @@ impl Engine {
         event.columns = explanation.columns.clone();
         self.journal.append(event).await?;
         Ok(explanation)
+    }
+
+    /// Records the terminal event of a call that reads nothing and decides nothing beyond the
+    /// caller's credentials and roles (a Flight SQL handshake, its server information, a
+    /// prepared statement closed, the description of a catalog listing).
+    pub async fn record_call(&self, ctx: &RequestContext, action: &str) -> Result<()> {
+        self.journal.append(Self::event(ctx, action)).await?;
+        Ok(())
+    }
+
+    /// The datasets the caller can query with SQL (an aggregate grant), each with the schema it
+    /// sees: what SQL clients list as tables. Recorded as `ListDatasets`, naming them.
+    pub async fn sql_catalog(&self, ctx: &RequestContext) -> Result<Vec<(String, SchemaRef)>> {
+        let tables: Vec<(String, SchemaRef)> = self
+            .granted(&ctx.principal)
+            .into_iter()
+            .filter(|(_, granted)| granted.aggregate.is_some())
+            .filter_map(|(id, _)| self.sql.visible_schema(&id).map(|schema| (id, schema)))
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect();
+        let mut event = Self::event(ctx, "ListDatasets");
+        event.datasets = tables.iter().map(|(id, _)| id.clone()).collect();
+        self.journal.append(event).await?;
+        Ok(tables)
     }
 
     /// Datasets the caller may use (and, for owners, the ones their org owns): never rows.

@@ -22,6 +22,7 @@ mod audit_sql;
 mod differencing;
 mod error;
 mod jobs;
+mod metrics;
 mod modules;
 mod privacy;
 mod secret;
@@ -34,6 +35,7 @@ pub use jobs::{
     ColumnView, DatasetView, DpOutcome, DpRequest, Engine, EngineConfig, Explanation, JobResult,
     JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext,
 };
+pub use metrics::EngineMetrics;
 pub use modules::{ApprovalRequest, ModuleView};
 pub use privacy::BudgetView;
 pub use sandbox_audit::{

@@ -670,6 +670,8 @@ impl Engine {
             columns: planned.guarded.columns.clone(),
             min_units: 0,
             plan: planned.guarded.plan.display_indent().to_string(),
+            // The approved contract decides a code job's output, not the input query.
+            released_schema: None,
         });
         self.conclude_explanation(event, explanation).await
     }

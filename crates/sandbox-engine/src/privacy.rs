@@ -299,6 +299,8 @@ impl Engine {
             Ok(left) => left,
             Err(error) => return self.refuse_job(event, started, error).await,
         };
+        self.metrics
+            .budget_spent(&org, &datasets, noise.epsilon, noise.delta);
         event.record = Some(record_value(&debit));
         let job_id = event.job_id.clone();
         let gate = GatePolicy {

@@ -454,22 +454,24 @@ impl Engine {
         let explanation =
             self.plan_template_run(ctx, name, values)
                 .await
-                .map(|(effective, planned)| {
-                    let (datasets, columns, min_units, plan) = match &planned {
+                .and_then(|(effective, planned)| {
+                    let (datasets, columns, min_units, plan, released_schema) = match &planned {
                         PlannedRun::Aggregate(p) => (
                             p.guarded.datasets.clone(),
                             p.guarded.columns.clone(),
                             p.guarded.min_units,
                             p.display_plan(),
+                            Some(p.released_schema()?),
                         ),
                         PlannedRun::Scoring(p) => (
                             p.guarded.datasets.clone(),
                             p.guarded.columns.clone(),
                             0,
                             p.guarded.plan.display_indent().to_string(),
+                            None,
                         ),
                     };
-                    Explanation {
+                    Ok(Explanation {
                         allowed: true,
                         rule: String::new(),
                         message: format!(
@@ -480,7 +482,8 @@ impl Engine {
                         columns,
                         min_units,
                         plan,
-                    }
+                        released_schema,
+                    })
                 });
         self.conclude_explanation(event, explanation).await
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::UInt64Type;
+use datafusion::arrow::datatypes::{SchemaRef, UInt64Type};
 use sandbox_policy::{Mode, PolicySet, Principal, PrincipalRole};
 use sandbox_release::dp::{plan_noise, release_dp};
 use sandbox_release::{GatePolicy, HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN, release};
@@ -112,8 +112,15 @@ impl GuardOracle {
             fetch: planned.guarded.fetch,
             max_rows: 1_000_000,
         };
+        // What clients are told before the query runs (Flight SQL's schemas) must be what the
+        // gate then releases.
+        let announced = planned
+            .released_schema()
+            .unwrap_or_else(|e| panic!("no released schema for an admitted query ({e}): {sql}"));
         if let Some(dp) = planned.guarded.dp.clone() {
-            return self.check_private(sql, planned, dp, &gate).await;
+            return self
+                .check_private(sql, planned, dp, &gate, &announced)
+                .await;
         }
         assert!(
             gate.min_units >= 2,
@@ -154,6 +161,11 @@ impl GuardOracle {
                 field.name()
             );
         }
+        assert_eq!(
+            released.schema(),
+            &announced,
+            "the release's schema differs from the one announced: {sql}"
+        );
         let summary = released.summary();
         let expected = (eligible as usize)
             .saturating_sub(gate.skip)
@@ -174,6 +186,7 @@ impl GuardOracle {
         planned: sandbox_sql::PlannedQuery,
         dp: sandbox_sql::DpGuarded,
         gate: &GatePolicy,
+        announced: &SchemaRef,
     ) -> Verdict {
         let noise = match plan_noise(&dp.spec, dp.mode.epsilon, dp.mode.delta) {
             Ok(noise) => noise,
@@ -193,6 +206,11 @@ impl GuardOracle {
                 field.name()
             );
         }
+        assert_eq!(
+            released.schema(),
+            announced,
+            "the DP release's schema differs from the one announced: {sql}"
+        );
         let rows = released.summary().rows_released;
         assert!(
             rows as usize <= groups.max(1),

@@ -79,6 +79,23 @@ pub enum DpOutput {
 }
 
 impl DpOutput {
+    /// The released column: a key as the plan typed it, counts as non-negative integers, sums
+    /// and averages as floats. No value is null: noise is drawn for every shown group.
+    pub fn field(&self, plan_schema: &Schema) -> Result<Field> {
+        Ok(match self {
+            DpOutput::Key { name } => plan_schema
+                .field_with_name(name)
+                .map_err(|_| dp_error(format!("the plan lacks the key `{name}`")))?
+                .clone(),
+            DpOutput::Count { name, .. } | DpOutput::Units { name, .. } => {
+                Field::new(name, DataType::Int64, false)
+            }
+            DpOutput::Sum { name, .. } | DpOutput::Avg { name, .. } => {
+                Field::new(name, DataType::Float64, false)
+            }
+        })
+    }
+
     pub fn name(&self) -> &str {
         match self {
             DpOutput::Key { name }
@@ -465,33 +482,28 @@ pub fn release_dp(
     let ints = |stat: usize| integers(&noisy[stat]);
 
     // 3. The outputs the query asked for.
-    let mut fields = Vec::with_capacity(spec.outputs.len());
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(spec.outputs.len());
     for output in &spec.outputs {
         let name = output.name();
-        let (field, array): (Field, ArrayRef) = match output {
+        let array: ArrayRef = match output {
             DpOutput::Key { .. } => {
                 let index = schema
                     .index_of(name)
                     .map_err(|_| dp_error(format!("the plan lacks the key `{name}`")))?;
-                let field = schema.field(index).clone();
-                (field, take(all.column(index), &indices, None)?)
+                take(all.column(index), &indices, None)?
             }
             DpOutput::Count { stat, .. }
             | DpOutput::Units {
                 stat: Some(stat), ..
             } => {
                 let values: Int64Array = ints(*stat)?.into_iter().map(|v| Some(v.max(0))).collect();
-                (Field::new(name, DataType::Int64, false), Arc::new(values))
+                Arc::new(values)
             }
             DpOutput::Units { stat: None, .. } => {
                 let values: Int64Array = noisy_units.iter().map(|v| Some((*v).max(0))).collect();
-                (Field::new(name, DataType::Int64, false), Arc::new(values))
+                Arc::new(values)
             }
-            DpOutput::Sum { stat, .. } => (
-                Field::new(name, DataType::Float64, false),
-                cast(&noisy[*stat], &DataType::Float64)?,
-            ),
+            DpOutput::Sum { stat, .. } => cast(&noisy[*stat], &DataType::Float64)?,
             DpOutput::Avg {
                 sum,
                 count,
@@ -506,13 +518,12 @@ pub fn release_dp(
                     .zip(&counts)
                     .map(|(s, c)| Some((s / (*c).max(1) as f64).clamp(*low, *high)))
                     .collect();
-                (Field::new(name, DataType::Float64, false), Arc::new(values))
+                Arc::new(values)
             }
         };
-        fields.push(field);
         columns.push(array);
     }
-    let out_schema = Arc::new(Schema::new(fields));
+    let out_schema = crate::released_schema(&schema, Some(spec))?;
     let batch = RecordBatch::try_new(out_schema.clone(), columns)?;
 
     // An average's error depends on its count: bound it with the least released noisy count

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, BinaryArray, BooleanArray, RecordBatch, UInt64Array};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow::ipc::writer::StreamWriter;
 
 pub use contract::{ContractGate, contract_schema, release_contract};
@@ -183,13 +183,7 @@ pub fn release(
         return Err(ReleaseError::MissingSketch);
     }
     let mut released_sketches = Vec::new();
-    let visible: Vec<usize> = schema
-        .fields()
-        .iter()
-        .enumerate()
-        .filter(|(_, f)| !f.name().starts_with(HIDDEN_PREFIX))
-        .map(|(i, _)| i)
-        .collect();
+    let visible = visible_columns(&schema);
     let out_schema = Arc::new(schema.project(&visible)?);
 
     let mut summary = ReleaseSummary {
@@ -295,6 +289,35 @@ pub fn release(
         summary,
         sketches: released_sketches,
     })
+}
+
+/// The columns of a plan's output that a release keeps: every one not hidden.
+fn visible_columns(schema: &Schema) -> Vec<usize> {
+    schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| !f.name().starts_with(HIDDEN_PREFIX))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The schema a query's release will have, from its plan's output schema alone (before it runs):
+/// the visible columns for an exact release, the noisy outputs for one under differential
+/// privacy. The gate builds its output with the same functions, so the two cannot disagree;
+/// clients (Flight SQL) are told this schema before the rows exist.
+pub fn released_schema(plan_schema: &Schema, dp: Option<&DpSpec>) -> Result<SchemaRef> {
+    match dp {
+        None => Ok(Arc::new(
+            plan_schema.project(&visible_columns(plan_schema))?,
+        )),
+        Some(spec) => Ok(Arc::new(Schema::new(
+            spec.outputs
+                .iter()
+                .map(|output| output.field(plan_schema))
+                .collect::<Result<Vec<_>>>()?,
+        ))),
+    }
 }
 
 /// Whether a column name is reserved for the sandbox's hidden columns.

@@ -41,10 +41,18 @@ pub enum Rpc {
     ListTemplates,
     GetBudgets,
     RefreshBudget,
+    // Arrow Flight SQL (`flight.rs`): the same engine calls, reached through Flight.
+    FlightHandshake,
+    FlightGetSqlInfo,
+    FlightGetCatalog,
+    FlightPrepare,
+    FlightClosePrepared,
+    FlightExecute,
+    FlightFetch,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 24] = [
+    pub const ALL: [Rpc; 31] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::FetchResult,
@@ -69,6 +77,13 @@ impl Rpc {
         Rpc::ListTemplates,
         Rpc::GetBudgets,
         Rpc::RefreshBudget,
+        Rpc::FlightHandshake,
+        Rpc::FlightGetSqlInfo,
+        Rpc::FlightGetCatalog,
+        Rpc::FlightPrepare,
+        Rpc::FlightClosePrepared,
+        Rpc::FlightExecute,
+        Rpc::FlightFetch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +112,13 @@ impl Rpc {
             Rpc::ListTemplates => "ListTemplates",
             Rpc::GetBudgets => "GetBudgets",
             Rpc::RefreshBudget => "RefreshBudget",
+            Rpc::FlightHandshake => "FlightSql.Handshake",
+            Rpc::FlightGetSqlInfo => "FlightSql.GetSqlInfo",
+            Rpc::FlightGetCatalog => "FlightSql.GetCatalog",
+            Rpc::FlightPrepare => "FlightSql.CreatePreparedStatement",
+            Rpc::FlightClosePrepared => "FlightSql.ClosePreparedStatement",
+            Rpc::FlightExecute => "FlightSql.GetFlightInfo",
+            Rpc::FlightFetch => "FlightSql.DoGet",
         }
     }
 }
@@ -130,6 +152,71 @@ pub fn required_roles(rpc: Rpc) -> &'static [PrincipalRole] {
         // Figures of spent budgets, never data.
         Rpc::GetBudgets => &[Analyst, Consumer, Owner, Auditor],
         Rpc::RefreshBudget => &[Owner],
+        // Flight SQL is for those who run SQL, and for owners browsing the catalog: the same
+        // roles as the native calls each one stands for.
+        Rpc::FlightHandshake | Rpc::FlightGetSqlInfo | Rpc::FlightGetCatalog => {
+            &[Analyst, Consumer, Owner]
+        }
+        Rpc::FlightPrepare | Rpc::FlightClosePrepared | Rpc::FlightExecute | Rpc::FlightFetch => {
+            &[Analyst, Consumer]
+        }
+    }
+}
+
+/// An `authorization` header: a bearer token, or HTTP basic credentials whose user is the
+/// principal's name and whose password is its token (what Flight SQL clients send to the
+/// handshake).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Credentials {
+    Bearer(String),
+    Basic { user: String, token: String },
+}
+
+/// Longest token accepted; real ones are 64 hex digits.
+const MAX_TOKEN_LEN: usize = 256;
+
+impl Credentials {
+    pub fn parse(value: &str) -> Result<Credentials, AuthFailure> {
+        let usable = |t: &str| !t.is_empty() && t.len() <= MAX_TOKEN_LEN;
+        if let Some(token) = value.strip_prefix("Bearer ").map(str::trim) {
+            return usable(token)
+                .then(|| Credentials::Bearer(token.to_string()))
+                .ok_or(AuthFailure::MalformedCredentials);
+        }
+        let encoded = value
+            .strip_prefix("Basic ")
+            .map(str::trim)
+            .filter(|e| e.len() <= 4 * MAX_TOKEN_LEN)
+            .ok_or(AuthFailure::MalformedCredentials)?;
+        use base64::Engine as _;
+        // Padded or not: Go clients (ADBC) send it unpadded.
+        const BASIC: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
+        let decoded = BASIC
+            .decode(encoded)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or(AuthFailure::MalformedCredentials)?;
+        let (user, token) = decoded
+            .split_once(':')
+            .ok_or(AuthFailure::MalformedCredentials)?;
+        if user.is_empty() || !usable(token) {
+            return Err(AuthFailure::MalformedCredentials);
+        }
+        Ok(Credentials::Basic {
+            user: user.to_string(),
+            token: token.to_string(),
+        })
+    }
+
+    /// The token, whichever form carried it.
+    pub fn token(&self) -> &str {
+        match self {
+            Credentials::Bearer(token) | Credentials::Basic { token, .. } => token,
+        }
     }
 }
 
@@ -380,16 +467,17 @@ impl Authenticator {
         deny: &DenyList,
     ) -> Result<Principal, AuthFailure> {
         let value = authorization.ok_or(AuthFailure::MissingCredentials)?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .filter(|t| !t.is_empty() && t.len() <= 256)
-            .ok_or(AuthFailure::MalformedCredentials)?;
-        let hash = token_hash(token);
+        let credentials = Credentials::parse(value)?;
+        let hash = token_hash(credentials.token());
         let known = self
             .by_token_hash
             .get(&hash)
             .ok_or(AuthFailure::UnknownToken)?;
+        if let Credentials::Basic { user, .. } = &credentials
+            && *user != known.principal.id
+        {
+            return Err(AuthFailure::CredentialMismatch);
+        }
         if DenyList::denies(&deny.token_sha256, &hash) {
             return Err(AuthFailure::Revoked);
         }
@@ -513,6 +601,13 @@ mod tests {
             (Rpc::ListTemplates, &[Analyst, Consumer, Owner, Auditor]),
             (Rpc::GetBudgets, &[Analyst, Consumer, Owner, Auditor]),
             (Rpc::RefreshBudget, &[Owner]),
+            (Rpc::FlightHandshake, &[Analyst, Consumer, Owner]),
+            (Rpc::FlightGetSqlInfo, &[Analyst, Consumer, Owner]),
+            (Rpc::FlightGetCatalog, &[Analyst, Consumer, Owner]),
+            (Rpc::FlightPrepare, &[Analyst, Consumer]),
+            (Rpc::FlightClosePrepared, &[Analyst, Consumer]),
+            (Rpc::FlightExecute, &[Analyst, Consumer]),
+            (Rpc::FlightFetch, &[Analyst, Consumer]),
         ];
         assert_eq!(expected.len(), Rpc::ALL.len());
         for rpc in Rpc::ALL {
@@ -540,10 +635,37 @@ mod tests {
             auth.authenticate(None),
             Err(AuthFailure::MissingCredentials)
         );
+        for malformed in [
+            "Basic abc",
+            "Basic !!!!",
+            // "analyst" with no colon, and ":token" with no user.
+            "Basic YW5hbHlzdA==",
+            "Basic OnRva2Vu",
+            // "analyst:" with an empty token.
+            "Basic YW5hbHlzdDo=",
+            "Token abc",
+        ] {
+            assert_eq!(
+                auth.authenticate(Some(malformed)),
+                Err(AuthFailure::MalformedCredentials),
+                "{malformed}"
+            );
+        }
+        // "analyst:nope"
         assert_eq!(
-            auth.authenticate(Some("Basic abc")),
-            Err(AuthFailure::MalformedCredentials)
+            auth.authenticate(Some("Basic YW5hbHlzdDpub3Bl")),
+            Err(AuthFailure::UnknownToken)
         );
+        // "analyst:secret", padded and unpadded (Go clients leave the padding out).
+        for encoded in ["YW5hbHlzdDpzZWNyZXQ=", "YW5hbHlzdDpzZWNyZXQ"] {
+            assert_eq!(
+                Credentials::parse(&format!("Basic {encoded}")),
+                Ok(Credentials::Basic {
+                    user: "analyst".into(),
+                    token: "secret".into()
+                })
+            );
+        }
         assert_eq!(
             auth.authenticate(Some("Bearer ")),
             Err(AuthFailure::MalformedCredentials)

@@ -21,6 +21,11 @@ pub struct ServerConfig {
     /// Address to serve gRPC on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics (request counts, job durations, rows released, budget spent,
+    /// journal latency, jobs in flight) as text on this address, at `/metrics`. Off by default;
+    /// the endpoint has no authentication, so bind it where only the monitoring system reaches.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Serve TLS with the data dir's certificates (`tls/`, generated at first start): clients
     /// authenticate with a client certificate the local CA signed, or a bearer token, or both.
     #[arg(long)]
@@ -113,6 +118,7 @@ impl ServerConfig {
         ServerConfig {
             data_dir,
             listen: "127.0.0.1:0".parse().expect("valid address"),
+            metrics_listen: None,
             tls: false,
             tls_names: Vec::new(),
             insecure_plaintext: false,

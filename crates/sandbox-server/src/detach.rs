@@ -18,6 +18,18 @@ use tonic::codegen::http;
 #[derive(Debug, Clone, Default)]
 pub struct ClientGone(pub CancellationToken);
 
+impl ClientGone {
+    /// The call's token; one that never fires outside the layer (unit tests call handlers
+    /// directly).
+    pub fn of<T>(request: &tonic::Request<T>) -> CancellationToken {
+        request
+            .extensions()
+            .get::<ClientGone>()
+            .map(|gone| gone.0.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// Runs each call in its own task; see the module documentation.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DetachLayer;

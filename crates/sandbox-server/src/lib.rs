@@ -4,12 +4,16 @@
 //! This is the only crate that knows gRPC and prost types: [`service`] converts wire types to the
 //! engine's domain types and back, and [`status::status_of`] is the one place where engine errors
 //! become `tonic::Status` codes. [`auth`] turns `authorization: Bearer <token>` metadata into a
-//! [`sandbox_policy::Principal`] and holds the table of roles each RPC requires.
+//! [`sandbox_policy::Principal`] and holds the table of roles each RPC requires. [`flight`]
+//! serves Arrow Flight SQL on the same address, through the same gatekeeper and engine calls;
+//! [`metrics`] counts every call and serves Prometheus text on `--metrics-listen`.
 
 pub mod auth;
 pub mod bootstrap;
 pub mod config;
 pub mod detach;
+pub mod flight;
+pub mod metrics;
 pub mod service;
 pub mod status;
 pub mod tls;
@@ -19,12 +23,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use arrow_flight::flight_service_server::FlightServiceServer;
 use sandbox_engine::{Engine, EngineConfig, TemplateSeed};
 use sandbox_proto::v1::audit_server::AuditServer;
 use sandbox_proto::v1::governance_server::GovernanceServer;
 use sandbox_proto::v1::sandbox_server::SandboxServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use config::ServerConfig;
 
@@ -39,8 +45,11 @@ const MAX_HEADER_BYTES: u32 = 16 * 1024;
 pub struct RunningServer {
     /// The address it listens on (the real port when started on port 0).
     pub addr: SocketAddr,
+    /// Where Prometheus metrics are served, when `--metrics-listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub engine: Arc<Engine>,
     shutdown: Option<oneshot::Sender<()>>,
+    stop_metrics: CancellationToken,
     handle: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -52,6 +61,7 @@ impl RunningServer {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
+        self.stop_metrics.cancel();
         self.engine.stop_jobs(SHUTDOWN_GRACE).await;
         self.handle.await.context("server task panicked")??;
         // Calls still finishing in their own tasks hold the engine a moment longer.
@@ -129,7 +139,27 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
     let sandbox = service::SandboxService::new(gate.clone());
     let audit = service::AuditService::new(gate.clone());
-    let governance = service::GovernanceService::new(gate);
+    let governance = service::GovernanceService::new(gate.clone());
+    let flight = flight::FlightSql::new(gate)?;
+    let server_metrics = metrics::ServerMetrics::new(&engine);
+    let stop_metrics = CancellationToken::new();
+    let metrics_addr = match config.metrics_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?;
+            let bound = listener.local_addr()?;
+            tokio::spawn(metrics::serve(
+                listener,
+                server_metrics.clone(),
+                Arc::downgrade(&engine),
+                stop_metrics.clone(),
+            ));
+            tracing::info!(address = %bound, "serving metrics at /metrics");
+            Some(bound)
+        }
+        None => None,
+    };
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     // Slow or vanished clients: a connection whose peer stops answering pings is closed, and
     // headers are bounded (metadata is read before any message limit applies).
@@ -144,22 +174,28 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             .context("invalid TLS configuration")?;
     }
     let max_request = config.max_request_bytes();
+    // Detach outermost: the count is taken inside the call's own task, so a call whose client
+    // left is still counted.
     let router = builder
         .layer(detach::DetachLayer)
+        .layer(server_metrics.layer())
         .add_service(SandboxServer::new(sandbox).max_decoding_message_size(max_request))
         .add_service(AuditServer::new(audit).max_decoding_message_size(max_request))
         .add_service(
             GovernanceServer::new(governance)
                 .max_decoding_message_size(config.max_module_bytes() + max_request),
-        );
+        )
+        .add_service(FlightServiceServer::new(flight).max_decoding_message_size(max_request));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_signal.await;
     }));
     Ok(RunningServer {
         addr,
+        metrics_addr,
         engine,
         shutdown: Some(shutdown),
+        stop_metrics,
         handle,
     })
 }

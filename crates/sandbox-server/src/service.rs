@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Rpc, required_roles};
 use crate::detach::ClientGone;
+use crate::metrics::CallOrg;
 use crate::status::{self, status_of};
 
 /// Bytes of Arrow IPC per streamed message.
@@ -60,9 +61,17 @@ impl Gatekeeper {
         }
     }
 
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// Authenticates the caller, applies its rate limit and checks the RPC's roles. A refusal
     /// is recorded in the journal before it is answered.
-    async fn admit<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<RequestContext, Status> {
+    pub(crate) async fn admit<T>(
+        &self,
+        request: &Request<T>,
+        rpc: Rpc,
+    ) -> Result<RequestContext, Status> {
         // A client may choose the id (a UUID) to find its calls in the journal; anything else
         // is replaced by a fresh one.
         let request_id = request
@@ -96,6 +105,10 @@ impl Gatekeeper {
                 return Err(status::unauthenticated(failure, &request_id));
             }
         };
+        // The metrics count the call under its caller's org.
+        if let Some(org) = request.extensions().get::<CallOrg>() {
+            org.set(&principal.org);
+        }
         if let Err(not_until) = self.rates.check_key(&principal.id) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             self.record(
@@ -332,15 +345,11 @@ impl pb::sandbox_server::Sandbox for SandboxService {
         request: Request<pb::FetchResultRequest>,
     ) -> Result<Response<Self::FetchResultStream>, Status> {
         let ctx = self.gate.admit(&request, Rpc::FetchResult).await?;
-        let gone = request
-            .extensions()
-            .get::<ClientGone>()
-            .cloned()
-            .unwrap_or_default();
+        let gone = ClientGone::of(&request);
         let result = self
             .gate
             .engine
-            .wait_result_watched(&ctx, &request.get_ref().job_id, &gone.0)
+            .wait_result_watched(&ctx, &request.get_ref().job_id, &gone)
             .await
             .map_err(|e| status_of(&e, &ctx.request_id))?;
         // The job's terminal event is durable: `wait_result` only returns results whose release

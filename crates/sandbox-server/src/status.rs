@@ -93,6 +93,11 @@ pub fn not_permitted(rpc_name: &str, request_id: &str) -> Status {
     )
 }
 
+/// A query the guard refused, decided without an engine error (an explanation's verdict).
+pub fn denied(rule: &str, message: &str, request_id: &str) -> Status {
+    with_headers(Code::FailedPrecondition, rule, message, request_id)
+}
+
 pub fn invalid(code: &str, message: &str, request_id: &str) -> Status {
     with_headers(Code::InvalidArgument, code, message, request_id)
 }

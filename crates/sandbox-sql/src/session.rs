@@ -600,6 +600,14 @@ impl Drop for Executor {
 }
 
 impl PlannedQuery {
+    /// The schema its release will have (hidden columns gone, or the noisy outputs under
+    /// differential privacy), known before it runs.
+    pub fn released_schema(&self) -> Result<SchemaRef> {
+        let plan_schema = self.guarded.plan.schema().as_arrow();
+        sandbox_release::released_schema(plan_schema, self.guarded.dp.as_ref().map(|d| &d.spec))
+            .map_err(|e| SqlError::Plan(format!("cannot derive the released schema: {e}")))
+    }
+
     /// The rewritten plan, as shown by `explain`.
     pub fn display_plan(&self) -> String {
         self.guarded.plan.display_indent().to_string()

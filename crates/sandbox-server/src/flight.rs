@@ -1,0 +1,630 @@
+//! Arrow Flight SQL over the same engine calls as the native service, so that ADBC, JDBC and BI
+//! tools connect without a client of ours. Each Flight call is admitted by the same
+//! [`Gatekeeper`] (credentials, rate limit, roles) and ends in the same engine call, journaled the
+//! same way; there is no second policy path:
+//!
+//! | Flight SQL                                  | engine call (journal action)            |
+//! |---------------------------------------------|-----------------------------------------|
+//! | `Handshake` (basic or bearer)               | `record_call` (`FlightSql.Handshake`)   |
+//! | `CreatePreparedStatement`                   | `explain` (`ExplainJob`)                |
+//! | `GetFlightInfo` statement / prepared        | `submit` (`AdmitJob`, `SubmitJob`)      |
+//! | `DoGet` of a statement ticket               | `wait_result` (`FetchResult`)           |
+//! | `GetCatalogs`, `GetDbSchemas`, `GetTables`, `GetTableTypes` | `sql_catalog` (`ListDatasets`) |
+//! | `GetSqlInfo`, `ClosePreparedStatement`, the `GetFlightInfo` of a listing | `record_call` |
+//!
+//! `GetFlightInfo` for a query runs the guard and planning (a denial is answered there, naming
+//! its rule), admits the job, which starts executing at once, and answers with the schema its
+//! release will have and an opaque ticket (the job's id, usable only by its owner). `DoGet` waits
+//! for the job's release and streams exactly the rows the release gate let through; the release
+//! summary (rows suppressed, noise) travels as JSON in the first message's `app_metadata`.
+
+use std::io::Cursor;
+use std::pin::Pin;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest,
+    ActionCreatePreparedStatementResult, CommandGetCatalogs, CommandGetDbSchemas,
+    CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables, CommandPreparedStatementQuery,
+    CommandStatementQuery, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo,
+    SqlSupportedTransaction, TicketStatementQuery,
+};
+use arrow_flight::{
+    FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage,
+    SchemaAsIpc, Ticket,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message;
+use sandbox_engine::{JobSpec, ReleaseOutcome, RequestContext};
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Credentials, Rpc};
+use crate::detach::ClientGone;
+use crate::service::Gatekeeper;
+use crate::status::{self, status_of};
+
+/// The catalog and schema every granted dataset is in: the names the guard accepts as
+/// qualifiers (`datafusion.public.tax` and `tax` are the same table).
+pub const CATALOG: &str = "datafusion";
+pub const SCHEMA: &str = "public";
+const TABLE_TYPE: &str = "TABLE";
+
+type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+type DoGetStream = <FlightSql as FlightService>::DoGetStream;
+
+/// `arrow.flight.protocol.FlightService`, speaking Flight SQL.
+pub struct FlightSql {
+    gate: Gatekeeper,
+    info: SqlInfoData,
+}
+
+impl std::fmt::Debug for FlightSql {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlightSql").finish_non_exhaustive()
+    }
+}
+
+impl FlightSql {
+    pub fn new(gate: Gatekeeper) -> anyhow::Result<Self> {
+        Ok(FlightSql {
+            gate,
+            info: server_info()?,
+        })
+    }
+
+    /// The job for a query: guard, planning and admission; the ticket is the job.
+    async fn execute(
+        &self,
+        ctx: &RequestContext,
+        query: String,
+        descriptor: FlightDescriptor,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let snapshot = self
+            .gate
+            .engine()
+            .submit(ctx, JobSpec::Sql { query, dp: None })
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        let schema = snapshot
+            .released_schema
+            .ok_or_else(|| internal("a submitted query has no released schema", ctx))?;
+        let ticket = TicketStatementQuery {
+            statement_handle: snapshot.job_id.into(),
+        };
+        let info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| internal(e, ctx))?
+            .with_endpoint(
+                FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())),
+            )
+            .with_descriptor(descriptor)
+            // Known only once the gate has decided.
+            .with_total_records(-1)
+            .with_ordered(true);
+        Ok(Response::new(info))
+    }
+
+    /// A listing's flight info: one ticket, the command itself, answered by `DoGet`.
+    async fn listing_info(
+        &self,
+        request: Request<FlightDescriptor>,
+        rpc: Rpc,
+        command: impl ProstMessageExt,
+        schema: &Schema,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ctx = self.gate.admit(&request, rpc).await?;
+        self.gate
+            .engine()
+            .record_call(&ctx, rpc.name())
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        let info = FlightInfo::new()
+            .try_with_schema(schema)
+            .map_err(|e| internal(e, &ctx))?
+            .with_endpoint(
+                FlightEndpoint::new().with_ticket(Ticket::new(command.as_any().encode_to_vec())),
+            )
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
+    /// The tables the caller can query, recorded as a `ListDatasets` naming them.
+    async fn catalog(&self, request: &Request<Ticket>) -> Result<Vec<(String, SchemaRef)>, Status> {
+        let ctx = self.gate.admit(request, Rpc::FlightGetCatalog).await?;
+        self.gate
+            .engine()
+            .sql_catalog(&ctx)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))
+    }
+}
+
+fn internal(error: impl std::fmt::Display, ctx: &RequestContext) -> Status {
+    tracing::error!(request_id = %ctx.request_id, %error, "flight sql: internal error");
+    Status::internal(format!("internal error (request {})", ctx.request_id))
+}
+
+/// One batch (a listing) as a Flight stream.
+fn batch_stream(batch: RecordBatch) -> Response<DoGetStream> {
+    let schema = batch.schema();
+    let stream = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .build(futures::stream::once(async move { Ok(batch) }))
+        .map_err(flight_status);
+    Response::new(Box::pin(stream))
+}
+
+fn flight_status(error: FlightError) -> Status {
+    match error {
+        FlightError::Tonic(status) => *status,
+        other => {
+            tracing::error!(error = %other, "flight sql: cannot encode a stream");
+            Status::internal("cannot encode the result")
+        }
+    }
+}
+
+fn listing_error(error: impl std::fmt::Display) -> Status {
+    tracing::error!(%error, "flight sql: cannot build a listing");
+    Status::internal("cannot build the listing")
+}
+
+/// What a client learns about a release besides its rows: the same figures as the native
+/// `ReleaseSummary`.
+fn summary_json(outcome: &ReleaseOutcome) -> Bytes {
+    let dp = outcome.dp.as_ref().map(|dp| {
+        serde_json::json!({
+            "epsilon_spent": dp.epsilon_spent,
+            "delta_spent": dp.delta_spent,
+            "epsilon_remaining": dp.epsilon_remaining,
+            "delta_remaining": dp.delta_remaining,
+            "cached": dp.cached,
+            "columns": dp.columns.iter().map(|c| serde_json::json!({
+                "column": c.column,
+                "scale": c.scale,
+                "accuracy_95": c.accuracy_95,
+            })).collect::<Vec<_>>(),
+        })
+    });
+    let value = serde_json::json!({
+        "rows_released": outcome.rows_released,
+        "rows_suppressed": outcome.rows_suppressed,
+        "rows_differencing": outcome.rows_differencing,
+        "min_units": outcome.min_units,
+        "rows_scanned": outcome.rows_scanned,
+        "result_sha256": outcome.result_sha256,
+        "audit_seq": outcome.audit_seq,
+        "dp": dp,
+    });
+    Bytes::from(value.to_string())
+}
+
+/// What the server tells clients about itself (`GetSqlInfo`). JDBC tools read the keyword and
+/// function lists and fail without them.
+fn server_info() -> anyhow::Result<SqlInfoData> {
+    let mut info = SqlInfoDataBuilder::new();
+    info.append(SqlInfo::FlightSqlServerName, "sandboxd");
+    info.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    info.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+    info.append(SqlInfo::FlightSqlServerReadOnly, true);
+    info.append(SqlInfo::FlightSqlServerSql, true);
+    info.append(SqlInfo::FlightSqlServerSubstrait, false);
+    info.append(
+        SqlInfo::FlightSqlServerTransaction,
+        SqlSupportedTransaction::None as i32,
+    );
+    info.append(SqlInfo::FlightSqlServerCancel, false);
+    info.append(SqlInfo::SqlDdlCatalog, false);
+    info.append(SqlInfo::SqlDdlSchema, false);
+    info.append(SqlInfo::SqlDdlTable, false);
+    info.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    info.append(SqlInfo::SqlQuotedIdentifierCase, 3_i32); // case sensitive
+    info.append(SqlInfo::SqlIdentifierCase, 2_i32); // lowercase
+    info.append(SqlInfo::SqlSupportsColumnAliasing, true);
+    info.append(SqlInfo::SqlNullPlusNullIsNull, true);
+    info.append(SqlInfo::SqlTransactionsSupported, false);
+    info.append(SqlInfo::SqlCatalogTerm, "catalog");
+    info.append(SqlInfo::SqlSchemaTerm, "schema");
+    info.append(
+        SqlInfo::SqlKeywords,
+        &[
+            "SELECT", "FROM", "WHERE", "GROUP", "BY", "HAVING", "ORDER", "LIMIT", "OFFSET", "JOIN",
+            "ON", "WITH", "AS", "CASE", "WHEN", "THEN", "ELSE", "END", "DISTINCT",
+        ][..],
+    );
+    info.append(
+        SqlInfo::SqlNumericFunctions,
+        &[
+            "abs", "ceil", "floor", "round", "ln", "log10", "power", "sqrt",
+        ][..],
+    );
+    info.append(
+        SqlInfo::SqlStringFunctions,
+        &["lower", "upper", "substr", "length", "trim", "concat"][..],
+    );
+    info.append(SqlInfo::SqlSystemFunctions, &[][..] as &[&str]);
+    info.append(
+        SqlInfo::SqlDatetimeFunctions,
+        &["date_trunc", "date_part", "extract", "now"][..],
+    );
+    Ok(info.build()?)
+}
+
+/// The schema of a listing command's answer, as bytes for a prepared statement.
+fn schema_bytes(schema: &Schema) -> Result<Bytes, arrow::error::ArrowError> {
+    let IpcMessage(bytes) = SchemaAsIpc::new(schema, &IpcWriteOptions::default()).try_into()?;
+    Ok(bytes)
+}
+
+/// A prepared statement's handle is its query text: nothing is held on the server between
+/// calls, and the query is checked again (guard and all) when it runs.
+fn prepared_query(handle: &[u8], ctx: &RequestContext) -> Result<String, Status> {
+    String::from_utf8(handle.to_vec()).map_err(|_| {
+        status::invalid(
+            "invalid-handle",
+            "the prepared statement handle is not one this server issued",
+            &ctx.request_id,
+        )
+    })
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for FlightSql {
+    type FlightService = FlightSql;
+
+    /// Basic credentials (user = principal, password = its token) or a bearer token, answered
+    /// with the bearer token to send on every further call.
+    async fn do_handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<FlightStream<HandshakeResponse>>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::FlightHandshake).await?;
+        self.gate
+            .engine()
+            .record_call(&ctx, Rpc::FlightHandshake.name())
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        // Admission parsed the header already; a client certificate alone carries no token.
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Credentials::parse(v).ok())
+            .map(|c| c.token().to_string())
+            .unwrap_or_default();
+        let answer = HandshakeResponse {
+            protocol_version: 0,
+            payload: Bytes::from(token.clone()),
+        };
+        let mut response: Response<FlightStream<HandshakeResponse>> =
+            Response::new(Box::pin(futures::stream::iter([Ok(answer)])));
+        if !token.is_empty() {
+            let value = MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|e| internal(e, &ctx))?;
+            response.metadata_mut().insert("authorization", value);
+        }
+        Ok(response)
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::FlightExecute).await?;
+        self.execute(&ctx, query.query, request.into_inner()).await
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::FlightExecute).await?;
+        let sql = prepared_query(&query.prepared_statement_handle, &ctx)?;
+        self.execute(&ctx, sql, request.into_inner()).await
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::FlightFetch).await?;
+        let job_id = String::from_utf8(ticket.statement_handle.to_vec()).map_err(|_| {
+            status::invalid(
+                "invalid-ticket",
+                "the ticket is not one this server issued",
+                &ctx.request_id,
+            )
+        })?;
+        let gone = ClientGone::of(&request);
+        let result = self
+            .gate
+            .engine()
+            .wait_result_watched(&ctx, &job_id, &gone)
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        // The released rows, exactly as the gate produced and the journal hashed them.
+        let reader = StreamReader::try_new(Cursor::new(result.ipc_stream().to_vec()), None)
+            .map_err(|e| internal(e, &ctx))?;
+        let schema = reader.schema();
+        let batches: Vec<RecordBatch> = reader
+            .collect::<Result<_, _>>()
+            .map_err(|e| internal(e, &ctx))?;
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .with_metadata(summary_json(result.outcome()))
+            .build(futures::stream::iter(batches.into_iter().map(Ok)))
+            .map_err(flight_status);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let ctx = self.gate.admit(&request, Rpc::FlightPrepare).await?;
+        let explanation = self
+            .gate
+            .engine()
+            .explain(
+                &ctx,
+                JobSpec::Sql {
+                    query: query.query.clone(),
+                    dp: None,
+                },
+            )
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        if !explanation.allowed {
+            return Err(status::denied(
+                &explanation.rule,
+                &explanation.message,
+                &ctx.request_id,
+            ));
+        }
+        let schema = explanation
+            .released_schema
+            .ok_or_else(|| internal("an allowed query has no released schema", &ctx))?;
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: Bytes::from(query.query),
+            dataset_schema: schema_bytes(&schema).map_err(|e| internal(e, &ctx))?,
+            parameter_schema: Bytes::new(),
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        let ctx = self.gate.admit(&request, Rpc::FlightClosePrepared).await?;
+        self.gate
+            .engine()
+            .record_call(&ctx, Rpc::FlightClosePrepared.name())
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))
+    }
+
+    /// Binding parameters: an empty binding (what drivers send for a statement without `?`) is
+    /// accepted; values are refused, since the guard checks a query as written.
+    async fn do_put_prepared_statement_query(
+        &self,
+        query: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let ctx = self.gate.admit(&request, Rpc::FlightPrepare).await?;
+        let mut rows = 0usize;
+        let mut stream = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
+            // Peekable: the first message, which dispatch looked at, holds the schema.
+            request
+                .into_inner()
+                .into_peekable()
+                .map_err(FlightError::from),
+        );
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|_| {
+                status::invalid(
+                    "invalid-parameters",
+                    "the parameter batch cannot be read",
+                    &ctx.request_id,
+                )
+            })?;
+            rows += batch.num_rows();
+        }
+        if rows > 0 {
+            let error = sandbox_engine::EngineError::Invalid {
+                code: "parameters-not-supported",
+                message: "query parameters are not supported: write the values into the query \
+                          (it is checked as written)"
+                    .into(),
+            };
+            self.gate
+                .engine()
+                .record_refusal(
+                    Rpc::FlightPrepare.name(),
+                    &ctx.request_id,
+                    Some(&ctx.principal),
+                    sandbox_engine::Decision::Fail,
+                    "parameters-not-supported",
+                    "",
+                )
+                .await
+                .map_err(|e| status_of(&e, &ctx.request_id))?;
+            return Err(status_of(&error, &ctx.request_id));
+        }
+        self.gate
+            .engine()
+            .record_call(&ctx, Rpc::FlightPrepare.name())
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        Ok(DoPutPreparedStatementResult {
+            prepared_statement_handle: Some(query.prepared_statement_handle),
+        })
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        self.listing_info(request, Rpc::FlightGetCatalog, query, &schema)
+            .await
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        self.listing_info(request, Rpc::FlightGetCatalog, query, &schema)
+            .await
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        self.listing_info(request, Rpc::FlightGetCatalog, query, &schema)
+            .await
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.into_builder().schema();
+        self.listing_info(request, Rpc::FlightGetCatalog, query, &schema)
+            .await
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder(&self.info).schema();
+        self.listing_info(request, Rpc::FlightGetSqlInfo, query, &schema)
+            .await
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.catalog(&request).await?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG);
+        Ok(batch_stream(builder.build().map_err(listing_error)?))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.catalog(&request).await?;
+        let mut builder = query.into_builder();
+        builder.append(CATALOG, SCHEMA);
+        Ok(batch_stream(builder.build().map_err(listing_error)?))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let tables = self.catalog(&request).await?;
+        let mut builder = query.into_builder();
+        for (name, schema) in &tables {
+            builder
+                .append(CATALOG, SCHEMA, name, TABLE_TYPE, schema)
+                .map_err(listing_error)?;
+        }
+        Ok(batch_stream(builder.build().map_err(listing_error)?))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        self.catalog(&request).await?;
+        let mut builder = query.into_builder();
+        builder.append(TABLE_TYPE);
+        Ok(batch_stream(builder.build().map_err(listing_error)?))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<Ticket>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let ctx = self.gate.admit(&request, Rpc::FlightGetSqlInfo).await?;
+        self.gate
+            .engine()
+            .record_call(&ctx, Rpc::FlightGetSqlInfo.name())
+            .await
+            .map_err(|e| status_of(&e, &ctx.request_id))?;
+        let batch = query
+            .into_builder(&self.info)
+            .build()
+            .map_err(listing_error)?;
+        Ok(batch_stream(batch))
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_info_lists_what_jdbc_tools_read() {
+        let info = server_info().expect("server info builds");
+        for item in [
+            SqlInfo::FlightSqlServerName,
+            SqlInfo::FlightSqlServerReadOnly,
+            SqlInfo::SqlKeywords,
+            SqlInfo::SqlNumericFunctions,
+            SqlInfo::SqlStringFunctions,
+            SqlInfo::SqlSystemFunctions,
+            SqlInfo::SqlDatetimeFunctions,
+            SqlInfo::SqlIdentifierQuoteChar,
+        ] {
+            let batch = info.record_batch([item as u32]).expect("filters");
+            assert_eq!(batch.num_rows(), 1, "{item:?}");
+        }
+    }
+
+    #[test]
+    fn prepared_statement_schemas_round_trip() {
+        let schema = Schema::new(vec![arrow::datatypes::Field::new(
+            "n",
+            arrow::datatypes::DataType::Int64,
+            false,
+        )]);
+        let bytes = schema_bytes(&schema).expect("encodes");
+        let decoded = Schema::try_from(IpcMessage(bytes)).expect("decodes");
+        assert_eq!(decoded, schema);
+    }
+}
