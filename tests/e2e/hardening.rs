@@ -607,6 +607,16 @@ async fn queries_of_death_get_clear_errors_and_the_server_stays_up() {
         ("100 nested subqueries", nested, &["query-too-complex"]),
         ("IN list of 100,000", in_list.clone(), &["query-too-long"]),
         ("cross join", cross.to_string(), &["cross-join"]),
+        // Before the explosion below, whose unwinding must not be what this one measures. Its
+        // 24,000 groups each carry a unit sketch for the differencing defense (about 4.6 KB, so
+        // over 100 MiB in all) under a 32 MiB query pool: whether the aggregate's spilling fits
+        // depends on how batches arrive (seen both ways on a busy machine). Either answer is
+        // within the limits; the server answers the next query either way.
+        (
+            "huge GROUP BY",
+            group_by.to_string(),
+            &["", "resources-exhausted"],
+        ),
         // A hash join cannot spill: the query's memory limit or its time limit ends it.
         (
             "self-join explosion",
@@ -623,7 +633,6 @@ async fn queries_of_death_get_clear_errors_and_the_server_stays_up() {
             huge_regex.to_string(),
             &["execution-failed", "scalar-function-not-allowed"],
         ),
-        ("huge GROUP BY", group_by.to_string(), &[""]),
         (
             "GROUP BY the unit",
             by_unit.to_string(),

@@ -1054,8 +1054,13 @@ impl Engine {
         };
         let granted = self.granted(&ctx.principal);
         let key = self.pseudonym_key(&ctx.principal);
-        let explanation = match self.sql.plan(&query, &granted, &key, mode).await {
-            Ok(planned) => Explanation {
+        let planned = self
+            .sql
+            .plan(&query, &granted, &key, mode)
+            .await
+            .and_then(|planned| Ok((planned.released_schema()?, planned)));
+        let explanation = match planned {
+            Ok((released_schema, planned)) => Explanation {
                 allowed: true,
                 rule: String::new(),
                 message: match &planned.guarded.dp {
@@ -1072,7 +1077,7 @@ impl Engine {
                 columns: planned.guarded.columns.clone(),
                 min_units: planned.guarded.min_units,
                 plan: planned.display_plan(),
-                released_schema: Some(planned.released_schema()?),
+                released_schema: Some(released_schema),
             },
             Err(SqlError::Denied(denial)) => {
                 Explanation::denied(denial.rule.code(), denial.message)

@@ -142,24 +142,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let governance = service::GovernanceService::new(gate.clone());
     let flight = flight::FlightSql::new(gate)?;
     let server_metrics = metrics::ServerMetrics::new(&engine);
-    let stop_metrics = CancellationToken::new();
-    let metrics_addr = match config.metrics_listen {
-        Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {address}"))?;
-            let bound = listener.local_addr()?;
-            tokio::spawn(metrics::serve(
-                listener,
-                server_metrics.clone(),
-                Arc::downgrade(&engine),
-                stop_metrics.clone(),
-            ));
-            tracing::info!(address = %bound, "serving metrics at /metrics");
-            Some(bound)
-        }
-        None => None,
-    };
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     // Slow or vanished clients: a connection whose peer stops answering pings is closed, and
     // headers are bounded (metadata is read before any message limit applies).
@@ -186,6 +168,25 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .max_decoding_message_size(config.max_module_bytes() + max_request),
         )
         .add_service(FlightServiceServer::new(flight).max_decoding_message_size(max_request));
+    // Last, once nothing else can fail: a failed start leaves no metrics server behind.
+    let stop_metrics = CancellationToken::new();
+    let metrics_addr = match config.metrics_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?;
+            let bound = listener.local_addr()?;
+            tokio::spawn(metrics::serve(
+                listener,
+                server_metrics.clone(),
+                Arc::downgrade(&engine),
+                stop_metrics.clone(),
+            ));
+            tracing::info!(address = %bound, "serving metrics at /metrics");
+            Some(bound)
+        }
+        None => None,
+    };
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_signal.await;

@@ -542,22 +542,29 @@ impl SqlEngine {
     {
         let time_limit = self.limits.time_limit;
         let mut task = self.executor.spawn(work);
-        tokio::select! {
+        let stopped = tokio::select! {
             biased;
-            () = cancel.cancelled() => {
-                task.abort();
-                Err(SqlError::Cancelled)
-            }
+            () = cancel.cancelled() => SqlError::Cancelled,
             () = tokio::time::sleep(time_limit) => {
-                task.abort();
-                Err(SqlError::TimeLimit(time_limit.as_millis() as u64))
+                SqlError::TimeLimit(time_limit.as_millis() as u64)
             }
-            joined = &mut task => joined.map_err(|e| {
+            joined = &mut task => return joined.map_err(|e| {
                 SqlError::Execution(format!("the query's task ended abnormally: {e}"))
             }),
+        };
+        // An abort takes effect at the task's next yield; until then it holds its memory. Wait
+        // (briefly) for it to be dropped, so that a job that has ended no longer holds any of
+        // the shared pool the next query needs.
+        task.abort();
+        if tokio::time::timeout(ABORT_GRACE, &mut task).await.is_err() {
+            tracing::warn!("an aborted query is still unwinding");
         }
+        Err(stopped)
     }
 }
+
+/// How long a stopped query's task is given to unwind and release its memory.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
 
 /// The threads queries execute on, apart from the runtime that serves calls. Shut down in the
 /// background when the engine is dropped (possibly from async code, where a runtime may not be
