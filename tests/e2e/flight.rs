@@ -210,9 +210,20 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
     let sql = "SELECT size_class, COUNT(*) AS n, SUM(registered_capital) AS capital FROM enterprises GROUP BY size_class";
     let id = request_id();
     client.set_header("x-request-id", &id);
-    ids.push((id, "SubmitJob"));
+    ids.push((id.clone(), "SubmitJob"));
     let info = client.execute(sql.into(), None).await.expect("allowed");
     let announced = info.clone().try_decode_schema().expect("schema");
+    // Admitted, not run: the job ends only once DoGet asks for it.
+    let mut auditor = server.client("auditor").await.expect("auditor");
+    let before: Vec<String> = auditor
+        .events(1, 10_000, false)
+        .await
+        .expect("journal")
+        .into_iter()
+        .filter(|e| e.request_id == id)
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(before, vec!["AdmitJob".to_string()]);
     let id = request_id();
     ids.push((id.clone(), "FetchResult"));
     let (batches, metadata) = fetch(&mut client, &info, &id).await;
@@ -342,7 +353,6 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
     assert_eq!(rule_of(&status), "role-not-permitted");
 
     // Every call above has exactly one terminal event, the one the native path records.
-    let mut auditor = server.client("auditor").await.expect("auditor");
     let events = auditor.events(1, 10_000, false).await.expect("journal");
     for (id, action) in &ids {
         let terminal: Vec<_> = events
@@ -352,6 +362,46 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
         assert_eq!(terminal.len(), 1, "{action}: {terminal:#?}");
         assert_eq!(terminal[0].action, *action);
     }
+    server.server.shutdown().await.expect("shutdown");
+}
+
+/// A ticket nobody fetches does not run, ends with its own terminal event and frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfetched_ticket_ends_unrun() {
+    let server = TestServer::start_with(|config| config.query_timeout_secs = 1)
+        .await
+        .expect("server");
+    let mut client = flight_client(&server, "analyst").await;
+    let id = request_id();
+    client.set_header("x-request-id", &id);
+    let info = client
+        .execute(
+            "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class".into(),
+            None,
+        )
+        .await
+        .expect("admitted");
+    assert_eq!(server.server.engine.running_jobs(), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(server.server.engine.running_jobs(), 0, "the slot is free");
+    let ticket = info.endpoint[0].ticket.clone().expect("ticket");
+    let error = client
+        .do_get(ticket)
+        .await
+        .expect_err("not fetched in time");
+    assert!(error.to_string().contains("not-fetched"), "{error}");
+    let mut auditor = server.client("auditor").await.expect("auditor");
+    let ended: Vec<_> = auditor
+        .events(1, 10_000, false)
+        .await
+        .expect("journal")
+        .into_iter()
+        .filter(|e| e.request_id == id && e.action == "SubmitJob")
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:#?}");
+    assert_eq!(ended[0].decision, "cancel");
+    assert_eq!(ended[0].rule, "not-fetched");
+    assert_eq!(ended[0].rows_scanned, 0, "the query did not run");
     server.server.shutdown().await.expect("shutdown");
 }
 

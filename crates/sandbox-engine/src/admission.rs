@@ -103,13 +103,16 @@ impl Drop for JobSlot {
 pub(crate) struct Submission {
     at: Instant,
     _slot: JobSlot,
+    /// The job executes only once its result is asked for (Flight SQL's `DoGet`).
+    pub(crate) deferred: bool,
 }
 
 impl Submission {
-    pub(crate) fn new(slot: JobSlot) -> Self {
+    pub(crate) fn new(slot: JobSlot, deferred: bool) -> Self {
         Submission {
             at: Instant::now(),
             _slot: slot,
+            deferred,
         }
     }
 

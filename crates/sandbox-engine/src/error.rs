@@ -68,6 +68,9 @@ pub enum EngineError {
     /// The client stopped waiting (cancelled, deadline, disconnect); its job was cancelled.
     #[error("the client went away; its job was cancelled")]
     ClientGone,
+    /// A job whose execution waits for its result to be asked for was not asked for in time.
+    #[error("nobody asked for the result within {0} s; the query was not run")]
+    NotFetched(u64),
     /// Refused by an admission limit before anything ran; the client may retry after the hint.
     #[error("{message}")]
     Throttled {
@@ -100,6 +103,7 @@ impl EngineError {
             EngineError::Busy(_) => "wasm-busy".into(),
             EngineError::Throttled { code, .. } => (*code).into(),
             EngineError::ClientGone => "client-disconnected".into(),
+            EngineError::NotFetched(_) => "not-fetched".into(),
         }
     }
 
@@ -130,7 +134,7 @@ impl EngineError {
             EngineError::Wasm(e) => wasm_kind(e),
             EngineError::Guest(failure) => wasm_kind(&failure.error),
             EngineError::Busy(_) | EngineError::Throttled { .. } => ErrorKind::ResourceExhausted,
-            EngineError::ClientGone => ErrorKind::Cancelled,
+            EngineError::ClientGone | EngineError::NotFetched(_) => ErrorKind::Cancelled,
         }
     }
 

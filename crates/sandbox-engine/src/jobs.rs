@@ -337,6 +337,8 @@ struct Job {
     owner: String,
     created: Instant,
     cancel: CancellationToken,
+    /// For a deferred job: fired when its result is first asked for, which starts it.
+    start: Option<CancellationToken>,
     state: watch::Sender<JobSnapshot>,
 }
 
@@ -617,6 +619,27 @@ impl Engine {
         ctx: &RequestContext,
         spec: JobSpec,
     ) -> Result<JobSnapshot> {
+        self.submit_with(ctx, spec, false).await
+    }
+
+    /// [`Engine::submit`] for a job that executes only when its result is first asked for
+    /// ([`Engine::wait_result`]; Flight SQL's `DoGet`): admission, planning, the guard and any
+    /// budget debit happen now, the query runs then. A job not asked for within the query time
+    /// limit ends cancelled (`not-fetched`) without running.
+    pub async fn submit_deferred(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        spec: JobSpec,
+    ) -> Result<JobSnapshot> {
+        self.submit_with(ctx, spec, true).await
+    }
+
+    async fn submit_with(
+        self: &Arc<Self>,
+        ctx: &RequestContext,
+        spec: JobSpec,
+        deferred: bool,
+    ) -> Result<JobSnapshot> {
         let job_id = uuid::Uuid::new_v4().to_string();
         let mut event = Self::event(ctx, "SubmitJob");
         event.job_id = job_id.clone();
@@ -625,7 +648,7 @@ impl Engine {
         // A slot first: a job over the limits is refused before anything is planned, reserved
         // or debited.
         let started = match self.job_slots.acquire(&ctx.principal.id) {
-            Ok(slot) => Submission::new(slot),
+            Ok(slot) => Submission::new(slot, deferred),
             Err(error) => return self.refuse(event, Duration::ZERO, error).await,
         };
 
@@ -739,6 +762,7 @@ impl Engine {
             owner: ctx.principal.id.clone(),
             created: Instant::now(),
             cancel: CancellationToken::new(),
+            start: started.deferred.then(CancellationToken::new),
             state,
         });
         self.jobs
@@ -747,9 +771,19 @@ impl Engine {
             .insert(job_id.clone(), job.clone());
         let engine = self.clone();
         let span = tracing::info_span!("job", id = %job_id, principal = %ctx.principal.id);
+        let unclaimed = self.sql.limits().time_limit;
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let outcome = work(engine.clone(), job.cancel.clone()).await;
+                let outcome = match &job.start {
+                    None => work(engine.clone(), job.cancel.clone()).await,
+                    Some(start) => tokio::select! {
+                        () = start.cancelled() => work(engine.clone(), job.cancel.clone()).await,
+                        () = job.cancel.cancelled() => Err(SqlError::Cancelled.into()),
+                        () = tokio::time::sleep(unclaimed) => {
+                            Err(EngineError::NotFetched(unclaimed.as_secs()))
+                        }
+                    },
+                };
                 let snapshot = engine.finish(outcome, event, started).await;
                 job.state.send_replace(snapshot);
             },
@@ -969,6 +1003,12 @@ impl Engine {
         job_id: &str,
         client_gone: &CancellationToken,
     ) -> Result<Arc<JobResult>> {
+        // Asking for the result starts a deferred job.
+        if let Ok(job) = self.job(ctx, job_id)
+            && let Some(start) = &job.start
+        {
+            start.cancel();
+        }
         let waited = tokio::select! {
             waited = self.wait_terminal(ctx, job_id) => waited,
             () = client_gone.cancelled() => {

@@ -7,16 +7,18 @@
 //! |---------------------------------------------|-----------------------------------------|
 //! | `Handshake` (basic or bearer)               | `record_call` (`FlightSql.Handshake`)   |
 //! | `CreatePreparedStatement`                   | `explain` (`ExplainJob`)                |
-//! | `GetFlightInfo` statement / prepared        | `submit` (`AdmitJob`, `SubmitJob`)      |
+//! | `GetFlightInfo` statement / prepared        | `submit_deferred` (`AdmitJob`, `SubmitJob`) |
 //! | `DoGet` of a statement ticket               | `wait_result` (`FetchResult`)           |
 //! | `GetCatalogs`, `GetDbSchemas`, `GetTables`, `GetTableTypes` | `sql_catalog` (`ListDatasets`) |
 //! | `GetSqlInfo`, `ClosePreparedStatement`, the `GetFlightInfo` of a listing | `record_call` |
 //!
 //! `GetFlightInfo` for a query runs the guard and planning (a denial is answered there, naming
-//! its rule), admits the job, which starts executing at once, and answers with the schema its
-//! release will have and an opaque ticket (the job's id, usable only by its owner). `DoGet` waits
-//! for the job's release and streams exactly the rows the release gate let through; the release
-//! summary (rows suppressed, noise) travels as JSON in the first message's `app_metadata`.
+//! its rule) and admits the job (a privacy budget is debited here, as at any admission), and
+//! answers with the schema its release will have and an opaque ticket (the job's id, usable only
+//! by its owner). `DoGet` starts the job, waits for its release and streams exactly the rows the
+//! release gate let through; the release summary (rows suppressed, noise) travels as JSON in the
+//! first message's `app_metadata`. A ticket not fetched within the query time limit ends its job
+//! unrun (`not-fetched`), freeing its admission slot.
 
 use std::io::Cursor;
 use std::pin::Pin;
@@ -92,7 +94,7 @@ impl FlightSql {
         let snapshot = self
             .gate
             .engine()
-            .submit(ctx, JobSpec::Sql { query, dp: None })
+            .submit_deferred(ctx, JobSpec::Sql { query, dp: None })
             .await
             .map_err(|e| status_of(&e, &ctx.request_id))?;
         let schema = snapshot
