@@ -8,6 +8,7 @@ use arrow_flight::flight_service_client::FlightServiceClient;
 use arrow_flight::sql::client::FlightSqlServiceClient;
 use arrow_flight::sql::{
     CommandGetDbSchemas, CommandGetTables, CommandStatementQuery, ProstMessageExt, SqlInfo,
+    TicketStatementQuery,
 };
 use arrow_flight::{FlightData, FlightDescriptor, FlightInfo, HandshakeRequest};
 use futures::TryStreamExt;
@@ -351,6 +352,25 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
     .expect_err("refused");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(rule_of(&status), "role-not-permitted");
+
+    // A ticket this server did not issue: refused, and journaled like any admitted call.
+    let forged = TicketStatementQuery {
+        statement_handle: vec![0xff, 0xfe].into(),
+    };
+    let mut request =
+        tonic::Request::new(arrow_flight::Ticket::new(forged.as_any().encode_to_vec()));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let id = request_id();
+    request
+        .metadata_mut()
+        .insert("x-request-id", id.parse().expect("header"));
+    ids.push((id, "FlightSql.DoGet"));
+    let status = raw_client.do_get(request).await.expect_err("forged ticket");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(rule_of(&status), "invalid-ticket");
 
     // Every call above has exactly one terminal event, the one the native path records.
     let events = auditor.events(1, 10_000, false).await.expect("journal");

@@ -268,18 +268,6 @@ fn schema_bytes(schema: &Schema) -> Result<Bytes, arrow::error::ArrowError> {
     Ok(bytes)
 }
 
-/// A prepared statement's handle is its query text: nothing is held on the server between
-/// calls, and the query is checked again (guard and all) when it runs.
-fn prepared_query(handle: &[u8], ctx: &RequestContext) -> Result<String, Status> {
-    String::from_utf8(handle.to_vec()).map_err(|_| {
-        status::invalid(
-            "invalid-handle",
-            "the prepared statement handle is not one this server issued",
-            &ctx.request_id,
-        )
-    })
-}
-
 #[tonic::async_trait]
 impl FlightSqlService for FlightSql {
     type FlightService = FlightSql;
@@ -333,7 +321,19 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let ctx = self.gate.admit(&request, Rpc::FlightExecute).await?;
-        let sql = prepared_query(&query.prepared_statement_handle, &ctx)?;
+        // A prepared statement's handle is its query text: nothing is held on the server
+        // between calls, and the query is checked again (guard and all) when it runs.
+        let Ok(sql) = String::from_utf8(query.prepared_statement_handle.to_vec()) else {
+            return Err(self
+                .gate
+                .reject(
+                    Rpc::FlightExecute,
+                    &ctx,
+                    "invalid-handle",
+                    "the prepared statement handle is not one this server issued",
+                )
+                .await);
+        };
         self.execute(&ctx, sql, request.into_inner()).await
     }
 
@@ -343,13 +343,17 @@ impl FlightSqlService for FlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
         let ctx = self.gate.admit(&request, Rpc::FlightFetch).await?;
-        let job_id = String::from_utf8(ticket.statement_handle.to_vec()).map_err(|_| {
-            status::invalid(
-                "invalid-ticket",
-                "the ticket is not one this server issued",
-                &ctx.request_id,
-            )
-        })?;
+        let Ok(job_id) = String::from_utf8(ticket.statement_handle.to_vec()) else {
+            return Err(self
+                .gate
+                .reject(
+                    Rpc::FlightFetch,
+                    &ctx,
+                    "invalid-ticket",
+                    "the ticket is not one this server issued",
+                )
+                .await);
+        };
         let gone = ClientGone::of(&request);
         let result = self
             .gate
@@ -437,35 +441,32 @@ impl FlightSqlService for FlightSql {
                 .map_err(FlightError::from),
         );
         while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|_| {
-                status::invalid(
-                    "invalid-parameters",
-                    "the parameter batch cannot be read",
-                    &ctx.request_id,
-                )
-            })?;
-            rows += batch.num_rows();
+            match batch {
+                Ok(batch) => rows += batch.num_rows(),
+                Err(_) => {
+                    return Err(self
+                        .gate
+                        .reject(
+                            Rpc::FlightPrepare,
+                            &ctx,
+                            "invalid-parameters",
+                            "the parameter batch cannot be read",
+                        )
+                        .await);
+                }
+            }
         }
         if rows > 0 {
-            let error = sandbox_engine::EngineError::Invalid {
-                code: "parameters-not-supported",
-                message: "query parameters are not supported: write the values into the query \
-                          (it is checked as written)"
-                    .into(),
-            };
-            self.gate
-                .engine()
-                .record_refusal(
-                    Rpc::FlightPrepare.name(),
-                    &ctx.request_id,
-                    Some(&ctx.principal),
-                    sandbox_engine::Decision::Fail,
+            return Err(self
+                .gate
+                .reject(
+                    Rpc::FlightPrepare,
+                    &ctx,
                     "parameters-not-supported",
-                    "",
+                    "query parameters are not supported: write the values into the query (it \
+                     is checked as written)",
                 )
-                .await
-                .map_err(|e| status_of(&e, &ctx.request_id))?;
-            return Err(status_of(&error, &ctx.request_id));
+                .await);
         }
         self.gate
             .engine()

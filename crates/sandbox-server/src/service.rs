@@ -139,6 +139,30 @@ impl Gatekeeper {
         })
     }
 
+    /// Refuses an admitted request that is malformed (`INVALID_ARGUMENT` with `code`), after
+    /// recording its terminal event: every admitted call ends in the journal, refusals included.
+    pub(crate) async fn reject(
+        &self,
+        rpc: Rpc,
+        ctx: &RequestContext,
+        code: &str,
+        message: &str,
+    ) -> Status {
+        match self
+            .record(
+                rpc,
+                &ctx.request_id,
+                Some(&ctx.principal),
+                Decision::Fail,
+                code,
+            )
+            .await
+        {
+            Ok(()) => status::invalid(code, message, &ctx.request_id),
+            Err(unrecorded) => unrecorded,
+        }
+    }
+
     async fn record(
         &self,
         rpc: Rpc,
@@ -214,7 +238,13 @@ fn template(view: TemplateView) -> pb::Template {
     }
 }
 
-fn job_spec(spec: Option<pb::JobSpec>, request_id: &str) -> Result<JobSpec, Status> {
+/// The engine's job spec for the wire's; a request without one is rejected (and journaled).
+async fn job_spec(
+    gate: &Gatekeeper,
+    rpc: Rpc,
+    ctx: &RequestContext,
+    spec: Option<pb::JobSpec>,
+) -> Result<JobSpec, Status> {
     match spec.and_then(|s| s.kind) {
         Some(pb::job_spec::Kind::Sql(sql)) => Ok(JobSpec::Sql {
             query: sql.query,
@@ -233,11 +263,9 @@ fn job_spec(spec: Option<pb::JobSpec>, request_id: &str) -> Result<JobSpec, Stat
             name: template.name,
             params: template.params.into_iter().collect(),
         }),
-        None => Err(status::invalid(
-            "missing-job-spec",
-            "the request has no job spec",
-            request_id,
-        )),
+        None => Err(gate
+            .reject(rpc, ctx, "missing-job-spec", "the request has no job spec")
+            .await),
     }
 }
 
@@ -311,7 +339,7 @@ impl pb::sandbox_server::Sandbox for SandboxService {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let ctx = self.gate.admit(&request, Rpc::SubmitJob).await?;
-        let spec = job_spec(request.into_inner().spec, &ctx.request_id)?;
+        let spec = job_spec(&self.gate, Rpc::SubmitJob, &ctx, request.into_inner().spec).await?;
         let snapshot = self
             .gate
             .engine
@@ -443,7 +471,7 @@ impl pb::sandbox_server::Sandbox for SandboxService {
         request: Request<pb::ExplainJobRequest>,
     ) -> Result<Response<pb::ExplainJobResponse>, Status> {
         let ctx = self.gate.admit(&request, Rpc::ExplainJob).await?;
-        let spec = job_spec(request.into_inner().spec, &ctx.request_id)?;
+        let spec = job_spec(&self.gate, Rpc::ExplainJob, &ctx, request.into_inner().spec).await?;
         let explanation = self
             .gate
             .engine
