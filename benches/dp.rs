@@ -124,15 +124,12 @@ fn main() -> anyhow::Result<()> {
 /// The gate's differencing check of 100 new rows against 100,000 remembered ones, each covering
 /// 50 to 549 units (far apart: the common case, proven on the first partition).
 fn differencing_scan() {
-    use sandbox_release::differencing::{Sketch, insert, is_differencing};
+    use sandbox_release::differencing::{Sketch, insert_one, is_differencing, row_identity};
     let sketch = |seed: u64, units: u64| {
         let mut s = Sketch::default();
         for u in 0..units {
-            insert(
-                &mut s.cells,
-                (seed << 20 | u).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                1,
-            );
+            let hash = (seed << 20 | u).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            insert_one(&mut s.cells, hash, row_identity(hash, 0));
         }
         s
     };

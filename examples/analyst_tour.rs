@@ -1,6 +1,8 @@
 //! An analyst's tour, in-process: start the sandbox on a fresh demo data dir on an ephemeral
-//! loopback port, then, through the client library, list datasets, run an allowed aggregate, see
-//! small groups suppressed, get a query denied with its rule, and read the journal as the auditor.
+//! loopback port, then, through the client library, list datasets, see what a question would
+//! cost before asking it, get a noisy answer with its intervals (the demo's data is sensitive:
+//! ad-hoc questions are answered under differential privacy), see small groups left out, get a
+//! query denied with its rule, and read the journal as the auditor.
 //!
 //! `cargo run -p sandbox-examples --example analyst_tour`
 
@@ -34,28 +36,64 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
+    // The demo's data is sensitive (L3 and L4): ad-hoc questions are answered under
+    // differential privacy. First what a question would cost and how noisy it would be...
     let sql = "SELECT tax_credit_rating, COUNT(DISTINCT credit_code) AS enterprises, \
                AVG(vat_paid) AS avg_vat FROM tax_monthly GROUP BY tax_credit_rating \
                ORDER BY tax_credit_rating";
+    let explained = analyst.explain(sql).await?;
+    println!(
+        "\n{sql}\nbefore running: epsilon {:.2}; 95% intervals {}",
+        explained.epsilon,
+        explained
+            .accuracy
+            .iter()
+            .filter(|c| c.scale > 0.0)
+            .map(|c| format!("{} ±{:.0}", c.column, c.accuracy_95))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    anyhow::ensure!(
+        explained.epsilon > 0.0,
+        "the demo answers L3 data with noise"
+    );
+    // ...then the answer, each value with the half-width of its 95% interval.
     let result = analyst.sql(sql).await?;
     println!(
-        "\n{sql}\n{}",
+        "{}",
         arrow::util::pretty::pretty_format_batches(&result.batches)?
     );
+    let dp = result
+        .summary
+        .dp
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("an L3 question must be answered with noise"))?;
     println!(
-        "released {} rows, suppressed {} (fewer than {} enterprises)",
-        result.summary.rows_released, result.summary.rows_suppressed, result.summary.min_units
+        "released {} rows; spent epsilon {:.2}, {:.2} left; 95% within: {}",
+        result.summary.rows_released,
+        dp.epsilon_spent,
+        dp.epsilon_remaining,
+        dp.columns
+            .iter()
+            .filter(|c| c.scale > 0.0)
+            .map(|c| format!("{} ±{:.0}", c.column, c.accuracy_95))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Asked again, the same question is the same answer, at no cost: noise does not average away.
+    let again = analyst.sql(sql).await?;
+    anyhow::ensure!(
+        again.summary.result_sha256 == result.summary.result_sha256,
+        "a repeat must be the stored answer"
     );
 
+    // A fine grouping: groups of few enterprises do not show (their noisy count does not pass
+    // the threshold), and how many did not is not told.
     let sql = "SELECT region_code, industry, COUNT(*) AS n FROM enterprises GROUP BY region_code, industry";
     let result = analyst.sql(sql).await?;
     println!(
-        "\n{sql}\nreleased {} rows, suppressed {}",
-        result.summary.rows_released, result.summary.rows_suppressed
-    );
-    anyhow::ensure!(
-        result.summary.rows_suppressed > 0,
-        "fine groupings must suppress"
+        "\n{sql}\nreleased {} groups (groups of few enterprises are not shown)",
+        result.summary.rows_released
     );
 
     let sql = "SELECT SUM(vat_paid) FROM tax_monthly WHERE credit_code = '91450102000000019X'";

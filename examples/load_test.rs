@@ -472,7 +472,7 @@ impl Server {
 /// Uploads the code job's module as the bank and has both owners approve it.
 async fn approved_module(server: &Server) -> anyhow::Result<String> {
     let scores = sandbox_tests::scores_ipc(&[("91450000000000000X", 700, "A")]);
-    let module = sandbox_tests::emitting_guest(&scores, &WASM_COLUMNS);
+    let module = sandbox_tests::emitting_guest(&scores, &WASM_COLUMNS, WASM_INPUT);
     let mut bank = Client::connect(&server.addr, &server.token("bank")?).await?;
     let sha = bank.upload_module(module).await?.sha256;
     for owner in ["owner_tax", "owner_market"] {

@@ -6,8 +6,12 @@
         --token-file sandbox-data/credentials/analyst.token
 
 Over TLS (`sandboxd --tls`), use `grpc+tls://localhost:50051` and `--ca sandbox-data/tls/ca.pem`.
-The sandbox answers aggregates only: groups of fewer than k enterprises are withheld, and a
-query that could single one out is refused with the rule it breaks.
+The sandbox answers aggregates only, and a query that could single an enterprise out is refused
+with the rule it breaks. On the demo, ad-hoc questions about sensitive (L3 and L4) data are
+answered under differential privacy: the numbers carry noise (its 95% interval per column travels
+in the release summary, the `app_metadata` of the first result message), and groups of few
+enterprises are not shown. Where an owner marks a grant exact, groups of fewer than k enterprises
+are withheld instead.
 """
 
 import argparse
@@ -59,7 +63,7 @@ def main() -> int:
             )
             print(cur.fetch_df().to_string(index=False))
 
-            # Ratings held by fewer than k enterprises are withheld, not shown as small numbers.
+            # Ratings held by few enterprises are withheld, not shown as small numbers.
             cur.execute(
                 "SELECT tax_credit_rating, COUNT(DISTINCT credit_code) AS enterprises "
                 "FROM tax_monthly GROUP BY tax_credit_rating ORDER BY tax_credit_rating"

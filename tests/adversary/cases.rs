@@ -32,6 +32,10 @@ struct Case {
     truth: String,
     #[serde(default = "half")]
     tolerance: f64,
+    /// On the exact-grants profile, a recovery is the documented limit of exact answers (a
+    /// combination of three or more far-apart answers), not a failed defense.
+    #[serde(default)]
+    exact_limit: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,7 +97,10 @@ async fn play_case(h: &mut Harness, case: &Case) {
     }
     let name = format!("{} ({} via {via:?})", case.name, case.principal);
     if case.shows {
-        let shown = answers.iter().flatten().any(|a| a.shows_value(truth));
+        let shown = answers
+            .iter()
+            .flatten()
+            .any(|a| !a.noisy && a.shows_value(truth));
         let verdict = if shown {
             Verdict::Leak {
                 recovered: format!("{truth} shown in a released cell"),
@@ -144,7 +151,19 @@ async fn play_case(h: &mut Harness, case: &Case) {
         Some(why) => Err(why),
         None => Ok(recovered),
     };
-    h.judge(case.class, name, outcome, truth, case.tolerance);
+    let noisy = case
+        .recover
+        .iter()
+        .any(|term| answers[term.q].as_ref().is_ok_and(|a| a.noisy));
+    if noisy {
+        h.judge_noisy(case.class, name, outcome, truth);
+    } else if case.exact_limit {
+        let verdict = crate::harness::verdict(outcome, truth, case.tolerance);
+        let verdict = h.as_exact_limit(verdict);
+        h.record(case.class, name, verdict);
+    } else {
+        h.judge(case.class, name, outcome, truth, case.tolerance);
+    }
 }
 
 /// What the answers were, in a few words: refusals by rule, or how many rows.

@@ -242,7 +242,7 @@ pub async fn play(h: &mut Harness) {
 
     // 11. Runaway guests end at their limits and the service keeps answering.
     for guest in ["infinite_loop", "memory_grow_bomb", "deep_recursion"] {
-        let outcome = match approved(h, with_input(suite_guest(guest)), &["owner_tax"], 5).await {
+        let outcome = match approved(h, suite_guest(guest), &["owner_tax"], 5).await {
             Ok(sha) => scores(h, &sha, SUITE_INPUT).await.map(|_| ()),
             Err(rule) => Err(rule),
         };
@@ -283,7 +283,7 @@ pub async fn play(h: &mut Harness) {
     // 14. A module nobody approved, and one past its runs.
     let mut bank = h.client("bank").await;
     let unapproved = bank
-        .upload_module(with_input(suite_guest("echo")))
+        .upload_module(suite_guest("echo"))
         .await
         .map(|m| m.sha256);
     let ran = match unapproved {
@@ -302,7 +302,7 @@ pub async fn play(h: &mut Harness) {
             Verdict::Safe("refused".into())
         },
     );
-    let limited = approved(h, with_input(suite_guest("trap")), &["owner_tax"], 1).await;
+    let limited = approved(h, suite_guest("trap"), &["owner_tax"], 1).await;
     // The trap guest fails when it runs: a second run that gets as far as the guest (or further)
     // was admitted.
     let extra_run = match limited {
@@ -327,33 +327,6 @@ pub async fn play(h: &mut Harness) {
     );
 
     templates(h).await;
-}
-
-/// A suite guest with the honest input declared (the suite's guests read the tax table).
-fn with_input(wasm: Vec<u8>) -> Vec<u8> {
-    let mut out = wasm;
-    let name = b"sandbox.input";
-    let query = SUITE_INPUT.as_bytes();
-    let mut payload = Vec::new();
-    leb128(&mut payload, name.len() as u64);
-    payload.extend_from_slice(name);
-    payload.extend_from_slice(query);
-    out.push(0);
-    leb128(&mut out, payload.len() as u64);
-    out.extend(payload);
-    out
-}
-
-fn leb128(out: &mut Vec<u8>, mut value: u64) {
-    loop {
-        let byte = (value & 0x7f) as u8;
-        value >>= 7;
-        if value == 0 {
-            out.push(byte);
-            break;
-        }
-        out.push(byte | 0x80);
-    }
 }
 
 /// 30. Approved templates with loose parameters.

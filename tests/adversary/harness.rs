@@ -63,10 +63,15 @@ impl Cell {
 pub struct Answer {
     pub rows: Vec<BTreeMap<String, Cell>>,
     pub summary: Option<pb::ReleaseSummary>,
+    /// The sandbox said the values carry noise (differential privacy): a value that happens to
+    /// equal the truth is chance, not a recovery (the noise itself is tested statistically in
+    /// `sandbox-release`; averaging it away is what classes 7 and 29 attack).
+    pub noisy: bool,
 }
 
 impl Answer {
     fn from_batches(batches: &[RecordBatch], summary: Option<pb::ReleaseSummary>) -> Self {
+        let noisy = summary.as_ref().is_some_and(|s| s.dp.is_some());
         let mut rows = Vec::new();
         for batch in batches {
             for row in 0..batch.num_rows() {
@@ -77,7 +82,11 @@ impl Answer {
                 rows.push(cells);
             }
         }
-        Answer { rows, summary }
+        Answer {
+            rows,
+            summary,
+            noisy,
+        }
     }
 
     /// The value of `column` in the first row, as a number.
@@ -155,6 +164,11 @@ pub enum Verdict {
     Leak { recovered: String, truth: String },
     /// It did not: why, in a few words.
     Safe(String),
+    /// It did, on a deployment that accepted it: an owner who marks a grant exact answers freely
+    /// chosen questions exactly, and enough exact answers always combine to individual values
+    /// (README, "What the sandbox promises"). Reported, never hidden; not a failure of the
+    /// defenses the profile tests.
+    Limit { recovered: String, truth: String },
 }
 
 #[derive(Debug, Clone)]
@@ -359,7 +373,15 @@ impl Harness {
         };
         let batches = arrow_flight::utils::flight_data_to_batches(&messages)
             .map_err(|e| format!("undecodable: {e}"))?;
-        Ok(Answer::from_batches(&batches, None))
+        // The release summary travels as JSON in the first message's app_metadata.
+        let noisy = messages
+            .first()
+            .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m.app_metadata).ok())
+            .is_some_and(|summary| !summary["dp"].is_null());
+        Ok(Answer {
+            noisy,
+            ..Answer::from_batches(&batches, None)
+        })
     }
 
     pub async fn query(&mut self, who: &str, via: Via, sql: &str) -> Result<Answer, String> {
@@ -413,6 +435,12 @@ impl Harness {
                 "  safe  class {class:>2} {attack}: {note} ({} queries)",
                 self.sent
             ),
+            Verdict::Limit { recovered, truth } => eprintln!(
+                "  LIMIT class {class:>2} {attack}: recovered {recovered}, truth {truth} ({} \
+                 queries; exact grants answer freely chosen questions exactly, by the owner's \
+                 choice)",
+                self.sent
+            ),
         }
         self.findings.push(Finding {
             class,
@@ -424,6 +452,36 @@ impl Harness {
         self.sent = 0;
     }
 
+    /// Judges a number recovered from noisy answers: never exact by design, so a match is chance
+    /// (reported, not a leak); how far off it is, is.
+    pub fn judge_noisy(
+        &mut self,
+        class: u8,
+        attack: impl Into<String>,
+        recovered: Result<f64, String>,
+        truth: f64,
+    ) {
+        let verdict = match recovered {
+            Ok(value) => Verdict::Safe(format!(
+                "answered with noise: recovered {value:.2}, off by {:.2} (a match would be \
+                 chance)",
+                (value - truth).abs()
+            )),
+            Err(why) => Verdict::Safe(why),
+        };
+        self.record(class, attack, verdict);
+    }
+
+    /// Turns a leak into the documented limit of exact grants, on the profile that has them.
+    pub fn as_exact_limit(&self, verdict: Verdict) -> Verdict {
+        match verdict {
+            Verdict::Leak { recovered, truth } if self.profile == Profile::ExactGrants => {
+                Verdict::Limit { recovered, truth }
+            }
+            other => other,
+        }
+    }
+
     /// Judges a recovered number against the truth: a leak when it is within `tolerance`.
     pub fn judge(
         &mut self,
@@ -433,18 +491,7 @@ impl Harness {
         truth: f64,
         tolerance: f64,
     ) {
-        let verdict = match recovered {
-            Ok(value) if (value - truth).abs() <= tolerance => Verdict::Leak {
-                recovered: format!("{value}"),
-                truth: format!("{truth}"),
-            },
-            Ok(value) => Verdict::Safe(format!(
-                "recovered {value:.2}, off by {:.2} from the truth",
-                (value - truth).abs()
-            )),
-            Err(why) => Verdict::Safe(why),
-        };
-        self.record(class, attack, verdict);
+        self.record(class, attack, verdict(recovered, truth, tolerance));
     }
 
     /// The report, and the test's verdict: no attack may leak.
@@ -454,15 +501,22 @@ impl Harness {
             .iter()
             .filter(|f| matches!(f.verdict, Verdict::Leak { .. }))
             .collect();
-        let mut per_class: BTreeMap<u8, (usize, usize, usize)> = BTreeMap::new();
+        let mut per_class: BTreeMap<u8, (usize, usize, usize, usize)> = BTreeMap::new();
         for finding in &self.findings {
             let entry = per_class.entry(finding.class).or_default();
             entry.0 += 1;
             entry.1 += usize::from(matches!(finding.verdict, Verdict::Leak { .. }));
-            entry.2 += finding.queries;
+            entry.2 += usize::from(matches!(finding.verdict, Verdict::Limit { .. }));
+            entry.3 += finding.queries;
         }
+        let limits = self
+            .findings
+            .iter()
+            .filter(|f| matches!(f.verdict, Verdict::Limit { .. }))
+            .count();
         eprintln!(
-            "\nadversary report ({:?}{}, {} enterprises at this scale): {} attacks, {} leaks, {} queries, {:.0?}",
+            "\nadversary report ({:?}{}, {} enterprises at this scale): {} attacks, {} leaks, \
+             {limits} documented limits, {} queries, {:.0?}",
             self.profile,
             if self.full { ", full" } else { ", bounded" },
             self.vars.get("enterprises").map_or("?", String::as_str),
@@ -471,9 +525,9 @@ impl Harness {
             self.total_sent,
             self.started.elapsed()
         );
-        eprintln!("class  attacks  leaks  queries");
-        for (class, (attacks, leaked, queries)) in &per_class {
-            eprintln!("{class:>5}  {attacks:>7}  {leaked:>5}  {queries:>7}");
+        eprintln!("class  attacks  leaks  limits  queries");
+        for (class, (attacks, leaked, limited, queries)) in &per_class {
+            eprintln!("{class:>5}  {attacks:>7}  {leaked:>5}  {limited:>6}  {queries:>7}");
         }
         assert!(
             leaks.is_empty(),
@@ -485,6 +539,21 @@ impl Harness {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+    }
+}
+
+/// A leak when the recovered number is within `tolerance` of the truth.
+pub fn verdict(recovered: Result<f64, String>, truth: f64, tolerance: f64) -> Verdict {
+    match recovered {
+        Ok(value) if (value - truth).abs() <= tolerance => Verdict::Leak {
+            recovered: format!("{value}"),
+            truth: format!("{truth}"),
+        },
+        Ok(value) => Verdict::Safe(format!(
+            "recovered {value:.2}, off by {:.2} from the truth",
+            (value - truth).abs()
+        )),
+        Err(why) => Verdict::Safe(why),
     }
 }
 

@@ -152,6 +152,7 @@ async fn against_ad_hoc(h: &mut Harness) {
             rows.len()
         )),
     };
+    let verdict = h.as_exact_limit(verdict);
     h.record(
         24,
         "least squares over random subsets of one city's enterprises (analyst)",

@@ -9,16 +9,14 @@ use sandbox_tests::Client;
 
 use crate::harness::{Harness, Verdict, refusal};
 
-/// Whether the service still answers a plain aggregate.
+/// Whether the service still answers (a listing: it reads no data and spends no budget, which
+/// the attacks before it may have exhausted).
 async fn alive(h: &mut Harness) -> bool {
-    let probe = tokio::time::timeout(
-        Duration::from_secs(30),
-        h.sql(
-            "analyst",
-            "SELECT industry, COUNT(*) AS n FROM enterprises GROUP BY industry",
-        ),
-    )
-    .await;
+    let mut client = h.client("analyst").await;
+    let probe = tokio::time::timeout(Duration::from_secs(30), client.datasets()).await;
+    if let Ok(Err(status)) = &probe {
+        eprintln!("  (liveness probe: {status})");
+    }
     matches!(probe, Ok(Ok(_)))
 }
 
@@ -258,8 +256,9 @@ async fn state_growth(h: &mut Harness) {
         median(&times[..window]),
         median(&times[times.len() - window..]),
     );
-    // The documented bound of an org's memory (see ARCHITECTURE.md); an older build has none.
-    let bound = 64u64 << 20;
+    // The documented bound of an org's memory (ARCHITECTURE.md: 20,000 rows of 6,160 bytes and
+    // a header); an older build has none.
+    let bound = 20_000u64 * 6_160 + 16;
     let verdict = if bytes > bound || last > 5.0 * first.max(0.005) {
         Verdict::Leak {
             recovered: format!(

@@ -121,7 +121,8 @@ fn request_id() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
-    let server = TestServer::start().await.expect("server");
+    // Exact grants, to compare with raw DataFusion (the demo's noisy default is checked below).
+    let server = TestServer::start_exact().await.expect("server");
     let raw = raw_engine(&server).await;
     let mut client = flight_client(&server, "analyst").await;
     let mut ids: Vec<(String, &str)> = Vec::new();
@@ -233,7 +234,9 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
     let summary: serde_json::Value = serde_json::from_slice(&metadata).expect("summary json");
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     assert_eq!(summary["rows_released"], rows as u64);
-    assert_eq!(summary["rows_suppressed"], 0);
+    // Counts of suppressed, withheld or scanned rows are the journal's, never the caller's.
+    assert!(summary.get("rows_suppressed").is_none(), "{summary}");
+    assert!(summary.get("rows_scanned").is_none(), "{summary}");
 
     // The same query as a prepared statement (what JDBC sends), its schema known at prepare.
     // The statement keeps a copy of the client's headers: no fixed request id from here on (one
@@ -265,7 +268,9 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
         "{error}"
     );
 
-    // A suppressed group: a rating held by fewer than 10 enterprises is absent and counted.
+    // A suppressed group: a rating held by fewer than 10 enterprises is absent (and so is one
+    // more, the smallest, when the small groups cover fewer than 10 enterprises together: a
+    // total minus the released rows would give them away).
     let sql = "SELECT tax_credit_rating, COUNT(*) AS n FROM tax_monthly GROUP BY tax_credit_rating";
     let truth = raw_rows(
         &raw,
@@ -274,6 +279,7 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
     .await;
     let mut expected = BTreeMap::new();
     let mut small = 0u64;
+    let mut small_units = 0u64;
     for row in truth {
         let cells: Vec<&str> = row.split('|').collect();
         let units: u64 = cells[2].parse().expect("units");
@@ -281,6 +287,7 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
             expected.insert(cells[0].to_string(), cells[1].to_string());
         } else {
             small += 1;
+            small_units += units;
         }
     }
     assert!(small > 0, "the test data has a small group");
@@ -294,9 +301,11 @@ async fn flight_sql_clients_get_the_sandbox_answers_and_nothing_more() {
             (key.to_string(), n.to_string())
         })
         .collect();
-    assert_eq!(released, expected);
+    let complement = usize::from(small_units < 10);
+    assert_eq!(released.len() + complement, expected.len(), "{released:?}");
+    assert!(released.iter().all(|(k, v)| expected.get(k) == Some(v)));
     let summary: serde_json::Value = serde_json::from_slice(&metadata).expect("summary json");
-    assert_eq!(summary["rows_suppressed"], small);
+    assert_eq!(summary["rows_released"], released.len() as u64);
 
     // Denials: the status a Flight client gets names the rule, at GetFlightInfo and at prepare.
     let token = server.token("analyst");
@@ -491,7 +500,7 @@ async fn the_python_adbc_driver_sees_the_same_sandbox() {
     let python = tokio::task::spawn_blocking(python_with_adbc)
         .await
         .expect("venv");
-    let server = TestServer::start().await.expect("server");
+    let server = TestServer::start_exact().await.expect("server");
     let raw = raw_engine(&server).await;
     let url = format!("grpc://{}", server.server.addr);
     let token = server.token("analyst");
@@ -547,6 +556,7 @@ async fn the_python_adbc_driver_sees_the_same_sandbox() {
     let truth = raw_rows(&raw, suppressed).await;
     let mut expected: Vec<serde_json::Value> = Vec::new();
     let mut withheld = 0;
+    let mut withheld_units = 0;
     for row in &truth {
         let (rating, units) = row.split_once('|').expect("two cells");
         let units: u64 = units.parse().expect("count");
@@ -554,13 +564,18 @@ async fn the_python_adbc_driver_sees_the_same_sandbox() {
             expected.push(serde_json::json!({"tax_credit_rating": rating, "units": units}));
         } else {
             withheld += 1;
+            withheld_units += units;
         }
     }
     assert!(withheld > 0, "the test data has a rating held by few");
-    let mut released = seen["suppressed"].as_array().expect("rows").clone();
-    released.sort_by_key(|r| r["tax_credit_rating"].to_string());
-    expected.sort_by_key(|r| r["tax_credit_rating"].to_string());
-    assert_eq!(released, expected);
+    let released = seen["suppressed"].as_array().expect("rows").clone();
+    // One more withheld when the small ratings cover fewer than 10 enterprises together.
+    let complement = usize::from(withheld_units < 10);
+    assert_eq!(released.len() + complement, expected.len(), "{released:?}");
+    assert!(
+        released.iter().all(|r| expected.contains(r)),
+        "{released:?}"
+    );
 
     let denied = seen["denied"].as_str().expect("refused");
     assert!(denied.contains("identifier-output"), "{denied}");

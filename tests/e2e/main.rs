@@ -47,7 +47,8 @@ async fn raw_rows(context: &SessionContext, sql: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_aggregates_match_raw_datafusion() {
-    let server = TestServer::start().await.expect("server");
+    // Exact grants (the demo answers these under differential privacy: see `privacy.rs`).
+    let server = TestServer::start_exact().await.expect("server");
     let raw = raw_engine(&server).await;
     let mut analyst = server.client("analyst").await.expect("client");
     let mut bank = server.client("bank").await.expect("client");
@@ -65,21 +66,42 @@ async fn allowed_aggregates_match_raw_datafusion() {
         let SqlResult {
             batches, summary, ..
         } = client.sql(sql).await.expect("allowed");
-        assert_eq!(summary.rows_suppressed, 0, "{sql}");
-        assert_eq!(summary.rows_differencing, 0, "{sql}");
+        assert!(summary.dp.is_none(), "{sql}: exact");
         assert_eq!(summary.min_units, 10);
         assert_eq!(sorted_rows(&batches), raw_rows(&raw, sql).await, "{sql}");
-        assert!(summary.rows_scanned > 0);
+        // What was suppressed, withheld or scanned is the journal's, never the caller's.
+        assert_eq!(
+            (
+                summary.rows_suppressed,
+                summary.rows_differencing,
+                summary.rows_scanned
+            ),
+            (0, 0, 0)
+        );
         assert_eq!(summary.result_sha256.len(), 64);
     }
     server.server.shutdown().await.expect("shutdown");
 }
 
+/// The journal's record of a release (the auditor's view): what it suppressed and withheld.
+async fn release_event(auditor: &mut Client, seq: u64) -> pb::AuditEvent {
+    auditor
+        .events(seq, 1, false)
+        .await
+        .expect("journal")
+        .into_iter()
+        .next()
+        .expect("the release's event")
+}
+
 /// Runs `SELECT <keys>, COUNT(*) FROM <table> GROUP BY <keys>` through the sandbox and checks it
 /// against the raw engine: groups of at least 10 distinct enterprises are released exactly, all
-/// others are absent and counted. Returns whether some suppressed group had 10 or more rows.
+/// others are absent, and the journal counts them (the caller is not told). When the small
+/// groups cover fewer than 10 enterprises together, one more group is withheld as their
+/// complement. Returns whether some suppressed group had 10 or more rows.
 async fn check_suppression(
     analyst: &mut Client,
+    auditor: &mut Client,
     raw: &SessionContext,
     table: &str,
     keys: &str,
@@ -100,6 +122,19 @@ async fn check_suppression(
         let n = cells.pop().expect("n").to_string();
         expected.insert(cells.join("|"), (n, units));
     }
+    // The enterprises of all small groups together, as the complement rule counts them.
+    let small_units = raw
+        .sql(&format!(
+            "SELECT COUNT(DISTINCT credit_code) FROM {table} t JOIN \
+               (SELECT {keys} FROM {table} GROUP BY {keys} \
+                HAVING COUNT(DISTINCT credit_code) < 10) s USING ({keys})"
+        ))
+        .await
+        .expect("raw plan")
+        .collect()
+        .await
+        .expect("raw run");
+    let small_units: u64 = sorted_rows(&small_units)[0].parse().expect("count");
     let sql = format!("SELECT {keys}, COUNT(*) AS n FROM {table} GROUP BY {keys}");
     let SqlResult {
         batches, summary, ..
@@ -112,16 +147,22 @@ async fn check_suppression(
         })
         .collect();
     let small = expected.values().filter(|(_, units)| *units < 10).count() as u64;
+    let large = expected.len() as u64 - small;
     assert!(small > 0, "{sql}: the test data must have small groups");
-    assert_eq!(summary.rows_suppressed, small, "{sql}");
+    let event = release_event(auditor, summary.audit_seq).await;
+    assert_eq!(event.rows_suppressed, small, "{sql}");
+    let complement = u64::from((1..10).contains(&small_units));
+    assert_eq!(
+        summary.rows_released,
+        large - complement,
+        "{sql}: small groups cover {small_units} enterprises"
+    );
     assert_eq!(summary.rows_released as usize, released.len(), "{sql}");
     for (key, (n, units)) in &expected {
         if *units >= 10 {
-            assert_eq!(
-                released.get(key),
-                Some(n),
-                "{sql}: group {key} must be released exactly"
-            );
+            if let Some(released) = released.get(key) {
+                assert_eq!(released, n, "{sql}: group {key} must be released exactly");
+            }
         } else {
             assert!(
                 !released.contains_key(key),
@@ -136,17 +177,19 @@ async fn check_suppression(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_groups_are_suppressed_and_counted_by_units_not_rows() {
-    let server = TestServer::start().await.expect("server");
+    let server = TestServer::start_exact().await.expect("server");
     let raw = raw_engine(&server).await;
     let mut analyst = server.client("analyst").await.expect("client");
+    let mut auditor = server.client("auditor").await.expect("client");
     let mut many_rows_few_units = false;
     for (table, keys) in [
         ("tax_monthly", "month, tax_credit_rating"),
         ("tax_monthly", "tax_credit_rating"),
-        ("court_cases", "case_type, status, role"),
-        ("admin_penalties", "penalty_type, month"),
+        ("enterprises", "city, industry, status"),
+        ("enterprises", "size_class, status"),
     ] {
-        many_rows_few_units |= check_suppression(&mut analyst, &raw, table, keys).await;
+        many_rows_few_units |=
+            check_suppression(&mut analyst, &mut auditor, &raw, table, keys).await;
     }
     // The threshold is on distinct enterprises, not rows: a group of many rows from a few
     // enterprises (new enterprises rated M, each with several monthly rows) is suppressed.
@@ -159,7 +202,7 @@ async fn small_groups_are_suppressed_and_counted_by_units_not_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_name_their_rule_and_every_request_has_one_terminal_event() {
-    let server = TestServer::start().await.expect("server");
+    let server = TestServer::start_exact().await.expect("server");
     let mut analyst = server.client("analyst").await.expect("client");
     let mut auditor = server.client("auditor").await.expect("client");
     let mut bank = server.client("bank").await.expect("client");
@@ -608,18 +651,20 @@ async fn falls_back_to_the_built_in_policies() {
 
 /// A filter over aggregated rows runs after suppression: its answers match the raw engine on the
 /// released groups, and the count of suppressed groups does not depend on it (else a HAVING on a
-/// small group's aggregate could be answered through that count).
+/// small group's aggregate could be answered through that count). The rows come from the same
+/// source as the query without it, so the differencing defense releases them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn having_applies_after_suppression() {
-    let server = TestServer::start().await.expect("server");
+    let server = TestServer::start_exact().await.expect("server");
     let raw = raw_engine(&server).await;
     let mut analyst = server.client("analyst").await.expect("client");
+    let mut auditor = server.client("auditor").await.expect("client");
     let base = "SELECT industry, COUNT(*) AS n FROM enterprises GROUP BY industry";
     let plain = analyst.sql(base).await.expect("allowed");
-    assert!(
-        plain.summary.rows_suppressed > 0,
-        "the demo has small industries"
-    );
+    let suppressed = release_event(&mut auditor, plain.summary.audit_seq)
+        .await
+        .rows_suppressed;
+    assert!(suppressed > 0, "the demo has small industries");
     for having in [
         "COUNT(*) < 5",
         "COUNT(*) >= 10",
@@ -628,13 +673,19 @@ async fn having_applies_after_suppression() {
     ] {
         let sql = format!("{base} HAVING {having}");
         let result = analyst.sql(&sql).await.expect("allowed");
+        let event = release_event(&mut auditor, result.summary.audit_seq).await;
         assert_eq!(
-            result.summary.rows_suppressed, plain.summary.rows_suppressed,
+            event.rows_suppressed, suppressed,
             "{sql}: the suppressed count is the predicate-free one"
         );
-        // The released rows are the raw answer restricted to groups of at least k enterprises
-        // (here one row per enterprise, so COUNT(*) counts units).
-        let expected = raw_rows(&raw, &format!("{sql} AND COUNT(*) >= 10")).await;
+        // The released rows are the plain query's released rows that satisfy the predicate.
+        let plain_rows: std::collections::BTreeSet<String> =
+            sorted_rows(&plain.batches).into_iter().collect();
+        let expected: Vec<String> = raw_rows(&raw, &format!("{sql} AND COUNT(*) >= 10"))
+            .await
+            .into_iter()
+            .filter(|row| plain_rows.contains(row))
+            .collect();
         assert_eq!(sorted_rows(&result.batches), expected, "{sql}");
     }
     let small = analyst

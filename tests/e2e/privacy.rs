@@ -1,7 +1,7 @@
-//! Differential privacy through the real server: L4 measures answered only with noise, repeats
-//! answered from the cache at no cost, rephrasings paid from a durable budget until it refuses,
-//! renewals only by the owner and on the record, and a debit that survives a stop before the
-//! answer was fetched.
+//! Differential privacy through the real server: ad-hoc SQL on sensitive data answered with noise
+//! by default, repeats answered from the cache at no cost (whoever asks), rephrasings paid from
+//! durable budgets (per org, and per dataset over every org) until they refuse, renewals only by
+//! the owner and on the record, and a debit that survives a stop before the answer was fetched.
 
 use sandbox_proto::v1 as pb;
 use sandbox_tests::{Client, TestServer, rule_of};
@@ -75,13 +75,14 @@ async fn l4_measures_are_answered_only_under_dp_and_repeats_cost_nothing() {
     assert!(!dp(&one.summary).cached && !dp(&two.summary).cached);
     assert!(one.summary.rows_released <= 1 && two.summary.rows_released <= 2);
 
-    // Exact mode is still there for what is not L4; DP on request for the same query.
-    let exact = analyst
+    // Every ad-hoc question on court data is noisy (an L4 dataset), counts included; a smaller
+    // epsilon on request.
+    let count = analyst
         .sql("SELECT case_type, COUNT(*) AS n FROM court_cases GROUP BY case_type")
         .await
-        .expect("exact");
-    assert!(exact.summary.dp.is_none());
-    assert_eq!(exact.summary.min_units, 10);
+        .expect("noisy");
+    assert!(count.summary.dp.is_some());
+    assert_eq!(count.summary.min_units, 0);
     let requested = analyst
         .run(Client::dp_spec(
             "SELECT case_type, COUNT(*) AS n FROM court_cases GROUP BY case_type",
@@ -114,11 +115,11 @@ async fn l4_measures_are_answered_only_under_dp_and_repeats_cost_nothing() {
             "SELECT case_type, AVG(amount) FROM court_cases GROUP BY case_type HAVING COUNT(*) > 5",
             "dp-not-supported",
         ),
-        // The bank's register grant offers no DP: the L4 amount stays refused in that join.
+        // A join through the counterparty's key: two entities per row, not one unit.
         (
-            "SELECT e.industry, AVG(c.amount) FROM enterprises e JOIN court_cases c \
-             ON e.credit_code = c.credit_code GROUP BY e.industry",
-            "dp-not-granted",
+            "SELECT e.industry, COUNT(*) FROM court_cases c JOIN enterprises e \
+             ON c.counterparty_code = e.credit_code GROUP BY e.industry",
+            "dp-not-supported",
         ),
     ] {
         let status = analyst.run(Client::dp_spec(sql, None)).await.unwrap_err();
@@ -226,7 +227,8 @@ async fn a_debit_survives_a_stop_before_the_answer_is_fetched_and_answers_outliv
 
 #[tokio::test]
 async fn the_differencing_memory_survives_a_restart_and_is_journaled() {
-    let server = TestServer::start().await.expect("server");
+    // An owner's exact grant: the differencing defense guards exact answers.
+    let server = TestServer::start_exact().await.expect("server");
     let mut analyst = server.client("analyst").await.expect("client");
     let medium = "SELECT COUNT(*) AS n, SUM(registered_capital) AS capital FROM enterprises \
                   WHERE size_class = 'medium'";
@@ -239,14 +241,8 @@ async fn the_differencing_memory_survives_a_restart_and_is_journaled() {
         .sql(&format!("{medium} AND status = 'active'"))
         .await
         .expect("answered, with the row withheld");
-    assert_eq!(
-        (
-            second.summary.rows_released,
-            second.summary.rows_differencing
-        ),
-        (0, 1)
-    );
-    // The same units as before: released again.
+    assert_eq!(second.summary.rows_released, 0);
+    // The same question as before: its stored answer again.
     assert_eq!(
         analyst
             .sql(medium)
@@ -267,4 +263,68 @@ async fn the_differencing_memory_survives_a_restart_and_is_journaled() {
         "{}",
         withheld.message
     );
+}
+
+/// The demo as shipped: ad-hoc SQL on L3 data is answered with noise by default, the same
+/// question gets the same answer from every org at no cost, and the dataset's total bounds what
+/// all orgs together spend (THREATS class 29: a second org brings no second budget).
+#[tokio::test]
+async fn l3_data_is_noisy_by_default_and_budgets_hold_across_orgs() {
+    let server = TestServer::start().await.expect("server");
+    let mut analyst = server.client("analyst").await.expect("client");
+    let mut bank = server.client("bank").await.expect("client");
+    let question = "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class";
+    let first = analyst.sql(question).await.expect("noisy");
+    assert!(!dp(&first.summary).cached);
+    let other_org = bank.sql(question).await.expect("the same answer");
+    assert!(
+        dp(&other_org.summary).cached,
+        "another org gets the stored answer"
+    );
+    assert_eq!(dp(&other_org.summary).epsilon_spent, 0.0);
+    assert_eq!(other_org.summary.result_sha256, first.summary.result_sha256);
+
+    // Court data: 20 per org, 30 over every org. The analyst spends its 20; the bank then gets
+    // 10 before the total refuses it, with its own budget half spent.
+    let mut spent = 0.0;
+    for i in 0..40 {
+        let sql = format!(
+            "SELECT COUNT(*) AS n FROM court_cases WHERE filed_month >= '{:04}-01'",
+            1990 + i
+        );
+        match analyst.sql(&sql).await {
+            Ok(result) => spent += dp(&result.summary).epsilon_spent,
+            Err(status) => {
+                assert_eq!(rule_of(&status), "budget-exhausted");
+                break;
+            }
+        }
+    }
+    assert!((spent - 20.0).abs() < 1e-6, "{spent}");
+    let mut bank_spent = 0.0;
+    let mut refusal = String::new();
+    for i in 0..40 {
+        let sql = format!(
+            "SELECT COUNT(*) AS n FROM court_cases WHERE filed_month >= '{:04}-02'",
+            1990 + i
+        );
+        match bank.sql(&sql).await {
+            Ok(result) => bank_spent += dp(&result.summary).epsilon_spent,
+            Err(status) => {
+                assert_eq!(rule_of(&status), "budget-exhausted");
+                refusal = status.message().to_string();
+                break;
+            }
+        }
+    }
+    assert!((bank_spent - 10.0).abs() < 1e-6, "{bank_spent}");
+    assert!(refusal.contains("every consumer"), "{refusal}");
+    // The owner sees the total and what each org spent.
+    let mut court = server.client("owner_court").await.expect("client");
+    let budgets = court.budgets().await.expect("budgets");
+    let total = budgets
+        .iter()
+        .find(|b| b.org == "*" && b.dataset == "court_cases")
+        .expect("the total is listed");
+    assert!((total.epsilon_spent - 30.0).abs() < 1e-6);
 }

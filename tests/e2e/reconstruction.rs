@@ -27,6 +27,10 @@ description = "One secret bit per person"
 source = ["datasets/survey"]
 privacy_unit = "person_id"
 
+[dataset.dp]
+total_epsilon = 10.0
+total_delta = 1e-5
+
 [[dataset.column]]
 name = "person_id"
 level = "L3"

@@ -115,7 +115,7 @@ async fn bank_journey_scores_only_consented_enterprises() {
         (&others[0], 700, "A"),
         (&others[1], 300, "E"),
     ]);
-    let module = emitting_guest(&output, INPUT_COLUMNS);
+    let module = emitting_guest(&output, INPUT_COLUMNS, INPUT);
 
     // Upload: pending until every owner of its input approves.
     let uploaded = bank.upload_module(module).await.expect("upload");
@@ -167,16 +167,30 @@ async fn bank_journey_scores_only_consented_enterprises() {
         .unwrap();
     assert!(scores.values().iter().all(|s| (0..=1000).contains(s)));
 
-    // The input may not read beyond the approval.
-    let wider = bank
-        .wasm(
-            &sha,
-            "SELECT credit_code, revenue_declared FROM tax_monthly",
-            b"{}",
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(rule_of(&wider), "column-not-approved");
+    // A run reads the input the module declares (the owners approved it with the bytes): any
+    // other input is refused, even one within the approved columns (THREATS class 26).
+    for input in [
+        "SELECT credit_code, revenue_declared FROM tax_monthly",
+        "SELECT t.credit_code, SUM(t.vat_paid) AS vat, MAX(e.industry) AS industry \
+         FROM tax_monthly t JOIN enterprises e ON t.credit_code = e.credit_code \
+         WHERE t.month = '2024-08' GROUP BY t.credit_code",
+    ] {
+        let other = bank.wasm(&sha, input, b"{}").await.unwrap_err();
+        assert_eq!(rule_of(&other), "input-not-approved", "{input}");
+    }
+    // The same run again (module, parameters and consents unchanged) is the stored output, at
+    // no run; an empty input means the declared one.
+    let before = bank.modules().await.unwrap();
+    let runs_left = before.iter().find(|m| m.sha256 == sha).unwrap().runs_left;
+    let repeat = bank.wasm(&sha, "", b"{}").await.expect("stored");
+    assert!(repeat.summary.stored);
+    assert_eq!(repeat.summary.result_sha256, result.summary.result_sha256);
+    let after = bank.modules().await.unwrap();
+    assert_eq!(
+        after.iter().find(|m| m.sha256 == sha).unwrap().runs_left,
+        runs_left,
+        "a stored output costs no run"
+    );
 
     // A consent revoked is a score withheld.
     let mut admin = server.client("admin").await.unwrap();
@@ -210,8 +224,15 @@ async fn bank_journey_scores_only_consented_enterprises() {
         .filter(|e| e.action == "SubmitJob" && e.kind == "wasm")
         .collect();
     assert!(runs.iter().any(|e| e.rule == "module-not-approved"));
-    let released: Vec<&&pb::AuditEvent> = runs.iter().filter(|e| e.decision == "allow").collect();
+    let released: Vec<&&pb::AuditEvent> = runs
+        .iter()
+        .filter(|e| e.decision == "allow" && !e.message.contains("from the store"))
+        .collect();
     assert_eq!(released.len(), 2);
+    assert!(
+        runs.iter().any(|e| e.message.contains("from the store")),
+        "the stored repeat is journaled too"
+    );
     for event in &released {
         assert!(event.query.contains(&sha));
         assert!(event.work_units > 0);
@@ -328,6 +349,7 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
             emitting_guest(
                 &sandbox_tests::ipc(&[raw_rows(&consented[..2])]),
                 &["tax_monthly.credit_code"],
+                TAX_INPUT,
             ),
             "",
             Code::FailedPrecondition,
@@ -338,6 +360,7 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
             emitting_guest(
                 &scores_ipc(&[(&consented[0], 5000, "A")]),
                 &["tax_monthly.credit_code"],
+                TAX_INPUT,
             ),
             "",
             Code::FailedPrecondition,
@@ -348,6 +371,7 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
             emitting_guest(
                 &scores_ipc(&[(&consented[0], 500, "AAA")]),
                 &["tax_monthly.credit_code"],
+                TAX_INPUT,
             ),
             "",
             Code::FailedPrecondition,
@@ -358,6 +382,7 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
             emitting_guest(
                 &scores_ipc(&[(&consented[0], 500, "C"), (&consented[0], 900, "A")]),
                 &["tax_monthly.credit_code"],
+                TAX_INPUT,
             ),
             "",
             Code::FailedPrecondition,
@@ -379,6 +404,7 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
                     (&others[1], 3, "E"),
                 ]),
                 &["tax_monthly.credit_code"],
+                TAX_INPUT,
             ),
             SMALL_CONTRACT,
             Code::FailedPrecondition,
@@ -420,6 +446,7 @@ async fn hostile_guests_are_contained_and_the_server_keeps_serving() {
         emitting_guest(
             &scores_ipc(&[(&others[0], 700, "A"), (&others[1], 300, "E")]),
             &["tax_monthly.credit_code"],
+            TAX_INPUT,
         ),
         "",
     )
@@ -528,6 +555,7 @@ async fn approvals_consents_and_runs_survive_a_restart() {
     let module = emitting_guest(
         &scores_ipc(&[(&consented[0], 500, "C"), (&consented[1], 600, "C")]),
         &["tax_monthly.credit_code"],
+        TAX_INPUT,
     );
     let sha = approved(&server, module.clone(), "").await;
     bank.wasm(&sha, TAX_INPUT, b"{}").await.expect("first run");
@@ -535,6 +563,7 @@ async fn approvals_consents_and_runs_survive_a_restart() {
     let other = emitting_guest(
         &scores_ipc(&[(&consented[0], 1, "E")]),
         &["tax_monthly.credit_code"],
+        TAX_INPUT,
     );
     let other_sha = approved(&server, other, "").await;
     let stored = server
@@ -593,6 +622,7 @@ async fn run_limits_rejections_and_roles_hold() {
     let module = emitting_guest(
         &scores_ipc(&[(&consented[0], 1, "E")]),
         &["tax_monthly.credit_code"],
+        TAX_INPUT,
     );
     let sha = bank.upload_module(module).await.unwrap().sha256;
     let mut tax = server.client("owner_tax").await.unwrap();

@@ -23,9 +23,72 @@ pub struct TestServer {
     pub tls: bool,
 }
 
+/// The repository's policies with every aggregate grant its dataset allows marked exact (what
+/// [`sandbox_policy::PolicySet::mark_exact_where_allowed`] does in memory), written to a
+/// temporary folder for a server to load: for tests of the exact path (threshold, differencing,
+/// joins) rather than of the demo's differential privacy by default.
+pub fn exact_policies() -> anyhow::Result<tempfile::TempDir> {
+    let policy = sandbox_policy::load_dir(&policies_dir())?;
+    let allowed: Vec<String> = policy
+        .datasets
+        .values()
+        .filter(|d| d.level() < sandbox_policy::Level::L4 && !d.row_key.is_empty())
+        .map(|d| d.id.clone())
+        .collect();
+    let dir = tempfile::tempdir()?;
+    for (path, text) in sandbox_policy::read_dir_sources(&policies_dir())? {
+        let mut file: toml::Table = toml::from_str(&text)?;
+        if let Some(toml::Value::Array(grants)) = file.get_mut("grant") {
+            for grant in grants {
+                let dataset = grant
+                    .get("dataset")
+                    .and_then(toml::Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(toml::Value::Table(aggregate)) = grant.get_mut("aggregate")
+                    && allowed.contains(&dataset)
+                {
+                    aggregate.insert("exact".into(), toml::Value::Boolean(true));
+                }
+            }
+        }
+        let name = Path::new(&path)
+            .file_name()
+            .expect("a policy file name")
+            .to_owned();
+        std::fs::write(dir.path().join(name), toml::to_string(&file)?)?;
+    }
+    Ok(dir)
+}
+
 impl TestServer {
     pub async fn start() -> anyhow::Result<Self> {
         Self::start_with(|_| {}).await
+    }
+
+    /// A server whose grants are exact wherever the datasets' levels allow ([`exact_policies`]).
+    pub async fn start_exact() -> anyhow::Result<Self> {
+        Self::start_exact_with(|_| {}).await
+    }
+
+    /// [`TestServer::start_exact`] with the configuration adjusted.
+    pub async fn start_exact_with(
+        configure: impl FnOnce(&mut ServerConfig),
+    ) -> anyhow::Result<Self> {
+        let policies = exact_policies()?;
+        let dir = tempfile::tempdir()?;
+        // The policies live in the server's own temporary folder, so they outlive the start.
+        let copy = dir.path().join("exact-policies");
+        std::fs::create_dir_all(&copy)?;
+        for entry in std::fs::read_dir(policies.path())? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), copy.join(entry.file_name()))?;
+        }
+        Self::start_in(dir, |config| {
+            config.policies = Some(copy);
+            configure(config);
+        })
+        .await
     }
 
     /// A server whose test configuration `configure` adjusts (limits, TLS).
@@ -58,7 +121,14 @@ impl TestServer {
         let TestServer { dir, server, tls } = self;
         server.shutdown().await?;
         while_stopped();
-        Self::start_in(dir, |config| config.tls = tls).await
+        let exact = dir.path().join("exact-policies");
+        Self::start_in(dir, |config| {
+            config.tls = tls;
+            if exact.is_dir() {
+                config.policies = Some(exact);
+            }
+        })
+        .await
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -153,9 +223,19 @@ fn wat_bytes(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("\\{b:02x}")).collect()
 }
 
-/// A guest that reads its whole input, logs how many batches it read, then emits `output` (an
-/// Arrow IPC stream) unchanged: what a scoring module does, with the scores fixed by the test.
-pub fn emitting_guest(output: &[u8], input: &[&str]) -> Vec<u8> {
+/// The input query the hostile suite's guests declare (they read the tax table's unit).
+pub const SUITE_INPUT: &str = "SELECT credit_code FROM tax_monthly";
+
+/// A module with a `sandbox.input` custom section holding `query` appended: the input its
+/// owners approve with it.
+pub fn with_input(wasm: Vec<u8>, query: &str) -> Vec<u8> {
+    sandbox_cli::with_input_section(wasm, query)
+}
+
+/// A guest that reads its whole input (the `query` it declares), logs how many batches it read,
+/// then emits `output` (an Arrow IPC stream) unchanged: what a scoring module does, with the
+/// scores fixed by the test.
+pub fn emitting_guest(output: &[u8], input: &[&str], query: &str) -> Vec<u8> {
     let text = format!(
         r#"(module
   (import "sandbox" "input_next" (func $input_next (result i64)))
@@ -180,16 +260,17 @@ pub fn emitting_guest(output: &[u8], input: &[&str]) -> Vec<u8> {
         manifest = wat_bytes(manifest(input).as_bytes()),
         len = output.len(),
     );
-    wat::parse_str(text).expect("valid test guest")
+    with_input(wat::parse_str(text).expect("valid test guest"), query)
 }
 
 /// A guest of the sandbox's hostile suite (`crates/sandbox-wasm/tests/guests/NAME.wat`); each
-/// declares `tax_monthly.credit_code` as its input.
+/// declares `tax_monthly.credit_code` as its input columns and [`SUITE_INPUT`] as its query.
 pub fn suite_guest(name: &str) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../crates/sandbox-wasm/tests/guests")
         .join(format!("{name}.wat"));
-    wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let wasm = wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    with_input(wasm, SUITE_INPUT)
 }
 
 /// Scores as the default scoring contract expects them, as one Arrow IPC stream.

@@ -572,6 +572,34 @@ fn bundle_file_name(name: &str) -> Result<String, ExportError> {
 }
 
 /// Hex SHA-256 of a module's bytes: the hash the sandbox knows it by.
+/// A module with a `sandbox.input` custom section holding `query` appended: the input query the
+/// owners approve with the module's bytes (what the guest SDK's `input!` embeds, for modules
+/// built without it). The section changes the bytes, so the module's SHA-256 changes too.
+pub fn with_input_section(wasm: Vec<u8>, query: &str) -> Vec<u8> {
+    fn leb128(out: &mut Vec<u8>, mut value: u64) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                break;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"sandbox.input";
+    let mut payload = Vec::with_capacity(name.len() + query.len() + 2);
+    leb128(&mut payload, name.len() as u64);
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(query.as_bytes());
+    let mut out = wasm;
+    // Custom section: id 0, its size, then the name and the bytes.
+    out.push(0);
+    leb128(&mut out, payload.len() as u64);
+    out.extend(payload);
+    out
+}
+
 pub fn module_sha256(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }

@@ -164,7 +164,13 @@ fn parse_param(text: &str) -> Result<(String, String), String> {
 #[derive(Debug, Subcommand)]
 enum ModuleCommand {
     /// Upload a module (consumer); prints its SHA-256 and state.
-    Upload { file: PathBuf },
+    Upload {
+        file: PathBuf,
+        /// Attach this input query (a `.sql` file) as the module's `sandbox.input` section, for a
+        /// module built without the guest SDK's `input!`. The owners approve it with the bytes.
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+    },
     /// Approve a module for your datasets among its declared input (owner).
     Approve {
         sha256: String,
@@ -199,8 +205,9 @@ enum WasmCommand {
     Run {
         /// SHA-256 of an uploaded module, or the module file.
         module: String,
-        /// The row-mode input query.
-        #[arg(long)]
+        /// The input query: empty for the one the module declares (the only one it runs on;
+        /// another is refused with `input-not-approved`).
+        #[arg(long, default_value = "")]
         input: String,
         /// Job parameters (JSON) passed to the module.
         #[arg(long, default_value = "{}")]
@@ -526,6 +533,7 @@ fn print_module(m: &pb::Module, format: Format) {
             "{}",
             serde_json::json!({
                 "sha256": m.sha256, "name": m.name, "purpose": m.purpose, "input": m.input,
+                "input_query": m.input_query,
                 "org": m.org, "uploaded_by": m.uploaded_by, "size": m.size, "state": m.state,
                 "reason": m.reason, "runs": m.runs, "runs_left": m.runs_left,
                 "approvals": m.approvals.iter().map(|a| serde_json::json!({
@@ -547,6 +555,13 @@ fn print_module(m: &pb::Module, format: Format) {
             );
             out!("    purpose: {}", m.purpose);
             out!("    input:   {}", m.input.join(", "));
+            out!(
+                "    query:   {}",
+                m.input_query
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
             let approvals = m.approvals.iter().map(|a| {
                 let datasets: &[String] = &a.datasets;
                 (
@@ -564,9 +579,14 @@ fn print_module(m: &pb::Module, format: Format) {
 
 async fn module(cli: &Cli, command: &ModuleCommand) -> Result<(), Failure> {
     match command {
-        ModuleCommand::Upload { file } => {
-            let bytes = std::fs::read(file)
+        ModuleCommand::Upload { file, input } => {
+            let mut bytes = std::fs::read(file)
                 .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+            if let Some(path) = input {
+                let query = std::fs::read_to_string(path)
+                    .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?;
+                bytes = sandbox_cli::with_input_section(bytes, &query);
+            }
             let module = client(cli).await?.upload_module(bytes).await?;
             print_module(&module, cli.format);
         }
@@ -928,19 +948,35 @@ async fn sql(cli: &Cli, query: &str, dp: bool, epsilon: Option<f64>) -> Result<(
         sandbox_cli::Client::sql_spec(query)
     };
     let result = client(cli).await?.run(spec).await?;
-    print_batches(&result.batches, cli.format)?;
     let summary = result.summary;
     if let Some(dp) = &summary.dp {
-        let noise: Vec<String> = dp
+        // Each noisy value with its 95% interval beside it, in a table; the raw values in CSV
+        // and JSON (the intervals on stderr).
+        let noise: Vec<(String, f64, Vec<f64>)> = dp
             .columns
             .iter()
             .filter(|c| c.scale > 0.0)
-            .map(|c| format!("{} ±{:.2}", c.column, c.accuracy_95))
+            .map(|c| (c.column.clone(), c.accuracy_95, c.rows_95.clone()))
+            .collect();
+        if matches!(cli.format, Format::Table) {
+            print_batches(&with_intervals(&result.batches, &noise)?, cli.format)?;
+        } else {
+            print_batches(&result.batches, cli.format)?;
+        }
+        let noise: Vec<String> = noise
+            .iter()
+            .map(|(column, accuracy, rows)| {
+                if rows.is_empty() {
+                    format!("{column} ±{}", round_for_display(*accuracy))
+                } else {
+                    format!("{column} (per row, beside it)")
+                }
+            })
             .collect();
         eprintln!(
             "differential privacy: spent epsilon {:.4} delta {:e}{}; your org has epsilon {:.4} \
-             and delta {:e} left; 95% of values within: {}; released {} rows; job {}; audit seq \
-             {}; sha256 {}",
+             and delta {:e} left; 95% of values within: {}; {} rows released; job {}; audit \
+             seq {}; sha256 {}",
             dp.epsilon_spent,
             dp.delta_spent,
             if dp.cached {
@@ -958,25 +994,83 @@ async fn sql(cli: &Cli, query: &str, dp: bool, epsilon: Option<f64>) -> Result<(
         );
         return Ok(());
     }
+    print_batches(&result.batches, cli.format)?;
     eprintln!(
-        "released {} rows, suppressed {} rows (min_units {}){}; rows scanned {}; job {}; audit seq {}; sha256 {}",
+        "exact: {} rows released{}; rows covering fewer than {} distinct units, and rows near \
+         what your org was released before, are withheld without a count; job {}; audit seq {}; \
+         sha256 {}",
         summary.rows_released,
-        summary.rows_suppressed,
-        summary.min_units,
-        if summary.rows_differencing > 0 {
-            format!(
-                ", withheld {} rows that differ from earlier releases in fewer than min_units units",
-                summary.rows_differencing
-            )
+        if summary.stored {
+            " (the same answer as before, from the store)"
         } else {
-            String::new()
+            ""
         },
-        summary.rows_scanned,
+        summary.min_units,
         result.job_id,
         summary.audit_seq,
         summary.result_sha256
     );
     Ok(())
+}
+
+/// A number rounded to what its interval makes meaningful: whole numbers above 10, two
+/// decimals below.
+fn round_for_display(value: f64) -> String {
+    if value.abs() >= 10.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// The batches with each noisy column rendered as `value ±interval` (a row's own interval where
+/// the column has one per row), for the table.
+fn with_intervals(
+    batches: &[RecordBatch],
+    noise: &[(String, f64, Vec<f64>)],
+) -> anyhow::Result<Vec<RecordBatch>> {
+    use arrow::array::{ArrayRef, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let mut out = Vec::with_capacity(batches.len());
+    let mut first_row = 0;
+    for batch in batches {
+        let schema = batch.schema();
+        let mut fields = Vec::new();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for (field, column) in schema.fields().iter().zip(batch.columns()) {
+            match noise.iter().find(|(name, _, _)| name == field.name()) {
+                Some((_, accuracy, rows)) => {
+                    let values = arrow::compute::cast(column, &DataType::Float64)?;
+                    let values = values
+                        .as_any()
+                        .downcast_ref::<arrow::array::Float64Array>()
+                        .ok_or_else(|| anyhow::anyhow!("a noisy column is not numeric"))?;
+                    let text: StringArray = values
+                        .iter()
+                        .enumerate()
+                        .map(|(row, v)| {
+                            let interval = rows.get(first_row + row).copied().unwrap_or(*accuracy);
+                            v.map(|v| {
+                                format!("{} ±{}", round_for_display(v), round_for_display(interval))
+                            })
+                        })
+                        .collect();
+                    fields.push(Field::new(field.name(), DataType::Utf8, true));
+                    columns.push(std::sync::Arc::new(text));
+                }
+                None => {
+                    fields.push(field.as_ref().clone());
+                    columns.push(column.clone());
+                }
+            }
+        }
+        first_row += batch.num_rows();
+        out.push(RecordBatch::try_new(
+            std::sync::Arc::new(Schema::new(fields)),
+            columns,
+        )?);
+    }
+    Ok(out)
 }
 
 async fn budget(cli: &Cli, command: &BudgetCommand) -> Result<(), Failure> {
@@ -1064,6 +1158,10 @@ async fn explain(cli: &Cli, query: &str) -> Result<(), Failure> {
                 "columns": explanation.columns,
                 "min_units": explanation.min_units,
                 "plan": explanation.plan,
+                "epsilon": explanation.epsilon,
+                "accuracy_95": explanation.accuracy.iter().map(|c| serde_json::json!({
+                    "column": c.column, "scale": c.scale, "accuracy_95": c.accuracy_95,
+                })).collect::<Vec<_>>(),
             })
         ),
         _ => {
@@ -1075,7 +1173,22 @@ async fn explain(cli: &Cli, query: &str) -> Result<(), Failure> {
             if explanation.decision == "allow" {
                 out!("datasets: {}", explanation.datasets.join(", "));
                 out!("columns:  {}", explanation.columns.join(", "));
-                out!("min_units: {}", explanation.min_units);
+                if explanation.accuracy.is_empty() {
+                    out!("min_units: {}", explanation.min_units);
+                } else {
+                    let noise: Vec<String> = explanation
+                        .accuracy
+                        .iter()
+                        .filter(|c| c.scale > 0.0)
+                        .map(|c| format!("{} ±{}", c.column, round_for_display(c.accuracy_95)))
+                        .collect();
+                    out!(
+                        "noise:    epsilon {:.4} if it runs; 95% of values within {} (an \
+                         average's for a group of 1,000 rows)",
+                        explanation.epsilon,
+                        noise.join(", ")
+                    );
+                }
                 out!("plan:\n{}", explanation.plan);
             }
         }

@@ -361,12 +361,16 @@ async fn cli_contract() {
     assert!(out.stderr.contains("x.toml:2"), "{}", out.stderr);
 }
 
-/// A guest of the sandbox's hostile suite, compiled to a file.
+/// A guest of the sandbox's hostile suite, compiled to a file, with the input query it declares
+/// (the suite's guests read the tax table's unit).
 fn guest_file(dir: &Path, name: &str) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../sandbox-wasm/tests/guests")
         .join(format!("{name}.wat"));
-    let bytes = wat::parse_file(&source).expect("valid guest");
+    let bytes = sandbox_cli::with_input_section(
+        wat::parse_file(&source).expect("valid guest"),
+        "SELECT credit_code FROM tax_monthly",
+    );
     let path = dir.join(format!("{name}.wasm"));
     std::fs::write(&path, bytes).expect("write guest");
     path

@@ -2,6 +2,13 @@
 //! auditor sees every event; a data owner only the events that touched its datasets (and no
 //! guest logs). The session holds nothing but that table and refuses DDL, DML (`COPY`
 //! included) and statements, so a query can neither reach files nor change anything.
+//!
+//! Privileged is not unlimited: the call's admission is journaled (durably) before the query
+//! runs, so even a query that brought the process down would leave its trace; functions come
+//! from an allow-list, and those that build values of a size their argument asks for (`lpad`,
+//! `rpad`, `repeat`) only with a literal size of at most [`MAX_BUILT_CHARS`]: a memory pool
+//! bounds what operators hold, not the strings a function allocates row by row, and one
+//! `lpad(x, 2^31)` asked for hundreds of gigabytes.
 
 use std::sync::Arc;
 
@@ -21,6 +28,159 @@ use crate::jobs::{Engine, RequestContext};
 
 /// Most rows an audit query may return.
 const MAX_ROWS: usize = 100_000;
+/// Most characters a padding or repeating function may build per value.
+pub const MAX_BUILT_CHARS: i64 = 1024;
+
+/// Scalar functions an audit query may call: text, dates, numbers, lists, conditionals. None
+/// of them reads a file, and none builds a value much larger than its input.
+const AUDIT_SCALAR_FUNCTIONS: &[&str] = &[
+    "lower",
+    "upper",
+    "substr",
+    "substring",
+    "left",
+    "right",
+    "length",
+    "character_length",
+    "char_length",
+    "octet_length",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "trim",
+    "concat",
+    "concat_ws",
+    "starts_with",
+    "ends_with",
+    "strpos",
+    "split_part",
+    "replace",
+    "coalesce",
+    "nullif",
+    "date_part",
+    "date_trunc",
+    "to_timestamp",
+    "to_date",
+    "round",
+    "floor",
+    "ceil",
+    "abs",
+    "array_length",
+    "array_has",
+    "array_has_any",
+    "array_has_all",
+    "array_element",
+    "cardinality",
+    "md5",
+    "sha256",
+    "regexp_like",
+    "like",
+    "ilike",
+    "isnan",
+    "greatest",
+    "least",
+    "get_field",
+    "make_array",
+];
+
+/// Functions that build a value of a size their second argument asks for.
+const SIZED_FUNCTIONS: &[&str] = &["lpad", "rpad", "repeat"];
+
+/// Aggregate and window functions an audit query may call.
+const AUDIT_AGGREGATES: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "array_agg",
+    "first_value",
+    "last_value",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "lag",
+    "lead",
+    "median",
+    "stddev",
+    "var",
+    "approx_distinct",
+    "approx_percentile_cont",
+];
+
+/// Refuses an audit query plan that calls a function outside the allow-lists, or a sizing
+/// function without a small literal size.
+fn check_functions(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::Expr;
+    let refuse = |message: String| EngineError::Invalid {
+        code: "audit-sql-function",
+        message,
+    };
+    let mut problem: Option<EngineError> = None;
+    let _ =
+        plan.apply_with_subqueries(|node| {
+            for expr in node.expressions() {
+                let _ = expr.apply(|e| {
+                let verdict = match e {
+                    Expr::ScalarFunction(f) => {
+                        let name = f.func.name().to_ascii_lowercase();
+                        if SIZED_FUNCTIONS.contains(&name.as_str()) {
+                            let size = f.args.get(1).and_then(|a| match a {
+                                Expr::Literal(v, _) => {
+                                    v.cast_to(&DataType::Int64).ok().and_then(|v| match v {
+                                        datafusion::common::ScalarValue::Int64(n) => n,
+                                        _ => None,
+                                    })
+                                }
+                                _ => None,
+                            });
+                            match size {
+                                Some(n) if (0..=MAX_BUILT_CHARS).contains(&n) => None,
+                                _ => Some(refuse(format!(
+                                    "`{name}` takes a literal size of at most {MAX_BUILT_CHARS} \
+                                     in audit SQL"
+                                ))),
+                            }
+                        } else if AUDIT_SCALAR_FUNCTIONS.contains(&name.as_str()) {
+                            None
+                        } else {
+                            Some(refuse(format!(
+                                "function `{name}` is not allowed in audit SQL"
+                            )))
+                        }
+                    }
+                    Expr::AggregateFunction(f) => {
+                        let name = f.func.name().to_ascii_lowercase();
+                        (!AUDIT_AGGREGATES.contains(&name.as_str())).then(|| {
+                            refuse(format!("aggregate `{name}` is not allowed in audit SQL"))
+                        })
+                    }
+                    Expr::WindowFunction(w) => {
+                        let name = w.fun.name().to_ascii_lowercase();
+                        (!AUDIT_AGGREGATES.contains(&name.as_str())).then(|| {
+                            refuse(format!("window function `{name}` is not allowed in audit SQL"))
+                        })
+                    }
+                    _ => None,
+                };
+                match verdict {
+                    Some(error) => {
+                        problem.get_or_insert(error);
+                        Ok(TreeNodeRecursion::Stop)
+                    }
+                    None => Ok(TreeNodeRecursion::Continue),
+                }
+            });
+            }
+            Ok(if problem.is_some() {
+                TreeNodeRecursion::Stop
+            } else {
+                TreeNodeRecursion::Continue
+            })
+        });
+    problem.map_or(Ok(()), Err)
+}
 /// Events read from the journal per step.
 const PAGE: usize = 10_000;
 
@@ -143,6 +303,14 @@ impl Engine {
         let mut event = Self::event(ctx, "QueryEvents");
         event.kind = "audit_sql".into();
         event.query = sql.to_string();
+        // Write-ahead: the call is on record before it runs, whatever becomes of it.
+        self.journal
+            .append(sandbox_audit::AuditEvent {
+                action: "AdmitJob".into(),
+                message: "audit query admitted; running".into(),
+                ..event.clone()
+            })
+            .await?;
         let outcome = self.run_audit_sql(ctx, sql).await;
         match &outcome {
             Ok(result) => {
@@ -220,6 +388,7 @@ impl Engine {
                 .sql_with_options(&sql, options)
                 .await
                 .map_err(invalid)?;
+            check_functions(frame.logical_plan())?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             Ok::<_, EngineError>((schema, frame.collect().await.map_err(invalid)?))
         };

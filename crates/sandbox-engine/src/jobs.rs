@@ -52,6 +52,8 @@ pub struct EngineConfig {
     /// (`server-busy`, `too-many-jobs`) with a retry hint, not queued.
     pub max_running_jobs: usize,
     pub max_jobs_per_principal: usize,
+    /// How long and how much each consumer org's differencing memory keeps.
+    pub differencing: crate::differencing::DifferencingLimits,
 }
 
 impl EngineConfig {
@@ -75,6 +77,7 @@ impl EngineConfig {
                 .max(1),
             max_running_jobs: 64,
             max_jobs_per_principal: 8,
+            differencing: crate::differencing::DifferencingLimits::default(),
         }
     }
 }
@@ -168,19 +171,21 @@ impl JobState {
     }
 }
 
-/// What the release produced, as recorded in the journal and shown to the caller.
+/// What the release produced, as the caller is told. The journal records more (rows
+/// suppressed, withheld, scanned): every exact figure of the data beyond the released values is
+/// a channel (a suppressed count bisected with a range filter, a scanned count that tells whether
+/// a join side was empty), so the caller gets none of them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReleaseOutcome {
     pub rows_released: u64,
-    pub rows_suppressed: u64,
-    /// Rows over the threshold withheld by the differencing defense.
-    pub rows_differencing: u64,
+    /// The threshold that applied (a policy figure, not a data figure).
     pub min_units: u64,
     pub result_sha256: String,
     pub audit_seq: u64,
-    pub rows_scanned: u64,
     /// Set for a release under differential privacy.
     pub dp: Option<DpOutcome>,
+    /// The answer is a repeat of an earlier identical exact question's, from the store.
+    pub stored: bool,
 }
 
 /// What a release under differential privacy spent, what remains, and how noisy it is.
@@ -207,41 +212,21 @@ pub struct JobResult {
 
 impl JobResult {
     /// Only built from a gate output and the journal's receipt for it.
-    /// What the caller learns is `outcome`; a code job's other figures are in the journal only.
+    /// What the caller learns is `outcome`: the released rows' count, digest and sequence, the
+    /// threshold, and for differential privacy the noise; nothing else of the data.
     fn new(produced: Produced, ipc_stream: Vec<u8>, sha256: String, receipt: &Appended) -> Self {
         let summary = produced.released.summary();
-        let outcome = if let Some(dp) = produced.dp {
-            // Under differential privacy, exact figures of the data (rows scanned, groups not
-            // shown) are not told: they would bypass the noise.
-            ReleaseOutcome {
-                rows_released: summary.rows_released,
-                result_sha256: sha256,
-                audit_seq: receipt.seq,
-                dp: Some(dp),
-                ..ReleaseOutcome::default()
-            }
-        } else if produced.code_job {
-            // Rows dropped, rows withheld, rows scanned and work units are figures the guest or
-            // the input query shaped (a guest can emit any number of rows for other entities, an
-            // input filter can single out an entity without consent): the caller gets none of
-            // them.
-            ReleaseOutcome {
-                rows_released: summary.rows_released,
-                result_sha256: sha256,
-                audit_seq: receipt.seq,
-                ..ReleaseOutcome::default()
-            }
-        } else {
-            ReleaseOutcome {
-                rows_released: summary.rows_released,
-                rows_suppressed: summary.rows_suppressed,
-                rows_differencing: summary.rows_differencing,
-                min_units: summary.min_units,
-                result_sha256: sha256,
-                audit_seq: receipt.seq,
-                rows_scanned: produced.rows_scanned,
-                dp: None,
-            }
+        let outcome = ReleaseOutcome {
+            rows_released: summary.rows_released,
+            min_units: if produced.dp.is_some() || produced.code_job {
+                0
+            } else {
+                summary.min_units
+            },
+            result_sha256: sha256,
+            audit_seq: receipt.seq,
+            dp: produced.dp,
+            stored: produced.stored,
         };
         JobResult {
             ipc_stream,
@@ -271,6 +256,8 @@ pub(crate) struct Produced {
     pub(crate) code_job: bool,
     /// A release under differential privacy.
     pub(crate) dp: Option<DpOutcome>,
+    /// An earlier identical question's answer, from the store.
+    pub(crate) stored: bool,
 }
 
 impl Produced {
@@ -283,6 +270,7 @@ impl Produced {
             guest_log: Vec::new(),
             code_job: false,
             dp: None,
+            stored: false,
         }
     }
 }
@@ -354,6 +342,10 @@ pub struct Explanation {
     pub plan: String,
     /// For an allowed SQL query: the schema its release will have.
     pub released_schema: Option<SchemaRef>,
+    /// Under differential privacy: what the query would spend, and how noisy each output would
+    /// be, before anything is spent.
+    pub epsilon: f64,
+    pub accuracy: Vec<NoiseReport>,
 }
 
 impl Explanation {
@@ -368,6 +360,8 @@ impl Explanation {
             min_units: 0,
             plan: String::new(),
             released_schema: None,
+            epsilon: 0.0,
+            accuracy: Vec::new(),
         }
     }
 }
@@ -411,8 +405,9 @@ pub struct Engine {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Per consumer org, the unit sketches of every row released to it exactly.
     pub(crate) differencing: crate::differencing::DifferencingMemory,
-    /// Answers of queries under differential privacy, by consumer org and normalized plan.
-    pub(crate) dp_answers: crate::privacy::AnswerCache,
+    /// Released answers by question: under differential privacy (shared by every org that asks
+    /// it), and exact ones per org; an identical question gets the stored answer.
+    pub(crate) answers: crate::privacy::AnswerCache,
     /// The server secret the pseudonym keys of consumers derive from.
     pseudonym_secret: Vec<u8>,
     pub(crate) metrics: crate::metrics::EngineMetrics,
@@ -477,8 +472,11 @@ impl Engine {
             ),
             journal,
             jobs: Mutex::new(HashMap::new()),
-            differencing: crate::differencing::DifferencingMemory::open(&config.data_dir)?,
-            dp_answers: crate::privacy::AnswerCache::new(&config.data_dir),
+            differencing: crate::differencing::DifferencingMemory::open(
+                &config.data_dir,
+                config.differencing,
+            )?,
+            answers: crate::privacy::AnswerCache::new(&config.data_dir),
             pseudonym_secret,
             metrics: crate::metrics::EngineMetrics::default(),
             config,
@@ -792,20 +790,42 @@ impl Engine {
         Ok(JobSnapshot::running(&job_id))
     }
 
-    /// Execute and release for a SQL job of a consumer org: the gate checks the rows against
-    /// the org's differencing memory, which remembers what is released, durably, before the
-    /// release is recorded.
+    /// Execute and release for an exact SQL job of a consumer org (ad hoc on an exact grant, or an
+    /// approved template). An identical question asked before is answered from the store: the
+    /// same rows, at no cost, and without the differencing defense withholding what was already
+    /// released. Otherwise the rows pass the gate against the org's differencing memory, which
+    /// remembers what is released, durably, before the release is recorded. The gate's work
+    /// counts against the query's time limit; the org's lock is taken only after the query ran.
     pub(crate) async fn run_sql(
         &self,
         org: &str,
         planned: PlannedQuery,
         cancel: CancellationToken,
     ) -> Result<Produced> {
+        let started = Instant::now();
+        let key = crate::privacy::question_key(
+            "exact",
+            org,
+            &planned.display_plan(),
+            &format!(
+                "{}\0{}\0{:?}",
+                planned.guarded.min_units, planned.guarded.skip, planned.guarded.fetch
+            ),
+        );
+        if let Some(stored) = self.answers.get(&key).await {
+            return Ok(Produced {
+                stored: true,
+                ..Produced::sql(stored.released, 0)
+            });
+        }
+        self.sql.check_row_keys(&planned.guarded.datasets).await?;
         let gate = GatePolicy {
             min_units: planned.guarded.min_units,
             skip: planned.guarded.skip,
             fetch: planned.guarded.fetch,
             max_rows: self.config.max_release_rows,
+            deadline: Some(started + self.sql.limits().time_limit),
+            source: planned.guarded.source,
         };
         let executed = self
             .sql
@@ -817,12 +837,25 @@ impl Engine {
             tracing::info!(bytes = executed.spilled_bytes, "query spilled to disk");
         }
         let memory = self.differencing.org(org)?;
-        let mut memory = memory.lock().await;
+        let lock = gate
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        let mut memory = tokio::time::timeout(lock, memory.lock())
+            .await
+            .map_err(|_| SqlError::TimeLimit(self.sql.limits().time_limit.as_millis() as u64))?;
         let released = {
             let _release = tracing::info_span!("release").entered();
-            release(executed.schema, executed.batches, &gate, memory.sketches())?
+            release(executed.schema, executed.batches, &gate, &*memory)?
         };
-        memory.remember(released.sketches()).await?;
+        memory.remember(released.sketches(), gate.source).await?;
+        drop(memory);
+        self.answers
+            .put(
+                key,
+                crate::privacy::CachedAnswer::exact(released.clone(), String::new()),
+            )
+            .await;
         Ok(Produced::sql(released, rows_scanned))
     }
 
@@ -856,8 +889,9 @@ impl Engine {
                 }
                 if summary.rows_differencing > 0 {
                     event.message = format!(
-                        "differencing: withheld {} rows whose units differ from those of a row \
-                         released to the org before in fewer than {} units",
+                        "differencing: withheld {} rows whose input rows are those of a row \
+                         released to the org before, or differ from them in fewer than {} units, \
+                         or that complement suppressed cells",
                         summary.rows_differencing, summary.min_units
                     );
                 }
@@ -868,6 +902,11 @@ impl Engine {
                          rows for entities without consent",
                         produced.rows_withheld, summary.rows_suppressed
                     );
+                }
+                if produced.stored {
+                    event.message = "the answer of an identical earlier question (or run), \
+                                     from the store"
+                        .into();
                 }
                 let (kind, org) = (event.kind.clone(), event.org.clone());
                 match self
@@ -1034,7 +1073,6 @@ impl Engine {
         event.job_id = job_id.to_string();
         if let Ok(result) = &outcome {
             event.rows_released = result.outcome.rows_released;
-            event.rows_suppressed = result.outcome.rows_suppressed;
             event.result_sha256 = result.outcome.result_sha256.clone();
         }
         self.record_job_call(event, &outcome).await?;
@@ -1100,25 +1138,42 @@ impl Engine {
             .await
             .and_then(|planned| Ok((planned.released_schema()?, planned)));
         let explanation = match planned {
-            Ok((released_schema, planned)) => Explanation {
-                allowed: true,
-                rule: String::new(),
-                message: match &planned.guarded.dp {
-                    None => "allowed; rows covering fewer than min_units privacy units will be \
-                             suppressed"
-                        .into(),
-                    Some(dp) => format!(
-                        "allowed under differential privacy: epsilon {} per query by default, \
-                         groups shown only if their noisy unit count passes a threshold",
-                        dp.mode.epsilon
-                    ),
-                },
-                datasets: planned.guarded.datasets.clone(),
-                columns: planned.guarded.columns.clone(),
-                min_units: planned.guarded.min_units,
-                plan: planned.display_plan(),
-                released_schema: Some(released_schema),
-            },
+            Ok((released_schema, planned)) => {
+                // Under differential privacy: the noise the query would get at the grant's
+                // epsilon, before anything is spent.
+                let noise = planned.guarded.dp.as_ref().map(|dp| {
+                    sandbox_release::plan_noise(&dp.spec, dp.mode.epsilon, dp.mode.delta)
+                        .map(|plan| plan.report())
+                });
+                let (epsilon, accuracy) = match noise {
+                    Some(Ok(report)) => (report.epsilon, report.columns),
+                    _ => (0.0, Vec::new()),
+                };
+                Explanation {
+                    allowed: true,
+                    rule: String::new(),
+                    message: match &planned.guarded.dp {
+                        None => "allowed, exact: rows covering fewer than min_units privacy \
+                                 units, and rows whose input rows were (nearly) all released to \
+                                 your org before, are withheld"
+                            .into(),
+                        Some(dp) => format!(
+                            "allowed under differential privacy: epsilon {} per query (spent \
+                             once; an identical question asked again, by anyone, gets the same \
+                             answer), groups shown only if their noisy unit count passes a \
+                             threshold",
+                            dp.mode.epsilon
+                        ),
+                    },
+                    datasets: planned.guarded.datasets.clone(),
+                    columns: planned.guarded.columns.clone(),
+                    min_units: planned.guarded.min_units,
+                    plan: planned.display_plan(),
+                    released_schema: Some(released_schema),
+                    epsilon,
+                    accuracy,
+                }
+            }
             Err(SqlError::Denied(denial)) => {
                 Explanation::denied(denial.rule.code(), denial.message)
             }

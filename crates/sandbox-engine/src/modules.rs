@@ -14,6 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use datafusion::arrow::array::{Array, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::{cast, filter_record_batch};
 use datafusion::arrow::datatypes::DataType;
+use ring::digest;
 use sandbox_audit::{AuditEvent, Decision, Journal};
 use sandbox_policy::{
     Approval, Consent, ConsentKey, Contract, Effective, ModuleRecord, PrincipalRole, Record,
@@ -212,6 +213,18 @@ impl Engine {
         let inspected = inspected?;
         event.query = format!("module {}", inspected.sha256);
         let manifest = &inspected.manifest;
+        // The input is part of what the owners approve: a module declares it in its bytes.
+        let input_query = inspected
+            .input_query
+            .clone()
+            .ok_or_else(|| EngineError::Invalid {
+                code: "wasm-manifest",
+                message: format!(
+                    "the module declares no input query: put it in a `{}` custom section (the \
+                 guest SDK's `input!`), so that the owners approve what it reads",
+                    sandbox_wasm::INPUT_SECTION
+                ),
+            })?;
         let mut datasets = BTreeSet::new();
         for column in &manifest.input {
             let (dataset, name) = column.split_once('.').ok_or_else(|| {
@@ -257,6 +270,7 @@ impl Engine {
             name: manifest.name.clone(),
             purpose: manifest.purpose.clone(),
             input: manifest.input.clone(),
+            input_query,
             org: ctx.principal.org.clone(),
             uploaded_by: ctx.principal.id.clone(),
             size: inspected.size as u64,
@@ -600,9 +614,16 @@ impl Engine {
         Ok(())
     }
 
-    /// Admits a code job: the module's approvals, the grants, the input query in row mode.
-    /// Returns what the run needs.
-    fn admit_wasm(&self, ctx: &RequestContext, sha256: &str) -> Result<(Effective, RowScope)> {
+    /// Admits a code job: the module's approvals, the grants, and its input: the query the
+    /// module declares (the owners approved it with the bytes), which a job may repeat but not
+    /// replace. Returns what the run needs: the approvals, the row scope (approved columns, and
+    /// only the entities that consented, at the scan) and the input query.
+    fn admit_wasm(
+        &self,
+        ctx: &RequestContext,
+        sha256: &str,
+        requested_input: &str,
+    ) -> Result<(Effective, RowScope, String)> {
         let effective = self
             .registry()
             .effective(sha256, &ctx.principal.org, now(), |d| self.owner_of(d))
@@ -610,7 +631,38 @@ impl Engine {
                 code: refusal.code(),
                 message: refusal.to_string(),
             })?;
-        let mut scope = RowScope::default();
+        let approved_input = self
+            .registry()
+            .module(sha256)
+            .map(|m| m.input_query.clone())
+            .unwrap_or_default();
+        if approved_input.trim().is_empty() {
+            return Err(EngineError::Denied {
+                code: "input-not-approved",
+                message: "the module declares no input query; upload it again with one, for the \
+                          owners to approve"
+                    .into(),
+            });
+        }
+        let normalized = |q: &str| q.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !requested_input.trim().is_empty()
+            && normalized(requested_input) != normalized(&approved_input)
+        {
+            return Err(EngineError::Denied {
+                code: "input-not-approved",
+                message: "a code job runs on the input its module declares and the owners \
+                          approved; leave the input empty or repeat it exactly"
+                    .into(),
+            });
+        }
+        let mut scope = RowScope {
+            consented: Arc::new(self.registry().consented(
+                &ctx.principal.org,
+                &effective.contract.purpose,
+                now(),
+            )),
+            ..RowScope::default()
+        };
         for column in &effective.columns {
             let (dataset, name) = column
                 .split_once('.')
@@ -638,7 +690,7 @@ impl Engine {
                 .1
                 .insert(name.to_string());
         }
-        Ok((effective, scope))
+        Ok((effective, scope, approved_input))
     }
 
     /// The decision on a code job without running it: approvals, grants and the input query.
@@ -649,10 +701,10 @@ impl Engine {
         sha256: &str,
         input_query: &str,
     ) -> Result<Explanation> {
-        let decided = match self.admit_wasm(ctx, sha256) {
-            Ok((effective, scope)) => self
+        let decided = match self.admit_wasm(ctx, sha256, input_query) {
+            Ok((effective, scope, input)) => self
                 .sql
-                .plan_rows(input_query, &scope, &self.pseudonym_key(&ctx.principal))
+                .plan_rows(&input, &scope, &self.pseudonym_key(&ctx.principal))
                 .await
                 .map(|planned| (effective, planned))
                 .map_err(EngineError::from),
@@ -662,8 +714,8 @@ impl Engine {
             allowed: true,
             rule: String::new(),
             message: format!(
-                "allowed ({} runs left); input rows of entities without consent are withheld \
-                     and the output must meet the approved contract",
+                "allowed ({} runs left); the module's approved input reads only the rows of \
+                 entities that consented, and the output must meet the approved contract",
                 effective.runs_left
             ),
             datasets: planned.guarded.datasets.clone(),
@@ -672,11 +724,16 @@ impl Engine {
             plan: planned.guarded.plan.display_indent().to_string(),
             // The approved contract decides a code job's output, not the input query.
             released_schema: None,
+            ..Explanation::denied("", "")
         });
         self.conclude_explanation(event, explanation).await
     }
 
     /// Admits, plans and starts a code job. Denials are recorded as the request's terminal event.
+    ///
+    /// A run with the same module, parameters and consents as an earlier one gets that run's
+    /// stored output, counting no run: the data does not change between them, so repeating a
+    /// run can carry nothing new.
     pub(crate) async fn submit_wasm(
         self: &Arc<Self>,
         ctx: &RequestContext,
@@ -686,22 +743,44 @@ impl Engine {
         input_query: String,
         parameters: Vec<u8>,
     ) -> Result<JobSnapshot> {
-        let admitted = match self.admit_wasm(ctx, &sha256) {
-            Ok((effective, scope)) => self
+        let admitted = match self.admit_wasm(ctx, &sha256, &input_query) {
+            Ok((effective, scope, input)) => self
                 .sql
-                .plan_rows(&input_query, &scope, &self.pseudonym_key(&ctx.principal))
+                .plan_rows(&input, &scope, &self.pseudonym_key(&ctx.principal))
                 .instrument(tracing::info_span!("plan"))
                 .await
-                .map(|planned| (effective, planned))
+                .map(|planned| (effective, planned, scope.consented))
                 .map_err(EngineError::from),
             Err(error) => Err(error),
         };
-        let (effective, planned) = match admitted {
+        let (effective, planned, consented) = match admitted {
             Ok(admitted) => admitted,
             Err(error) => return self.refuse_job(event, started, error).await,
         };
         event.datasets = planned.guarded.datasets.clone();
         event.columns = planned.guarded.columns.clone();
+        let key = crate::privacy::question_key(
+            "wasm",
+            &ctx.principal.org,
+            &sha256,
+            &format!(
+                "{}\0{}",
+                hex::encode(&parameters),
+                consent_digest(&consented)
+            ),
+        );
+        if let Some(stored) = self.answers.get(&key).await {
+            event.message = "the output of an identical earlier run, from the store".into();
+            return self
+                .spawn_job(ctx, event, started, move |_, _| async move {
+                    Ok(Produced {
+                        code_job: true,
+                        stored: true,
+                        ..Produced::sql(stored.released, 0)
+                    })
+                })
+                .await;
+        }
         // A slot for the guest, or an immediate refusal: code jobs never queue without bound, and
         // a core stays free for everything else.
         let Ok(slot) = self.guest_slots.clone().try_acquire_owned() else {
@@ -731,11 +810,6 @@ impl Engine {
         event.record = Some(record_value(&Record::ModuleRun {
             sha256: sha256.clone(),
         }));
-        let consented = Arc::new(self.registry().consented(
-            &ctx.principal.org,
-            &effective.contract.purpose,
-            now(),
-        ));
         let key_index = planned.guarded.key_index;
         self.spawn_job(ctx, event, started, move |engine, cancel| async move {
             // Held until the guest is done.
@@ -746,6 +820,7 @@ impl Engine {
                 .instrument(tracing::info_span!("execute_input"))
                 .await?;
             let rows_scanned = executed.rows_scanned;
+            // The scan kept only consented entities; this keeps it so whatever the plan did.
             let (input, rows_withheld) = only_consented(executed.batches, key_index, &consented)?;
             let output = engine
                 .run_guest(&sha256, input, parameters, cancel)
@@ -760,6 +835,14 @@ impl Engine {
                     consented: &consented,
                 },
             )?;
+            drop(_release);
+            engine
+                .answers
+                .put(
+                    key,
+                    crate::privacy::CachedAnswer::exact(released.clone(), String::new()),
+                )
+                .await;
             Ok(Produced {
                 released,
                 rows_scanned,
@@ -768,6 +851,7 @@ impl Engine {
                 guest_log: output.logs,
                 code_job: true,
                 dp: None,
+                stored: false,
             })
         })
         .await
@@ -838,6 +922,19 @@ pub(crate) fn only_consented(
         }
     }
     Ok((kept, withheld))
+}
+
+/// A digest of a set of consented entities: part of the key of a stored run, so that a consent
+/// given or revoked makes the next run a new one.
+pub(crate) fn consent_digest(consented: &HashSet<String>) -> String {
+    let mut units: Vec<&String> = consented.iter().collect();
+    units.sort();
+    let mut context = digest::Context::new(&digest::SHA256);
+    for unit in units {
+        context.update(unit.as_bytes());
+        context.update(b"\0");
+    }
+    hex::encode(context.finish())
 }
 
 fn check_consent_key(key: &ConsentKey) -> Result<()> {

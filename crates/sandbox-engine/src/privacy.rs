@@ -7,9 +7,16 @@
 //! concurrent queries cannot overspend, and it is never refunded: a job that fails or a server
 //! that crashes after admission keeps it spent.
 //!
-//! An identical query (same consumer org, same rewritten plan, outputs, limit and epsilon) gets
-//! the answer already released, at no cost: asking again cannot average the noise away. Answers
-//! are kept in memory and on disk (`<data-dir>/dp-answers/`), so this holds across restarts.
+//! Budgets hold twice: per consumer org and dataset (what the grant allows the org), and per
+//! dataset over every consumer together (`[dataset.dp]` totals): a second organisation asking
+//! the same questions does not bring a second budget to spend on the same enterprises.
+//!
+//! An identical question (same rewritten plan, outputs, limit and epsilon) gets the answer
+//! already released, at no cost, *whoever asks it*: asking again, or from another org, cannot
+//! average the noise away. (A question over a per-org pseudonym is keyed by the org too: its
+//! answer shows that org's pseudonyms.) Answers are kept in memory and on disk
+//! (`<data-dir>/dp-answers/`), so this holds across restarts. Exact answers are stored the same
+//! way, per org.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,17 +39,39 @@ use crate::modules::record_value;
 const MAX_CACHED_ANSWERS: usize = 10_000;
 
 #[derive(Clone)]
-struct CachedAnswer {
-    released: Released,
-    report: DpReport,
+pub(crate) struct CachedAnswer {
+    pub(crate) released: Released,
+    /// The noise of an answer under differential privacy; `None` for an exact one.
+    report: Option<DpReport>,
     job_id: String,
+}
+
+impl CachedAnswer {
+    /// An exact answer to store.
+    pub(crate) fn exact(released: Released, job_id: String) -> Self {
+        CachedAnswer {
+            released,
+            report: None,
+            job_id,
+        }
+    }
 }
 
 /// What is stored beside an answer's Arrow bytes.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredAnswer {
-    report: DpReport,
+    report: Option<DpReport>,
     job_id: String,
+}
+
+/// The key of a question in the answer store: its kind, the org it is scoped to (empty for a
+/// question under differential privacy that reads no per-org pseudonym), the rewritten plan, and
+/// whatever else decides the answer.
+pub(crate) fn question_key(kind: &str, org: &str, plan: &str, extra: &str) -> String {
+    hex::encode(digest::digest(
+        &digest::SHA256,
+        format!("{kind}\0{org}\0{plan}\0{extra}").as_bytes(),
+    ))
 }
 
 /// Released DP answers by (consumer org, plan digest): in memory, and under
@@ -61,7 +90,7 @@ impl AnswerCache {
         }
     }
 
-    async fn get(&self, key: &str) -> Option<CachedAnswer> {
+    pub(crate) async fn get(&self, key: &str) -> Option<CachedAnswer> {
         if let Some(answer) = self.lock().get(key).cloned() {
             return Some(answer);
         }
@@ -96,7 +125,7 @@ impl AnswerCache {
 
     /// Stores an answer: the Arrow bytes, then its report (an answer without its report is not
     /// read back). A failed write only means a repeat is answered afresh, and paid.
-    async fn put(&self, key: String, answer: CachedAnswer) {
+    pub(crate) async fn put(&self, key: String, answer: CachedAnswer) {
         let stored = StoredAnswer {
             report: answer.report.clone(),
             job_id: answer.job_id.clone(),
@@ -240,24 +269,32 @@ impl Engine {
             Err(error) => return self.refuse_job(event, started, error.into()).await,
         };
         let org = ctx.principal.org.clone();
-        let key = hex::encode(digest::digest(
-            &digest::SHA256,
-            // The plan computes the statistics; the spec names the outputs (aliases included).
-            // The gate applies OFFSET and LIMIT; they are not in the plan.
-            format!(
-                "{org}\0{}\0{:?}\0{}\0{}\0{}\0{:?}",
-                planned.display_plan(),
+        // The same question gets the same noisy answer whoever asks, unless its answer shows the
+        // asking org's own pseudonyms.
+        let scope = if self.reads_pseudonyms(&planned.guarded.columns) {
+            org.as_str()
+        } else {
+            ""
+        };
+        let key = question_key(
+            "dp",
+            scope,
+            &planned.display_plan(),
+            // The spec names the outputs (aliases included); the gate applies OFFSET and LIMIT.
+            &format!(
+                "{:?}\0{}\0{}\0{}\0{:?}",
                 guarded.spec,
                 epsilon.to_bits(),
                 guarded.mode.delta.to_bits(),
                 planned.guarded.skip,
                 planned.guarded.fetch
-            )
-            .as_bytes(),
-        ));
+            ),
+        );
         let datasets = planned.guarded.datasets.clone();
 
-        if let Some(cached) = self.dp_answers.get(&key).await {
+        if let Some(cached) = self.answers.get(&key).await
+            && let Some(report) = &cached.report
+        {
             let (epsilon_remaining, delta_remaining) = self.remaining(ctx, &datasets, 0.0, 0.0)?;
             let dp = DpOutcome {
                 epsilon_spent: 0.0,
@@ -265,7 +302,7 @@ impl Engine {
                 epsilon_remaining,
                 delta_remaining,
                 cached: true,
-                columns: cached.report.columns.clone(),
+                columns: report.columns.clone(),
             };
             event.message = format!("the answer already released by job {}", cached.job_id);
             return self
@@ -308,6 +345,8 @@ impl Engine {
             skip: planned.guarded.skip,
             fetch: planned.guarded.fetch,
             max_rows: self.config.max_release_rows,
+            deadline: None,
+            source: 0,
         };
         self.spawn_job(ctx, event, started, move |engine, cancel| async move {
             let executed = engine
@@ -319,12 +358,12 @@ impl Engine {
             let (released, report) = release_dp(executed.schema, executed.batches, &noise, &gate)?;
             drop(release_span);
             engine
-                .dp_answers
+                .answers
                 .put(
                     key,
                     CachedAnswer {
                         released: released.clone(),
-                        report: report.clone(),
+                        report: Some(report.clone()),
                         job_id,
                     },
                 )
@@ -394,6 +433,34 @@ impl Engine {
                     ),
                 ));
             }
+            // The dataset's total over every consumer: what all orgs spent together.
+            let total = self
+                .datasets
+                .get(dataset)
+                .and_then(|d| d.dp_total)
+                .ok_or_else(|| {
+                    denied(
+                        "dp-not-granted",
+                        format!("dataset `{dataset}` sets no total privacy budget"),
+                    )
+                })?;
+            let all = registry.total_spent(dataset);
+            let total_epsilon_left = total.epsilon - all.epsilon - epsilon;
+            let total_delta_left = total.delta - all.delta - delta;
+            if total_epsilon_left < -1e-9 * total.epsilon || total_delta_left < -1e-9 * total.delta
+            {
+                return Err(denied(
+                    "budget-exhausted",
+                    format!(
+                        "the total privacy budget of `{dataset}` over every consumer does not \
+                         cover this query: all orgs together spent epsilon {:.6} of {}; the \
+                         owner may renew it",
+                        all.epsilon, total.epsilon
+                    ),
+                ));
+            }
+            let epsilon_left = epsilon_left.min(total_epsilon_left);
+            let delta_left = delta_left.min(total_delta_left);
             left = (
                 left.0.min(epsilon_left.max(0.0)),
                 left.1.min(delta_left.max(0.0)),
@@ -442,6 +509,22 @@ impl Engine {
                     views.push(BudgetView::new(org, dataset, *spent, None));
                 }
             }
+            // Each dataset's total over all consumers (org `*`), with the owner's bound; every
+            // consumer sees the totals of the datasets it may query under differential privacy.
+            for (id, dataset) in self.datasets.iter() {
+                let Some(total) = dataset.dp_total else {
+                    continue;
+                };
+                let consumer = seen.iter().any(|(_, d)| d == id);
+                if auditor || owned.contains(id) || consumer {
+                    let spent = registry.total_spent(id);
+                    views.push(BudgetView {
+                        epsilon_budget: Some(total.epsilon),
+                        delta_budget: Some(total.delta),
+                        ..BudgetView::new(sandbox_policy::ALL_ORGS, id, spent, None)
+                    });
+                }
+            }
         }
         self.journal.append(event).await?;
         Ok(views)
@@ -469,7 +552,8 @@ impl Engine {
             }
             if org.is_empty() || reason.trim().is_empty() {
                 return Err(crate::modules::invalid(
-                    "a renewal names the consumer org and gives a reason",
+                    "a renewal names the consumer org (or `*` for the dataset's total over all \
+                     consumers) and gives a reason",
                 ));
             }
             Ok((
@@ -484,7 +568,24 @@ impl Engine {
         })();
         event.message = format!("renew the budget of `{org}` on `{dataset}`: {reason}");
         self.conclude(event, outcome).await?;
-        let spent = self.registry().budget_spent(org, dataset);
+        let spent = if org == sandbox_policy::ALL_ORGS {
+            self.registry().total_spent(dataset)
+        } else {
+            self.registry().budget_spent(org, dataset)
+        };
         Ok(BudgetView::new(org, dataset, spent, None))
+    }
+
+    /// Whether any of these columns (`dataset.column`) is a per-org pseudonym: an answer that
+    /// shows them is the asking org's alone.
+    fn reads_pseudonyms(&self, columns: &[String]) -> bool {
+        columns.iter().any(|column| {
+            column.split_once('.').is_some_and(|(dataset, name)| {
+                self.datasets
+                    .get(dataset)
+                    .and_then(|d| d.column(name))
+                    .is_some_and(|c| c.mask == Some(sandbox_policy::Mask::Pseudonym))
+            })
+        })
     }
 }

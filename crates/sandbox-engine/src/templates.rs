@@ -371,6 +371,7 @@ impl Engine {
                             .map(|c| c.name.clone())
                             .collect(),
                         expression_arguments: true,
+                        exact: true,
                         dp: None,
                     };
                     granted.insert(
@@ -394,7 +395,16 @@ impl Engine {
                 )
             }
             TemplateOutput::Scoring { contract } => {
-                let mut scope = RowScope::default();
+                // Only the rows of entities that consented, at the scan: no expression of the
+                // template runs on anyone else's row.
+                let mut scope = RowScope {
+                    consented: Arc::new(self.registry().consented(
+                        &ctx.principal.org,
+                        &contract.purpose,
+                        now(),
+                    )),
+                    ..RowScope::default()
+                };
                 for dataset in &template.datasets {
                     let (policy, _) = self.template_grant(ctx, dataset)?;
                     let allowed = self
@@ -483,6 +493,7 @@ impl Engine {
                         min_units,
                         plan,
                         released_schema,
+                        ..Explanation::denied("", "")
                     })
                 });
         self.conclude_explanation(event, explanation).await
@@ -575,6 +586,7 @@ impl Engine {
                         guest_log: Vec::new(),
                         code_job: true,
                         dp: None,
+                        stored: false,
                     })
                 })
                 .await

@@ -1,12 +1,13 @@
 //! SDK for writing sandbox WASM jobs in safe Rust.
 //!
 //! A job is a function from parameters to `Result<(), GuestError>` that reads typed input
-//! batches, emits output batches and logs. [`entry!`] exports it as the ABI's `run` function and
+//! batches, emits output batches and logs. [`entry!`] exports it as the ABI's `run` function,
 //! [`manifest!`] embeds the `sandbox.manifest` section that declares the job's purpose and
-//! input columns:
+//! input columns, and [`input!`] the `sandbox.input` section with the input query itself:
 //!
 //! ```ignore
 //! sandbox_guest::manifest!(r#"{"name":"demo","purpose":"credit_assessment","input":["tax_monthly.credit_code"]}"#);
+//! sandbox_guest::input!("SELECT credit_code FROM tax_monthly");
 //! sandbox_guest::entry!(job);
 //!
 //! fn job(_params: &[u8]) -> Result<(), sandbox_guest::GuestError> {
@@ -254,6 +255,29 @@ macro_rules! entry {
         // used, so native builds (tests, benchmarks) compile it without warnings.
         #[cfg(not(target_arch = "wasm32"))]
         const _: fn(&[u8]) -> Result<(), $crate::GuestError> = $job;
+    };
+}
+
+/// Embeds the `sandbox.input` custom section: the job's input query (a string literal, or
+/// `include_str!` of a `.sql` file). It is part of the module's bytes, so the owners approve the
+/// query with the code, and every run reads exactly it.
+#[macro_export]
+macro_rules! input {
+    ($sql:expr) => {
+        #[cfg(target_arch = "wasm32")]
+        #[allow(unsafe_code)]
+        #[unsafe(link_section = "sandbox.input")]
+        #[used]
+        static __SANDBOX_INPUT: [u8; $sql.len()] = {
+            let bytes = $sql.as_bytes();
+            let mut out = [0u8; $sql.len()];
+            let mut i = 0;
+            while i < bytes.len() {
+                out[i] = bytes[i];
+                i += 1;
+            }
+            out
+        };
     };
 }
 

@@ -25,15 +25,15 @@ mod templates;
 pub use error::{PolicyError, Result};
 pub use load::{load_dir, load_sources, read_dir_sources};
 pub use model::{
-    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, DpMode, Grant, Grantee, Level,
-    Location, Mask, Mode, PolicySet, Principal, PrincipalRole, Role, TemplateMode, WasmMode,
+    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, DpMode, DpTotal, Grant, Grantee,
+    Level, Location, Mask, Mode, PolicySet, Principal, PrincipalRole, Role, TemplateMode, WasmMode,
 };
 pub use records::{
-    Approval, BudgetSpent, Consent, ConsentKey, Contract, ContractField, Effective,
+    ALL_ORGS, Approval, BudgetSpent, Consent, ConsentKey, Contract, ContractField, Effective,
     EffectiveTemplate, FieldKind, MAX_CONTRACT_FIELDS, ModuleRecord, Record, Refusal, Registry,
     Rejection,
 };
 pub use templates::{
-    MAX_PARAM_BYTES, MAX_TEMPLATE_PARAMS, ParamKind, ParamValue, TemplateApproval,
-    TemplateDefinition, TemplateOutput, TemplateParam, TemplateRecord,
+    MAX_PARAM_BYTES, MAX_TEMPLATE_PARAMS, MIN_SCORING_STEP_MONTHS, ParamKind, ParamValue,
+    TemplateApproval, TemplateDefinition, TemplateOutput, TemplateParam, TemplateRecord,
 };

@@ -14,8 +14,8 @@ use toml::Spanned;
 
 use crate::error::{PolicyError, Result};
 use crate::model::{
-    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, DpMode, Grant, Grantee, Level,
-    Location, Mask, Mode, PolicySet, PrincipalRole, Role, TemplateMode, WasmMode,
+    AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, DpMode, DpTotal, Grant, Grantee,
+    Level, Location, Mask, Mode, PolicySet, PrincipalRole, Role, TemplateMode, WasmMode,
 };
 
 #[derive(Deserialize)]
@@ -36,7 +36,18 @@ struct RawDataset {
     description: String,
     source: Spanned<Vec<String>>,
     privacy_unit: Spanned<String>,
+    /// The columns that identify a row (exact answers need it).
+    row_key: Option<Spanned<Vec<String>>>,
+    /// The owner's total privacy budget over every consumer.
+    dp: Option<Spanned<RawDpTotal>>,
     column: Vec<Spanned<RawColumn>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDpTotal {
+    total_epsilon: f64,
+    total_delta: f64,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +63,9 @@ struct RawColumn {
     width: Option<Spanned<i64>>,
     /// `[low, high]` of a measure, for clamping under differential privacy.
     bounds: Option<Spanned<Vec<f64>>>,
+    /// Every row of a unit holds the same value.
+    #[serde(default)]
+    constant_per_unit: bool,
     #[serde(default)]
     description: String,
 }
@@ -92,6 +106,8 @@ struct RawAggregate {
     filter_measures: Vec<Spanned<String>>,
     #[serde(default)]
     expression_arguments: bool,
+    #[serde(default)]
+    exact: Option<Spanned<bool>>,
     dp: Option<Spanned<RawDp>>,
 }
 
@@ -197,6 +213,23 @@ pub fn load_sources(sources: &[(String, String)]) -> Result<PolicySet> {
             set.grants.push(grant);
         }
     }
+    // A dataset any grant offers differential privacy on has a total over all consumers: without
+    // one, every new consumer org would bring a fresh budget to spend on the same enterprises.
+    for grant in &set.grants {
+        let offers_dp = grant.aggregate.as_ref().is_some_and(|m| m.dp.is_some());
+        let dataset = &set.datasets[&grant.dataset];
+        if offers_dp && dataset.dp_total.is_none() {
+            return Err(invalid(
+                &dataset.location,
+                format!(
+                    "dataset `{}` is offered under differential privacy (grant at line {}) but \
+                     sets no total over all consumers: add `[dataset.dp]` with `total_epsilon` \
+                     and `total_delta`",
+                    dataset.id, grant.location.line
+                ),
+            ));
+        }
+    }
     Ok(set)
 }
 
@@ -295,12 +328,22 @@ fn build_dataset(
                 }
             }
         };
+        if column.constant_per_unit && matches!(role, Role::Identifier | Role::Hidden) {
+            return Err(invalid(
+                &column_location,
+                format!(
+                    "column `{name}`: `constant_per_unit` describes a column a query can group \
+                     by, not the privacy unit or a hidden column"
+                ),
+            ));
+        }
         columns.push(ColumnPolicy {
             name,
             level,
             role,
             mask,
             bounds,
+            constant_per_unit: column.constant_per_unit,
             description: column.description.clone(),
             location: column_location,
         });
@@ -340,6 +383,67 @@ fn build_dataset(
         ));
     }
 
+    let row_key = match &raw.row_key {
+        None => Vec::new(),
+        Some(key) => {
+            let key_location = at(key.span().start);
+            if key.get_ref().is_empty() {
+                return Err(invalid(
+                    &key_location,
+                    format!("dataset `{id}`: row_key names no column"),
+                ));
+            }
+            for name in key.get_ref() {
+                let usable = columns
+                    .iter()
+                    .find(|c| &c.name == name)
+                    .is_some_and(|c| !matches!(c.role, Role::Hidden | Role::Measure));
+                if !usable {
+                    return Err(invalid(
+                        &key_location,
+                        format!(
+                            "dataset `{id}`: row_key column `{name}` must be a declared column \
+                             that is neither hidden nor a measure"
+                        ),
+                    ));
+                }
+            }
+            key.get_ref().clone()
+        }
+    };
+    let dp_total = match &raw.dp {
+        None => None,
+        Some(total) => {
+            let total_location = at(total.span().start);
+            let total = total.get_ref();
+            if !(total.total_epsilon.is_finite() && total.total_epsilon > 0.0) {
+                return Err(invalid(
+                    &total_location,
+                    format!(
+                        "dataset `{id}`: dp.total_epsilon must be a positive finite number, got {}",
+                        total.total_epsilon
+                    ),
+                ));
+            }
+            if !(total.total_delta.is_finite()
+                && total.total_delta > 0.0
+                && total.total_delta < 1e-3)
+            {
+                return Err(invalid(
+                    &total_location,
+                    format!(
+                        "dataset `{id}`: dp.total_delta must be above 0 and below 0.001, got {}",
+                        total.total_delta
+                    ),
+                ));
+            }
+            Some(DpTotal {
+                epsilon: total.total_epsilon,
+                delta: total.total_delta,
+            })
+        }
+    };
+
     Ok(DatasetPolicy {
         id,
         owner: org.to_string(),
@@ -347,6 +451,8 @@ fn build_dataset(
         source: raw.source.get_ref().clone(),
         privacy_unit: unit.clone(),
         columns,
+        row_key,
+        dp_total,
         location,
     })
 }
@@ -550,11 +656,49 @@ fn build_grant(
                 None => None,
                 Some(dp) => Some(dp_mode(dp.get_ref(), &at(dp.span().start))?),
             };
+            let exact = match &mode.exact {
+                Some(exact) if *exact.get_ref() => {
+                    let exact_location = at(exact.span().start);
+                    if dataset.level() >= Level::L4 {
+                        return Err(invalid(
+                            &exact_location,
+                            format!(
+                                "dataset `{dataset_id}` is L4: its ad-hoc answers are always \
+                                 differentially private, a grant cannot make them exact"
+                            ),
+                        ));
+                    }
+                    if dataset.row_key.is_empty() {
+                        return Err(invalid(
+                            &exact_location,
+                            format!(
+                                "an exact grant needs the dataset's `row_key`: the differencing \
+                                 defense of exact answers tells rows of `{dataset_id}` apart by it"
+                            ),
+                        ));
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if dataset.private_by_default() && !exact && dp.is_none() {
+                return Err(invalid(
+                    &mode_location,
+                    format!(
+                        "dataset `{dataset_id}` is {}: ad-hoc SQL on it is answered under \
+                         differential privacy unless the grant is exact; add \
+                         `[grant.aggregate.dp]`, or `exact = true` if you accept exact answers \
+                         to freely chosen questions (see README, What the sandbox promises)",
+                        dataset.level().as_str()
+                    ),
+                ));
+            }
             Some(AggregateMode {
                 min_units,
                 functions,
                 filter_measures,
                 expression_arguments: mode.expression_arguments,
+                exact,
                 dp,
             })
         }

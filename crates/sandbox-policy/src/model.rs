@@ -31,6 +31,10 @@ impl fmt::Display for Location {
 /// L3 values are never shown in the clear: not as a dimension, only masked or aggregated. L4
 /// values reach ad-hoc SQL only under differential privacy ([`Mode::Private`]), and otherwise
 /// only owner-approved templates and code, whose every run the owner scoped.
+///
+/// A dataset's level is the highest level of its visible columns ([`DatasetPolicy::level`]). Ad-hoc
+/// SQL over a dataset of level L3 or above is answered under differential privacy unless its
+/// owner marks the grant exact ([`AggregateMode::exact`]), which an L4 dataset cannot be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
     /// Public.
@@ -223,6 +227,12 @@ pub struct ColumnPolicy {
     /// clamped into it, and the noise is scaled to it. A measure without bounds cannot be
     /// summed or averaged under differential privacy.
     pub bounds: Option<(f64, f64)>,
+    /// Every row of one privacy unit holds the same value (an enterprise's rating, its industry):
+    /// grouping by such columns puts each unit in one group, so differential privacy needs no
+    /// budget for a unit spread over several groups. Declared by the owner; the plan still
+    /// bounds every unit to one group when a query relies on it, so a wrong declaration costs
+    /// accuracy, never privacy.
+    pub constant_per_unit: bool,
     pub description: String,
     pub location: Location,
 }
@@ -239,7 +249,22 @@ pub struct DatasetPolicy {
     /// The column whose distinct values are the protected entities.
     pub privacy_unit: String,
     pub columns: Vec<ColumnPolicy>,
+    /// Columns whose values identify one row (`credit_code` and `month` in a monthly table).
+    /// Exact answers need it: the differencing defense tells rows apart by it, and a join onto a
+    /// side unique on its join columns does not copy the other side's rows. The engine checks
+    /// that it holds before the first exact query reads the dataset.
+    pub row_key: Vec<String>,
+    /// What differential privacy may spend on this dataset over every consumer together: each
+    /// privacy unit loses at most this much, however many organisations ask.
+    pub dp_total: Option<DpTotal>,
     pub location: Location,
+}
+
+/// The owner's total privacy budget of a dataset, over all consumers (`[dataset.dp]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpTotal {
+    pub epsilon: f64,
+    pub delta: f64,
 }
 
 impl DatasetPolicy {
@@ -256,6 +281,21 @@ impl DatasetPolicy {
     /// Columns a consumer may see in the catalog: every declared column that is not hidden.
     pub fn visible_columns(&self) -> impl Iterator<Item = &ColumnPolicy> {
         self.columns.iter().filter(|c| c.role != Role::Hidden)
+    }
+
+    /// The dataset's level: the highest level of a column a consumer can use. Hidden columns are
+    /// never read, so they do not raise it.
+    pub fn level(&self) -> Level {
+        self.visible_columns()
+            .map(|c| c.level)
+            .max()
+            .unwrap_or(Level::L1)
+    }
+
+    /// Whether ad-hoc SQL on this dataset is answered under differential privacy unless the
+    /// grant is marked exact: datasets of level L3 and above.
+    pub fn private_by_default(&self) -> bool {
+        self.level() >= Level::L3
     }
 }
 
@@ -368,6 +408,10 @@ pub struct AggregateMode {
     /// Whether aggregate arguments may be expressions (`SUM(CASE WHEN ... THEN m END)`) rather
     /// than plain columns. Off by default: such an argument smuggles a predicate into a sum.
     pub expression_arguments: bool,
+    /// The owner answers this grantee's ad-hoc SQL exactly (under the threshold and the
+    /// differencing defense) although the dataset's level calls for differential privacy by
+    /// default. Only L3 datasets with a row key may be marked so; L1 and L2 are exact anyway.
+    pub exact: bool,
     /// Differential privacy, when the grant offers it (and required for L4 measures).
     pub dp: Option<DpMode>,
 }
@@ -389,6 +433,8 @@ impl AggregateMode {
                 .cloned()
                 .collect(),
             expression_arguments: self.expression_arguments && other.expression_arguments,
+            // Exact only where every grant that applies says so.
+            exact: self.exact && other.exact,
             // A grant without differential privacy does not take it away from one that has it:
             // whichever applies, its parameters are the strictest of those given.
             dp: match (&self.dp, &other.dp) {
@@ -611,6 +657,24 @@ impl PolicySet {
                 .iter()
                 .any(|g| g.dataset == d.id && g.grantee.matches(principal))
         })
+    }
+
+    /// Marks every aggregate grant exact where its dataset allows it (below L4, with a row key):
+    /// the policy as it would be if every owner chose exact answers. The suites that exercise the
+    /// exact guard and gate (the SQL tests, the fuzz oracle, the policy suite, the adversary's
+    /// exact profile) run against it.
+    pub fn mark_exact_where_allowed(&mut self) {
+        for grant in &mut self.grants {
+            let allowed = self
+                .datasets
+                .get(&grant.dataset)
+                .is_some_and(|d| d.level() < Level::L4 && !d.row_key.is_empty());
+            if let Some(mode) = grant.aggregate.as_mut()
+                && allowed
+            {
+                mode.exact = true;
+            }
+        }
     }
 
     /// Datasets owned by the principal's org, when the principal has the owner role.

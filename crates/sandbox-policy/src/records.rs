@@ -216,6 +216,11 @@ pub struct ModuleRecord {
     pub purpose: String,
     /// Columns its input may read, as `dataset.column`.
     pub input: Vec<String>,
+    /// The input query it declares (its `sandbox.input` section): what every run reads, part
+    /// of the bytes the owners approve. Empty for a module recorded before inputs were bound,
+    /// which cannot run.
+    #[serde(default)]
+    pub input_query: String,
     /// The consumer org that uploaded it; approvals are for this org only.
     pub org: String,
     pub uploaded_by: String,
@@ -311,8 +316,9 @@ pub enum Record {
         epsilon: f64,
         delta: f64,
     },
-    /// A dataset's owner renewed a consumer org's budget on it: what was spent before counts no
-    /// more. Never automatic: every renewal is one of these, with who and why.
+    /// A dataset's owner renewed a consumer org's budget on it (or, with `org` [`ALL_ORGS`], the
+    /// dataset's total over all consumers): what was spent before counts no more. Never
+    /// automatic: every renewal is one of these, with who and why.
     BudgetRefreshed {
         org: String,
         dataset: String,
@@ -320,6 +326,9 @@ pub enum Record {
         reason: String,
     },
 }
+
+/// The `org` of a renewal of a dataset's total over every consumer.
+pub const ALL_ORGS: &str = "*";
 
 /// What a consumer org has spent of its privacy budget on one dataset since its last renewal.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -522,6 +531,8 @@ pub struct Registry {
     template_runs: BTreeMap<String, u64>,
     /// (consumer org, dataset) -> budget spent since the last renewal.
     budgets: BTreeMap<(String, String), BudgetSpent>,
+    /// Dataset -> what every consumer together spent since the last renewal of its total.
+    totals: BTreeMap<String, BudgetSpent>,
 }
 
 impl Registry {
@@ -584,14 +595,24 @@ impl Registry {
                 delta,
             } => {
                 for dataset in datasets {
-                    let spent = self.budgets.entry((org.clone(), dataset)).or_default();
-                    spent.epsilon += epsilon;
-                    spent.delta += delta;
-                    spent.queries += 1;
+                    for spent in [
+                        self.budgets
+                            .entry((org.clone(), dataset.clone()))
+                            .or_default(),
+                        self.totals.entry(dataset).or_default(),
+                    ] {
+                        spent.epsilon += epsilon;
+                        spent.delta += delta;
+                        spent.queries += 1;
+                    }
                 }
             }
             Record::BudgetRefreshed { org, dataset, .. } => {
-                let spent = self.budgets.entry((org, dataset)).or_default();
+                let spent = if org == ALL_ORGS {
+                    self.totals.entry(dataset).or_default()
+                } else {
+                    self.budgets.entry((org, dataset)).or_default()
+                };
                 *spent = BudgetSpent {
                     refreshes: spent.refreshes + 1,
                     ..BudgetSpent::default()
@@ -606,6 +627,11 @@ impl Registry {
             .get(&(org.to_string(), dataset.to_string()))
             .copied()
             .unwrap_or_default()
+    }
+
+    /// What every consumer together has spent on `dataset` since the last renewal of its total.
+    pub fn total_spent(&self, dataset: &str) -> BudgetSpent {
+        self.totals.get(dataset).copied().unwrap_or_default()
     }
 
     /// Every (consumer org, dataset) with a debit or a renewal.
@@ -778,6 +804,7 @@ mod tests {
             name: "m".into(),
             purpose: "credit_assessment".into(),
             input: vec!["tax.credit_code".into(), "court.credit_code".into()],
+            input_query: "SELECT credit_code FROM tax".into(),
             org: "bank".into(),
             uploaded_by: "bank".into(),
             size: 1,

@@ -17,15 +17,184 @@ pub enum ParamKind {
     Int,
     Float,
     String,
+    /// A month, `YYYY-MM` (bound as text, compared with the datasets' month columns).
+    Month,
 }
 
-/// One declared parameter; the SQL refers to it as `$name`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One declared parameter; the SQL refers to it as `$name`. Every parameter has a domain the
+/// owners approve with the SQL (it is part of the template's hash): an enumeration of `values`,
+/// a `min`/`max` range of numbers, or a `from`/`to` range of months moving in `step_months`.
+/// A free parameter would let a consumer narrow an approved window or group to one period or
+/// one entity (THREATS class 30).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateParam {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: ParamKind,
+    /// The values it may take, as text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    /// Bounds of a number parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The first and last month a month parameter may take (`YYYY-MM`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// A month parameter takes every `step_months`-th month from `from` (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_months: Option<u32>,
+}
+
+/// The least step of a month parameter in a scoring (per-entity) template: two runs with
+/// different values subtract to a window of at least this many months, never to one month of
+/// one entity.
+pub const MIN_SCORING_STEP_MONTHS: u32 = 12;
+
+/// A `YYYY-MM` month as a count of months, or `None` when it is not one.
+pub fn month_index(text: &str) -> Option<u32> {
+    let (year, month) = text.split_once('-')?;
+    if year.len() != 4 || month.len() != 2 {
+        return None;
+    }
+    let (year, month): (u32, u32) = (year.parse().ok()?, month.parse().ok()?);
+    (1..=12).contains(&month).then_some(year * 12 + month - 1)
+}
+
+impl TemplateParam {
+    /// Checks the declared domain: one, of the parameter's kind, not empty.
+    fn check_domain(&self, scoring: bool) -> Result<(), String> {
+        let name = &self.name;
+        let ranged = self.min.is_some() || self.max.is_some();
+        let months = self.from.is_some() || self.to.is_some() || self.step_months.is_some();
+        let declared =
+            usize::from(!self.values.is_empty()) + usize::from(ranged) + usize::from(months);
+        if declared != 1 {
+            return Err(format!(
+                "parameter `{name}` declares a domain: `values`, or `min` and `max`, or `from` \
+                 and `to` (months)"
+            ));
+        }
+        if !self.values.is_empty() {
+            for value in &self.values {
+                self.parse(value).ok_or_else(|| {
+                    format!("parameter `{name}`: `{value}` is not a {:?}", self.kind)
+                })?;
+            }
+            return Ok(());
+        }
+        if scoring {
+            let stepped = self.kind == ParamKind::Month
+                && self.step_months.unwrap_or(1) >= MIN_SCORING_STEP_MONTHS;
+            if !stepped {
+                return Err(format!(
+                    "parameter `{name}` of a per-entity template must take listed `values` or \
+                     months `step_months` of at least {MIN_SCORING_STEP_MONTHS} apart: two runs \
+                     must never subtract to a narrower window of one entity"
+                ));
+            }
+        }
+        match self.kind {
+            ParamKind::Int | ParamKind::Float if ranged => match (self.min, self.max) {
+                (Some(min), Some(max)) if min.is_finite() && max.is_finite() && min <= max => {
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "parameter `{name}`: `min` and `max` are two numbers, min <= max"
+                )),
+            },
+            ParamKind::Month if months => {
+                let from = self.from.as_deref().and_then(month_index);
+                let to = self.to.as_deref().and_then(month_index);
+                match (from, to, self.step_months) {
+                    (Some(from), Some(to), step) if from <= to && step != Some(0) => Ok(()),
+                    _ => Err(format!(
+                        "parameter `{name}`: `from` and `to` are months `YYYY-MM`, from <= to, \
+                         and `step_months` is positive"
+                    )),
+                }
+            }
+            _ => Err(format!(
+                "parameter `{name}`: a {:?} takes `values`{}",
+                self.kind,
+                match self.kind {
+                    ParamKind::Int | ParamKind::Float => " or `min` and `max`",
+                    ParamKind::Month => " or `from` and `to`",
+                    ParamKind::String => "",
+                }
+            )),
+        }
+    }
+
+    /// A value parsed to the parameter's type, without the domain check.
+    fn parse(&self, value: &str) -> Option<ParamValue> {
+        match self.kind {
+            ParamKind::Int => value.trim().parse().map(ParamValue::Int).ok(),
+            ParamKind::Float => value
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .map(ParamValue::Float),
+            ParamKind::String => Some(ParamValue::String(value.to_string())),
+            ParamKind::Month => month_index(value).map(|_| ParamValue::String(value.to_string())),
+        }
+    }
+
+    /// Whether a parsed value lies in the declared domain.
+    fn admits(&self, text: &str, value: &ParamValue) -> bool {
+        if !self.values.is_empty() {
+            return self
+                .values
+                .iter()
+                .any(|allowed| self.parse(allowed).as_ref() == Some(value));
+        }
+        match (value, self.kind) {
+            (ParamValue::Int(v), _) => {
+                let v = *v as f64;
+                self.min.is_some_and(|m| v >= m) && self.max.is_some_and(|m| v <= m)
+            }
+            (ParamValue::Float(v), _) => {
+                self.min.is_some_and(|m| *v >= m) && self.max.is_some_and(|m| *v <= m)
+            }
+            (ParamValue::String(_), ParamKind::Month) => {
+                let (Some(v), Some(from), Some(to)) = (
+                    month_index(text),
+                    self.from.as_deref().and_then(month_index),
+                    self.to.as_deref().and_then(month_index),
+                ) else {
+                    return false;
+                };
+                let step = self.step_months.unwrap_or(1).max(1);
+                (from..=to).contains(&v) && (v - from) % step == 0
+            }
+            (ParamValue::String(_), _) => false,
+        }
+    }
+
+    /// The domain in words, for messages.
+    fn describe_domain(&self) -> String {
+        if !self.values.is_empty() {
+            return format!("one of {}", self.values.join(", "));
+        }
+        match self.kind {
+            ParamKind::Month => format!(
+                "a month from {} to {} in steps of {}",
+                self.from.as_deref().unwrap_or("?"),
+                self.to.as_deref().unwrap_or("?"),
+                self.step_months.unwrap_or(1)
+            ),
+            _ => format!(
+                "a number from {} to {}",
+                self.min.unwrap_or(f64::NAN),
+                self.max.unwrap_or(f64::NAN)
+            ),
+        }
+    }
 }
 
 /// A parameter value, parsed to its declared type.
@@ -132,6 +301,7 @@ impl TemplateDefinition {
             return Err(format!("at most {MAX_TEMPLATE_PARAMS} parameters"));
         }
         let mut seen = std::collections::BTreeSet::new();
+        let scoring = matches!(self.output, TemplateOutput::Scoring { .. });
         for param in &self.params {
             if !identifier(&param.name) || !seen.insert(param.name.as_str()) {
                 return Err(format!(
@@ -139,6 +309,7 @@ impl TemplateDefinition {
                     param.name
                 ));
             }
+            param.check_domain(scoring)?;
         }
         match &self.output {
             TemplateOutput::Aggregate { min_units } if *min_units < 2 => {
@@ -187,17 +358,16 @@ impl TemplateDefinition {
                     param.name
                 ));
             }
-            let parsed = match param.kind {
-                ParamKind::Int => value.trim().parse().map(ParamValue::Int).ok(),
-                ParamKind::Float => value
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|f| f.is_finite())
-                    .map(ParamValue::Float),
-                ParamKind::String => Some(ParamValue::String(value.clone())),
+            let parsed = param.parse(value).ok_or_else(|| {
+                format!("parameter `{}` is not a valid {:?}", param.name, param.kind)
+            })?;
+            if !param.admits(value, &parsed) {
+                return Err(format!(
+                    "parameter `{}` must be {} (the domain its owners approved)",
+                    param.name,
+                    param.describe_domain()
+                ));
             }
-            .ok_or_else(|| format!("parameter `{}` is not a valid {:?}", param.name, param.kind))?;
             bound.insert(param.name.clone(), parsed);
         }
         Ok(bound)
@@ -239,6 +409,7 @@ min_units = 20
 [[param]]
 name = "status"
 type = "string"
+values = ["active", "a", "suspended"]
 "#;
 
     #[test]
@@ -291,11 +462,79 @@ type = "string"
             assert!(error.contains(needle), "{error} lacks {needle}");
         }
         let int =
-            TemplateDefinition::from_toml(&AGGREGATE.replace("\"string\"", "\"int\"")).unwrap();
+            TemplateDefinition::from_toml(&AGGREGATE.replace("\"string\"", "\"int\"").replace(
+                "values = [\"active\", \"a\", \"suspended\"]",
+                "min = 1\nmax = 5",
+            ))
+            .unwrap();
         assert!(
             int.bind(&BTreeMap::from([("status".into(), "x".into())]))
                 .unwrap_err()
                 .contains("not a valid Int")
         );
+        assert!(
+            int.bind(&BTreeMap::from([("status".into(), "9".into())]))
+                .unwrap_err()
+                .contains("a number from 1 to 5")
+        );
+    }
+
+    /// A parameter outside its approved domain is refused; a per-entity template cannot declare
+    /// a window that moves by less than a year, nor a free parameter.
+    #[test]
+    fn parameters_stay_in_their_approved_domains() {
+        let free = AGGREGATE.replace("values = [\"active\", \"a\", \"suspended\"]\n", "");
+        assert!(
+            TemplateDefinition::from_toml(&free)
+                .unwrap_err()
+                .contains("declares a domain")
+        );
+        let t = TemplateDefinition::from_toml(AGGREGATE).unwrap();
+        assert!(
+            t.bind(&BTreeMap::from([("status".into(), "revoked".into())]))
+                .unwrap_err()
+                .contains("one of active, a, suspended")
+        );
+        let scoring = |param: &str| {
+            format!(
+                r#"
+name = "features"
+sql = "SELECT credit_code FROM tax_monthly WHERE month >= $since GROUP BY credit_code"
+mode = "scoring"
+[[param]]
+name = "since"
+{param}
+[contract]
+purpose = "credit_assessment"
+key = "credit_code"
+max_rows = 10
+[[contract.field]]
+name = "n"
+type = "int"
+min = 0
+max = 1
+"#
+            )
+        };
+        let monthly = scoring("type = \"month\"\nfrom = \"2023-01\"\nto = \"2024-12\"");
+        assert!(
+            TemplateDefinition::from_toml(&monthly)
+                .unwrap_err()
+                .contains("at least 12 apart")
+        );
+        let yearly = TemplateDefinition::from_toml(&scoring(
+            "type = \"month\"\nfrom = \"2023-01\"\nto = \"2024-01\"\nstep_months = 12",
+        ))
+        .unwrap();
+        for (value, ok) in [
+            ("2023-01", true),
+            ("2024-01", true),
+            ("2024-12", false),
+            ("2023-02", false),
+            ("x", false),
+        ] {
+            let bound = yearly.bind(&BTreeMap::from([("since".into(), value.into())]));
+            assert_eq!(bound.is_ok(), ok, "{value}: {bound:?}");
+        }
     }
 }

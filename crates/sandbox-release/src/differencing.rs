@@ -1,27 +1,36 @@
-//! The differencing defense of exact releases: a row is not released when the units behind it
-//! differ from those of a row already released to the same consumer org in at least one and fewer
-//! than `min_units` units (THREATS class 6: `... AND region <> 'x'` against the same query
-//! without it, tracker queries `q(C OR T) + q(C OR NOT T) - q(ALL)`). Two such rows subtract to
+//! The differencing defense of exact releases: a row is not released when the input rows behind
+//! it differ from those of a row already released to the same consumer org in fewer than
+//! `min_units` units (THREATS classes 6, 23, 24: `... AND region <> 'x'` against the same query
+//! without it, a target's month swapped for another, tracker queries). Two such rows subtract to
 //! the contribution of fewer than `min_units` units, which the threshold exists to hide.
 //!
-//! Each row carries a [`Sketch`] of its units, built in the plan (the hidden [`SKETCH_COLUMN`]):
-//! an invertible Bloom lookup table (Goodrich and Mitzenmacher 2011) of the row's input rows keyed
-//! by their unit. Cells hold integer sums modulo 2^64 (a count, the sum of unit keys, the sum of a
-//! check hash), so sketches add and subtract: the difference of two rows' sketches is the sketch of the
+//! Each row carries a [`Sketch`] of its input rows, built in the plan (the hidden
+//! [`SKETCH_COLUMN`]): an invertible Bloom lookup table (Goodrich and Mitzenmacher 2011) keyed by
+//! the rows' unit. Cells hold integer sums modulo 2^64 (a count, the sum of unit keys, the sum of
+//! a check hash, and the sum of the rows' identities: a hash of each row's unit and declared row
+//! key), so sketches add and subtract: the difference of two rows' sketches is the sketch of the
 //! units whose rows differ, which is peeled cell by cell to list them when there are few, and is
 //! proven large without peeling when many cells of one partition differ (each unit touches
-//! exactly one cell in each of three partitions). What cannot be proven to differ in at least `min_units` units is
-//! treated as a small difference: suppressed (fail closed).
+//! exactly one cell in each of three partitions). What cannot be proven to differ in at least
+//! `min_units` units is treated as a small difference: withheld (fail closed).
 //!
-//! A unit counts as differing when its number of rows in the two groups differs: removing one
-//! row of one enterprise (one month, one case) is a difference too, because the two sums would
-//! then subtract to that row's value.
+//! A unit counts as differing when its rows differ: one row more or less (removing one month of
+//! one enterprise), or as many rows but other ones (its August swapped for its September: the
+//! row identities differ where counts and keys cancel).
 //!
-//! What it does not catch, by design: differences that need three or more released rows (a
-//! linear combination of rows each far from the others), and it also withholds rows that merely
-//! happen to cover nearly the same units as an earlier query's row over other input rows (two
-//! months asked in separate queries whose enterprises differ in a few; one `GROUP BY month`
-//! query is not affected, as the rows of one query are not compared with each other).
+//! A row whose input rows are *exactly* those of a released one is withheld too: it adds no
+//! number, and releasing it while withholding a near one would answer, by the row's presence,
+//! whether one to `min_units - 1` units match a filter. (The engine answers an identical repeat
+//! of a question from the stored answer instead.)
+//!
+//! The gate also remembers, for a query that releases several rows, the sum of their sketches:
+//! a later total that differs from that sum by a few units (the cells a query suppressed) is
+//! withheld, and a query whose released rows sum to within a few units of a remembered total
+//! withholds one more row (complementary suppression).
+//!
+//! What it does not catch, by design: linear combinations of three or more released rows that
+//! are each far from the others (general reconstruction); against freely chosen questions only
+//! noise protects (README, What the sandbox promises).
 
 /// Hidden column with each output row's sketch (binary).
 pub const SKETCH_COLUMN: &str = "__sandbox_sketch";
@@ -33,17 +42,19 @@ pub const SKETCH_COLUMN: &str = "__sandbox_sketch";
 pub const PARTITION_CELLS: usize = 64;
 pub const PARTITIONS: usize = 3;
 pub const CELLS: usize = PARTITION_CELLS * PARTITIONS;
-const CELL_BYTES: usize = 8 + 8 + 8;
+const CELL_BYTES: usize = 8 + 8 + 8 + 8;
 /// Size of a serialized sketch.
 pub const SKETCH_BYTES: usize = CELLS * CELL_BYTES;
 
-/// One cell: how many rows, the sum of their unit keys, the sum of their check values (the sums
-/// modulo 2^64: exact in that ring, so they add and subtract without overflow).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One cell: how many rows, the sum of their unit keys, the sum of their check values, the sum
+/// of their row identities (the sums modulo 2^64: exact in that ring, so they add and subtract
+/// without overflow).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Cell {
     pub count: i64,
     pub keys: u64,
     pub checks: u64,
+    pub rows: u64,
 }
 
 /// A multiset of unit keys as an invertible Bloom lookup table.
@@ -81,9 +92,16 @@ fn place(hash: u64) -> (u64, u64, [usize; PARTITIONS]) {
     (key, check, cells)
 }
 
-/// Adds `times` rows of the unit with this hash to the cells of one sketch (a slice of
-/// [`CELLS`] cells, so that the plan's accumulator can keep all groups in one vector).
-pub fn insert(cells: &mut [Cell], hash: u64, times: i64) {
+/// The identity a row adds to the `rows` sums: its unit and its row key hashed together.
+#[inline]
+pub fn row_identity(unit: u64, row: u64) -> u64 {
+    mix(unit ^ mix(row ^ 0xbb67_ae85_84ca_a73b))
+}
+
+/// Adds `times` rows of the unit with this hash, whose row identities sum to `rows`, to the
+/// cells of one sketch (a slice of [`CELLS`] cells, so that the plan's accumulator can keep all
+/// groups in one vector).
+pub fn insert(cells: &mut [Cell], hash: u64, times: i64, rows: u64) {
     let (key, check, indices) = place(hash);
     let (key, check) = (
         key.wrapping_mul(times as u64),
@@ -94,18 +112,21 @@ pub fn insert(cells: &mut [Cell], hash: u64, times: i64) {
         cell.count += times;
         cell.keys = cell.keys.wrapping_add(key);
         cell.checks = cell.checks.wrapping_add(check);
+        cell.rows = cell.rows.wrapping_add(rows);
     }
 }
 
-/// Adds one row of the unit with this hash: [`insert`] with `times` 1, on the per-row path.
+/// Adds one row of the unit with this hash and this row identity: [`insert`] with `times` 1, on
+/// the per-row path.
 #[inline]
-pub fn insert_one(cells: &mut [Cell], hash: u64) {
+pub fn insert_one(cells: &mut [Cell], hash: u64, row: u64) {
     let (key, check, indices) = place(hash);
     for index in indices {
         let cell = &mut cells[index];
         cell.count += 1;
         cell.keys = cell.keys.wrapping_add(key);
         cell.checks = cell.checks.wrapping_add(check);
+        cell.rows = cell.rows.wrapping_add(row);
     }
 }
 
@@ -115,6 +136,7 @@ pub fn add(into: &mut [Cell], from: &[Cell]) {
         a.count += b.count;
         a.keys = a.keys.wrapping_add(b.keys);
         a.checks = a.checks.wrapping_add(b.checks);
+        a.rows = a.rows.wrapping_add(b.rows);
     }
 }
 
@@ -125,6 +147,7 @@ pub fn encode(cells: &[Cell]) -> Vec<u8> {
         bytes.extend_from_slice(&cell.count.to_le_bytes());
         bytes.extend_from_slice(&cell.keys.to_le_bytes());
         bytes.extend_from_slice(&cell.checks.to_le_bytes());
+        bytes.extend_from_slice(&cell.rows.to_le_bytes());
     }
     bytes
 }
@@ -139,26 +162,25 @@ pub fn decode(bytes: &[u8]) -> Option<Sketch> {
         cell.count = i64::from_le_bytes(chunk[0..8].try_into().ok()?);
         cell.keys = u64::from_le_bytes(chunk[8..16].try_into().ok()?);
         cell.checks = u64::from_le_bytes(chunk[16..24].try_into().ok()?);
+        cell.rows = u64::from_le_bytes(chunk[24..32].try_into().ok()?);
     }
     Some(sketch)
 }
 
-/// Whether a new row must be withheld given the rows released to the same org by earlier
-/// queries: some released row's units differ from its own in at least one and fewer than
-/// `min_units` units, and none has exactly its units. (A released row with the same units and
-/// rows already told whatever the new row could add to a difference; the rows of one query are
-/// not compared with each other: a `GROUP BY` splits the input rows into disjoint groups, and two
-/// disjoint row sets subtract to no unit's values.)
-pub fn is_differencing(sketch: &Sketch, released: &[Sketch], min_units: u64) -> bool {
-    let mut near = false;
-    for other in released {
-        match sketch.difference(other, min_units) {
-            Difference::None => return false,
-            d if d.is_differencing(min_units) => near = true,
-            _ => {}
-        }
-    }
-    near
+/// Whether a new row must be withheld given rows released to the same org before: some
+/// released row's input rows differ from its own in fewer than `min_units` units, none included
+/// (an identical row adds nothing, and withholding it like a near one keeps the row's presence
+/// from telling whether a few units differ).
+pub fn is_differencing<'a>(
+    sketch: &Sketch,
+    released: impl IntoIterator<Item = &'a Sketch>,
+    min_units: u64,
+) -> bool {
+    released.into_iter().any(|other| {
+        sketch
+            .difference(other, min_units)
+            .is_differencing(min_units)
+    })
 }
 
 /// How two rows' units compare.
@@ -175,10 +197,11 @@ pub enum Difference {
 }
 
 impl Difference {
-    /// Whether a new row with this difference to a released one must be suppressed.
+    /// Whether a new row with this difference to a released one must be withheld: fewer than
+    /// `min_units` units apart, identical included.
     pub fn is_differencing(self, min_units: u64) -> bool {
         match self {
-            Difference::None => false,
+            Difference::None => true,
             Difference::AtLeast(n) => (n as u64) < min_units,
             Difference::Exactly(n) => n >= 1 && (n as u64) < min_units,
             Difference::Unknown => true,
@@ -218,6 +241,7 @@ impl Sketch {
                 count: a.count - b.count,
                 keys: a.keys.wrapping_sub(b.keys),
                 checks: a.checks.wrapping_sub(b.checks),
+                rows: a.rows.wrapping_sub(b.rows),
             };
         }
         peel(&mut diff)
@@ -266,9 +290,13 @@ fn pure_unit(cell: &Cell, index: usize) -> Option<u64> {
 
 /// Lists the units of a difference by peeling pure cells: a cell whose sums are those of one
 /// unit key repeated `count` times (its check value confirms it) is removed from all three of
-/// that unit's cells, which may make others pure.
+/// that unit's cells, which may make others pure. Row identities cannot be removed that way (a
+/// unit's rows are not known), so once counts, keys and checks are all zero, a cell no peeled
+/// unit touched whose row sum is not zero belongs to a unit with as many rows but other ones:
+/// the most such cells in one partition is a lower bound of those units.
 fn peel(cells: &mut [Cell; CELLS]) -> Difference {
     let mut found = 0;
+    let mut touched = [false; CELLS];
     loop {
         let mut progressed = false;
         for index in 0..CELLS {
@@ -279,12 +307,35 @@ fn peel(cells: &mut [Cell; CELLS]) -> Difference {
             let Some(hash) = pure_unit(&cell, index) else {
                 continue;
             };
-            insert(cells, hash, -cell.count);
+            let (_, _, indices) = place(hash);
+            for i in indices {
+                touched[i] = true;
+            }
+            insert(cells, hash, -cell.count, 0);
             found += 1;
             progressed = true;
         }
-        if cells.iter().all(|c| *c == Cell::default()) {
-            return Difference::Exactly(found);
+        let settled = cells
+            .iter()
+            .all(|c| c.count == 0 && c.keys == 0 && c.checks == 0);
+        if settled {
+            let swapped = cells
+                .chunks_exact(PARTITION_CELLS)
+                .zip(touched.chunks_exact(PARTITION_CELLS))
+                .map(|(partition, touched)| {
+                    partition
+                        .iter()
+                        .zip(touched)
+                        .filter(|(c, t)| c.rows != 0 && !**t)
+                        .count()
+                })
+                .max()
+                .unwrap_or(0);
+            return if swapped == 0 {
+                Difference::Exactly(found)
+            } else {
+                Difference::AtLeast(found + swapped)
+            };
         }
         if !progressed {
             return Difference::Unknown;
@@ -296,12 +347,49 @@ fn peel(cells: &mut [Cell; CELLS]) -> Difference {
 mod tests {
     use super::*;
 
+    /// A sketch of these units' rows: unit `u` with `n` rows has rows 0..n (identities by row
+    /// number, whatever the order they are added in).
     fn sketch(units: &[(u64, i64)]) -> Sketch {
         let mut s = Sketch::default();
+        let mut next: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
         for &(unit, times) in units {
-            insert(&mut s.cells, mix(unit), times);
+            let hash = mix(unit);
+            let first = next.entry(unit).or_default();
+            let rows = (*first..*first + times as u64)
+                .map(|row| row_identity(hash, row))
+                .fold(0u64, u64::wrapping_add);
+            *first += times as u64;
+            insert(&mut s.cells, hash, times, rows);
         }
         s
+    }
+
+    /// The same units with the same row counts, one unit's row replaced by another row of it.
+    #[test]
+    fn a_swapped_row_is_a_difference_of_one_unit() {
+        let base: Vec<(u64, i64)> = (0..300).map(|u| (u, 2)).collect();
+        let all = sketch(&base);
+        let mut swapped = Sketch::default();
+        for &(unit, _) in &base {
+            let hash = mix(unit);
+            // Unit 17 has its rows 0 and 5 instead of 0 and 1.
+            let second = if unit == 17 { 5 } else { 1 };
+            let rows = row_identity(hash, 0).wrapping_add(row_identity(hash, second));
+            insert(&mut swapped.cells, hash, 2, rows);
+        }
+        let d = all.difference(&swapped, 10);
+        assert!(d.is_differencing(10), "{d:?}");
+        // Far from rows of other months (every unit's rows differ) it is not.
+        let other: Vec<(u64, i64)> = (0..300).map(|u| (u + 10_000, 2)).collect();
+        assert!(!all.difference(&sketch(&other), 10).is_differencing(10));
+    }
+
+    /// An identical row is withheld like a near one: its presence must not tell the two apart.
+    #[test]
+    fn identical_rows_are_withheld() {
+        let a = sketch(&(0..50).map(|u| (u, 1)).collect::<Vec<_>>());
+        assert!(is_differencing(&a, [&a.clone()], 10));
+        assert!(!is_differencing(&a, [], 10));
     }
 
     #[test]

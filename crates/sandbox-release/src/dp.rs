@@ -14,11 +14,16 @@
 //!    `make_laplace_threshold`, the partition selection of Rogers 2023); a query without `GROUP
 //!    BY` has one group, which is public and always kept;
 //! 2. adds Laplace noise to every statistic of the kept groups, scaled to its sensitivity;
-//! 3. derives the outputs: counts and sums as noisy values, averages as a noisy sum over a noisy
-//!    count clamped to the bounds (post-processing, free of privacy cost).
+//! 3. derives the outputs, post-processing the noisy values (free of privacy cost) so that none
+//!    is impossible: counts are never negative; a sum of a measure whose bounds are non-negative
+//!    is never negative (nor positive for non-positive bounds); an average is the noisy sum over
+//!    the noisy count, clamped to the bounds, and its interval combines both noises honestly
+//!    (each at 97.5%, so the pair holds with at least 95%).
 //!
-//! The epsilon of a query is split evenly between its statistics and, when it groups, the
-//! selection. What each part costs is read back from the privacy map of the OpenDP measurement
+//! The epsilon of a query is split between its statistics and, when it groups, the selection, by
+//! weight ([`DpSpec::weight`]): a sum gets three shares to a count's one (a sum's sensitivity is
+//! the measure's bound, a count's one row, so even shares would leave sums and averages far
+//! noisier than the counts beside them). What each part costs is read back from the privacy map of the OpenDP measurement
 //! that draws it, not from a formula of ours: the spend the journal records is the library's.
 
 use std::collections::HashMap;
@@ -128,6 +133,14 @@ impl DpSpec {
         }
     }
 
+    /// A statistic's weight in the split of a query's epsilon (the selection weighs 1).
+    pub fn weight(stat: DpStat) -> f64 {
+        match stat {
+            DpStat::Count | DpStat::Units => 1.0,
+            DpStat::Sum { .. } => 3.0,
+        }
+    }
+
     /// The most one unit can change one group's value of a statistic.
     fn per_group_sensitivity(&self, stat: DpStat) -> f64 {
         let rows = self.max_rows_per_unit as f64;
@@ -202,9 +215,12 @@ pub struct NoisePlan {
 pub struct NoiseReport {
     pub column: String,
     pub scale: f64,
-    /// Half-width of the 95% interval (0 for a key; for an average, that of its sum divided by
-    /// the released count, at least).
+    /// Half-width of the 95% interval (0 for a key; for an average, the widest of its rows').
     pub accuracy_95: f64,
+    /// For an average, each released row's own half-width (it depends on the row's count), in
+    /// the order of the rows; empty where every row has `accuracy_95`.
+    #[serde(default)]
+    pub rows: Vec<f64>,
 }
 
 /// What a DP release spent and how noisy it is.
@@ -233,17 +249,18 @@ pub fn plan_noise(spec: &DpSpec, epsilon: f64, delta: f64) -> Result<NoisePlan> 
     if spec.outputs.is_empty() || spec.max_rows_per_unit == 0 || spec.max_groups_per_unit == 0 {
         return Err(dp_error("a DP query needs outputs and contribution bounds"));
     }
-    let parts = spec.stats.len() + usize::from(spec.grouped);
-    if parts == 0 {
+    let weights = spec.stats.iter().map(|s| DpSpec::weight(*s)).sum::<f64>()
+        + if spec.grouped { 1.0 } else { 0.0 };
+    if weights == 0.0 {
         return Err(dp_error(
             "a DP query must compute a noisy statistic or group",
         ));
     }
-    let share = epsilon / parts as f64;
     let l0 = spec.partitions_per_unit();
     let mut scales = Vec::with_capacity(spec.stats.len());
     let mut spent = 0.0;
     for &stat in &spec.stats {
+        let share = epsilon * DpSpec::weight(stat) / weights;
         let d_in = l0 as f64 * spec.per_group_sensitivity(stat);
         let (scale, cost) = calibrate(share, d_in, |scale| match stat {
             DpStat::Count | DpStat::Units => integer_noise(scale)?
@@ -256,7 +273,7 @@ pub fn plan_noise(spec: &DpSpec, epsilon: f64, delta: f64) -> Result<NoisePlan> 
     }
     let mut spent_delta = 0.0;
     let selection = if spec.grouped {
-        let (scale, threshold, cost, cost_delta) = selection(l0, share, delta)?;
+        let (scale, threshold, cost, cost_delta) = selection(l0, epsilon / weights, delta)?;
         spent += cost;
         spent_delta += cost_delta;
         Some((scale, threshold))
@@ -340,8 +357,10 @@ impl NoisePlan {
         &self.scales
     }
 
-    /// How noisy each output column is.
-    pub fn report(&self) -> DpReport {
+    /// How noisy each output column is. An average's interval depends on its group's count, so
+    /// it is given here for a group of `average_rows` rows (`release_dp` gives it for the least
+    /// count it released).
+    pub fn report_for(&self, average_rows: f64) -> DpReport {
         let accuracy = |i: usize| -> f64 {
             let scale = self.scales[i];
             match self.spec.stats[i] {
@@ -370,14 +389,22 @@ impl NoisePlan {
                                 .unwrap_or(f64::INFINITY),
                         )
                     }
-                    // Without counts: the width of the bounds; `release_dp` narrows it with the
-                    // released (noisy) counts.
-                    DpOutput::Avg { sum, low, high, .. } => (self.scales[*sum], high - low),
+                    DpOutput::Avg {
+                        sum,
+                        count,
+                        low,
+                        high,
+                        ..
+                    } => (
+                        self.scales[*sum],
+                        self.average_accuracy(*sum, *count, *low, *high, average_rows),
+                    ),
                 };
                 NoiseReport {
                     column: output.name().to_string(),
                     scale,
                     accuracy_95,
+                    rows: Vec::new(),
                 }
             })
             .collect();
@@ -385,6 +412,29 @@ impl NoisePlan {
             epsilon: self.epsilon,
             delta: self.delta,
             columns,
+        }
+    }
+
+    /// How noisy each output column is, an average's for a group of 1,000 rows.
+    pub fn report(&self) -> DpReport {
+        self.report_for(1_000.0)
+    }
+
+    /// The half-width of an honest 95% interval of an average over `rows` rows: the sum's and
+    /// the count's noise each within their 97.5% interval (together at least 95%), the average
+    /// then lies within (sum error + largest bound x count error) / (rows - count error) of the
+    /// truth; never wider than the bounds.
+    fn average_accuracy(&self, sum: usize, count: usize, low: f64, high: f64, rows: f64) -> f64 {
+        let sum_error =
+            laplacian_scale_to_accuracy(self.scales[sum], 0.025).unwrap_or(f64::INFINITY);
+        let count_error = discrete_laplacian_scale_to_accuracy(self.scales[count], 0.025)
+            .unwrap_or(f64::INFINITY);
+        let magnitude = low.abs().max(high.abs());
+        let denominator = rows - count_error;
+        if denominator >= 1.0 {
+            ((sum_error + magnitude * count_error) / denominator).min(high - low)
+        } else {
+            high - low
         }
     }
 }
@@ -503,7 +553,27 @@ pub fn release_dp(
                 let values: Int64Array = noisy_units.iter().map(|v| Some((*v).max(0))).collect();
                 Arc::new(values)
             }
-            DpOutput::Sum { stat, .. } => cast(&noisy[*stat], &DataType::Float64)?,
+            DpOutput::Sum { stat, .. } => {
+                // A sum of values bounded to one sign has that sign: the noise cannot make it
+                // cross zero (post-processing).
+                let (low, high) = match spec.stats[*stat] {
+                    DpStat::Sum { low, high } => (low, high),
+                    _ => (f64::NEG_INFINITY, f64::INFINITY),
+                };
+                let values: Float64Array = floats(&noisy[*stat])?
+                    .into_iter()
+                    .map(|v| {
+                        Some(if low >= 0.0 {
+                            v.max(0.0)
+                        } else if high <= 0.0 {
+                            v.min(0.0)
+                        } else {
+                            v
+                        })
+                    })
+                    .collect();
+                Arc::new(values)
+            }
             DpOutput::Avg {
                 sum,
                 count,
@@ -526,8 +596,13 @@ pub fn release_dp(
     let out_schema = crate::released_schema(&schema, Some(spec))?;
     let batch = RecordBatch::try_new(out_schema.clone(), columns)?;
 
-    // An average's error depends on its count: bound it with the least released noisy count
-    // (post-processing of released values, no cost).
+    // An average's error depends on its count: each row's interval with its own noisy count,
+    // the column's with the least of them (post-processing of released values, no cost).
+    let start = gate.skip.min(batch.num_rows());
+    let length = gate
+        .fetch
+        .unwrap_or(usize::MAX)
+        .min(batch.num_rows() - start);
     let mut report = plan.report();
     for (output, noise) in spec.outputs.iter().zip(report.columns.iter_mut()) {
         if let DpOutput::Avg {
@@ -538,26 +613,16 @@ pub fn release_dp(
             ..
         } = output
         {
-            let least = ints(*count)?.into_iter().min().unwrap_or(0) as f64;
-            let sum_error =
-                laplacian_scale_to_accuracy(plan.scales[*sum], 0.05).unwrap_or(f64::INFINITY);
-            let count_error = discrete_laplacian_scale_to_accuracy(plan.scales[*count], 0.05)
-                .unwrap_or(f64::INFINITY);
-            let magnitude = low.abs().max(high.abs());
-            let denominator = least - count_error;
-            if denominator >= 1.0 {
-                noise.accuracy_95 =
-                    ((sum_error + magnitude * count_error) / denominator).min(high - low);
-            }
+            let counts = ints(*count)?;
+            noise.rows = counts[start..start + length]
+                .iter()
+                .map(|c| plan.average_accuracy(*sum, *count, *low, *high, *c as f64))
+                .collect();
+            noise.accuracy_95 = noise.rows.iter().copied().fold(0.0, f64::max);
         }
     }
 
     // 4. OFFSET/LIMIT over the shown groups, and the row cap.
-    let start = gate.skip.min(batch.num_rows());
-    let length = gate
-        .fetch
-        .unwrap_or(usize::MAX)
-        .min(batch.num_rows() - start);
     let batch = batch.slice(start, length);
     if batch.num_rows() > gate.max_rows {
         return Err(ReleaseError::TooManyRows {
@@ -687,8 +752,10 @@ mod tests {
             assert!(plan.delta <= 1e-7);
             assert_eq!(plan.delta > 0.0, grouped);
             // Every statistic's scale is at least its sensitivity over its share.
-            let share = epsilon / (stats.len() + usize::from(grouped)) as f64;
+            let weights = stats.iter().map(|s| DpSpec::weight(*s)).sum::<f64>()
+                + if grouped { 1.0 } else { 0.0 };
             for (stat, scale) in stats.iter().zip(plan.scales()) {
+                let share = epsilon * DpSpec::weight(*stat) / weights;
                 let sensitivity =
                     spec.partitions_per_unit() as f64 * spec.per_group_sensitivity(*stat);
                 assert!(
@@ -788,6 +855,8 @@ mod tests {
             skip: 0,
             fetch: None,
             max_rows: 1000,
+            deadline: None,
+            source: 0,
         }
     }
 

@@ -58,6 +58,8 @@ pub enum ReleaseError {
     SchemaMismatch,
     #[error("result exceeds the release limit of {limit} rows")]
     TooManyRows { limit: usize },
+    #[error("the release did not finish within the query's time limit; nothing is released")]
+    TimeLimit,
     #[error("output breaks the approved contract: {0}; nothing is released")]
     ContractViolation(String),
     #[error("differential privacy: {0}; nothing is released")]
@@ -77,6 +79,7 @@ impl ReleaseError {
             }
             ReleaseError::SchemaMismatch => "release-schema-mismatch",
             ReleaseError::TooManyRows { .. } => "release-too-many-rows",
+            ReleaseError::TimeLimit => "time-limit",
             ReleaseError::ContractViolation(_) => "contract-violation",
             ReleaseError::Dp(_) => "release-dp",
             ReleaseError::Arrow(_) => "release-arrow",
@@ -97,17 +100,73 @@ pub struct GatePolicy {
     pub fetch: Option<usize>,
     /// Hard cap on released rows; above it nothing is released.
     pub max_rows: usize,
+    /// When the job's time is up: the gate's own work counts against the query's limit.
+    pub deadline: Option<std::time::Instant>,
+    /// A digest of where the rows come from (the aggregate's input and grouping, not its
+    /// functions or anything above it): a row identical to one released from the same source
+    /// says nothing new whatever the data, so it is released again; identical rows from another
+    /// source are a coincidence of the data, and withheld.
+    pub source: u64,
 }
 
-/// What the caller is told about the release.
+/// What the caller is told about the release, and what the journal records besides.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReleaseSummary {
     pub rows_released: u64,
     /// Rows below the threshold.
     pub rows_suppressed: u64,
-    /// Rows at or above the threshold withheld by the differencing defense.
+    /// Rows at or above the threshold withheld by the differencing defense, or as complements of
+    /// suppressed ones.
     pub rows_differencing: u64,
     pub min_units: u64,
+}
+
+/// How the gate compares a new row with what was released before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identical {
+    /// An identical row is near (withheld), unless it was released from this source.
+    Near { except_source: u64 },
+    /// An identical row is not near (the sum of a query's rows against a remembered total).
+    Far,
+}
+
+/// What a consumer org was released before, as the gate asks it (the engine keeps it indexed;
+/// a vector of (sketch, source) pairs is searched in full).
+pub trait Remembered {
+    /// Whether a remembered row's input rows differ from `sketch`'s in fewer than `min_units`
+    /// units, or are identical to them as `identical` says.
+    fn near(&self, sketch: &differencing::Sketch, min_units: u64, identical: Identical) -> bool;
+}
+
+/// Whether a remembered row (its sketch, the sources it was released from) is near `sketch`.
+pub fn is_near(
+    sketch: &differencing::Sketch,
+    remembered: &differencing::Sketch,
+    sources: &[u64],
+    min_units: u64,
+    identical: Identical,
+) -> bool {
+    match sketch.difference(remembered, min_units) {
+        differencing::Difference::None => match identical {
+            Identical::Near { except_source } => !sources.contains(&except_source),
+            Identical::Far => false,
+        },
+        other => other.is_differencing(min_units),
+    }
+}
+
+impl Remembered for Vec<(differencing::Sketch, u64)> {
+    fn near(&self, sketch: &differencing::Sketch, min_units: u64, identical: Identical) -> bool {
+        self.iter().any(|(other, source)| {
+            is_near(
+                sketch,
+                other,
+                std::slice::from_ref(source),
+                min_units,
+                identical,
+            )
+        })
+    }
 }
 
 /// A result that passed the gate. Only [`release`] and [`release_contract`] construct it.
@@ -116,7 +175,8 @@ pub struct Released {
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
     summary: ReleaseSummary,
-    /// The unit sketches of the released rows (exact releases), for the consumer org's memory.
+    /// The sketches the consumer org's memory must keep: each released row's and, when a query
+    /// released several, their sum (exact releases).
     sketches: Vec<differencing::Sketch>,
 }
 
@@ -130,8 +190,8 @@ impl Released {
     pub fn summary(&self) -> ReleaseSummary {
         self.summary
     }
-    /// The unit sketches of the released rows: what the consumer org's differencing memory
-    /// must remember once the release is recorded.
+    /// The sketches the consumer org's differencing memory must remember once the release is
+    /// recorded.
     pub fn sketches(&self) -> &[differencing::Sketch] {
         &self.sketches
     }
@@ -151,13 +211,29 @@ impl Released {
     }
 }
 
-/// Passes a result through the gate. `released_before` holds the sketches of every row released
-/// to the same consumer org before (its differencing memory).
+/// One output row over the threshold, as the gate weighs it.
+struct Candidate {
+    batch: usize,
+    row: usize,
+    sketch: differencing::Sketch,
+    /// Still to be released.
+    released: bool,
+}
+
+/// Passes a result through the gate. `remembered` is what was released to the same consumer org
+/// before (its differencing memory).
+///
+/// In order: rows below `min_units` are suppressed; rows near a remembered one are withheld;
+/// the query's `HAVING`, then `OFFSET` and `LIMIT`, apply to what remains; if everything not
+/// released covers between one and `min_units - 1` units, the smallest released row is withheld
+/// too (complementary suppression: a total minus the released rows would otherwise be the
+/// value of those few); the same when the released rows sum to within a few units of a
+/// remembered row. Hidden columns are stripped.
 pub fn release(
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
     policy: &GatePolicy,
-    released_before: &[differencing::Sketch],
+    remembered: &dyn Remembered,
 ) -> Result<Released> {
     let units_index = schema
         .index_of(UNITS_COLUMN)
@@ -182,20 +258,29 @@ pub fn release(
     if schema.field(sketch_index).data_type() != &DataType::Binary {
         return Err(ReleaseError::MissingSketch);
     }
-    let mut released_sketches = Vec::new();
     let visible = visible_columns(&schema);
     let out_schema = Arc::new(schema.project(&visible)?);
-
+    let min_units = policy.min_units;
     let mut summary = ReleaseSummary {
-        min_units: policy.min_units,
+        min_units,
         ..ReleaseSummary::default()
     };
-    let mut to_skip = policy.skip;
-    let mut remaining = policy.fetch.unwrap_or(usize::MAX);
-    let mut released = Vec::new();
-    for batch in batches {
+    let on_time = || {
+        policy
+            .deadline
+            .is_none_or(|deadline| std::time::Instant::now() <= deadline)
+    };
+
+    // Everything the caller will not see, summed: the suppressed cells and, below, every row
+    // withheld for another reason.
+    let mut hidden = differencing::Sketch::default();
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
         if batch.schema().fields() != schema.fields() {
             return Err(ReleaseError::SchemaMismatch);
+        }
+        if !on_time() {
+            return Err(ReleaseError::TimeLimit);
         }
         let units = batch
             .column(units_index)
@@ -204,91 +289,175 @@ pub fn release(
             .ok_or_else(|| {
                 ReleaseError::UnitCountType(batch.column(units_index).data_type().clone())
             })?;
-        // A null count means the guard could not count: treat as zero units, i.e. suppress.
-        let covered: BooleanArray = units
-            .iter()
-            .map(|u| Some(u.unwrap_or(0) >= policy.min_units))
-            .collect();
-        summary.rows_suppressed += (batch.num_rows() - covered.true_count()) as u64;
-        // The differencing defense, over the rows that passed the threshold (before the query's
-        // HAVING, so the count does not depend on it either).
         let sketches = batch
             .column(sketch_index)
             .as_any()
             .downcast_ref::<BinaryArray>()
             .ok_or(ReleaseError::MissingSketch)?;
-        let mut row_sketches = Vec::with_capacity(batch.num_rows());
-        let mut covered_rows = Vec::with_capacity(batch.num_rows());
-        for row in 0..batch.num_rows() {
-            // Only rows over the threshold can be released: only theirs are read.
-            let mut pass = covered.value(row);
-            let sketch = if pass {
-                let sketch = (!sketches.is_null(row))
-                    .then(|| differencing::decode(sketches.value(row)))
-                    .flatten()
-                    .ok_or(ReleaseError::MissingSketch)?;
-                if differencing::is_differencing(&sketch, released_before, policy.min_units) {
-                    pass = false;
-                    summary.rows_differencing += 1;
-                }
-                Some(sketch)
-            } else {
-                None
-            };
-            covered_rows.push(Some(pass));
-            row_sketches.push(sketch);
-        }
-        let covered = BooleanArray::from(covered_rows);
-        // The query's own filter over aggregated rows applies only to rows that passed: a row it
-        // rejects is simply not part of the answer, and is not counted.
-        let keep = match having_index {
-            None => covered,
-            Some(index) => {
-                let having = batch
+        let having = match having_index {
+            None => None,
+            Some(index) => Some(
+                batch
                     .column(index)
                     .as_any()
                     .downcast_ref::<BooleanArray>()
                     .ok_or_else(|| {
                         ReleaseError::HavingType(batch.column(index).data_type().clone())
-                    })?;
-                covered
-                    .iter()
-                    .zip(having.iter())
-                    .map(|(c, h)| Some(c == Some(true) && h == Some(true)))
-                    .collect()
-            }
+                    })?,
+            ),
         };
-        if keep.true_count() == 0 || remaining == 0 {
-            continue;
-        }
-        let kept = filter_record_batch(&batch, &keep)?.project(&visible)?;
-        let skip_here = to_skip.min(kept.num_rows());
-        to_skip -= skip_here;
-        let take = (kept.num_rows() - skip_here).min(remaining);
-        if take == 0 {
-            continue;
-        }
-        remaining -= take;
-        let kept_rows: Vec<usize> = (0..batch.num_rows()).filter(|&r| keep.value(r)).collect();
-        for &row in &kept_rows[skip_here..skip_here + take] {
-            if let Some(sketch) = row_sketches[row].take() {
-                released_sketches.push(sketch);
+        for row in 0..batch.num_rows() {
+            let sketch = (!sketches.is_null(row))
+                .then(|| differencing::decode(sketches.value(row)))
+                .flatten()
+                .ok_or(ReleaseError::MissingSketch)?;
+            // A null count means the guard could not count: zero units, suppressed.
+            if units.is_null(row) || units.value(row) < min_units {
+                summary.rows_suppressed += 1;
+                differencing::add(&mut hidden.cells, &sketch.cells);
+                continue;
             }
+            // The differencing defense, before the query's HAVING, so that what it withholds
+            // does not depend on that filter either.
+            let identical = Identical::Near {
+                except_source: policy.source,
+            };
+            if remembered.near(&sketch, min_units, identical) {
+                summary.rows_differencing += 1;
+                differencing::add(&mut hidden.cells, &sketch.cells);
+                continue;
+            }
+            // The query's own filter over aggregated rows: a row it rejects is not part of the
+            // answer, and is not counted.
+            let kept = having.is_none_or(|h| h.is_valid(row) && h.value(row));
+            if !kept {
+                differencing::add(&mut hidden.cells, &sketch.cells);
+                continue;
+            }
+            candidates.push(Candidate {
+                batch: b,
+                row,
+                sketch,
+                released: true,
+            });
         }
-        summary.rows_released += take as u64;
+    }
+
+    // OFFSET and LIMIT, after suppression: a limit cannot tell which rows were suppressed.
+    let mut position = 0usize;
+    let fetch = policy.fetch.unwrap_or(usize::MAX);
+    for candidate in &mut candidates {
+        let inside = position >= policy.skip && position - policy.skip < fetch;
+        position += 1;
+        if !inside {
+            candidate.released = false;
+            differencing::add(&mut hidden.cells, &candidate.sketch.cells);
+        }
+    }
+
+    // Complementary suppression: what is not shown must cover no unit or at least `min_units`,
+    // or a total minus the released rows gives away the few. Each released row covers
+    // `min_units` units of its own (groups are disjoint), so withholding one is enough; the loop
+    // only guards the unprovable case.
+    while hidden_is_small(&hidden, min_units) {
+        if !on_time() {
+            return Err(ReleaseError::TimeLimit);
+        }
+        let Some(smallest) = smallest_released(&candidates) else {
+            break;
+        };
+        candidates[smallest].released = false;
+        summary.rows_differencing += 1;
+        let cells = candidates[smallest].sketch.cells;
+        differencing::add(&mut hidden.cells, &cells);
+    }
+    // The released rows' sum against what was released before: a remembered total that this
+    // query's rows sum to within a few units of would give away what it does not show.
+    let mut total = released_sum(&candidates);
+    while let Some(sum) = &total {
+        if !on_time() {
+            return Err(ReleaseError::TimeLimit);
+        }
+        if !remembered.near(sum, min_units, Identical::Far) {
+            break;
+        }
+        let Some(smallest) = smallest_released(&candidates) else {
+            break;
+        };
+        candidates[smallest].released = false;
+        summary.rows_differencing += 1;
+        total = released_sum(&candidates);
+    }
+
+    let mut released = Vec::new();
+    let mut sketches = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        let keep: BooleanArray = {
+            let mut mask = vec![false; batch.num_rows()];
+            for candidate in candidates.iter().filter(|c| c.batch == b && c.released) {
+                mask[candidate.row] = true;
+            }
+            mask.into_iter().map(Some).collect()
+        };
+        if keep.true_count() == 0 {
+            continue;
+        }
+        summary.rows_released += keep.true_count() as u64;
         if summary.rows_released > policy.max_rows as u64 {
             return Err(ReleaseError::TooManyRows {
                 limit: policy.max_rows,
             });
         }
-        released.push(kept.slice(skip_here, take));
+        released.push(filter_record_batch(batch, &keep)?.project(&visible)?);
+    }
+    for candidate in candidates.into_iter().filter(|c| c.released) {
+        sketches.push(candidate.sketch);
+    }
+    if let Some(sum) = total {
+        sketches.push(sum);
     }
     Ok(Released {
         schema: out_schema,
         batches: released,
         summary,
-        sketches: released_sketches,
+        sketches,
     })
+}
+
+/// Whether the rows not shown cover between one and `min_units - 1` units (or cannot be proven
+/// to cover none or enough: fail closed).
+fn hidden_is_small(hidden: &differencing::Sketch, min_units: u64) -> bool {
+    match hidden.difference(&differencing::Sketch::default(), min_units) {
+        differencing::Difference::None => false,
+        other => other.is_differencing(min_units),
+    }
+}
+
+/// The released candidate with the fewest input rows.
+fn smallest_released(candidates: &[Candidate]) -> Option<usize> {
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.released)
+        .min_by_key(|(_, c)| {
+            c.sketch.cells[..differencing::PARTITION_CELLS]
+                .iter()
+                .map(|cell| cell.count)
+                .sum::<i64>()
+        })
+        .map(|(i, _)| i)
+}
+
+/// The sum of the released rows' sketches, when there are two or more (one row is its own sum).
+fn released_sum(candidates: &[Candidate]) -> Option<differencing::Sketch> {
+    if candidates.iter().filter(|c| c.released).count() < 2 {
+        return None;
+    }
+    let mut sum = differencing::Sketch::default();
+    for candidate in candidates.iter().filter(|c| c.released) {
+        differencing::add(&mut sum.cells, &candidate.sketch.cells);
+    }
+    Some(sum)
 }
 
 /// The columns of a plan's output that a release keeps: every one not hidden.
@@ -340,11 +509,8 @@ mod tests {
     fn sketch_of(range: std::ops::Range<u64>) -> differencing::Sketch {
         let mut sketch = differencing::Sketch::default();
         for unit in range {
-            differencing::insert(
-                &mut sketch.cells,
-                unit.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                1,
-            );
+            let hash = unit.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            differencing::insert_one(&mut sketch.cells, hash, differencing::row_identity(hash, 0));
         }
         sketch
     }
@@ -355,10 +521,12 @@ mod tests {
         ))
     }
 
-    /// Disjoint unit sets of 100 units per row: far apart, never differencing.
-    fn disjoint(rows: usize) -> ArrayRef {
-        let sketches: Vec<_> = (0..rows as u64)
-            .map(|i| sketch_of(i * 1000..i * 1000 + 100))
+    /// Disjoint unit sets, as many units per row as its count says.
+    fn disjoint(units: &[u64]) -> ArrayRef {
+        let sketches: Vec<_> = units
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| sketch_of(i as u64 * 1000..i as u64 * 1000 + n))
             .collect();
         sketch_column(&sketches)
     }
@@ -380,15 +548,46 @@ mod tests {
                 Arc::new(StringArray::from(groups.to_vec())),
                 Arc::new(Int64Array::from(counts.to_vec())),
                 unit_counts(units),
-                disjoint(groups.len()),
+                disjoint(units),
             ],
         )
         .expect("valid batch");
         (schema, batch)
     }
 
+    fn nothing() -> Vec<(differencing::Sketch, u64)> {
+        Vec::new()
+    }
+
+    /// Rows remembered as released from another source than the tests' queries.
+    fn remembered(sketches: &[differencing::Sketch]) -> Vec<(differencing::Sketch, u64)> {
+        sketches.iter().map(|s| (s.clone(), 99)).collect()
+    }
+
+    fn keyed(
+        keys: &[&str],
+        units: &[u64],
+        sketches: &[differencing::Sketch],
+    ) -> (SchemaRef, RecordBatch) {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, false),
+            Field::new(UNITS_COLUMN, DataType::UInt64, false),
+            sketch_field(),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(keys.to_vec())),
+                unit_counts(units),
+                sketch_column(sketches),
+            ],
+        )
+        .unwrap();
+        (schema, batch)
+    }
+
     #[test]
-    fn rows_a_few_units_away_from_released_ones_are_withheld() {
+    fn rows_near_or_equal_to_released_ones_are_withheld() {
         let released_before = vec![
             sketch_of(0..100),
             sketch_of(1000..1100),
@@ -396,27 +595,24 @@ mod tests {
         ];
         let sketches = [
             sketch_of(0..99),      // one unit less than a released row: withheld
-            sketch_of(0..100),     // the same units: released
+            sketch_of(0..100),     // the same rows: withheld (its presence would tell)
             sketch_of(50..150),    // 100 units away from every released row: released
-            sketch_of(51..150),    // 1 unit away from the row above, in the same query: released
-            sketch_of(1000..1100), // the same as one released row, 3 from another: released
-            sketch_of(0..5),       // below the threshold: suppressed, not counted as differencing
+            sketch_of(3050..3149), // far from every row: released
+            sketch_of(1000..1100), // the same as one released row: withheld
+            sketch_of(5000..5030), // far: released
         ];
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("k", DataType::Utf8, false),
-            Field::new(UNITS_COLUMN, DataType::UInt64, false),
-            sketch_field(),
-        ]));
-        let b = RecordBatch::try_new(
+        let (schema, b) = keyed(
+            &["a", "b", "c", "d", "e", "f"],
+            &[99, 100, 100, 99, 100, 30],
+            &sketches,
+        );
+        let released = release(
             schema.clone(),
-            vec![
-                Arc::new(StringArray::from(vec!["a", "b", "c", "d", "e", "f"])),
-                unit_counts(&[99, 100, 100, 99, 100, 5]),
-                sketch_column(&sketches),
-            ],
+            vec![b.clone()],
+            &policy(10),
+            &remembered(&released_before),
         )
         .unwrap();
-        let released = release(schema, vec![b], &policy(10), &released_before).unwrap();
         let summary = released.summary();
         assert_eq!(
             (
@@ -424,9 +620,100 @@ mod tests {
                 summary.rows_suppressed,
                 summary.rows_differencing
             ),
-            (4, 1, 1)
+            (3, 0, 3)
         );
-        assert_eq!(released.sketches(), &sketches[1..5]);
+        // The same rows from the same source (the same query below its aggregate, say with
+        // another HAVING) are released again: they say nothing new whatever the data.
+        let same_source: Vec<_> = released_before.iter().map(|s| (s.clone(), 1)).collect();
+        let again = release(schema, vec![b], &policy(10), &same_source).unwrap();
+        // a is one unit from a released row, e three units from another: still withheld.
+        assert_eq!(again.summary().rows_released, 4);
+        // The released rows, then their sum.
+        assert_eq!(released.sketches().len(), 4);
+        assert_eq!(
+            released.sketches()[..3],
+            [
+                sketches[2].clone(),
+                sketches[3].clone(),
+                sketches[5].clone()
+            ]
+        );
+    }
+
+    /// A suppressed cell of 4 units beside released ones: a total minus the released rows would
+    /// give it away, so one more row is withheld (the smallest).
+    #[test]
+    fn a_small_suppressed_cell_takes_a_complement_with_it() {
+        let sketches = [
+            sketch_of(0..910),
+            sketch_of(1000..1022),
+            sketch_of(2000..2030),
+            sketch_of(3000..3004),
+        ];
+        let (schema, b) = keyed(
+            &["active", "suspended", "revoked", "cancelled"],
+            &[910, 22, 30, 4],
+            &sketches,
+        );
+        let released = release(schema.clone(), vec![b.clone()], &policy(10), &nothing()).unwrap();
+        let summary = released.summary();
+        assert_eq!(
+            (
+                summary.rows_released,
+                summary.rows_suppressed,
+                summary.rows_differencing
+            ),
+            (2, 1, 1)
+        );
+        let keys = released.batches()[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(str::to_string)
+            .collect::<Vec<_>>();
+        assert_eq!(
+            keys,
+            ["active", "revoked"],
+            "the smallest released row goes with it"
+        );
+
+        // Cells of 12 units suppressed together need no complement.
+        let sketches = [
+            sketch_of(0..910),
+            sketch_of(1000..1006),
+            sketch_of(2000..2006),
+        ];
+        let (schema, b) = keyed(&["a", "b", "c"], &[910, 6, 6], &sketches);
+        let released = release(schema, vec![b], &policy(10), &nothing()).unwrap();
+        assert_eq!(released.summary().rows_released, 1);
+        assert_eq!(released.summary().rows_differencing, 0);
+    }
+
+    /// A total released first, then cells that sum to it but for a few units: one more is
+    /// withheld; the other order is the near-row check of the total against the cells' sum.
+    #[test]
+    fn released_rows_do_not_sum_to_within_a_few_units_of_a_remembered_total() {
+        let total = sketch_of(0..100);
+        let cells = [sketch_of(0..40), sketch_of(40..97)];
+        let (schema, b) = keyed(&["x", "y"], &[40, 57], &cells);
+        let released =
+            release(schema, vec![b], &policy(10), &remembered(&[total.clone()])).unwrap();
+        assert_eq!(released.summary().rows_released, 1);
+
+        let (schema, b) = keyed(&["x", "y"], &[40, 57], &cells);
+        let first = release(schema, vec![b], &policy(10), &nothing()).unwrap();
+        assert_eq!(first.summary().rows_released, 2);
+        let memory = remembered(first.sketches());
+        let (schema, b) = keyed(&["all"], &[100], &[total]);
+        let second = release(schema, vec![b], &policy(10), &memory).unwrap();
+        assert_eq!(
+            second.summary().rows_released,
+            0,
+            "the total is 3 units from the cells' sum"
+        );
     }
 
     #[test]
@@ -437,7 +724,7 @@ mod tests {
             false,
         )]));
         let b = RecordBatch::try_new(schema.clone(), vec![unit_counts(&[50])]).unwrap();
-        let err = release(schema, vec![b], &policy(10), &[]).expect_err("must refuse");
+        let err = release(schema, vec![b], &policy(10), &nothing()).expect_err("must refuse");
         assert_eq!(err.code(), "release-missing-sketch");
     }
 
@@ -447,13 +734,15 @@ mod tests {
             skip: 0,
             fetch: None,
             max_rows: 1000,
+            deadline: None,
+            source: 1,
         }
     }
 
     #[test]
     fn suppresses_small_groups_and_strips_hidden_columns() {
         let (schema, b) = batch(&["A", "C", "F"], &[50, 3, 12], &[10, 3, 9]);
-        let released = release(schema, vec![b], &policy(10), &[]).expect("released");
+        let released = release(schema, vec![b], &policy(10), &nothing()).expect("released");
         assert_eq!(released.summary().rows_released, 1);
         assert_eq!(released.summary().rows_suppressed, 2);
         assert_eq!(released.schema().fields().len(), 2);
@@ -480,28 +769,31 @@ mod tests {
             RecordBatch::try_new(
                 schema.clone(),
                 vec![
-                    Arc::new(StringArray::from(vec!["A", "B", "C", "D"])),
-                    unit_counts(&[20, 3, 30, 2]),
+                    Arc::new(StringArray::from(vec!["A", "B", "C", "D", "E"])),
+                    unit_counts(&[20, 3, 30, 2, 12]),
                     Arc::new(BooleanArray::from(having)),
-                    disjoint(4),
+                    disjoint(&[20, 3, 30, 2, 12]),
                 ],
             )
             .expect("valid batch")
         };
         // Whatever the predicate says about the small groups B and D, the suppressed count is
-        // the same: it cannot be used to learn the predicate on groups never released.
+        // the same: it cannot be used to learn the predicate on groups never released. E is
+        // true everywhere, so B and D together (5 units) always take a complement with them.
         for having in [
-            vec![Some(true), Some(true), Some(true), Some(true)],
-            vec![Some(false), Some(true), Some(false), Some(false)],
-            vec![Some(true), Some(false), None, Some(true)],
+            vec![Some(true), Some(true), Some(true), Some(true), Some(true)],
+            vec![
+                Some(false),
+                Some(true),
+                Some(false),
+                Some(false),
+                Some(true),
+            ],
+            vec![Some(true), Some(false), None, Some(true), Some(true)],
         ] {
-            let expected: u64 = [having[0], having[2]]
-                .iter()
-                .filter(|h| **h == Some(true))
-                .count() as u64;
-            let released = release(schema.clone(), vec![batch(having)], &policy(10), &[]).unwrap();
+            let released =
+                release(schema.clone(), vec![batch(having)], &policy(10), &nothing()).unwrap();
             assert_eq!(released.summary().rows_suppressed, 2);
-            assert_eq!(released.summary().rows_released, expected);
             assert_eq!(
                 released.schema().fields().len(),
                 1,
@@ -515,7 +807,7 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
         let b = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1]))])
             .expect("valid batch");
-        let err = release(schema, vec![b], &policy(2), &[]).expect_err("must refuse");
+        let err = release(schema, vec![b], &policy(2), &nothing()).expect_err("must refuse");
         assert_eq!(err.code(), "release-missing-unit-count");
     }
 
@@ -526,7 +818,7 @@ mod tests {
         let (schema, b) = batch(&["A", "C", "F"], &[1, 30, 40], &[1, 30, 40]);
         let mut p = policy(10);
         p.fetch = Some(1);
-        let released = release(schema, vec![b], &p, &[]).expect("released");
+        let released = release(schema, vec![b], &p, &nothing()).expect("released");
         assert_eq!(released.summary().rows_released, 1);
         assert_eq!(released.summary().rows_suppressed, 1);
         let n = released.batches()[0]
@@ -544,10 +836,23 @@ mod tests {
         let mut p = policy(2);
         p.max_rows = 1;
         assert_eq!(
-            release(schema, vec![b], &p, &[])
+            release(schema, vec![b], &p, &nothing())
                 .expect_err("over cap")
                 .code(),
             "release-too-many-rows"
+        );
+    }
+
+    #[test]
+    fn a_gate_past_its_deadline_releases_nothing() {
+        let (schema, b) = batch(&["A", "C"], &[10, 10], &[10, 10]);
+        let mut p = policy(2);
+        p.deadline = Some(std::time::Instant::now() - std::time::Duration::from_secs(1));
+        assert_eq!(
+            release(schema, vec![b], &p, &nothing())
+                .expect_err("late")
+                .code(),
+            "time-limit"
         );
     }
 }

@@ -195,15 +195,14 @@ fn summary_json(outcome: &ReleaseOutcome) -> Bytes {
                 "column": c.column,
                 "scale": c.scale,
                 "accuracy_95": c.accuracy_95,
+                "rows_95": c.rows,
             })).collect::<Vec<_>>(),
         })
     });
     let value = serde_json::json!({
         "rows_released": outcome.rows_released,
-        "rows_suppressed": outcome.rows_suppressed,
-        "rows_differencing": outcome.rows_differencing,
         "min_units": outcome.min_units,
-        "rows_scanned": outcome.rows_scanned,
+        "stored": outcome.stored,
         "result_sha256": outcome.result_sha256,
         "audit_seq": outcome.audit_seq,
         "dp": dp,

@@ -282,12 +282,15 @@ fn job_state(state: JobState) -> pb::JobState {
 fn summary(outcome: &ReleaseOutcome) -> pb::ReleaseSummary {
     pb::ReleaseSummary {
         rows_released: outcome.rows_released,
-        rows_suppressed: outcome.rows_suppressed,
-        rows_differencing: outcome.rows_differencing,
+        // Counts of suppressed, withheld and scanned rows are exact figures of the data: they
+        // go to the journal, never to the caller (the fields stay for wire compatibility).
+        rows_suppressed: 0,
+        rows_differencing: 0,
+        rows_scanned: 0,
         min_units: outcome.min_units,
         result_sha256: outcome.result_sha256.clone(),
         audit_seq: outcome.audit_seq,
-        rows_scanned: outcome.rows_scanned,
+        stored: outcome.stored,
         dp: outcome.dp.as_ref().map(|dp| pb::DpSummary {
             epsilon_spent: dp.epsilon_spent,
             delta_spent: dp.delta_spent,
@@ -301,6 +304,7 @@ fn summary(outcome: &ReleaseOutcome) -> pb::ReleaseSummary {
                     column: c.column.clone(),
                     scale: c.scale,
                     accuracy_95: c.accuracy_95,
+                    rows_95: c.rows.clone(),
                 })
                 .collect(),
         }),
@@ -486,6 +490,17 @@ impl pb::sandbox_server::Sandbox for SandboxService {
             columns: explanation.columns,
             min_units: explanation.min_units,
             plan: explanation.plan,
+            epsilon: explanation.epsilon,
+            accuracy: explanation
+                .accuracy
+                .iter()
+                .map(|c| pb::NoiseColumn {
+                    column: c.column.clone(),
+                    scale: c.scale,
+                    accuracy_95: c.accuracy_95,
+                    rows_95: c.rows.clone(),
+                })
+                .collect(),
         }))
     }
 }
@@ -732,6 +747,7 @@ fn module(view: ModuleView) -> pb::Module {
         name: record.name,
         purpose: record.purpose,
         input: record.input,
+        input_query: record.input_query,
         org: record.org,
         uploaded_by: record.uploaded_by,
         size: record.size,

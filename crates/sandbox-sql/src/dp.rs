@@ -31,7 +31,7 @@ use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{
     Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, SortExpr, cast, lit, when,
 };
-use sandbox_policy::{AggregateFunction as Allowed, DpMode, Mode, Role};
+use sandbox_policy::{AggregateFunction as Allowed, Mode, Role};
 use sandbox_release::dp::{DpOutput, DpSpec, DpStat, stat_column};
 
 use crate::error::{Rule, SqlError};
@@ -40,25 +40,22 @@ use crate::guard::{
     deny, no_grouping_sets, rewrite_error, single_input, strip_alias, uses_reserved_name,
 };
 
-/// For every table the plan scans, the differential privacy its aggregate grant offers the caller
-/// (`None`: none, or no aggregate grant at all; unknown tables are the guard's to refuse).
-pub(crate) fn scanned_dp(
+/// The grant of every table the plan scans that is a dataset granted to the caller (unknown
+/// tables are the guard's to refuse).
+pub(crate) fn scanned<'g>(
     plan: &LogicalPlan,
-    granted: &HashMap<String, GrantedDataset>,
-) -> Vec<Option<DpMode>> {
-    let mut offers = Vec::new();
+    granted: &'g HashMap<String, GrantedDataset>,
+) -> Vec<&'g GrantedDataset> {
+    let mut scans = Vec::new();
     let _ = plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            offers.push(
-                granted
-                    .get(scan.table_name.table())
-                    .and_then(|g| g.aggregate.as_ref())
-                    .and_then(|mode| mode.dp.clone()),
-            );
+        if let LogicalPlan::TableScan(scan) = node
+            && let Some(grant) = granted.get(scan.table_name.table())
+        {
+            scans.push(grant);
         }
         Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
     });
-    offers
+    scans
 }
 
 fn unsupported(message: impl Into<String>) -> SqlError {
@@ -90,6 +87,10 @@ pub(crate) fn guard_dp(
                 crate::guard::HIDDEN_PREFIX
             ),
         ));
+    }
+    // A query without an aggregate would release rows: the most specific rule that says why.
+    if !contains_aggregate(plan) {
+        return Err(Guard::new(granted, Mode::Private).no_aggregate(plan));
     }
     // [Limit] [Sort] Projection Aggregate, nothing else above the aggregate.
     let mut node = plan;
@@ -146,9 +147,14 @@ pub(crate) fn guard_dp(
         ));
     }
     let root = *roots.iter().next().expect("one root");
+    // The unit of a scan no outer join null-extends: every row has one, and for a left join on
+    // the unit it is the same entity as the other side's where they matched.
     let unit_index = lineage
         .iter()
-        .position(|l| matches!(l, Lineage::Plain(s) if s.is_unit && guard.root(s.scan) == root))
+        .position(|l| {
+            matches!(l, Lineage::Plain(s)
+                if s.is_unit && guard.root(s.scan) == root && !guard.null_extended[s.scan])
+        })
         .ok_or_else(|| {
             deny(
                 Rule::PrivacyUnitUnavailable,
@@ -314,13 +320,16 @@ pub(crate) fn guard_dp(
         Some(limit) => crate::guard::limit_values(limit)?,
     };
 
+    // Contribution bounds for this query: the grant's, or tighter where the data's declared
+    // shape makes them so without cutting anything (the plan enforces them either way).
+    let (max_rows, max_groups) = contribution_bounds(&guard, aggregate, &lineage, &dp);
     let rewritten = rewrite(
         aggregate,
         unit_index,
         &stats,
         &key_outputs,
-        dp.max_rows_per_unit,
-        dp.max_groups_per_unit,
+        max_rows,
+        max_groups,
     )?;
     let rewritten = match sort {
         None => rewritten,
@@ -340,8 +349,8 @@ pub(crate) fn guard_dp(
             })
             .collect(),
         grouped,
-        max_rows_per_unit: dp.max_rows_per_unit,
-        max_groups_per_unit: dp.max_groups_per_unit,
+        max_rows_per_unit: max_rows,
+        max_groups_per_unit: max_groups,
     };
     Ok(Guarded {
         plan: rewritten,
@@ -351,7 +360,75 @@ pub(crate) fn guard_dp(
         datasets: guard.datasets.into_iter().collect(),
         columns: guard.columns.into_iter().collect(),
         dp: Some(DpGuarded { spec, mode: dp }),
+        source: 0,
     })
+}
+
+/// The most rows one unit adds to one group, and the most groups it adds to, for this query.
+///
+/// - Rows: one where every dataset's row key is covered by its unit and the group keys (a
+///   monthly table grouped by month, the register anywhere); else the grant's bound.
+/// - Groups: one where every group key is a plain column that is constant per unit (declared,
+///   or of a dataset with one row per unit); else the grant's bound.
+///
+/// Tighter bounds mean less noise; the rewrite enforces whichever is used, so a wrong
+/// declaration in a policy costs accuracy (rows or groups cut), never privacy.
+fn contribution_bounds(
+    guard: &Guard,
+    aggregate: &Aggregate,
+    lineage: &[Lineage],
+    dp: &sandbox_policy::DpMode,
+) -> (u64, u64) {
+    let schema = aggregate.input.schema();
+    let keys: Vec<Option<crate::guard::Source>> = aggregate
+        .group_expr
+        .iter()
+        .map(|expr| match strip_alias(expr) {
+            Expr::Column(column) => {
+                schema
+                    .index_of_column(column)
+                    .ok()
+                    .and_then(|i| match &lineage[i] {
+                        Lineage::Plain(source) => Some(source.clone()),
+                        Lineage::Derived(_) => None,
+                    })
+            }
+            _ => None,
+        })
+        .collect();
+    let one_row_per_unit = |scan: usize| {
+        let policy = &guard.scans[scan];
+        !policy.row_key.is_empty() && policy.row_key.iter().all(|k| *k == policy.privacy_unit)
+    };
+    let rows_covered = (0..guard.scans.len()).all(|scan| {
+        let policy = &guard.scans[scan];
+        !policy.row_key.is_empty()
+            && policy.row_key.iter().all(|column| {
+                *column == policy.privacy_unit
+                    || keys
+                        .iter()
+                        .flatten()
+                        .any(|k| k.scan == scan && k.column.as_ref() == column.as_str())
+            })
+    });
+    let constant = keys.iter().all(|key| {
+        key.as_ref().is_some_and(|source| {
+            one_row_per_unit(source.scan)
+                || guard.scans[source.scan]
+                    .column(&source.column)
+                    .is_some_and(|c| c.constant_per_unit)
+        })
+    });
+    let rows = if rows_covered {
+        1
+    } else {
+        dp.max_rows_per_unit
+    };
+    let groups = if constant { 1 } else { dp.max_groups_per_unit };
+    (
+        rows.min(dp.max_rows_per_unit),
+        groups.min(dp.max_groups_per_unit),
+    )
 }
 
 fn column(name: &str) -> Expr {

@@ -82,6 +82,17 @@ pub enum Rule {
     DpNotSupported,
     /// `SUM` or `AVG` under differential privacy of a measure without declared bounds.
     DpBoundsMissing,
+    /// An exact answer would aggregate values of rows a join copies (the other side is not
+    /// unique on the join columns), or count joined rows where every side is copied: one
+    /// source row would count several times, within a group or across groups.
+    JoinCopiesRows,
+    /// An exact answer needs every dataset's declared row key at the aggregate (the
+    /// differencing defense tells input rows apart by it), and the dataset to declare one.
+    RowKeyUnavailable,
+    /// An expression that could raise an error on some values (integer division by -1, a
+    /// literal argument out of range, decimal arithmetic): whether the query fails would depend
+    /// on rows the caller never sees.
+    ExpressionMayFail,
 }
 
 impl Rule {
@@ -123,11 +134,14 @@ impl Rule {
             Rule::DpNotGranted => "dp-not-granted",
             Rule::DpNotSupported => "dp-not-supported",
             Rule::DpBoundsMissing => "dp-bounds-missing",
+            Rule::JoinCopiesRows => "join-copies-rows",
+            Rule::RowKeyUnavailable => "row-key-unavailable",
+            Rule::ExpressionMayFail => "expression-may-fail",
         }
     }
 
     /// Every rule, for documentation and for tests that check the suite covers them.
-    pub const ALL: [Rule; 36] = [
+    pub const ALL: [Rule; 39] = [
         Rule::StatementNotQuery,
         Rule::QueryTooLong,
         Rule::QueryTooComplex,
@@ -164,6 +178,9 @@ impl Rule {
         Rule::DpNotGranted,
         Rule::DpNotSupported,
         Rule::DpBoundsMissing,
+        Rule::JoinCopiesRows,
+        Rule::RowKeyUnavailable,
+        Rule::ExpressionMayFail,
     ];
 }
 

@@ -131,6 +131,22 @@ pub struct Guarded {
     /// combined parameters of the grants. Then `min_units` is 0: partition selection decides
     /// which groups show.
     pub dp: Option<DpGuarded>,
+    /// A digest of where the released rows come from: the aggregate's input and grouping (the
+    /// gate releases a row identical to one released from the same source again).
+    pub source: u64,
+}
+
+/// A digest of an aggregate's input plan and grouping: two queries with the same one group the
+/// same input rows into the same groups, whatever their aggregate functions, `HAVING`, order or
+/// limit.
+fn row_source(aggregate: &Aggregate) -> u64 {
+    let text = format!(
+        "{}\0{:?}",
+        aggregate.input.display_indent(),
+        aggregate.group_expr
+    );
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    u64::from_le_bytes(digest.as_ref()[..8].try_into().expect("8 bytes"))
 }
 
 /// A query under differential privacy, as the guard found it.
@@ -201,6 +217,13 @@ pub(crate) struct Guard<'a> {
     pub(crate) modes: BTreeMap<String, AggregateMode>,
     /// Union-find over table scans: scans whose privacy units a join equated share a root.
     pub(crate) unit_parent: Vec<usize>,
+    /// The dataset of every table scan, by scan index.
+    pub(crate) scans: Vec<Arc<DatasetPolicy>>,
+    /// Scans whose rows a join may copy (the other side is not unique on the join columns).
+    pub(crate) copied: Vec<bool>,
+    /// Scans on the null-extended side of an outer join: their columns are null where nothing
+    /// matched.
+    pub(crate) null_extended: Vec<bool>,
 }
 
 impl<'a> Guard<'a> {
@@ -212,7 +235,17 @@ impl<'a> Guard<'a> {
             columns: BTreeSet::new(),
             modes: BTreeMap::new(),
             unit_parent: Vec::new(),
+            scans: Vec::new(),
+            copied: Vec::new(),
+            null_extended: Vec::new(),
         }
+    }
+
+    /// Whether the answer is exact (ad-hoc on an exact grant, or an approved template): then
+    /// rows a join copies may not feed aggregated values, and the differencing defense needs
+    /// every dataset's row key.
+    pub(crate) fn exact(&self) -> bool {
+        self.context != Mode::Private
     }
 }
 
@@ -233,15 +266,22 @@ pub fn guard(
     if !matches!(context, Mode::Aggregate | Mode::Private) {
         return guard_exact(plan, granted, context);
     }
-    let offers = crate::dp::scanned_dp(plan, granted);
-    let offered = !offers.is_empty() && offers.iter().all(Option::is_some);
-    let required = offers.iter().flatten().any(|dp| dp.required);
-    if context == Mode::Private || required {
+    let scanned = crate::dp::scanned(plan, granted);
+    let offered = !scanned.is_empty() && scanned.iter().all(|g| g.dp_offered().is_some());
+    // Why this query is answered under differential privacy, if it is.
+    let reason = if context == Mode::Private {
+        Some("you asked for differential privacy".to_string())
+    } else {
+        scanned.iter().find_map(|g| g.privacy_reason())
+    };
+    if let Some(reason) = reason {
         if !offered {
             return Err(deny(
                 Rule::DpNotGranted,
-                "differential privacy is asked for or required, but not every dataset the query \
-                 reads offers it to you",
+                format!(
+                    "{reason}, but not every dataset the query reads offers differential privacy \
+                     to you"
+                ),
             ));
         }
         return crate::dp::guard_dp(plan, granted);
@@ -251,6 +291,33 @@ pub fn guard(
             crate::dp::guard_dp(plan, granted)
         }
         other => other,
+    }
+}
+
+impl GrantedDataset {
+    /// The differential privacy this grant offers its holder, if any.
+    pub(crate) fn dp_offered(&self) -> Option<&DpMode> {
+        self.aggregate.as_ref().and_then(|m| m.dp.as_ref())
+    }
+
+    /// Why ad-hoc SQL over this dataset is answered under differential privacy, if it must be:
+    /// the grant requires it, or the dataset's level calls for it and the owner did not mark the
+    /// grant exact.
+    pub(crate) fn privacy_reason(&self) -> Option<String> {
+        let mode = self.aggregate.as_ref()?;
+        if mode.dp.as_ref().is_some_and(|dp| dp.required) {
+            return Some(format!(
+                "your grant on `{}` requires differential privacy",
+                self.policy.id
+            ));
+        }
+        (self.policy.private_by_default() && !mode.exact).then(|| {
+            format!(
+                "`{}` is {}: ad-hoc SQL on it is answered under differential privacy",
+                self.policy.id,
+                self.policy.level().as_str()
+            )
+        })
     }
 }
 
@@ -389,6 +456,7 @@ fn guard_exact(
         datasets: guard.datasets.into_iter().collect(),
         columns: guard.columns.into_iter().collect(),
         dp: None,
+        source: row_source(aggregate),
     })
 }
 
@@ -619,8 +687,12 @@ impl Guard<'_> {
             _ => None,
         };
         let capped = |column: Expr| udaf_call(CappedUnits::new(mode.min_units), vec![column]);
-        // Every row also carries the sketch of its units, for the differencing defense.
-        let sketch = udaf_call(UnitSketch::units(), unit_columns.clone()).alias(SKETCH_COLUMN);
+        // Every row also carries the sketch of its input rows, for the differencing defense:
+        // each row by its units and its identity, the row key of every dataset it joins.
+        let mut sketch_args = unit_columns.clone();
+        sketch_args.extend(self.row_key_columns(input_schema, &input_lineage)?);
+        let sketch =
+            udaf_call(UnitSketch::units(unit_columns.len()), sketch_args).alias(SKETCH_COLUMN);
         // The query's aggregate with more aggregates beside its own.
         let with_aggregates = |aggr_expr: Vec<Expr>| {
             Aggregate::try_new(
@@ -726,15 +798,24 @@ impl Guard<'_> {
                 "LIMIT/OFFSET inside an aggregated derived table is not supported",
             ));
         }
-        self.datasets.extend(inner.datasets);
+        self.datasets.extend(inner.datasets.iter().cloned());
         self.columns.extend(inner.columns);
         let input_schema = aggregate.input.schema();
         no_grouping_sets(aggregate)?;
         for expr in &aggregate.group_expr {
             post_aggregate_expr(expr, input_schema)?;
         }
+        // The outer functions follow the grant too: an outer MIN or MAX picks one inner row's
+        // value, which the grant's functions may not allow.
+        let functions = inner
+            .datasets
+            .iter()
+            .filter_map(|d| self.granted.get(d).and_then(|g| g.aggregate.clone()))
+            .reduce(|a, b| a.strictest(&b))
+            .map(|m| m.functions)
+            .unwrap_or_default();
         for expr in &aggregate.aggr_expr {
-            outer_aggregate_expr(expr, input_schema)?;
+            outer_aggregate_expr(expr, input_schema, &functions)?;
         }
         let units = || Expr::Column(Column::new_unqualified(UNITS_COLUMN));
         let mut releasable = units().gt_eq(Expr::Literal(
@@ -770,6 +851,61 @@ impl Guard<'_> {
         Ok((rewritten, inner.min_units))
     }
 
+    /// The columns of every scanned dataset's row key at the aggregate's input, for the sketch:
+    /// an exact answer tells its input rows apart by them. Without a declared key, or with a key
+    /// column a derived table dropped, an exact answer is refused. (Under differential privacy
+    /// there is no sketch.)
+    fn row_key_columns(
+        &mut self,
+        schema: &DFSchema,
+        lineage: &[Lineage],
+    ) -> Result<Vec<Expr>, SqlError> {
+        let mut columns = Vec::new();
+        for (scan, policy) in self.scans.clone().iter().enumerate() {
+            if policy.row_key.is_empty() {
+                return Err(deny(
+                    Rule::RowKeyUnavailable,
+                    format!(
+                        "`{}` declares no row key, which exact answers need (the differencing \
+                         defense tells input rows apart by it); ask for differential privacy",
+                        policy.id
+                    ),
+                ));
+            }
+            for key in &policy.row_key {
+                // The column itself, or for the privacy unit, the unit of a scan an inner join
+                // equated it with (the same value on every joined row).
+                let is_unit = *key == policy.privacy_unit;
+                let index = lineage
+                    .iter()
+                    .position(|l| {
+                        matches!(l, Lineage::Plain(s) if s.scan == scan && s.column.as_ref() == key)
+                    })
+                    .or_else(|| {
+                        lineage.iter().position(|l| {
+                            matches!(l, Lineage::Plain(s)
+                                if is_unit && s.is_unit && !self.null_extended[s.scan]
+                                    && self.root(s.scan) == self.root(scan))
+                        })
+                    })
+                    .ok_or_else(|| {
+                        deny(
+                            Rule::RowKeyUnavailable,
+                            format!(
+                                "`{}.{key}` (its row key) must reach the aggregate: do not \
+                                 project it away in a derived table",
+                                policy.id
+                            ),
+                        )
+                    })?;
+                self.columns.insert(format!("{}.{key}", policy.id));
+                let (qualifier, field) = schema.qualified_field(index);
+                columns.push(Expr::Column(Column::new(qualifier.cloned(), field.name())));
+            }
+        }
+        Ok(columns)
+    }
+
     /// Lineage of every output column of a node below the aggregate.
     pub(crate) fn below(&mut self, node: &LogicalPlan) -> Result<Vec<Lineage>, SqlError> {
         match node {
@@ -799,6 +935,9 @@ impl Guard<'_> {
                 self.datasets.insert(name.to_string());
                 let index = self.unit_parent.len();
                 self.unit_parent.push(index);
+                self.scans.push(granted.policy.clone());
+                self.copied.push(false);
+                self.null_extended.push(false);
                 scan_lineage(scan, &Arc::from(name), &granted.policy, index)
             }
             LogicalPlan::Filter(filter) => {
@@ -817,9 +956,12 @@ impl Guard<'_> {
                 Ok(out)
             }
             LogicalPlan::Join(join) => {
+                let first = self.scans.len();
                 let left = self.below(&join.left)?;
+                let middle = self.scans.len();
                 let right = self.below(&join.right)?;
-                self.join(join, &left, &right)?;
+                let end = self.scans.len();
+                self.join(join, &left, &right, first..middle, middle..end)?;
                 // Inner and left joins output the left columns, then the right ones.
                 Ok(left.into_iter().chain(right).collect())
             }
@@ -831,27 +973,40 @@ impl Guard<'_> {
         }
     }
 
-    /// Checks a join's roles: anchored on a join role; equating the privacy units of both sides
-    /// merges their unit classes.
-    fn join(&mut self, join: &Join, left: &[Lineage], right: &[Lineage]) -> Result<(), SqlError> {
+    /// Checks a join's roles: anchored on a join role. An inner join equating the privacy units
+    /// of both sides merges their unit classes; a left join does not in exact answers (its
+    /// null-extended side is counted over the rows that matched, as a class of its own). A side
+    /// that is not unique on its join columns copies the other side's rows.
+    fn join(
+        &mut self,
+        join: &Join,
+        left: &[Lineage],
+        right: &[Lineage],
+        left_scans: std::ops::Range<usize>,
+        right_scans: std::ops::Range<usize>,
+    ) -> Result<(), SqlError> {
         let mut anchored = false;
-        for (l, r) in join_equalities(join, left, right)? {
-            for source in [&l, &r] {
+        let pairs = join_equalities(join, left, right)?;
+        // Under differential privacy a left join on the unit is still the same entity on both
+        // sides: one class, whose contributions the rewrite bounds per unit of the preserved side.
+        let merges = join.join_type == JoinType::Inner || !self.exact();
+        for (l, r) in &pairs {
+            for source in [l, r] {
                 self.columns
                     .insert(format!("{}.{}", source.dataset, source.column));
             }
             let join_role = |s: &Source| matches!(s.role, Role::Identifier | Role::JoinKey);
-            if join_role(&l) && join_role(&r) {
+            if join_role(l) && join_role(r) {
                 anchored = true;
                 // The same entity on both sides: the privacy units, of one name.
-                if l.is_unit && r.is_unit && l.column == r.column {
+                if l.is_unit && r.is_unit && l.column == r.column && merges {
                     self.merge_units(l.scan, r.scan);
                 }
             } else if l.role == Role::Dimension && r.role == Role::Dimension {
                 // An extra equality on dimensions (say, the same month) says no more than the
                 // same comparison in WHERE would.
             } else {
-                let wrong = if join_role(&l) { &r } else { &l };
+                let wrong = if join_role(l) { r } else { l };
                 return Err(deny(
                     Rule::JoinKeyNotAllowed,
                     format!(
@@ -870,7 +1025,39 @@ impl Guard<'_> {
                 "a join must match the privacy unit or a declared join key of both sides",
             ));
         }
+        let left_keys: Vec<&Source> = pairs.iter().map(|(l, _)| l).collect();
+        let right_keys: Vec<&Source> = pairs.iter().map(|(_, r)| r).collect();
+        if !self.unique_on(&right_scans, &right_keys) {
+            for scan in left_scans.clone() {
+                self.copied[scan] = true;
+            }
+        }
+        if !self.unique_on(&left_scans, &left_keys) {
+            for scan in right_scans.clone() {
+                self.copied[scan] = true;
+            }
+        }
+        if join.join_type == JoinType::Left {
+            for scan in right_scans {
+                self.null_extended[scan] = true;
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a join side has at most one row per value of its join columns: a single scan
+    /// whose declared row key the join columns cover (the engine checks the key holds before an
+    /// exact query runs).
+    fn unique_on(&self, scans: &std::ops::Range<usize>, keys: &[&Source]) -> bool {
+        if scans.len() != 1 {
+            return false;
+        }
+        let policy = &self.scans[scans.start];
+        !policy.row_key.is_empty()
+            && policy.row_key.iter().all(|column| {
+                keys.iter()
+                    .any(|k| k.scan == scans.start && k.column.as_ref() == column)
+            })
     }
 
     pub(crate) fn root(&self, mut scan: usize) -> usize {
@@ -1157,7 +1344,15 @@ impl Guard<'_> {
         };
         let argument = strip_alias(argument);
         if let Expr::Literal(..) = argument {
-            // COUNT(*) is planned as COUNT(1); a constant reveals nothing but the row count.
+            // COUNT(*) is planned as COUNT(1); a constant reveals nothing but the row count,
+            // which must count rows of a dataset no join copies.
+            if kind == Allowed::Count && self.exact() && self.copied.iter().all(|c| *c) {
+                return Err(deny(
+                    Rule::JoinCopiesRows,
+                    "COUNT(*) would count copies of rows: every side of a join here has several \
+                     rows per join key; join onto a side unique on its join columns (its row key)",
+                ));
+            }
             return if kind == Allowed::Count {
                 Ok(())
             } else {
@@ -1181,6 +1376,26 @@ impl Guard<'_> {
             }
         };
         self.check_level(&source)?;
+        if matches!(kind, Allowed::Sum | Allowed::Avg)
+            && schema
+                .qualified_field_from_column(column)
+                .is_ok_and(|(_, f)| is_decimal(f.data_type()))
+        {
+            // Decimal sums and averages raise on overflow: whether they do depends on the data.
+            return Err(deny(
+                Rule::ExpressionMayFail,
+                format!(
+                    "`{name}` of the decimal column `{}` can fail on overflow depending on the \
+                     data",
+                    source.column
+                ),
+            ));
+        }
+        // A value from rows a join copies would count once per copy: a one-to-many join onto
+        // it (a self-join, say) scales or shifts it at will.
+        if self.exact() && kind != Allowed::CountDistinct && self.copied[source.scan] {
+            return Err(copied_denial(&name, &source));
+        }
         match (source.role, kind) {
             (Role::Identifier, Allowed::CountDistinct) if source.is_unit => Ok(()),
             (Role::Identifier, _) => Err(deny(
@@ -1225,6 +1440,9 @@ impl Guard<'_> {
         // An identifier, join key or token hidden in the expression gets its own rule; measures
         // are what the argument aggregates.
         self.check_derived_sources(&sources, true)?;
+        if let Some(source) = sources.iter().find(|s| self.exact() && self.copied[s.scan]) {
+            return Err(copied_denial(name, source));
+        }
         let granted = !sources.is_empty()
             && sources.iter().all(|s| {
                 self.modes
@@ -1378,6 +1596,18 @@ pub(crate) fn join_equalities(
     Ok(pairs)
 }
 
+fn copied_denial(function: &str, source: &Source) -> SqlError {
+    deny(
+        Rule::JoinCopiesRows,
+        format!(
+            "`{function}` of `{}.{}` would count rows a join copies (the other side has several \
+             rows per join key); aggregate values of the side that is not copied, or ask for \
+             differential privacy",
+            source.dataset, source.column
+        ),
+    )
+}
+
 fn join_key_denial(source: &Source) -> SqlError {
     deny(
         Rule::JoinKeyOutsideJoin,
@@ -1468,12 +1698,31 @@ pub(crate) fn expression_children<'e>(
             if matches!(op, Operator::Divide | Operator::Modulo)
                 && !division_cannot_fail(expr, right, schema)
             {
-                // Integer division by zero raises an error; whether it does would depend on the
-                // data (including rows the gate later suppresses): a side channel.
+                // Integer division by zero raises an error, and so does i64::MIN / -1; whether
+                // it does would depend on the data (including groups the gate later
+                // suppresses): a side channel.
                 return Err(deny(
-                    Rule::ExpressionNotAllowed,
-                    "integer division by a data value can fail depending on the data; divide \
-                     floating-point values or by a non-zero constant",
+                    Rule::ExpressionMayFail,
+                    "integer division or modulo by a data value or by -1 can fail depending on \
+                     the data; divide floating-point values, or by another non-zero constant",
+                ));
+            }
+            if matches!(
+                op,
+                Operator::Plus
+                    | Operator::Minus
+                    | Operator::Multiply
+                    | Operator::Divide
+                    | Operator::Modulo
+            ) && [left.as_ref(), right.as_ref(), expr]
+                .iter()
+                .any(|e| e.get_type(schema).is_ok_and(|t| is_decimal(&t)))
+            {
+                // Integer arithmetic wraps; decimal arithmetic raises on overflow.
+                return Err(deny(
+                    Rule::ExpressionMayFail,
+                    "decimal arithmetic can fail on overflow depending on the data; TRY_CAST \
+                     to DOUBLE first",
                 ));
             }
             vec![left.as_ref(), right.as_ref()]
@@ -1522,7 +1771,7 @@ pub(crate) fn expression_children<'e>(
             }
             if let Some(reason) = may_fail(name, &function.args, schema) {
                 return Err(deny(
-                    Rule::ScalarFunctionNotAllowed,
+                    Rule::ExpressionMayFail,
                     format!(
                         "`{name}` {reason}: an error would depend on the data (on whether any \
                          row reaches it)"
@@ -1579,31 +1828,48 @@ const DATE_UNITS: &[&str] = &[
     "year", "quarter", "month", "week", "day", "hour", "minute", "second", "dow", "doy",
 ];
 
+/// The largest magnitude a literal count or position may have: far beyond any text the
+/// datasets hold, far below the values where the functions' own arithmetic overflows.
+const LITERAL_ARGUMENT_LIMIT: i64 = 1 << 31;
+
 /// Why a call of an allowed scalar function could raise an error at run time, if it could: only
 /// forms that cannot fail on any value are allowed, so that whether a query fails never depends
-/// on the data (a call that fails on every row still tells whether any row reached it).
+/// on the data (a call that fails on every row still tells whether any row reached it). Every
+/// literal count, position or precision is range-checked.
 fn may_fail(name: &str, args: &[Expr], schema: &DFSchema) -> Option<&'static str> {
     let literal = |e: &Expr| match strip_alias(e) {
         Expr::Literal(value, _) => Some(value.clone()),
         _ => None,
     };
-    let non_negative_integer = |e: &Expr| {
-        literal(e).is_some_and(|v| match v {
-            ScalarValue::Int64(Some(n)) => n >= 0,
-            ScalarValue::Int32(Some(n)) => n >= 0,
-            ScalarValue::UInt64(Some(_)) | ScalarValue::UInt32(Some(_)) => true,
-            _ => false,
+    let integer = |e: &Expr| {
+        literal(e).and_then(|v| match v {
+            ScalarValue::Int64(Some(n)) => Some(n),
+            ScalarValue::Int32(Some(n)) => Some(i64::from(n)),
+            ScalarValue::Int16(Some(n)) => Some(i64::from(n)),
+            ScalarValue::Int8(Some(n)) => Some(i64::from(n)),
+            ScalarValue::UInt32(Some(n)) => Some(i64::from(n)),
+            ScalarValue::UInt16(Some(n)) => Some(i64::from(n)),
+            ScalarValue::UInt8(Some(n)) => Some(i64::from(n)),
+            ScalarValue::UInt64(Some(n)) => i64::try_from(n).ok(),
+            _ => None,
         })
     };
+    let within =
+        |e: &Expr, low: i64, high: i64| integer(e).is_some_and(|n| (low..=high).contains(&n));
+    let floating = |e: &Expr| e.get_type(schema).is_ok_and(|t| t.is_floating());
+    let limit = LITERAL_ARGUMENT_LIMIT;
     match name {
-        "substr" => (!args.iter().skip(1).all(|a| literal(a).is_some())
-            || args
-                .get(2)
-                .is_some_and(|length| !non_negative_integer(length)))
-        .then_some("takes a constant start and a constant, non-negative length"),
-        "left" | "right" | "round" => {
-            (!args.iter().skip(1).all(|a| literal(a).is_some())).then_some("takes a constant count")
-        }
+        "substr" => (!(args.get(1).is_some_and(|a| within(a, -limit, limit))
+            && args.get(2).is_none_or(|a| within(a, 0, limit))))
+        .then_some("takes a constant start within ±2^31 and a constant length from 0 to 2^31"),
+        "left" | "right" => (!args.get(1).is_some_and(|a| within(a, -limit, limit)))
+            .then_some("takes a constant count within ±2^31"),
+        // Rounding integers and decimals checks for overflow; floating point cannot overflow.
+        "round" => (!(args.first().is_some_and(floating)
+            && args.get(1).is_none_or(|a| within(a, -30, 30))))
+        .then_some("rounds floating-point values only, to a constant from -30 to 30 places"),
+        "floor" | "ceil" => (!args.first().is_some_and(floating))
+            .then_some("takes floating-point values only (integers need no rounding)"),
         "date_part" | "date_trunc" => {
             let known = args
                 .first()
@@ -1632,6 +1898,16 @@ fn may_fail(name: &str, args: &[Expr], schema: &DFSchema) -> Option<&'static str
     }
 }
 
+fn is_decimal(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Decimal32(..)
+            | DataType::Decimal64(..)
+            | DataType::Decimal128(..)
+            | DataType::Decimal256(..)
+    )
+}
+
 fn is_constant(expr: &Expr) -> bool {
     match expr {
         Expr::Literal(..) => true,
@@ -1646,18 +1922,21 @@ fn is_constant(expr: &Expr) -> bool {
 }
 
 /// A division or modulo cannot raise an error when its result is floating point (IEEE 754 gives
-/// infinities and NaN) or when it divides by a non-zero numeric literal.
+/// infinities and NaN) or when it divides integers by a literal other than 0 and -1 (the least
+/// integer divided by -1 overflows).
 fn division_cannot_fail(division: &Expr, divisor: &Expr, schema: &DFSchema) -> bool {
     let floating = division.get_type(schema).is_ok_and(|t| t.is_floating());
-    let nonzero_literal = match strip_alias(divisor) {
+    let safe_literal = match strip_alias(divisor) {
         Expr::Literal(value, _) => {
+            let data_type = value.data_type();
             !value.is_null()
-                && value.data_type().is_numeric()
-                && ScalarValue::new_zero(&value.data_type()).is_ok_and(|zero| zero != *value)
+                && data_type.is_integer()
+                && ScalarValue::new_zero(&data_type).is_ok_and(|zero| zero != *value)
+                && ScalarValue::new_negative_one(&data_type).map_or(true, |minus| minus != *value)
         }
         _ => false,
     };
-    floating || nonzero_literal
+    floating || safe_literal
 }
 
 fn expr_kind(expr: &Expr) -> &str {
@@ -1700,11 +1979,15 @@ pub(crate) fn no_grouping_sets(aggregate: &Aggregate) -> Result<(), SqlError> {
     Ok(())
 }
 
-/// An aggregate over released rows of an inner aggregate: one of the grantable functions, without
-/// modifiers, over expressions of the inner query's output columns.
-fn outer_aggregate_expr(expr: &Expr, schema: &DFSchema) -> Result<(), SqlError> {
+/// An aggregate over released rows of an inner aggregate: one of the functions the grant allows,
+/// without modifiers, over expressions of the inner query's output columns.
+fn outer_aggregate_expr(
+    expr: &Expr,
+    schema: &DFSchema,
+    functions: &BTreeSet<Allowed>,
+) -> Result<(), SqlError> {
     let function = match expr {
-        Expr::Alias(alias) => return outer_aggregate_expr(&alias.expr, schema),
+        Expr::Alias(alias) => return outer_aggregate_expr(&alias.expr, schema, functions),
         Expr::AggregateFunction(function) => function,
         _ => {
             return Err(deny(
@@ -1721,10 +2004,24 @@ fn outer_aggregate_expr(expr: &Expr, schema: &DFSchema) -> Result<(), SqlError> 
             format!("FILTER and ORDER BY inside `{name}` are not allowed"),
         ));
     }
-    if !matches!(name.as_str(), "count" | "sum" | "avg" | "min" | "max") {
+    let kind = match (name.as_str(), params.distinct) {
+        ("count", false) => Allowed::Count,
+        ("count", true) => Allowed::CountDistinct,
+        ("sum", _) => Allowed::Sum,
+        ("avg", _) => Allowed::Avg,
+        ("min", _) => Allowed::Min,
+        ("max", _) => Allowed::Max,
+        _ => {
+            return Err(deny(
+                Rule::FunctionNotAllowed,
+                format!("aggregate function `{name}` is not allowed"),
+            ));
+        }
+    };
+    if !functions.contains(&kind) {
         return Err(deny(
             Rule::FunctionNotAllowed,
-            format!("aggregate function `{name}` is not allowed"),
+            format!("aggregate `{}` is not allowed by your grant", kind.as_str()),
         ));
     }
     for argument in &params.args {

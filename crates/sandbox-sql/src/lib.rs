@@ -15,6 +15,7 @@
 //! still carry the hidden column and must pass the release gate before anything leaves.
 
 mod casts;
+pub mod consent;
 mod dp;
 mod error;
 mod guard;

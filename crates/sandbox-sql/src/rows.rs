@@ -9,8 +9,9 @@
 //!   sides (the scoring model joins tax, social insurance, provident fund, court and penalty data
 //!   per enterprise). Unions, windows, limits, `VALUES` and subquery expressions are denied.
 //! - Expressions: the allow-list of the aggregate guard, with `CASE` added; still no expression
-//!   whose errors depend on the data (casts of data values, integer division by data values),
-//!   since an error message is something the consumer sees.
+//!   whose errors depend on the data (casts of data values, integer division by data values or
+//!   -1, literal arguments out of range), since an error is something the consumer sees; and the
+//!   privacy unit is never compared or computed with.
 //! - The output must carry the privacy unit, so that the engine can keep only consented entities
 //!   before the guest sees a row.
 
@@ -27,10 +28,13 @@ use crate::guard::{
     join_equalities, lineage_of, node_denial, scan_lineage, strip_alias, uses_reserved_name,
 };
 
-/// What a code job's input may read: per dataset, its policy and the approved columns.
+/// What a code job's input may read: per dataset, its policy and the approved columns; and the
+/// entities whose rows it may see at all (consented to the consumer for the purpose; the scan
+/// keeps no other row). The default scope sees nothing.
 #[derive(Debug, Clone, Default)]
 pub struct RowScope {
     pub datasets: HashMap<String, (Arc<DatasetPolicy>, BTreeSet<String>)>,
+    pub consented: crate::consent::ConsentSet,
 }
 
 /// An input query that passed the row-mode guard.
@@ -232,6 +236,19 @@ impl RowGuard<'_> {
                 for child in expression_children(expr, schema, true)? {
                     let found = self.expr(child, schema, lineage)?;
                     sources.extend(found.sources().into_iter().cloned());
+                }
+                // The unit may be output, grouped and joined on, never compared or computed
+                // with: `credit_code = '...'` in an input would single out an entity, and with
+                // an error that depends on its row, answer a question about it.
+                if let Some(unit) = sources.iter().find(|s| s.is_unit) {
+                    return Err(deny(
+                        Rule::IdentifierInExpression,
+                        format!(
+                            "the privacy unit `{}` may be output, grouped and joined on, not \
+                             compared or used in expressions",
+                            unit.column
+                        ),
+                    ));
                 }
                 Ok(Lineage::Derived(sources))
             }

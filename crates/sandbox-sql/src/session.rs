@@ -151,6 +151,14 @@ pub struct SqlEngine {
     tables: HashMap<String, Arc<dyn TableProvider>>,
     /// Masked columns per dataset, in the table's column order; datasets without any are absent.
     masked: HashMap<String, Vec<(String, Mask)>>,
+    /// The privacy unit of every dataset, for the consent filter of row-mode scans.
+    units: HashMap<String, String>,
+    /// The declared row key of every dataset that has one.
+    row_keys: HashMap<String, Vec<String>>,
+    /// Whether each declared row key holds in the data, checked before the first exact query
+    /// reads the dataset (the guard trusts it to tell a join that copies rows from one that
+    /// does not, and the differencing defense to tell rows apart).
+    row_keys_checked: tokio::sync::Mutex<HashMap<String, bool>>,
     limits: SqlLimits,
     executor: Executor,
 }
@@ -211,7 +219,13 @@ impl SqlEngine {
             .build();
         let mut tables = HashMap::new();
         let mut masked = HashMap::new();
+        let mut units = HashMap::new();
+        let mut row_keys = HashMap::new();
         for dataset in policy.datasets.values() {
+            units.insert(dataset.id.clone(), dataset.privacy_unit.clone());
+            if !dataset.row_key.is_empty() {
+                row_keys.insert(dataset.id.clone(), dataset.row_key.clone());
+            }
             let provider = open_dataset(&base_state, dataset, data_dir).await?;
             tables.insert(dataset.id.clone(), provider);
             let masks: Vec<(String, Mask)> = dataset
@@ -227,6 +241,9 @@ impl SqlEngine {
             base_state,
             tables,
             masked,
+            units,
+            row_keys,
+            row_keys_checked: tokio::sync::Mutex::new(HashMap::new()),
             executor: Executor::new(limits.target_partitions)?,
             limits,
         })
@@ -236,27 +253,111 @@ impl SqlEngine {
         &self.limits
     }
 
+    /// Refuses an exact query over a dataset whose declared row key does not hold in its data
+    /// (two rows with the same key). Checked once per dataset, on first use, with a query of
+    /// its own under the usual limits.
+    pub async fn check_row_keys(&self, datasets: &[String]) -> Result<()> {
+        let mut checked = self.row_keys_checked.lock().await;
+        for id in datasets {
+            let holds = match checked.get(id) {
+                Some(holds) => *holds,
+                None => {
+                    let holds = self.row_key_holds(id).await?;
+                    if !holds {
+                        tracing::error!(dataset = %id, "the declared row key does not hold");
+                    }
+                    checked.insert(id.clone(), holds);
+                    holds
+                }
+            };
+            if !holds {
+                return Err(Denial::new(
+                    Rule::RowKeyUnavailable,
+                    format!(
+                        "the row key declared for `{id}` does not hold in its data; exact \
+                         answers over it are refused until its owner corrects the policy"
+                    ),
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    async fn row_key_holds(&self, id: &str) -> Result<bool> {
+        let (Some(key), Some(table)) = (self.row_keys.get(id), self.tables.get(id)) else {
+            return Ok(false);
+        };
+        let columns = key
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let context = self.scratch_session(vec![("rows".into(), table.clone())])?;
+        let sql = format!(
+            "SELECT COUNT(*) AS duplicated FROM (SELECT {columns} FROM rows GROUP BY {columns} \
+             HAVING COUNT(*) > 1) d"
+        );
+        let frame = context
+            .sql(&sql)
+            .await
+            .map_err(|e| SqlError::Plan(root_message(&e)))?;
+        let batches = self
+            .run_bounded(
+                async move { frame.collect().await },
+                CancellationToken::new(),
+            )
+            .await?
+            .map_err(|e| SqlError::Execution(e.to_string()))?;
+        let duplicated = batches.first().filter(|b| b.num_rows() == 1).and_then(|b| {
+            datafusion::arrow::compute::cast(
+                b.column(0),
+                &datafusion::arrow::datatypes::DataType::Int64,
+            )
+            .ok()
+            .and_then(|c| {
+                c.as_any()
+                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                    .map(|a| a.value(0))
+            })
+        });
+        Ok(duplicated == Some(0))
+    }
+
     /// The schema a consumer sees for a dataset: its visible columns.
     pub fn visible_schema(&self, dataset: &str) -> Option<SchemaRef> {
         self.tables.get(dataset).map(|t| t.schema())
     }
 
-    /// A fresh session whose catalog holds only the given datasets, masked for this consumer.
+    /// A fresh session whose catalog holds only the given datasets, masked for this consumer, and
+    /// when `consented` is given, holding only the rows of those entities.
     fn session<'a>(
         &self,
         ids: impl Iterator<Item = &'a String>,
         key: &PseudonymKey,
+        consented: Option<&crate::consent::ConsentSet>,
     ) -> Result<SessionContext> {
         let schema = MemorySchemaProvider::new();
         for id in ids {
             if let Some(table) = self.tables.get(id) {
-                let table: Arc<dyn TableProvider> = match self.masked.get(id) {
+                let mut table: Arc<dyn TableProvider> = match self.masked.get(id) {
                     Some(masks) => Arc::new(
                         MaskedTable::new(table.clone(), masks, key)
                             .map_err(|e| SqlError::Plan(format!("cannot mask `{id}`: {e}")))?,
                     ),
                     None => table.clone(),
                 };
+                if let Some(consented) = consented {
+                    let unit = self
+                        .units
+                        .get(id)
+                        .ok_or_else(|| SqlError::Plan(format!("`{id}` has no privacy unit")))?;
+                    table = Arc::new(crate::consent::ConsentedTable::new(
+                        table,
+                        unit,
+                        consented.clone(),
+                    ));
+                }
                 schema
                     .register_table(id.clone(), table)
                     .map_err(|e| SqlError::Plan(format!("cannot register `{id}`: {e}")))?;
@@ -331,7 +432,7 @@ impl SqlEngine {
         params: &HashMap<String, ScalarValue>,
     ) -> Result<PlannedQuery> {
         let (context, plan) = self
-            .logical_plan(sql, granted.keys(), key, params, |t| {
+            .logical_plan(sql, granted.keys(), key, None, params, |t| {
                 granted.contains_key(t)
             })
             .await?;
@@ -359,9 +460,14 @@ impl SqlEngine {
         params: &HashMap<String, ScalarValue>,
     ) -> Result<PlannedRows> {
         let (context, plan) = self
-            .logical_plan(sql, scope.datasets.keys(), key, params, |t| {
-                scope.datasets.contains_key(t)
-            })
+            .logical_plan(
+                sql,
+                scope.datasets.keys(),
+                key,
+                Some(&scope.consented),
+                params,
+                |t| scope.datasets.contains_key(t),
+            )
             .await?;
         let guarded = guard_rows(&plan, scope)?;
         Ok(PlannedRows { context, guarded })
@@ -373,11 +479,12 @@ impl SqlEngine {
         sql: &str,
         catalog: impl Iterator<Item = &'a String>,
         key: &PseudonymKey,
+        consented: Option<&crate::consent::ConsentSet>,
         params: &HashMap<String, ScalarValue>,
         known: impl Fn(&str) -> bool,
     ) -> Result<(SessionContext, LogicalPlan)> {
         self.check_text(sql)?;
-        let context = self.session(catalog, key)?;
+        let context = self.session(catalog, key, consented)?;
         let state = context.state();
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state

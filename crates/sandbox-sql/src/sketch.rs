@@ -3,9 +3,11 @@
 //! Bloom lookup table, so the gate can tell whether two released rows differ in only a few units.
 //!
 //! Two aggregates, never registered in a session (only the guard's rewrite adds them):
-//! `sandbox_unit_sketch(unit, ...)` over rows (one argument per unit class of a join) and
-//! `sandbox_sketch_sum(sketch)` over the sketches of an inner aggregate's released rows (a nested
-//! aggregate's rows cover the union of the inner rows' units, and sketches add).
+//! `sandbox_unit_sketch(unit, ..., key, ...)` over rows (one argument per unit class of a join,
+//! then the columns of every dataset's row key: a row's identity, so that a unit's rows swapped
+//! for others of it still differ) and `sandbox_sketch_sum(sketch)` over the sketches of an inner
+//! aggregate's released rows (a nested aggregate's rows cover the union of the inner rows'
+//! units, and sketches add).
 
 use std::hash::BuildHasher;
 use std::sync::Arc;
@@ -19,7 +21,9 @@ use datafusion::logical_expr::utils::format_state_name;
 use datafusion::logical_expr::{
     Accumulator, AggregateUDFImpl, EmitTo, GroupsAccumulator, Signature, Volatility,
 };
-use sandbox_release::differencing::{CELLS, Cell, add, decode, encode, insert, insert_one};
+use sandbox_release::differencing::{
+    CELLS, Cell, add, decode, encode, insert, insert_one, row_identity,
+};
 
 use crate::units::UNIT_HASH;
 
@@ -29,14 +33,18 @@ pub struct UnitSketch {
     signature: Signature,
     /// Sums sketches instead of sketching units.
     merge: bool,
+    /// How many leading arguments are units (one per unit class); the rest are row key columns.
+    units: usize,
 }
 
 impl UnitSketch {
-    /// Sketches the units of its arguments (one per unit class).
-    pub fn units() -> Self {
+    /// Sketches the rows of its arguments: `units` unit columns (one per unit class), then the
+    /// row key columns that identify each input row.
+    pub fn units(units: usize) -> Self {
         UnitSketch {
             signature: Signature::variadic_any(Volatility::Immutable),
             merge: false,
+            units,
         }
     }
 
@@ -45,6 +53,7 @@ impl UnitSketch {
         UnitSketch {
             signature: Signature::exact(vec![DataType::Binary], Volatility::Immutable),
             merge: true,
+            units: 0,
         }
     }
 }
@@ -81,6 +90,7 @@ impl AggregateUDFImpl for UnitSketch {
     fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         Ok(Box::new(SketchAccumulator {
             merge: self.merge,
+            units: self.units,
             cells: vec![Cell::default(); CELLS],
         }))
     }
@@ -95,8 +105,10 @@ impl AggregateUDFImpl for UnitSketch {
     ) -> Result<Box<dyn GroupsAccumulator>> {
         Ok(Box::new(SketchGroups {
             merge: self.merge,
+            units: self.units,
             cells: Vec::new(),
             hashes: Vec::new(),
+            row_hashes: Vec::new(),
         }))
     }
 
@@ -105,40 +117,58 @@ impl AggregateUDFImpl for UnitSketch {
     }
 }
 
-/// Adds every row's units (non-null arguments) to the cells of its group.
+/// Adds every row to the cells of its group, once per unit argument (the first `units` of
+/// `values`; a null unit adds nothing), with the row's identity: its unit and the remaining
+/// arguments, the row key columns, hashed together.
 fn add_units(
     cells: &mut [Cell],
     values: &[ArrayRef],
+    units: usize,
     group_of: impl Fn(usize) -> usize,
     keep: impl Fn(usize) -> bool,
     hashes: &mut Vec<u64>,
+    row_hashes: &mut Vec<u64>,
 ) -> Result<()> {
-    for array in values {
+    let (unit_arrays, key_arrays) = values.split_at(units.min(values.len()));
+    row_hashes.clear();
+    row_hashes.resize(values.first().map_or(0, |a| a.len()), 0);
+    if !key_arrays.is_empty() {
+        create_hashes(key_arrays, &ROW_HASH, row_hashes)?;
+    }
+    for array in unit_arrays {
         unit_hashes(array, hashes)?;
         // Rows of one unit in one group often come in runs (a dataset stored by unit, then
-        // month): a run is added once, with its length.
+        // month): a run is added once, with its length and the sum of its rows' identities.
         let nulls = array.logical_nulls();
-        let mut run: Option<(usize, u64, i64)> = None;
+        let mut run: Option<(usize, u64, i64, u64)> = None;
         for (row, &hash) in hashes.iter().enumerate() {
             if !(nulls.as_ref().is_none_or(|n| n.is_valid(row)) && keep(row)) {
                 continue;
             }
             let group = group_of(row);
+            let identity = row_identity(hash, row_hashes[row]);
             match &mut run {
-                Some((g, h, times)) if *g == group && *h == hash => *times += 1,
+                Some((g, h, times, rows)) if *g == group && *h == hash => {
+                    *times += 1;
+                    *rows = rows.wrapping_add(identity);
+                }
                 _ => {
-                    if let Some((g, h, times)) = run.replace((group, hash, 1)) {
-                        add_run(cells, g, h, times);
+                    if let Some((g, h, times, rows)) = run.replace((group, hash, 1, identity)) {
+                        add_run(cells, g, h, times, rows);
                     }
                 }
             }
         }
-        if let Some((g, h, times)) = run {
-            add_run(cells, g, h, times);
+        if let Some((g, h, times, rows)) = run {
+            add_run(cells, g, h, times, rows);
         }
     }
     Ok(())
 }
+
+/// The hash of a row's key columns: a seed of its own, so that it is unrelated to unit hashes.
+const ROW_HASH: datafusion::common::hash_utils::QualityRandomState =
+    datafusion::common::hash_utils::QualityRandomState::with_seed(0x5eed_0002_6a09);
 
 /// The unit hash of every row, as `create_hashes` computes it (for the capped count and the
 /// sketch alike). For a string view array a row
@@ -174,12 +204,12 @@ pub(crate) fn unit_hashes(array: &ArrayRef, hashes: &mut Vec<u64>) -> Result<()>
     Ok(())
 }
 
-fn add_run(cells: &mut [Cell], group: usize, hash: u64, times: i64) {
+fn add_run(cells: &mut [Cell], group: usize, hash: u64, times: i64, rows: u64) {
     let cells = &mut cells[group * CELLS..(group + 1) * CELLS];
     if times == 1 {
-        insert_one(cells, hash);
+        insert_one(cells, hash, rows);
     } else {
-        insert(cells, hash, times);
+        insert(cells, hash, times, rows);
     }
 }
 
@@ -221,8 +251,10 @@ fn selected(filter: Option<&BooleanArray>) -> impl Fn(usize) -> bool + '_ {
 /// Per-group sketches for the hash aggregate, all groups in one vector of cells.
 struct SketchGroups {
     merge: bool,
+    units: usize,
     cells: Vec<Cell>,
     hashes: Vec<u64>,
+    row_hashes: Vec<u64>,
 }
 
 impl SketchGroups {
@@ -256,9 +288,11 @@ impl GroupsAccumulator for SketchGroups {
             add_units(
                 &mut self.cells,
                 values,
+                self.units,
                 group_of,
                 selected(opt_filter),
                 &mut self.hashes,
+                &mut self.row_hashes,
             )
         }
     }
@@ -300,8 +334,10 @@ impl GroupsAccumulator for SketchGroups {
             add_units(
                 &mut cells,
                 values,
+                self.units,
                 |row| row,
                 selected(opt_filter),
+                &mut Vec::new(),
                 &mut Vec::new(),
             )?;
         }
@@ -309,7 +345,8 @@ impl GroupsAccumulator for SketchGroups {
     }
 
     fn size(&self) -> usize {
-        self.cells.capacity() * std::mem::size_of::<Cell>() + self.hashes.capacity() * 8
+        self.cells.capacity() * std::mem::size_of::<Cell>()
+            + (self.hashes.capacity() + self.row_hashes.capacity()) * 8
     }
 }
 
@@ -317,6 +354,7 @@ impl GroupsAccumulator for SketchGroups {
 #[derive(Debug)]
 struct SketchAccumulator {
     merge: bool,
+    units: usize,
     cells: Vec<Cell>,
 }
 
@@ -325,7 +363,15 @@ impl Accumulator for SketchAccumulator {
         if self.merge {
             add_sketches(&mut self.cells, &values[0], |_| 0, |_| true)
         } else {
-            add_units(&mut self.cells, values, |_| 0, |_| true, &mut Vec::new())
+            add_units(
+                &mut self.cells,
+                values,
+                self.units,
+                |_| 0,
+                |_| true,
+                &mut Vec::new(),
+                &mut Vec::new(),
+            )
         }
     }
 

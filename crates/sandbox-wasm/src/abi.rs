@@ -10,6 +10,11 @@ pub const ENTRY: &str = "run";
 pub const MEMORY: &str = "memory";
 /// The custom section holding the module's manifest (JSON).
 pub const MANIFEST_SECTION: &str = "sandbox.manifest";
+/// The custom section holding the module's input query (UTF-8 SQL): part of the bytes the
+/// owners approve by hash, so the input cannot change at run time without a new approval.
+pub const INPUT_SECTION: &str = "sandbox.input";
+/// Longest input query a module may declare, in bytes.
+pub const MAX_INPUT_BYTES: usize = 64 * 1024;
 
 /// A host import: name, parameter types, result types.
 pub struct HostImport {

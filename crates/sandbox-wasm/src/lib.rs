@@ -48,7 +48,10 @@ mod error;
 mod host;
 mod runtime;
 
-pub use abi::{ENTRY, HOST_IMPORTS, HostImport, IMPORT_MODULE, MANIFEST_SECTION, MEMORY, Manifest};
+pub use abi::{
+    ENTRY, HOST_IMPORTS, HostImport, IMPORT_MODULE, INPUT_SECTION, MANIFEST_SECTION,
+    MAX_INPUT_BYTES, MEMORY, Manifest,
+};
 pub use error::{Limit, Result, WasmError};
 pub use runtime::{
     GuestFailure, GuestOutput, InspectedModule, WasmLimits, WasmRuntime, sha256_hex,

@@ -107,6 +107,8 @@ pub struct InspectedModule {
     pub sha256: String,
     pub size: usize,
     pub manifest: Manifest,
+    /// The input query of its `sandbox.input` section, when it declares one.
+    pub input_query: Option<String>,
     /// Time spent compiling (zero when it came from the cache).
     pub compile_time: Duration,
 }
@@ -180,6 +182,7 @@ impl WasmRuntime {
     pub fn inspect(&self, bytes: &[u8]) -> Result<InspectedModule> {
         let sha256 = sha256_hex(bytes);
         let manifest = read_manifest(bytes)?;
+        let input_query = read_input(bytes)?;
         let started = Instant::now();
         let cached = self.cached(&sha256).is_some();
         if !cached {
@@ -190,6 +193,7 @@ impl WasmRuntime {
             sha256,
             size: bytes.len(),
             manifest,
+            input_query,
             compile_time: if cached {
                 Duration::ZERO
             } else {
@@ -378,6 +382,37 @@ fn read_manifest(bytes: &[u8]) -> Result<Manifest> {
         )));
     }
     Ok(manifest)
+}
+
+/// The `sandbox.input` custom section: at most one, UTF-8, bounded.
+fn read_input(bytes: &[u8]) -> Result<Option<String>> {
+    let mut found: Option<String> = None;
+    for payload in Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| WasmError::Malformed(e.message().to_string()))?;
+        if let Payload::CustomSection(section) = payload
+            && section.name() == abi::INPUT_SECTION
+        {
+            if found.is_some() {
+                return Err(WasmError::Manifest(format!(
+                    "more than one `{}` section",
+                    abi::INPUT_SECTION
+                )));
+            }
+            if section.data().len() > abi::MAX_INPUT_BYTES {
+                return Err(WasmError::Manifest(format!(
+                    "the input query is longer than {} bytes",
+                    abi::MAX_INPUT_BYTES
+                )));
+            }
+            let text = std::str::from_utf8(section.data())
+                .map_err(|_| WasmError::Manifest("the input query is not UTF-8".into()))?;
+            if text.trim().is_empty() {
+                return Err(WasmError::Manifest("the input query is empty".into()));
+            }
+            found = Some(text.to_string());
+        }
+    }
+    Ok(found)
 }
 
 fn check_imports(module: &Module) -> Result<()> {

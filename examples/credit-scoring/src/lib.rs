@@ -19,10 +19,11 @@ use sandbox_guest::{GuestError, batch};
 sandbox_guest::manifest!(
     r#"{"name":"credit-scoring","purpose":"credit_assessment","input":["enterprises.credit_code","enterprises.industry","tax_monthly.credit_code","tax_monthly.month","tax_monthly.vat_paid","tax_monthly.revenue_declared","social_insurance_monthly.credit_code","social_insurance_monthly.month","social_insurance_monthly.insured_headcount","social_insurance_monthly.arrears","housing_fund_monthly.credit_code","housing_fund_monthly.month","housing_fund_monthly.employees_covered","court_cases.credit_code","court_cases.role","court_cases.dishonest_debtor","admin_penalties.credit_code"]}"#
 );
-sandbox_guest::entry!(job);
-
-/// The input query the bank submits with the module: per-enterprise features, 2024 against 2023.
+/// The input query: per-enterprise features, 2024 against 2023. It travels in the module (the
+/// `sandbox.input` section), so the owners approve it with the code and no run can change it.
 pub const INPUT_QUERY: &str = include_str!("../input.sql");
+sandbox_guest::input!(INPUT_QUERY);
+sandbox_guest::entry!(job);
 
 /// Per-enterprise features, as the model reads them.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -114,6 +114,7 @@ fn overlapping_grants_combine_to_the_strictest() {
 id = "tax_monthly"
 source = ["datasets/tax_monthly"]
 privacy_unit = "credit_code"
+row_key = ["credit_code"]
 
 [[dataset.column]]
 name = "credit_code"
@@ -126,6 +127,7 @@ role = "analyst"
 [grant.aggregate]
 min_units = 5
 functions = ["count", "sum", "min"]
+exact = true
 
 [[grant]]
 dataset = "tax_monthly"
@@ -133,6 +135,7 @@ principal = "analyst"
 [grant.aggregate]
 min_units = 20
 functions = ["count", "sum", "avg"]
+exact = true
 "#;
     let policy = load_sources(&[("t.toml".into(), text.into())]).expect("valid");
     let analyst = Principal {
@@ -148,4 +151,22 @@ functions = ["count", "sum", "avg"]
         mode.functions,
         BTreeSet::from([AggregateFunction::Count, AggregateFunction::Sum])
     );
+    assert!(mode.exact, "both grants are exact");
+    // Exact only where every grant that applies says so.
+    let one_exact = text.replacen("exact = true\n", "", 1).replacen(
+        "functions = [\"count\", \"sum\", \"min\"]\n",
+        "functions = [\"count\", \"sum\", \"min\"]\n[grant.aggregate.dp]\nepsilon = 1.0\ndelta = 1e-7\nbudget_epsilon = 5.0\nbudget_delta = 1e-5\n",
+        1,
+    ) + "";
+    let one_exact = one_exact.replace(
+        "row_key = [\"credit_code\"]\n",
+        "row_key = [\"credit_code\"]\n\n[dataset.dp]\ntotal_epsilon = 10.0\ntotal_delta = 1e-5\n",
+    );
+    let policy = load_sources(&[("t.toml".into(), one_exact)]).expect("valid");
+    let mode = policy
+        .aggregate_mode(&analyst, "tax_monthly")
+        .expect("granted");
+    assert!(!mode.exact);
+    assert!(mode.dp.is_some());
+    assert!(policy.dataset("tax_monthly").unwrap().private_by_default());
 }

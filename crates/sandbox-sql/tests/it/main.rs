@@ -12,9 +12,13 @@ use sandbox_sql::{
     CancellationToken, GrantedDataset, PseudonymKey, SqlEngine, SqlLimits, UNITS_COLUMN,
 };
 
+/// The repository's policies with every aggregate grant marked exact where the dataset allows
+/// it (an L3 dataset with a row key): these tests check the exact guard and rewrite.
 fn policies() -> PolicySet {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
-    sandbox_policy::load_dir(&dir).expect("repository policies load")
+    let mut policy = sandbox_policy::load_dir(&dir).expect("repository policies load");
+    policy.mark_exact_where_allowed();
+    policy
 }
 
 /// The analyst's pseudonym key, under a test secret.

@@ -7,8 +7,46 @@ use sandbox_sql::{CancellationToken, RowScope, SqlEngine, SqlLimits};
 
 use crate::{engine_over_demo, key};
 
-/// A scope covering these `dataset.column`s.
-fn scope(policy: &sandbox_policy::PolicySet, columns: &[&str]) -> RowScope {
+/// Every enterprise of the demo in `dir`: the tests' scopes see them all as consented.
+async fn everyone(dir: &std::path::Path) -> std::collections::HashSet<String> {
+    let ctx = datafusion::prelude::SessionContext::new();
+    ctx.register_parquet(
+        "enterprises",
+        dir.join("datasets/enterprises").to_str().unwrap(),
+        datafusion::prelude::ParquetReadOptions::default(),
+    )
+    .await
+    .unwrap();
+    let batches = ctx
+        .sql("SELECT credit_code FROM enterprises")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
+    let mut units = std::collections::HashSet::new();
+    for batch in batches {
+        let codes = datafusion::arrow::compute::cast(
+            batch.column(0),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
+        let codes = codes
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::StringArray>()
+            .unwrap();
+        units.extend(codes.iter().flatten().map(str::to_string));
+    }
+    units
+}
+
+/// A scope covering these `dataset.column`s, every enterprise consenting.
+async fn scope(
+    dir: &std::path::Path,
+    policy: &sandbox_policy::PolicySet,
+    columns: &[&str],
+) -> RowScope {
+    let consented = Arc::new(everyone(dir).await);
     let mut datasets: HashMap<String, (Arc<sandbox_policy::DatasetPolicy>, BTreeSet<String>)> =
         HashMap::new();
     for column in columns {
@@ -19,7 +57,10 @@ fn scope(policy: &sandbox_policy::PolicySet, columns: &[&str]) -> RowScope {
             .1
             .insert(name.to_string());
     }
-    RowScope { datasets }
+    RowScope {
+        datasets,
+        consented,
+    }
 }
 
 const SCOPE: &[&str] = &[
@@ -36,8 +77,8 @@ const SCOPE: &[&str] = &[
 
 #[tokio::test]
 async fn row_mode_allows_per_entity_features_and_denies_the_rest() {
-    let (_dir, policy, engine) = engine_over_demo(200, SqlLimits::default()).await;
-    let scope = scope(&policy, SCOPE);
+    let (dir, policy, engine) = engine_over_demo(200, SqlLimits::default()).await;
+    let scope = scope(dir.path(), &policy, SCOPE).await;
     // (query, expected: "allow" or the rule code)
     let cases: &[(&str, &str)] = &[
         ("SELECT credit_code, vat_paid FROM tax_monthly", "allow"),
@@ -145,8 +186,8 @@ async fn row_mode_allows_per_entity_features_and_denies_the_rest() {
 
 #[tokio::test]
 async fn row_mode_input_carries_the_unit_and_runs() {
-    let (_dir, policy, engine) = engine_over_demo(200, SqlLimits::default()).await;
-    let scope = scope(&policy, SCOPE);
+    let (dir, policy, engine) = engine_over_demo(200, SqlLimits::default()).await;
+    let scope = scope(dir.path(), &policy, SCOPE).await;
     let planned = engine
         .plan_rows(
             "SELECT SUM(vat_paid) AS v, credit_code FROM tax_monthly GROUP BY credit_code",
@@ -187,7 +228,12 @@ async fn case_tokens(engine: &sandbox_sql::SqlEngine, scope: &RowScope, org: &st
 #[tokio::test]
 async fn pseudonyms_are_stable_per_consumer_and_unlinkable_across_consumers() {
     let (dir, policy, engine) = engine_over_demo(300, SqlLimits::default()).await;
-    let scope = scope(&policy, &["court_cases.credit_code", "court_cases.case_id"]);
+    let scope = scope(
+        dir.path(),
+        &policy,
+        &["court_cases.credit_code", "court_cases.case_id"],
+    )
+    .await;
     let bank = case_tokens(&engine, &scope, "bank_demo").await;
     assert_eq!(bank, case_tokens(&engine, &scope, "bank_demo").await);
     let other = case_tokens(&engine, &scope, "other_bank").await;
@@ -245,11 +291,13 @@ async fn a_large_sort_spills_under_a_pool_smaller_than_its_input() {
         job_memory_bytes: 4 << 20,
         memory_pool_bytes: 64 << 20,
         spill_dir: Some(spill.path().join("spill")),
-        target_partitions: 2,
+        // One partition: a second one (the consent filter is parallelized) would split the
+        // small pool between two sorts and their merge.
+        target_partitions: 1,
         ..SqlLimits::default()
     };
     let (dir, policy, engine) = engine_over_demo(3000, limits).await;
-    let scope = scope(&policy, SCOPE);
+    let scope = scope(dir.path(), &policy, SCOPE).await;
     let query = "SELECT credit_code, month, vat_paid FROM tax_monthly ORDER BY vat_paid, credit_code, month";
     let executed = run_rows(&engine, &scope, query).await;
     let unbounded = SqlEngine::new(&policy, dir.path(), SqlLimits::default())
