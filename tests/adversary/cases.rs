@@ -25,6 +25,9 @@ struct Case {
     #[serde(default)]
     profiles: Option<Vec<String>>,
     queries: Vec<String>,
+    /// Who asks each query, in order, when not all are asked by `as` (two orgs pooling answers).
+    #[serde(default)]
+    askers: Vec<String>,
     #[serde(default)]
     recover: Vec<Term>,
     #[serde(default)]
@@ -91,9 +94,10 @@ async fn play_case(h: &mut Harness, case: &Case) {
     let truth_sql = h.fill(&case.truth);
     let truth = h.truth.value(&truth_sql).await;
     let mut answers: Vec<Result<Answer, String>> = Vec::new();
-    for query in &case.queries {
+    for (i, query) in case.queries.iter().enumerate() {
         let sql = h.fill(query);
-        answers.push(h.query(&case.principal, via, &sql).await);
+        let asker = case.askers.get(i).unwrap_or(&case.principal);
+        answers.push(h.query(asker, via, &sql).await);
     }
     let name = format!("{} ({} via {via:?})", case.name, case.principal);
     if case.shows {

@@ -329,7 +329,7 @@ pub async fn play(h: &mut Harness) {
     templates(h).await;
 }
 
-/// 30. Approved templates with loose parameters.
+/// Class 30: Approved templates with loose parameters.
 async fn templates(h: &mut Harness) {
     // The per-enterprise tax features with a one-month window: one month's VAT of every
     // consented enterprise, within the band's 500 CNY.

@@ -1,7 +1,7 @@
 //! Attacks that read one bit per query and binary-search a hidden value with it: data-dependent
 //! errors (classes 9 and 20) and the figures of the release summary (class 25).
 
-use crate::harness::{Harness, Verdict, Via};
+use crate::harness::{Harness, Profile, Verdict, Via};
 
 /// The registered capital of the demo stays below this (CNY).
 const CAPITAL_HIGH: f64 = 4_000_000_000.0;
@@ -178,6 +178,8 @@ pub async fn play(h: &mut Harness) {
     };
     h.record(9, "an error message that echoes a raw value", verdict);
 
+    timing(h).await;
+
     // 25. The summary's figures as oracles. Suppressed rows: the target's group exists above k.
     let template = h.fill(
         "SELECT city, COUNT(*) AS n FROM enterprises WHERE {T} AND registered_capital >= {k} GROUP BY city",
@@ -243,5 +245,66 @@ pub async fn play(h: &mut Harness) {
         recovered,
         capital,
         0.5,
+    );
+}
+
+/// Class 9: Time: a join whose build side is the target alone, or nothing, depending on a guess about
+/// a hidden value. A hash join with an empty build side skips its probe side, so the right guess
+/// took several times longer (found by a fresh attacker). Each guess is asked three times (a
+/// nonce makes each a new question); the attack wins when every time of the right guess exceeds
+/// every time of the others. Played on the exact-grants profile, where the queries cost no budget
+/// (the plans, and so the times, are the same under differential privacy).
+async fn timing(h: &mut Harness) {
+    if h.profile != Profile::ExactGrants {
+        return;
+    }
+    let truth =
+        h.truth
+            .rows(&h.fill(
+                "SELECT DISTINCT tax_credit_rating FROM tax_monthly WHERE credit_code = '{cc}'",
+            ))
+            .await[0][0]
+            .clone();
+    let ratings = ["A", "B", "M", "C", "D"];
+    let mut times: Vec<(String, f64)> = Vec::new();
+    for round in 0..3 {
+        for rating in ratings {
+            let sql = h.fill(&format!(
+                "SELECT COUNT(DISTINCT e.credit_code) AS n FROM enterprises e \
+                 JOIN tax_monthly t ON t.credit_code = e.credit_code \
+                 JOIN social_insurance_monthly s ON s.credit_code = t.credit_code AND s.month = t.month \
+                 WHERE {{T:e}} AND t.tax_credit_rating = '{rating}' AND e.city <> 'nonce-{round}'"
+            ));
+            let started = std::time::Instant::now();
+            let _ = h.sql("analyst", &sql).await;
+            times.push((rating.to_string(), started.elapsed().as_secs_f64()));
+        }
+    }
+    let right = times
+        .iter()
+        .filter(|(r, _)| *r == truth)
+        .map(|(_, t)| *t)
+        .fold(f64::INFINITY, f64::min);
+    let others = times
+        .iter()
+        .filter(|(r, _)| *r != truth)
+        .map(|(_, t)| *t)
+        .fold(0.0, f64::max);
+    let verdict = if right > others {
+        Verdict::Leak {
+            recovered: format!(
+                "rating {truth}: its queries took at least {right:.3}s, every other guess at most {others:.3}s"
+            ),
+            truth: format!("rating {truth}"),
+        }
+    } else {
+        Verdict::Safe(format!(
+            "the right guess's fastest {right:.3}s, the others' slowest {others:.3}s"
+        ))
+    };
+    h.record(
+        9,
+        "query time of a join whose build side is the target or nothing",
+        verdict,
     );
 }

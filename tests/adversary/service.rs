@@ -218,7 +218,7 @@ pub async fn play(h: &mut Harness) {
     state_growth(h).await;
 }
 
-/// 28. Many varied exact releases: the org's differencing memory and the time of a release must
+/// Class 28: Many varied exact releases: the org's differencing memory and the time of a release must
 /// not grow with history without bound.
 async fn state_growth(h: &mut Harness) {
     let queries = if h.full { 2_000 } else { 150 };
@@ -274,9 +274,15 @@ async fn state_growth(h: &mut Harness) {
     h.record(28, "many varied exact releases by one org", verdict);
 }
 
-/// 27. Functions with size arguments in the auditors' and owners' SQL. Played last: a build
+/// Class 27: Functions with size arguments in the auditors' and owners' SQL. Played last: a build
 /// with this bug aborts the whole process, and the harness with it.
 pub async fn resource_aborts(h: &mut Harness) {
+    // Nested `replace` with a long replacement: each level multiplies the size (20,000^3
+    // characters asked for in the end).
+    let long = "a".repeat(20_000);
+    let nested = format!(
+        "SELECT length(replace(replace('{long}', 'a', '{long}'), 'a', '{long}')) AS n FROM events LIMIT 1"
+    );
     for (who, sql) in [
         (
             "owner_tax",
@@ -290,6 +296,7 @@ pub async fn resource_aborts(h: &mut Harness) {
             "auditor",
             "SELECT MAX(lpad(query, 2147483647, '中')) AS padded FROM events",
         ),
+        ("owner_tax", nested.as_str()),
     ] {
         let mut client = h.client(who).await;
         h.sent += 1;
@@ -324,7 +331,10 @@ pub async fn resource_aborts(h: &mut Harness) {
         };
         h.record(
             27,
-            format!("{who}: a 2^31-character pad in audit SQL"),
+            format!(
+                "{who}: a value of 2^31 characters or more built in audit SQL ({})",
+                sql.chars().take(40).collect::<String>()
+            ),
             verdict,
         );
     }

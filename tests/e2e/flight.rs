@@ -434,6 +434,119 @@ async fn an_unfetched_ticket_ends_unrun() {
     server.server.shutdown().await.expect("shutdown");
 }
 
+/// A parameter batch whose LZ4 buffers claim 16 TB uncompressed (what an attacker sends to make
+/// the reader allocate them, and the allocation failure abort the process) is refused before it
+/// is decoded, and the server keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_compressed_parameter_batch_is_refused_before_it_is_read() {
+    use arrow::ipc::writer::IpcWriteOptions;
+    use arrow_flight::Action;
+    use arrow_flight::encode::FlightDataEncoderBuilder;
+    use arrow_flight::sql::{
+        ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult, Any,
+        CommandPreparedStatementQuery,
+    };
+
+    let server = TestServer::start().await.expect("server");
+    let mut raw = FlightServiceClient::new(channel(&server).await);
+    let bearer = format!("Bearer {}", server.token("analyst"));
+    fn authorized<T>(message: T, bearer: &str) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", bearer.parse().expect("header"));
+        request
+    }
+    let create = Action {
+        r#type: "CreatePreparedStatement".into(),
+        body: ActionCreatePreparedStatementRequest {
+            query: "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class".into(),
+            transaction_id: None,
+        }
+        .as_any()
+        .encode_to_vec()
+        .into(),
+    };
+    let result = raw
+        .do_action(authorized(create, &bearer))
+        .await
+        .expect("prepare")
+        .into_inner()
+        .message()
+        .await
+        .expect("answer")
+        .expect("one result");
+    let prepared: ActionCreatePreparedStatementResult = Any::decode(result.body)
+        .expect("any")
+        .unpack()
+        .expect("unpack")
+        .expect("a prepared statement");
+
+    let parameters = RecordBatch::try_from_iter([(
+        "$1",
+        std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(0..1000))
+            as arrow::array::ArrayRef,
+    )])
+    .expect("batch");
+    let descriptor = FlightDescriptor::new_cmd(
+        CommandPreparedStatementQuery {
+            prepared_statement_handle: prepared.prepared_statement_handle,
+        }
+        .as_any()
+        .encode_to_vec(),
+    );
+    let compressed = IpcWriteOptions::default()
+        .try_with_compression(Some(arrow::ipc::CompressionType::LZ4_FRAME))
+        .expect("lz4");
+    let mut messages: Vec<FlightData> = FlightDataEncoderBuilder::new()
+        .with_options(compressed)
+        .with_flight_descriptor(Some(descriptor))
+        .build(futures::stream::iter([Ok(parameters)]))
+        .try_collect()
+        .await
+        .expect("encode");
+    // Every compressed buffer starts with its uncompressed length: claim 2^44 bytes.
+    let mut forged = 0;
+    for message in &mut messages {
+        let Ok(header) = arrow::ipc::root_as_message(&message.data_header) else {
+            continue;
+        };
+        let Some(batch) = header.header_as_record_batch() else {
+            continue;
+        };
+        assert!(batch.compression().is_some(), "the batch is compressed");
+        let mut body = message.data_body.to_vec();
+        for buffer in batch.buffers().expect("buffers") {
+            let (offset, length) = (buffer.offset() as usize, buffer.length() as usize);
+            if length >= 8 {
+                body[offset..offset + 8].copy_from_slice(&(1u64 << 44).to_le_bytes());
+                forged += 1;
+            }
+        }
+        message.data_body = body.into();
+    }
+    assert!(forged > 0, "no buffer forged: the test proves nothing");
+    let error = raw
+        .do_put(authorized(futures::stream::iter(messages), &bearer))
+        .await
+        .map(|r| r.into_inner())
+        .expect_err("refused");
+    assert!(error.message().contains("invalid-parameters"), "{error:?}");
+
+    // Still up: the same statement without parameters answers.
+    let mut client = flight_client(&server, "analyst").await;
+    let info = client
+        .execute(
+            "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class".into(),
+            None,
+        )
+        .await
+        .expect("the server still answers");
+    let (batches, _) = fetch(&mut client, &info, &request_id()).await;
+    assert!(!batches.is_empty());
+    server.server.shutdown().await.expect("shutdown");
+}
+
 fn basic(user: &str, password: &str) -> String {
     use base64::Engine as _;
     format!(

@@ -53,8 +53,9 @@ async fn allowed_aggregates_match_raw_datafusion() {
     let mut analyst = server.client("analyst").await.expect("client");
     let mut bank = server.client("bank").await.expect("client");
     // The last query asks for the active enterprises per size class: two medium ones are
-    // suspended, so after the first query the analyst's org would get its medium row withheld
-    // by the differencing defense. The bank, another org, asks it.
+    // suspended, so after the first query its medium row would subtract to those two. It is
+    // withheld by the differencing defense, also from the bank, another org: pooled answers of
+    // two orgs subtract as well as one org's.
     let queries = [
         "SELECT size_class, COUNT(*) AS n, SUM(registered_capital) AS capital FROM enterprises GROUP BY size_class",
         "SELECT month, COUNT(DISTINCT credit_code) AS units, SUM(vat_paid) AS vat, AVG(revenue_declared) AS revenue FROM tax_monthly GROUP BY month",
@@ -68,7 +69,11 @@ async fn allowed_aggregates_match_raw_datafusion() {
         } = client.sql(sql).await.expect("allowed");
         assert!(summary.dp.is_none(), "{sql}: exact");
         assert_eq!(summary.min_units, 10);
-        assert_eq!(sorted_rows(&batches), raw_rows(&raw, sql).await, "{sql}");
+        let mut expected = raw_rows(&raw, sql).await;
+        if i == 3 {
+            expected.retain(|row| !row.starts_with("medium|"));
+        }
+        assert_eq!(sorted_rows(&batches), expected, "{sql}");
         // What was suppressed, withheld or scanned is the journal's, never the caller's.
         assert_eq!(
             (

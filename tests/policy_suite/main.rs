@@ -27,9 +27,9 @@
 //! the answer is not simply a subset (a `LIMIT` applied after suppression, a scoring template's
 //! consent filter), the case states the raw query that computes it after a `----` line, and the
 //! released rows must equal that query's rows exactly. `allow differencing` is compared like
-//! `allow suppressed`. The cases of all files run in order against one engine, each principal
-//! being one consumer org, so what earlier cases released is part of what the differencing
-//! defense sees. An `allow dp` release has noisy values:
+//! `allow suppressed`. The cases of a file run in order against one engine (a fresh one per
+//! file), each principal being one consumer org, so what earlier cases of the file released, to
+//! any org, is part of what the differencing defense sees. An `allow dp` release has noisy values:
 //! it must have the raw query's columns and no more groups than raw DataFusion finds (partition
 //! selection only hides groups); its noise is tested statistically in `sandbox-release`.
 //!
@@ -403,11 +403,32 @@ async fn policy_suite() {
     // and the end-to-end tests play that.)
     let mut policy = sandbox_policy::load_dir(&sandbox_tests::policies_dir()).expect("policies");
     policy.mark_exact_where_allowed();
-    let mut config = EngineConfig::new(dir.path().to_path_buf(), policy.clone());
-    // The demo consents, as the server loads them: scoring templates release consented rows.
-    config.consent_seed = Some(dir.path().join("datasets/consents"));
-    let engine = Engine::start(config).await.expect("engine");
-    let mut raw_contexts: HashMap<String, SessionContext> = HashMap::new();
+    // Without the dimensions' public values: a DP release then shows only groups the data has,
+    // which the shape check below compares with raw DataFusion. (Grouped by public values, every
+    // value shows, absent ones with noisy zeros: the end-to-end privacy tests check that.)
+    for dataset in policy.datasets.values_mut() {
+        for column in &mut dataset.columns {
+            column.domain.clear();
+        }
+    }
+    // One engine per case file, over the same data: the differencing memory is shared by every
+    // consumer org, so each file's attacks start from an empty one (within a file, what earlier
+    // cases released is part of what the defense sees).
+    let engine_for = |name: &str| {
+        let engine_dir = dir.path().join("engines").join(name);
+        let datasets = dir.path().join("datasets");
+        let policy = policy.clone();
+        async move {
+            std::fs::create_dir_all(&engine_dir).expect("engine dir");
+            std::os::unix::fs::symlink(&datasets, engine_dir.join("datasets")).expect("link");
+            let mut config = EngineConfig::new(engine_dir.clone(), policy);
+            // The demo consents, as the server loads them: scoring templates release
+            // consented rows.
+            config.consent_seed = Some(datasets.join("consents"));
+            let engine = Engine::start(config).await.expect("engine");
+            (engine, engine_dir)
+        }
+    };
 
     let cases_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy_suite/cases");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&cases_dir)
@@ -424,6 +445,10 @@ async fn policy_suite() {
     // Kept apart from `failures`: blessing rewrites headers, never released numbers.
     let mut mismatches = Vec::new();
     for file in &files {
+        let (engine, engine_dir) =
+            engine_for(&file.file_stem().expect("name").to_string_lossy()).await;
+        // Per engine: its pseudonym secret is its own.
+        let mut raw_contexts: HashMap<String, SessionContext> = HashMap::new();
         let cases = parse_file(file);
         let mut lines: Vec<String> = std::fs::read_to_string(file)
             .expect("readable")
@@ -439,7 +464,7 @@ async fn policy_suite() {
             ) {
                 let org = principal(&case.principal).org;
                 if !raw_contexts.contains_key(&org) {
-                    let context = raw_context(dir.path(), &policy, &org).await;
+                    let context = raw_context(&engine_dir, &policy, &org).await;
                     raw_contexts.insert(org.clone(), context);
                 }
                 compared += 1;

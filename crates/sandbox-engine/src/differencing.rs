@@ -2,6 +2,11 @@
 //! to it (`sandbox_release::differencing`), persisted so the defense survives restarts, indexed so
 //! that a release does not compare a new row with all of history, and bounded.
 //!
+//! A release is checked against the memories of **every** org, not only its own: two consumer
+//! orgs that pool their answers (one asks for a group, the other for the group without one
+//! enterprise) are refused as one org would be. Each org's rows count against its own capacity,
+//! so one org filling its memory does not refuse another's releases.
+//!
 //! **What is kept and what is forgotten.** An org's memory keeps every row released to it within
 //! the retention window (90 days by default), up to a capacity (20,000 rows by default). A row is
 //! forgotten only when it is older than the window: after that an attacker can difference
@@ -22,9 +27,9 @@
 //!
 //! One file per org under `<data-dir>/differencing/`: the magic `SBXDIF02`, the unit-hash probe
 //! of the build that wrote it (8 bytes), then records of a release time (seconds since the epoch,
-//! 8 bytes), a source (8 bytes) and a sketch. A release holds its org's lock from the gate's check until its sketches
-//! are appended and synced, so two concurrent queries of one org cannot each pass against a
-//! memory that lacks the other; sketches are durable before the release is recorded and
+//! 8 bytes), a source (8 bytes) and a sketch. A release holds the release lock (one for all orgs)
+//! from the gate's check until its sketches are appended and synced, so two concurrent queries
+//! cannot each pass against a memory that lacks the other; sketches are durable before the release is recorded and
 //! published (a crash in between remembers a row never delivered: more withholding, never less).
 //! A torn last record is dropped at load; expired records are dropped then too, and the file is
 //! rewritten when most of it has expired.
@@ -261,11 +266,36 @@ impl Remembered for OrgMemory {
     }
 }
 
-/// Every org's memory, loaded at first use.
+/// Every org's memory, by file name, loaded at first use.
 pub(crate) struct DifferencingMemory {
     dir: PathBuf,
     limits: DifferencingLimits,
     orgs: Mutex<HashMap<String, Arc<tokio::sync::Mutex<OrgMemory>>>>,
+    /// Held from a release's check against every memory until its rows are remembered.
+    release: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Every org's memory, locked for one release: it is checked against all of them and remembered
+/// in its own.
+pub(crate) struct Everyone {
+    _release: tokio::sync::OwnedMutexGuard<()>,
+    memories: Vec<tokio::sync::OwnedMutexGuard<OrgMemory>>,
+    own: usize,
+}
+
+impl Everyone {
+    /// Remembers released rows in the releasing org's memory.
+    pub(crate) async fn remember(&mut self, released: &[Sketch], source: u64) -> Result<()> {
+        self.memories[self.own].remember(released, source).await
+    }
+}
+
+impl Remembered for Everyone {
+    fn near(&self, sketch: &Sketch, min_units: u64, identical: Identical) -> bool {
+        self.memories
+            .iter()
+            .any(|memory| memory.near(sketch, min_units, identical))
+    }
 }
 
 fn file_name(org: &str) -> String {
@@ -282,19 +312,55 @@ impl DifferencingMemory {
             dir,
             limits,
             orgs: Mutex::new(HashMap::new()),
+            release: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
-    /// The memory of one org (read from its file on first use).
-    pub(crate) fn org(&self, org: &str) -> Result<Arc<tokio::sync::Mutex<OrgMemory>>> {
+    /// The memory kept in one file (read on first use).
+    fn file(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<OrgMemory>>> {
         let mut orgs = self.orgs.lock().expect("memory lock is never poisoned");
-        if let Some(memory) = orgs.get(org) {
+        if let Some(memory) = orgs.get(name) {
             return Ok(memory.clone());
         }
-        let path = self.dir.join(file_name(org));
-        let memory = Arc::new(tokio::sync::Mutex::new(load(path, self.limits)?));
-        orgs.insert(org.to_string(), memory.clone());
+        let memory = Arc::new(tokio::sync::Mutex::new(load(
+            self.dir.join(name),
+            self.limits,
+        )?));
+        orgs.insert(name.to_string(), memory.clone());
         Ok(memory)
+    }
+
+    /// The memory of one org (read from its file on first use).
+    #[cfg(test)]
+    pub(crate) fn org(&self, org: &str) -> Result<Arc<tokio::sync::Mutex<OrgMemory>>> {
+        self.file(&file_name(org))
+    }
+
+    /// Every org's memory, for one release by `org`: the release lock, then each memory (every
+    /// file of the directory, and `org`'s own even before it has one).
+    pub(crate) async fn everyone(&self, org: &str) -> Result<Everyone> {
+        let release = self.release.clone().lock_owned().await;
+        let own_name = file_name(org);
+        let mut names = vec![own_name.clone()];
+        let list = |e: std::io::Error| {
+            EngineError::Setup(format!("cannot list {}: {e}", self.dir.display()))
+        };
+        for entry in std::fs::read_dir(&self.dir).map_err(list)? {
+            let entry = entry.map_err(list)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".sketches") && name != own_name {
+                names.push(name);
+            }
+        }
+        let mut memories = Vec::with_capacity(names.len());
+        for name in &names {
+            memories.push(self.file(name)?.lock_owned().await);
+        }
+        Ok(Everyone {
+            _release: release,
+            memories,
+            own: 0,
+        })
     }
 }
 
@@ -374,6 +440,37 @@ mod tests {
 
     fn limits() -> DifferencingLimits {
         DifferencingLimits::default()
+    }
+
+    /// A release is checked against what every org was released, also after a restart, and
+    /// remembered in its own org's memory only.
+    #[tokio::test]
+    async fn a_release_is_checked_against_every_org() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = DifferencingMemory::open(dir.path(), limits()).unwrap();
+        let group = sketch(0..40);
+        let without_one = sketch(0..39);
+        let mut analyst = memory.everyone("analytics").await.unwrap();
+        assert!(!analyst.near(&without_one, 10, Identical::Far));
+        analyst
+            .remember(std::slice::from_ref(&group), 1)
+            .await
+            .unwrap();
+        drop(analyst);
+        let bank = memory.everyone("bank_demo").await.unwrap();
+        assert!(
+            bank.near(&without_one, 10, Identical::Far),
+            "the analyst's row"
+        );
+        assert_eq!(bank.memories[bank.own].len(), 0);
+        drop(bank);
+        let reopened = DifferencingMemory::open(dir.path(), limits()).unwrap();
+        let bank = reopened.everyone("bank_demo").await.unwrap();
+        assert!(
+            bank.near(&without_one, 10, Identical::Far),
+            "after a restart"
+        );
+        assert!(!bank.near(&sketch(100..140), 10, Identical::Far));
     }
 
     /// A row with exactly the units of a remembered one is not remembered twice, in memory or

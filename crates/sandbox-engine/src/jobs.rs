@@ -54,6 +54,9 @@ pub struct EngineConfig {
     pub max_jobs_per_principal: usize,
     /// How long and how much each consumer org's differencing memory keeps.
     pub differencing: crate::differencing::DifferencingLimits,
+    /// A job ends at a multiple of this since it was admitted (zero: as soon as it is done), so
+    /// its duration tells a caller little of the work its data took.
+    pub response_quantum: Duration,
 }
 
 impl EngineConfig {
@@ -78,6 +81,7 @@ impl EngineConfig {
             max_running_jobs: 64,
             max_jobs_per_principal: 8,
             differencing: crate::differencing::DifferencingLimits::default(),
+            response_quantum: Duration::from_millis(50),
         }
     }
 }
@@ -793,9 +797,10 @@ impl Engine {
     /// Execute and release for an exact SQL job of a consumer org (ad hoc on an exact grant, or an
     /// approved template). An identical question asked before is answered from the store: the
     /// same rows, at no cost, and without the differencing defense withholding what was already
-    /// released. Otherwise the rows pass the gate against the org's differencing memory, which
+    /// released. Otherwise the rows pass the gate against the differencing memory of every org
+    /// (pooling two orgs' answers subtracts no better than one org's), and the org's memory
     /// remembers what is released, durably, before the release is recorded. The gate's work
-    /// counts against the query's time limit; the org's lock is taken only after the query ran.
+    /// counts against the query's time limit; the release lock is taken only after the query ran.
     pub(crate) async fn run_sql(
         &self,
         org: &str,
@@ -836,17 +841,17 @@ impl Engine {
         if executed.spilled_bytes > 0 {
             tracing::info!(bytes = executed.spilled_bytes, "query spilled to disk");
         }
-        let memory = self.differencing.org(org)?;
         let lock = gate
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or_default();
-        let mut memory = tokio::time::timeout(lock, memory.lock())
+        // Checked against what every org was released, remembered in this org's memory.
+        let mut memory = tokio::time::timeout(lock, self.differencing.everyone(org))
             .await
-            .map_err(|_| SqlError::TimeLimit(self.sql.limits().time_limit.as_millis() as u64))?;
+            .map_err(|_| SqlError::TimeLimit(self.sql.limits().time_limit.as_millis() as u64))??;
         let released = {
             let _release = tracing::info_span!("release").entered();
-            release(executed.schema, executed.batches, &gate, &*memory)?
+            release(executed.schema, executed.batches, &gate, &memory)?
         };
         memory.remember(released.sketches(), gate.source).await?;
         drop(memory);
@@ -874,6 +879,14 @@ impl Engine {
             Ok((produced, ipc, sha))
         });
         event.duration_ms = started.elapsed().as_millis() as u64;
+        // Every job ends on the next multiple of the quantum since its admission: what the data
+        // made a query do (a scan's few rows more or less after `full_scan`) hides below it.
+        let quantum = self.config.response_quantum.as_nanos();
+        if quantum > 0 {
+            let elapsed = started.elapsed().as_nanos();
+            let wait = quantum - elapsed % quantum;
+            tokio::time::sleep(Duration::from_nanos(wait as u64)).await;
+        }
         match outcome {
             Ok((mut produced, ipc, sha)) => {
                 let summary = produced.released.summary();
@@ -1160,9 +1173,15 @@ impl Engine {
                         Some(dp) => format!(
                             "allowed under differential privacy: epsilon {} per query (spent \
                              once; an identical question asked again, by anyone, gets the same \
-                             answer), groups shown only if their noisy unit count passes a \
-                             threshold",
-                            dp.mode.epsilon
+                             answer), {}",
+                            dp.mode.epsilon,
+                            if dp.spec.public_groups {
+                                "every group of the keys' public values shown"
+                            } else if dp.spec.grouped {
+                                "groups shown only if their noisy unit count passes a threshold"
+                            } else {
+                                "one row"
+                            }
                         ),
                     },
                     datasets: planned.guarded.datasets.clone(),

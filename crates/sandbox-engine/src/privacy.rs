@@ -230,6 +230,9 @@ pub(crate) fn journal_note(dp: &DpOutcome) -> String {
     )
 }
 
+/// The least epsilon a query may ask for, as a share of its grant's epsilon per query.
+pub const MIN_EPSILON_SHARE: f64 = 0.1;
+
 impl Engine {
     /// Admits a query the guard planned under differential privacy: the epsilon asked for
     /// (within the grant's), the noise plan, a cached answer if the same query was answered,
@@ -250,14 +253,19 @@ impl Engine {
             .expect("submit_dp takes a plan under differential privacy");
         event.datasets = planned.guarded.datasets.clone();
         event.columns = planned.guarded.columns.clone();
+        // At least a tenth of the grant's: a query at a vanishing epsilon answers nothing worth
+        // having and costs nothing, so whatever else it shows (its duration, its refusals) would
+        // come for free, thousands of times over.
+        let least = guarded.mode.epsilon * MIN_EPSILON_SHARE;
         let epsilon = match requested {
             None => guarded.mode.epsilon,
-            Some(e) if e.is_finite() && e > 0.0 && e <= guarded.mode.epsilon => e,
+            Some(e) if e.is_finite() && e >= least && e <= guarded.mode.epsilon => e,
             Some(e) => {
                 let error = denied(
                     "dp-epsilon-not-allowed",
                     format!(
-                        "epsilon {e} is not allowed: your grant allows up to {} per query",
+                        "epsilon {e} is not allowed: your grant allows from {least} to {} per \
+                         query",
                         guarded.mode.epsilon
                     ),
                 );

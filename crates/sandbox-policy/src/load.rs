@@ -15,7 +15,8 @@ use toml::Spanned;
 use crate::error::{PolicyError, Result};
 use crate::model::{
     AggregateFunction, AggregateMode, ColumnPolicy, DatasetPolicy, DpMode, DpTotal, Grant, Grantee,
-    Level, Location, Mask, Mode, PolicySet, PrincipalRole, Role, TemplateMode, WasmMode,
+    Level, Location, MAX_DOMAIN_VALUES, Mask, Mode, PolicySet, PrincipalRole, Role, TemplateMode,
+    WasmMode,
 };
 
 #[derive(Deserialize)]
@@ -66,6 +67,8 @@ struct RawColumn {
     /// Every row of a unit holds the same value.
     #[serde(default)]
     constant_per_unit: bool,
+    /// The public list of a dimension's values.
+    domain: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     description: String,
 }
@@ -337,12 +340,39 @@ fn build_dataset(
                 ),
             ));
         }
+        let domain = match &column.domain {
+            None => Vec::new(),
+            Some(values) => {
+                let location = at(values.span().start);
+                let values = values.get_ref();
+                let distinct: BTreeSet<&String> = values.iter().collect();
+                if role != Role::Dimension {
+                    return Err(invalid(
+                        &location,
+                        format!("column `{name}`: only a dimension has a public `domain`"),
+                    ));
+                }
+                if values.is_empty()
+                    || values.len() > MAX_DOMAIN_VALUES
+                    || distinct.len() != values.len()
+                {
+                    return Err(invalid(
+                        &location,
+                        format!(
+                            "column `{name}`: a domain lists 1 to {MAX_DOMAIN_VALUES} distinct                              values"
+                        ),
+                    ));
+                }
+                values.clone()
+            }
+        };
         columns.push(ColumnPolicy {
             name,
             level,
             role,
             mask,
             bounds,
+            domain,
             constant_per_unit: column.constant_per_unit,
             description: column.description.clone(),
             location: column_location,

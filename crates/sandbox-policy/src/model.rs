@@ -227,6 +227,11 @@ pub struct ColumnPolicy {
     /// clamped into it, and the noise is scaled to it. A measure without bounds cannot be
     /// summed or averaged under differential privacy.
     pub bounds: Option<(f64, f64)>,
+    /// The values a dimension can take, declared public by the owner (the five tax ratings, the
+    /// kinds of court case): under differential privacy a query grouped by such columns shows
+    /// every value, with noise, without spending on choosing which groups to show; rows with
+    /// other values are left out. Empty when not declared.
+    pub domain: Vec<String>,
     /// Every row of one privacy unit holds the same value (an enterprise's rating, its industry):
     /// grouping by such columns puts each unit in one group, so differential privacy needs no
     /// budget for a unit spread over several groups. Declared by the owner; the plan still
@@ -236,6 +241,9 @@ pub struct ColumnPolicy {
     pub description: String,
     pub location: Location,
 }
+
+/// The most values a dimension's public domain may list.
+pub const MAX_DOMAIN_VALUES: usize = 1_000;
 
 /// A dataset, owned by one department, with its privacy unit and declared columns.
 #[derive(Debug, Clone)]
@@ -382,15 +390,19 @@ pub struct DpMode {
 }
 
 impl DpMode {
-    /// The stricter of two: the least epsilon, delta, budgets and contributions.
-    pub fn strictest(&self, other: &DpMode) -> DpMode {
+    /// The mode of a query over both datasets: the least epsilon, delta and budgets, and the
+    /// larger contribution bounds. The bounds decide how much of each unit's data is counted,
+    /// and the noise is scaled to them, so larger ones cost accuracy, never privacy; the smaller
+    /// would cut a join to the rows of the dataset with fewest per unit (tax months joined to the
+    /// register's one row per enterprise would keep one month of each enterprise).
+    pub fn joined(&self, other: &DpMode) -> DpMode {
         DpMode {
             epsilon: self.epsilon.min(other.epsilon),
             delta: self.delta.min(other.delta),
             budget_epsilon: self.budget_epsilon.min(other.budget_epsilon),
             budget_delta: self.budget_delta.min(other.budget_delta),
-            max_rows_per_unit: self.max_rows_per_unit.min(other.max_rows_per_unit),
-            max_groups_per_unit: self.max_groups_per_unit.min(other.max_groups_per_unit),
+            max_rows_per_unit: self.max_rows_per_unit.max(other.max_rows_per_unit),
+            max_groups_per_unit: self.max_groups_per_unit.max(other.max_groups_per_unit),
             required: self.required || other.required,
         }
     }
@@ -436,9 +448,9 @@ impl AggregateMode {
             // Exact only where every grant that applies says so.
             exact: self.exact && other.exact,
             // A grant without differential privacy does not take it away from one that has it:
-            // whichever applies, its parameters are the strictest of those given.
+            // whichever applies, its parameters are those of a query over both (`DpMode::joined`).
             dp: match (&self.dp, &other.dp) {
-                (Some(a), Some(b)) => Some(a.strictest(b)),
+                (Some(a), Some(b)) => Some(a.joined(b)),
                 (a, b) => a.clone().or_else(|| b.clone()),
             },
         }

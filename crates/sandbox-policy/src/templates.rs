@@ -58,7 +58,14 @@ pub const MIN_SCORING_STEP_MONTHS: u32 = 12;
 /// A `YYYY-MM` month as a count of months, or `None` when it is not one.
 pub fn month_index(text: &str) -> Option<u32> {
     let (year, month) = text.split_once('-')?;
-    if year.len() != 4 || month.len() != 2 {
+    // Digits only: `parse` would take a sign (`2023-+4`), and the value is bound as written.
+    if year.len() != 4
+        || month.len() != 2
+        || !year
+            .bytes()
+            .chain(month.bytes())
+            .all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let (year, month): (u32, u32) = (year.parse().ok()?, month.parse().ok()?);
@@ -411,6 +418,17 @@ name = "status"
 type = "string"
 values = ["active", "a", "suspended"]
 "#;
+
+    #[test]
+    fn months_are_four_digits_a_dash_and_two() {
+        assert_eq!(month_index("2023-01"), Some(2023 * 12));
+        assert_eq!(month_index("2024-12"), Some(2024 * 12 + 11));
+        for bad in [
+            "2023-+4", "+023-01", "2023-1", "2023-13", "2023-00", "23-01", "2023/01", "",
+        ] {
+            assert_eq!(month_index(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn templates_parse_hash_stably_and_bind_typed_values() {

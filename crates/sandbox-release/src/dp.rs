@@ -23,8 +23,9 @@
 //! The epsilon of a query is split between its statistics and, when it groups, the selection, by
 //! weight ([`DpSpec::weight`]): a sum gets three shares to a count's one (a sum's sensitivity is
 //! the measure's bound, a count's one row, so even shares would leave sums and averages far
-//! noisier than the counts beside them). What each part costs is read back from the privacy map of the OpenDP measurement
-//! that draws it, not from a formula of ours: the spend the journal records is the library's.
+//! noisier than the counts beside them), the selection a count's share ([`SELECTION_WEIGHT`]).
+//! What each part costs is read back from the privacy map of the OpenDP measurement that draws
+//! it, not from a formula of ours: the spend the journal records is the library's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -119,11 +120,19 @@ pub struct DpSpec {
     pub stats: Vec<DpStat>,
     /// Whether the query groups (then partition selection decides which groups show).
     pub grouped: bool,
+    /// Whether its groups are every combination of public values (`domain` in the policy): the
+    /// plan lists each, so none is chosen by the data and no selection is needed.
+    pub public_groups: bool,
     pub max_rows_per_unit: u64,
     pub max_groups_per_unit: u64,
 }
 
 impl DpSpec {
+    /// Whether partition selection decides which groups show.
+    fn selects(&self) -> bool {
+        self.grouped && !self.public_groups
+    }
+
     /// How many partitions one unit can change: the groups-per-unit bound when grouped.
     fn partitions_per_unit(&self) -> u64 {
         if self.grouped {
@@ -133,7 +142,8 @@ impl DpSpec {
         }
     }
 
-    /// A statistic's weight in the split of a query's epsilon (the selection weighs 1).
+    /// A statistic's weight in the split of a query's epsilon (the selection weighs
+    /// [`SELECTION_WEIGHT`]).
     pub fn weight(stat: DpStat) -> f64 {
         match stat {
             DpStat::Count | DpStat::Units => 1.0,
@@ -151,6 +161,12 @@ impl DpSpec {
         }
     }
 }
+
+/// The partition selection's weight in the split of a query's epsilon, a count's. Its noise
+/// decides which groups show, not how exact the shown values are; a smaller share would leave
+/// more for the values but raise the threshold (with 24 groups per unit, past the size of a
+/// month of a thousand enterprises). Groups over public values need no selection at all.
+pub const SELECTION_WEIGHT: f64 = 1.0;
 
 type IntegerNoise =
     Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<i64>, MaxDivergence, Vec<i64>>;
@@ -250,7 +266,11 @@ pub fn plan_noise(spec: &DpSpec, epsilon: f64, delta: f64) -> Result<NoisePlan> 
         return Err(dp_error("a DP query needs outputs and contribution bounds"));
     }
     let weights = spec.stats.iter().map(|s| DpSpec::weight(*s)).sum::<f64>()
-        + if spec.grouped { 1.0 } else { 0.0 };
+        + if spec.selects() {
+            SELECTION_WEIGHT
+        } else {
+            0.0
+        };
     if weights == 0.0 {
         return Err(dp_error(
             "a DP query must compute a noisy statistic or group",
@@ -272,8 +292,9 @@ pub fn plan_noise(spec: &DpSpec, epsilon: f64, delta: f64) -> Result<NoisePlan> 
         scales.push(scale);
     }
     let mut spent_delta = 0.0;
-    let selection = if spec.grouped {
-        let (scale, threshold, cost, cost_delta) = selection(l0, epsilon / weights, delta)?;
+    let selection = if spec.selects() {
+        let (scale, threshold, cost, cost_delta) =
+            selection(l0, epsilon * SELECTION_WEIGHT / weights, delta)?;
         spent += cost;
         spent_delta += cost_delta;
         Some((scale, threshold))
@@ -397,7 +418,7 @@ impl NoisePlan {
                         ..
                     } => (
                         self.scales[*sum],
-                        self.average_accuracy(*sum, *count, *low, *high, average_rows),
+                        self.average_accuracy(*sum, *count, (*low, *high), average_rows, None),
                     ),
                 };
                 NoiseReport {
@@ -420,22 +441,38 @@ impl NoisePlan {
         self.report_for(1_000.0)
     }
 
-    /// The half-width of an honest 95% interval of an average over `rows` rows: the sum's and
-    /// the count's noise each within their 97.5% interval (together at least 95%), the average
-    /// then lies within (sum error + largest bound x count error) / (rows - count error) of the
-    /// truth; never wider than the bounds.
-    fn average_accuracy(&self, sum: usize, count: usize, low: f64, high: f64, rows: f64) -> f64 {
+    /// The half-width of an honest 95% interval of an average whose noisy count is `rows`: the
+    /// sum's and the count's noise each within their 97.5% interval (together at least 95%).
+    ///
+    /// With true sum `S` over `N` rows (average `a`), noises `es` and `ec`, and the noisy
+    /// average `â = (S + es) / (N + ec)`, exactly `a - â = (a·ec - es) / (N + ec)`: the
+    /// denominator is the noisy count itself, which is released. So `|a - â| <= (|a|·Ec + Es) /
+    /// rows`, where `|a|` is at most the bounds' magnitude and, solving for it, at most `|â| +
+    /// |a - â|`, which gives `(|â|·Ec + Es) / (rows - Ec)`. The tighter of the two; never wider
+    /// than the bounds. Before the query runs (`average` unknown) only the first applies.
+    fn average_accuracy(
+        &self,
+        sum: usize,
+        count: usize,
+        (low, high): (f64, f64),
+        rows: f64,
+        average: Option<f64>,
+    ) -> f64 {
         let sum_error =
             laplacian_scale_to_accuracy(self.scales[sum], 0.025).unwrap_or(f64::INFINITY);
         let count_error = discrete_laplacian_scale_to_accuracy(self.scales[count], 0.025)
             .unwrap_or(f64::INFINITY);
         let magnitude = low.abs().max(high.abs());
-        let denominator = rows - count_error;
-        if denominator >= 1.0 {
-            ((sum_error + magnitude * count_error) / denominator).min(high - low)
-        } else {
-            high - low
+        let mut width = high - low;
+        if rows >= 1.0 {
+            width = width.min((sum_error + magnitude * count_error) / rows);
         }
+        if let Some(average) = average.filter(|a| a.is_finite())
+            && rows - count_error >= 1.0
+        {
+            width = width.min((average.abs() * count_error + sum_error) / (rows - count_error));
+        }
+        width
     }
 }
 
@@ -503,6 +540,12 @@ pub fn release_dp(
             shown.sort_unstable_by_key(|(i, _)| *i);
             shown.into_iter().map(|(i, u)| (i as u32, u)).unzip()
         }
+        // Public groups: the plan listed every combination of public values, in an order the
+        // policy fixes; every row shows (the unit counts come from a statistic of their own).
+        None if spec.public_groups => (
+            (0..all.num_rows() as u32).collect(),
+            vec![0; all.num_rows()],
+        ),
         None => {
             if all.num_rows() != 1 {
                 return Err(dp_error("an ungrouped DP query must yield exactly one row"));
@@ -613,10 +656,13 @@ pub fn release_dp(
             ..
         } = output
         {
-            let counts = ints(*count)?;
-            noise.rows = counts[start..start + length]
-                .iter()
-                .map(|c| plan.average_accuracy(*sum, *count, *low, *high, *c as f64))
+            let (sums, counts) = (floats(&noisy[*sum])?, ints(*count)?);
+            noise.rows = (start..start + length)
+                .map(|i| {
+                    let rows = counts[i] as f64;
+                    let average = (rows > 0.0).then(|| sums[i] / rows);
+                    plan.average_accuracy(*sum, *count, (*low, *high), rows, average)
+                })
                 .collect();
             noise.accuracy_95 = noise.rows.iter().copied().fold(0.0, f64::max);
         }
@@ -685,6 +731,7 @@ mod tests {
             outputs,
             stats,
             grouped,
+            public_groups: false,
             max_rows_per_unit: 1,
             max_groups_per_unit: 1,
         }
@@ -753,7 +800,7 @@ mod tests {
             assert_eq!(plan.delta > 0.0, grouped);
             // Every statistic's scale is at least its sensitivity over its share.
             let weights = stats.iter().map(|s| DpSpec::weight(*s)).sum::<f64>()
-                + if grouped { 1.0 } else { 0.0 };
+                + if grouped { SELECTION_WEIGHT } else { 0.0 };
             for (stat, scale) in stats.iter().zip(plan.scales()) {
                 let share = epsilon * DpSpec::weight(*stat) / weights;
                 let sensitivity =
@@ -935,6 +982,69 @@ mod tests {
         assert!(
             (0.01..=0.055).contains(&rate),
             "outside the 95% interval: {rate}"
+        );
+    }
+
+    #[test]
+    fn an_average_s_interval_is_honest_and_tighter_than_the_bounds_allow() {
+        // One ungrouped average over 400 rows of mean 300 in bounds [0, 1000]: each release's
+        // own interval (from its noisy count and average) must hold the true average at least
+        // 95% of the time, and be narrower than the interval that assumes the largest value.
+        let spec = spec(
+            vec![
+                DpStat::Count,
+                DpStat::Sum {
+                    low: 0.0,
+                    high: 1000.0,
+                },
+            ],
+            vec![DpOutput::Avg {
+                name: "a".into(),
+                sum: 1,
+                count: 0,
+                low: 0.0,
+                high: 1000.0,
+            }],
+            false,
+        );
+        let plan = plan_noise(&spec, 1.0, 1e-7).unwrap();
+        let (rows, truth) = (400i64, 300.0);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(stat_column(0), DataType::Int64, true),
+            Field::new(stat_column(1), DataType::Float64, true),
+            Field::new(UNITS_COLUMN, DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![rows])),
+                Arc::new(Float64Array::from(vec![truth * rows as f64])),
+                Arc::new(Int64Array::from(vec![rows])),
+            ],
+        )
+        .unwrap();
+        let worst_case = plan.average_accuracy(1, 0, (0.0, 1000.0), rows as f64, None);
+        let trials = 4000;
+        let (mut outside, mut widths) = (0, 0.0);
+        for _ in 0..trials {
+            let (released, report) =
+                release_dp(schema.clone(), vec![batch.clone()], &plan, &gate()).unwrap();
+            let value = released.batches()[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .unwrap()
+                .value(0);
+            let width = report.columns[0].rows[0];
+            outside += usize::from((value - truth).abs() > width);
+            widths += width;
+        }
+        let rate = outside as f64 / trials as f64;
+        assert!(rate <= 0.05, "outside the 95% interval: {rate}");
+        let mean_width = widths / trials as f64;
+        assert!(
+            mean_width < 0.8 * worst_case,
+            "interval {mean_width} against {worst_case} assuming the largest value"
         );
     }
 

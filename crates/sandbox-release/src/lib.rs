@@ -344,11 +344,9 @@ pub fn release(
     }
 
     // OFFSET and LIMIT, after suppression: a limit cannot tell which rows were suppressed.
-    let mut position = 0usize;
     let fetch = policy.fetch.unwrap_or(usize::MAX);
-    for candidate in &mut candidates {
+    for (position, candidate) in candidates.iter_mut().enumerate() {
         let inside = position >= policy.skip && position - policy.skip < fetch;
-        position += 1;
         if !inside {
             candidate.released = false;
             differencing::add(&mut hidden.cells, &candidate.sketch.cells);
@@ -699,8 +697,13 @@ mod tests {
         let total = sketch_of(0..100);
         let cells = [sketch_of(0..40), sketch_of(40..97)];
         let (schema, b) = keyed(&["x", "y"], &[40, 57], &cells);
-        let released =
-            release(schema, vec![b], &policy(10), &remembered(&[total.clone()])).unwrap();
+        let released = release(
+            schema,
+            vec![b],
+            &policy(10),
+            &remembered(std::slice::from_ref(&total)),
+        )
+        .unwrap();
         assert_eq!(released.summary().rows_released, 1);
 
         let (schema, b) = keyed(&["x", "y"], &[40, 57], &cells);

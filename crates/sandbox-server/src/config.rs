@@ -62,6 +62,10 @@ pub struct ServerConfig {
     /// Wall-clock limit per query, in seconds.
     #[arg(long, default_value_t = 60)]
     pub query_timeout_secs: u64,
+    /// Every job ends on a multiple of this many milliseconds after its admission, so that how
+    /// long it took tells a caller little of what its data made it do. 0: as soon as it is done.
+    #[arg(long, default_value_t = 50)]
+    pub response_quantum_ms: u64,
     /// Longest SQL text accepted, in bytes.
     #[arg(long, default_value_t = 65_536)]
     pub max_query_bytes: usize,
@@ -130,6 +134,7 @@ impl ServerConfig {
             job_memory_limit_mib: 256,
             spill_limit_mib: 4096,
             query_timeout_secs: 60,
+            response_quantum_ms: 50,
             max_query_bytes: 65_536,
             sql_recursion_limit: 64,
             max_plan_nodes: 20_000,

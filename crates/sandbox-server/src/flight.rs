@@ -433,11 +433,21 @@ impl FlightSqlService for FlightSql {
         let ctx = self.gate.admit(&request, Rpc::FlightPrepare).await?;
         let mut rows = 0usize;
         let mut stream = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
-            // Peekable: the first message, which dispatch looked at, holds the schema.
+            // Peekable: the first message, which dispatch looked at, holds the schema. Each
+            // message is checked before the decoder trusts its header (a compressed buffer's
+            // claimed size would be allocated; a buffer outside the body would panic the reader).
             request
                 .into_inner()
                 .into_peekable()
-                .map_err(FlightError::from),
+                .map_err(FlightError::from)
+                .and_then(|data| async move {
+                    sandbox_wasm::untrusted_ipc::check_ipc_message(
+                        &data.data_header,
+                        data.data_body.len(),
+                    )
+                    .map(|()| data)
+                    .map_err(FlightError::ProtocolError)
+                }),
         );
         while let Some(batch) = stream.next().await {
             match batch {

@@ -94,6 +94,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         engine_config.max_concurrent_guests = config.wasm_max_concurrent;
     }
     engine_config.max_running_jobs = config.max_jobs.max(1);
+    engine_config.response_quantum = std::time::Duration::from_millis(config.response_quantum_ms);
     engine_config.max_jobs_per_principal = config.max_jobs_per_principal.max(1);
     // The demo consents are loaded into the journal once (the engine keeps a marker).
     let seed = config.data_dir.join("datasets/consents");

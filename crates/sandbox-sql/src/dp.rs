@@ -20,6 +20,12 @@
 //! mean of clamped values times that capped count (so a sum and the count beside it stay
 //! consistent, and `AVG` is not biased by the cap). A unit in more than `max_groups_per_unit`
 //! groups keeps as many, chosen at random. Nothing here depends on the values other units hold.
+//!
+//! When every group key is a dimension whose owner declared its values public (`domain`), the
+//! per-group aggregate is joined onto the list of every combination of them (`VALUES ... LEFT
+//! JOIN`): each shows, an empty one with zero figures to be noised, rows with other keys are
+//! left out, and the gate needs no partition selection. The order and number of output rows then
+//! depend on the policy alone.
 
 use std::collections::HashMap;
 
@@ -29,7 +35,8 @@ use datafusion::functions::math::expr_fn::random;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{
-    Aggregate, Expr, ExprFunctionExt, LogicalPlan, LogicalPlanBuilder, SortExpr, cast, lit, when,
+    Aggregate, Expr, ExprFunctionExt, JoinType, LogicalPlan, LogicalPlanBuilder, SortExpr, cast,
+    lit, when,
 };
 use sandbox_policy::{AggregateFunction as Allowed, Mode, Role};
 use sandbox_release::dp::{DpOutput, DpSpec, DpStat, stat_column};
@@ -169,6 +176,7 @@ pub(crate) fn guard_dp(
 
     // Classify every aggregate; the exact guard's checks first (grant functions, roles, levels).
     let grouped = !aggregate.group_expr.is_empty();
+    let public = public_groups(&guard, aggregate, &lineage);
     let mut stats: Vec<Stat> = Vec::new();
     let mut stat_of = |stat: Stat| -> usize {
         match stats.iter().position(|s| *s == stat) {
@@ -245,9 +253,13 @@ pub(crate) fn guard_dp(
         };
         aggs.push(match (kind, column) {
             (Allowed::Count, None) => Agg::Count(stat_of(Stat::Rows)),
+            (Allowed::Count, Some(i)) if !input_schema.field(i).is_nullable() => {
+                Agg::Count(stat_of(Stat::Rows))
+            }
             (Allowed::Count, Some(i)) => Agg::Count(stat_of(Stat::Values(i))),
             (Allowed::CountDistinct, Some(i)) if i == unit_index => {
-                Agg::Units((!grouped).then(|| stat_of(Stat::Units)))
+                // Grouped, the selection's noisy unit count serves; public groups have none.
+                Agg::Units((!grouped || public.is_some()).then(|| stat_of(Stat::Units)))
             }
             (Allowed::CountDistinct, _) => {
                 return Err(unsupported(
@@ -261,7 +273,14 @@ pub(crate) fn guard_dp(
             (Allowed::Avg, Some(i)) => {
                 let (low, high) = bounds(i)?;
                 let sum = stat_of(Stat::Sum(i, low, high));
-                Agg::Avg(sum, stat_of(Stat::Values(i)), low, high)
+                // Over a column that cannot be null the average's count is `COUNT(*)`: one
+                // noisy count serves both when the query asks for it too.
+                let count = if input_schema.field(i).is_nullable() {
+                    Stat::Values(i)
+                } else {
+                    Stat::Rows
+                };
+                Agg::Avg(sum, stat_of(count), low, high)
             }
             _ => return Err(unsupported(format!("`{name}` must aggregate a column"))),
         });
@@ -328,8 +347,8 @@ pub(crate) fn guard_dp(
         unit_index,
         &stats,
         &key_outputs,
-        max_rows,
-        max_groups,
+        (max_rows, max_groups),
+        public.as_deref(),
     )?;
     let rewritten = match sort {
         None => rewritten,
@@ -349,6 +368,7 @@ pub(crate) fn guard_dp(
             })
             .collect(),
         grouped,
+        public_groups: public.is_some(),
         max_rows_per_unit: max_rows,
         max_groups_per_unit: max_groups,
     };
@@ -450,14 +470,74 @@ fn contribution(i: usize) -> String {
     format!("__sandbox_dp_unit_{i}")
 }
 
+/// The most groups a query over public domains may list (their product); beyond it the groups
+/// are chosen by partition selection as for any other keys.
+pub const MAX_PUBLIC_GROUPS: usize = 10_000;
+
+/// Every group key's public domain, when each is a plain dimension column that declares one and
+/// their product is at most [`MAX_PUBLIC_GROUPS`].
+fn public_groups(
+    guard: &Guard,
+    aggregate: &Aggregate,
+    lineage: &[Lineage],
+) -> Option<Vec<Vec<String>>> {
+    if aggregate.group_expr.is_empty() {
+        return None;
+    }
+    let schema = aggregate.input.schema();
+    let mut domains = Vec::with_capacity(aggregate.group_expr.len());
+    let mut product = 1usize;
+    for expr in &aggregate.group_expr {
+        let Expr::Column(column) = strip_alias(expr) else {
+            return None;
+        };
+        let Lineage::Plain(source) = &lineage[schema.index_of_column(column).ok()?] else {
+            return None;
+        };
+        let policy = guard.scans[source.scan].column(&source.column)?;
+        if policy.role != Role::Dimension || policy.domain.is_empty() {
+            return None;
+        }
+        product = product.checked_mul(policy.domain.len())?;
+        if product > MAX_PUBLIC_GROUPS {
+            return None;
+        }
+        domains.push(policy.domain.clone());
+    }
+    Some(domains)
+}
+
+/// Every combination of the domains, the first key's values outermost.
+fn combinations(domains: &[Vec<String>]) -> Vec<Vec<String>> {
+    domains.iter().fold(vec![Vec::new()], |rows, domain| {
+        rows.iter()
+            .flat_map(|row| {
+                domain.iter().map(move |value| {
+                    let mut row = row.clone();
+                    row.push(value.clone());
+                    row
+                })
+            })
+            .collect()
+    })
+}
+
+fn public_key(i: usize) -> String {
+    format!("__sandbox_dp_public_{i}")
+}
+
+fn text_key(i: usize) -> String {
+    format!("__sandbox_dp_text_{i}")
+}
+
 /// The contribution-bounding rewrite (see the module docs).
 fn rewrite(
     aggregate: &Aggregate,
     unit_index: usize,
     stats: &[Stat],
     key_outputs: &[(usize, Option<datafusion::common::TableReference>, String)],
-    max_rows: u64,
-    max_groups: u64,
+    (max_rows, max_groups): (u64, u64),
+    public: Option<&[Vec<String>]>,
 ) -> Result<LogicalPlan, SqlError> {
     let input_schema = aggregate.input.schema();
     let input_column = |i: usize| {
@@ -541,15 +621,74 @@ fn rewrite(
     let keys: Vec<Expr> = (0..aggregate.group_expr.len())
         .map(|i| column(&key(i)))
         .collect();
+    let mut builder = builder.aggregate(keys, per_group).map_err(rewrite_error)?;
+    let mut key_of: Vec<Expr> = (0..aggregate.group_expr.len())
+        .map(|i| column(&key(i)))
+        .collect();
+    if let Some(domains) = public {
+        // Every combination of the public values, each matched to its group (if any) by the
+        // keys' text: a group with no rows gets null figures, which the gate reads as zero.
+        let types: Vec<DataType> = (0..domains.len())
+            .map(|i| {
+                builder
+                    .schema()
+                    .field_with_unqualified_name(&key(i))
+                    .map(|f| f.data_type().clone())
+                    .map_err(rewrite_error)
+            })
+            .collect::<Result<_, _>>()?;
+        let rows: Vec<Vec<Expr>> = combinations(domains)
+            .into_iter()
+            .map(|row| row.into_iter().map(lit).collect())
+            .collect();
+        let values = LogicalPlanBuilder::values(rows)
+            .and_then(|b| {
+                b.project(
+                    (0..domains.len())
+                        .map(|i| column(&format!("column{}", i + 1)).alias(public_key(i)))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .map_err(rewrite_error)?;
+        let mut text = vec![];
+        for i in 0..domains.len() {
+            text.push(cast(column(&key(i)), DataType::Utf8).alias(text_key(i)));
+        }
+        text.extend((0..stats.len()).map(|i| column(&stat_column(i))));
+        text.push(column(UNITS_COLUMN));
+        let groups = builder
+            .project(text)
+            .and_then(|b| b.build())
+            .map_err(rewrite_error)?;
+        builder = values
+            .join(
+                groups,
+                JoinType::Left,
+                (
+                    (0..domains.len())
+                        .map(|i| Column::new_unqualified(public_key(i)))
+                        .collect::<Vec<_>>(),
+                    (0..domains.len())
+                        .map(|i| Column::new_unqualified(text_key(i)))
+                        .collect::<Vec<_>>(),
+                ),
+                None,
+            )
+            .map_err(rewrite_error)?;
+        key_of = types
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| cast(column(&public_key(i)), t))
+            .collect();
+    }
     let mut output: Vec<Expr> = key_outputs
         .iter()
-        .map(|(i, qualifier, name)| column(&key(*i)).alias_qualified(qualifier.clone(), name))
+        .map(|(i, qualifier, name)| key_of[*i].clone().alias_qualified(qualifier.clone(), name))
         .collect();
     output.extend((0..stats.len()).map(|i| column(&stat_column(i))));
     output.push(column(UNITS_COLUMN));
     builder
-        .aggregate(keys, per_group)
-        .and_then(|b| b.project(output))
+        .project(output)
         .and_then(|b| b.build())
         .map_err(rewrite_error)
 }

@@ -851,16 +851,20 @@ impl Guard<'_> {
         Ok((rewritten, inner.min_units))
     }
 
-    /// The columns of every scanned dataset's row key at the aggregate's input, for the sketch:
-    /// an exact answer tells its input rows apart by them. Without a declared key, or with a key
-    /// column a derived table dropped, an exact answer is refused. (Under differential privacy
-    /// there is no sketch.)
+    /// The row key columns at the aggregate's input, for the sketch: an exact answer tells its
+    /// input rows apart by them. Those of the datasets no join copies: every join pairs a row
+    /// with at most one row of a side unique on its join columns, so a joined row is one row of
+    /// those datasets (and the sketch hashes their key values as a set, so a one-to-one join
+    /// onto the same keys changes nothing). Every dataset must declare a row key, which must
+    /// reach the aggregate; else an exact answer is refused. (Under differential privacy there
+    /// is no sketch.)
     fn row_key_columns(
         &mut self,
         schema: &DFSchema,
         lineage: &[Lineage],
     ) -> Result<Vec<Expr>, SqlError> {
         let mut columns = Vec::new();
+        let all_copied = self.copied.iter().all(|c| *c);
         for (scan, policy) in self.scans.clone().iter().enumerate() {
             if policy.row_key.is_empty() {
                 return Err(deny(
@@ -899,6 +903,9 @@ impl Guard<'_> {
                         )
                     })?;
                 self.columns.insert(format!("{}.{key}", policy.id));
+                if self.copied[scan] && !all_copied {
+                    continue;
+                }
                 let (qualifier, field) = schema.qualified_field(index);
                 columns.push(Expr::Column(Column::new(qualifier.cloned(), field.name())));
             }
@@ -1027,12 +1034,25 @@ impl Guard<'_> {
         }
         let left_keys: Vec<&Source> = pairs.iter().map(|(l, _)| l).collect();
         let right_keys: Vec<&Source> = pairs.iter().map(|(_, r)| r).collect();
-        if !self.unique_on(&right_scans, &right_keys) {
+        let (left_unique, right_unique) = (
+            self.unique_on(&left_scans, &left_keys),
+            self.unique_on(&right_scans, &right_keys),
+        );
+        // Many rows to many: one enterprise's rows would multiply (24 months joined to 24
+        // months is 576 rows, four times over 331,776), and with them the work the query does,
+        // which its duration shows whatever the release hides.
+        if !left_unique && !right_unique {
+            return Err(deny(
+                Rule::JoinCopiesRows,
+                "a join must pair each row with at most one row of one side: join onto a single                  dataset on all of its row key (the register on `credit_code`, a monthly table on                  `credit_code` and `month`)",
+            ));
+        }
+        if !right_unique {
             for scan in left_scans.clone() {
                 self.copied[scan] = true;
             }
         }
-        if !self.unique_on(&left_scans, &left_keys) {
+        if !left_unique {
             for scan in right_scans.clone() {
                 self.copied[scan] = true;
             }

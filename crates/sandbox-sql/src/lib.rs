@@ -18,6 +18,7 @@ mod casts;
 pub mod consent;
 mod dp;
 mod error;
+mod full_scan;
 mod guard;
 mod limits;
 pub mod masks;

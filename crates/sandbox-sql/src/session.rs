@@ -209,6 +209,21 @@ impl SqlEngine {
         // the query's pool, or a small pool fails the sort instead of spilling it.
         config.options_mut().execution.sort_spill_reservation_bytes =
             (limits.job_memory_bytes / 8).min(10 << 20);
+        // No reading less because of what the data holds: statistics, page indexes and bloom
+        // filters would skip row groups by the values in them, dynamic filters would skip rows by
+        // what a join's other side or a top-k found, and statistics would steer the plan (which
+        // side a join builds) by a column's minimum and maximum, all of which a query's duration
+        // shows. Every scan reads its files in full (see `full_scan` for operators that stop).
+        let options = config.options_mut();
+        options.execution.collect_statistics = false;
+        options.execution.parquet.pruning = false;
+        options.execution.parquet.enable_page_index = false;
+        options.execution.parquet.bloom_filter_on_read = false;
+        options.execution.parquet.pushdown_filters = false;
+        options.optimizer.enable_dynamic_filter_pushdown = false;
+        options.optimizer.enable_join_dynamic_filter_pushdown = false;
+        options.optimizer.enable_topk_dynamic_filter_pushdown = false;
+        options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
         config.options_mut().sql_parser.recursion_limit =
             ConfigNonZeroUsize::try_new(limits.parser_recursion_limit.max(1))
                 .map_err(|e| SqlError::Plan(format!("invalid recursion limit: {e}")))?;
@@ -613,8 +628,14 @@ impl SqlEngine {
                 .create_physical_plan(&optimized, &state)
                 .await
                 .map_err(execution_error)?;
+            // Every scan read to its end (see `full_scan`): the query's duration must not say
+            // whether an operator could stop early because of what the data held.
+            let mut scans = Vec::new();
+            let physical =
+                crate::full_scan::wrap_scans(physical, &mut scans).map_err(execution_error)?;
             let schema = physical.schema();
-            let mut stream = execute_stream(physical.clone(), task_ctx).map_err(execution_error)?;
+            let mut stream =
+                execute_stream(physical.clone(), task_ctx.clone()).map_err(execution_error)?;
             let mut batches = Vec::new();
             let mut rows = 0usize;
             while let Some(batch) = stream.next().await {
@@ -629,6 +650,10 @@ impl SqlEngine {
                 // A yield point per batch, so an abort is seen promptly.
                 tokio::task::consume_budget().await;
             }
+            drop(stream);
+            crate::full_scan::drain(&scans, task_ctx)
+                .await
+                .map_err(execution_error)?;
             Ok(Executed {
                 schema,
                 batches,
@@ -754,8 +779,8 @@ async fn open_dataset(
             ListingTableUrl::parse(&text).map_err(|e| fail(format!("source `{source}`: {e}")))?,
         );
     }
-    // The same Parquet options and statistics cache that `register_parquet` would use, so the
-    // sandbox scans exactly as the raw engine does.
+    // The session's Parquet options and statistics settings (no pruning and no statistics: see
+    // where the session is configured).
     let format = ParquetFormat::new().with_options(state.table_options().parquet.clone());
     let options = ListingOptions::new(Arc::new(format)).with_file_extension(".parquet");
     let file_schema = options.infer_schema(state, &urls[0]).await.map_err(|e| {

@@ -111,6 +111,11 @@ impl Output {
         let not_arrow = |e: arrow::error::ArrowError| {
             WasmError::Abi(format!("output is not a readable Arrow IPC stream: {e}"))
         };
+        // Every message checked first: no compressed buffer (whose claimed size the decoder
+        // would allocate), every buffer inside its body.
+        crate::untrusted_ipc::check_ipc_stream(bytes).map_err(|e| {
+            WasmError::Abi(format!("output is not a readable Arrow IPC stream: {e}"))
+        })?;
         let mut decoder = StreamDecoder::new();
         let mut buffer = Buffer::from(bytes.to_vec());
         let mut batches = Vec::new();

@@ -47,6 +47,7 @@ mod abi;
 mod error;
 mod host;
 mod runtime;
+pub mod untrusted_ipc;
 
 pub use abi::{
     ENTRY, HOST_IMPORTS, HostImport, IMPORT_MODULE, INPUT_SECTION, MANIFEST_SECTION,
