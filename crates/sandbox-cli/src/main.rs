@@ -974,18 +974,18 @@ async fn sql(cli: &Cli, query: &str, dp: bool, epsilon: Option<f64>) -> Result<(
             })
             .collect();
         eprintln!(
-            "differential privacy: spent epsilon {:.4} delta {:e}{}; your org has epsilon {:.4} \
-             and delta {:e} left; 95% of values within: {}; {} rows released; job {}; audit \
+            "differential privacy: spent epsilon {:.4} delta {}{}; your org has epsilon {:.4} \
+             and delta {} left; 95% of values within: {}; {} rows released; job {}; audit \
              seq {}; sha256 {}",
             dp.epsilon_spent,
-            dp.delta_spent,
+            short_float(dp.delta_spent),
             if dp.cached {
                 " (the same answer as before, at no cost)"
             } else {
                 ""
             },
             dp.epsilon_remaining,
-            dp.delta_remaining,
+            short_float(dp.delta_remaining),
             noise.join(", "),
             summary.rows_released,
             result.job_id,
@@ -997,7 +997,7 @@ async fn sql(cli: &Cli, query: &str, dp: bool, epsilon: Option<f64>) -> Result<(
     print_batches(&result.batches, cli.format)?;
     eprintln!(
         "exact: {} rows released{}; rows covering fewer than {} distinct units, and rows near \
-         what your org was released before, are withheld without a count; job {}; audit seq {}; \
+         what any org was released before, are withheld without a count; job {}; audit seq {}; \
          sha256 {}",
         summary.rows_released,
         if summary.stored {
@@ -1105,13 +1105,13 @@ async fn budget(cli: &Cli, command: &BudgetCommand) -> Result<(), Failure> {
             for b in &budgets {
                 let total = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
                 out!(
-                    "{}\t{}\t{:.4}\t{}\t{:e}\t{}\t{}\t{}",
+                    "{}\t{}\t{:.4}\t{}\t{}\t{}\t{}\t{}",
                     b.org,
                     b.dataset,
                     b.epsilon_spent,
                     total(b.epsilon_budget),
-                    b.delta_spent,
-                    total(b.delta_budget),
+                    short_float(b.delta_spent),
+                    b.delta_budget.map_or("-".to_string(), short_float),
                     b.queries,
                     b.refreshes
                 );
@@ -1335,4 +1335,13 @@ async fn tail(cli: &Cli, n: u32) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// A small probability as people write it: `0`, `7.0e-8`.
+fn short_float(value: f64) -> String {
+    if value == 0.0 {
+        "0".into()
+    } else {
+        format!("{value:.1e}")
+    }
 }

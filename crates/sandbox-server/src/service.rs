@@ -297,16 +297,7 @@ fn summary(outcome: &ReleaseOutcome) -> pb::ReleaseSummary {
             epsilon_remaining: dp.epsilon_remaining,
             delta_remaining: dp.delta_remaining,
             cached: dp.cached,
-            columns: dp
-                .columns
-                .iter()
-                .map(|c| pb::NoiseColumn {
-                    column: c.column.clone(),
-                    scale: c.scale,
-                    accuracy_95: c.accuracy_95,
-                    rows_95: c.rows.clone(),
-                })
-                .collect(),
+            columns: noise_columns(&dp.columns),
         }),
     }
 }
@@ -491,16 +482,7 @@ impl pb::sandbox_server::Sandbox for SandboxService {
             min_units: explanation.min_units,
             plan: explanation.plan,
             epsilon: explanation.epsilon,
-            accuracy: explanation
-                .accuracy
-                .iter()
-                .map(|c| pb::NoiseColumn {
-                    column: c.column.clone(),
-                    scale: c.scale,
-                    accuracy_95: c.accuracy_95,
-                    rows_95: c.rows.clone(),
-                })
-                .collect(),
+            accuracy: noise_columns(&explanation.accuracy),
         }))
     }
 }
@@ -964,4 +946,17 @@ impl pb::governance_server::Governance for GovernanceService {
             consents: consents.into_iter().map(consent).collect(),
         }))
     }
+}
+
+/// The noise of each released column, on the wire.
+fn noise_columns(reports: &[sandbox_engine::NoiseReport]) -> Vec<pb::NoiseColumn> {
+    reports
+        .iter()
+        .map(|c| pb::NoiseColumn {
+            column: c.column.clone(),
+            scale: c.scale,
+            accuracy_95: c.accuracy_95,
+            rows_95: c.rows.clone(),
+        })
+        .collect()
 }

@@ -1330,20 +1330,7 @@ impl Guard<'_> {
                 format!("FILTER and ORDER BY inside `{name}` are not allowed"),
             ));
         }
-        let kind = match (name.as_str(), params.distinct) {
-            ("count", false) => Allowed::Count,
-            ("count", true) => Allowed::CountDistinct,
-            ("sum", _) => Allowed::Sum,
-            ("avg", _) => Allowed::Avg,
-            ("min", _) => Allowed::Min,
-            ("max", _) => Allowed::Max,
-            _ => {
-                return Err(deny(
-                    Rule::FunctionNotAllowed,
-                    format!("aggregate function `{name}` is not allowed"),
-                ));
-            }
-        };
+        let kind = aggregate_kind(&name, params.distinct)?;
         if !mode.functions.contains(&kind) {
             return Err(deny(
                 Rule::FunctionNotAllowed,
@@ -2024,20 +2011,7 @@ fn outer_aggregate_expr(
             format!("FILTER and ORDER BY inside `{name}` are not allowed"),
         ));
     }
-    let kind = match (name.as_str(), params.distinct) {
-        ("count", false) => Allowed::Count,
-        ("count", true) => Allowed::CountDistinct,
-        ("sum", _) => Allowed::Sum,
-        ("avg", _) => Allowed::Avg,
-        ("min", _) => Allowed::Min,
-        ("max", _) => Allowed::Max,
-        _ => {
-            return Err(deny(
-                Rule::FunctionNotAllowed,
-                format!("aggregate function `{name}` is not allowed"),
-            ));
-        }
-    };
+    let kind = aggregate_kind(&name, params.distinct)?;
     if !functions.contains(&kind) {
         return Err(deny(
             Rule::FunctionNotAllowed,
@@ -2107,4 +2081,22 @@ fn raw_sources(
             }
         }
     }
+}
+
+/// The policy's name for an aggregate call, or `function-not-allowed`.
+fn aggregate_kind(name: &str, distinct: bool) -> Result<Allowed, SqlError> {
+    Ok(match (name, distinct) {
+        ("count", false) => Allowed::Count,
+        ("count", true) => Allowed::CountDistinct,
+        ("sum", _) => Allowed::Sum,
+        ("avg", _) => Allowed::Avg,
+        ("min", _) => Allowed::Min,
+        ("max", _) => Allowed::Max,
+        _ => {
+            return Err(deny(
+                Rule::FunctionNotAllowed,
+                format!("aggregate function `{name}` is not allowed"),
+            ));
+        }
+    })
 }
