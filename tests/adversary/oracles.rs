@@ -248,9 +248,10 @@ pub async fn play(h: &mut Harness) {
     );
 }
 
-/// Class 9: Time: a join whose build side is the target alone, or nothing, depending on a guess about
-/// a hidden value. A hash join with an empty build side skips its probe side, so the right guess
-/// took several times longer (found by a fresh attacker). Each guess is asked three times (a
+/// Class 9: Time: joins whose build side is the target alone, or nothing, depending on a guess
+/// about a hidden value. A hash join with an empty build side skips its probe side (and, once
+/// drained, still skips hashing it), so the right guess took several times longer (found by two
+/// fresh attackers). Each guess is asked three times (a
 /// nonce makes each a new question); the attack wins when every time of the right guess exceeds
 /// every time of the others. Played on the exact-grants profile, where the queries cost no budget
 /// (the plans, and so the times, are the same under differential privacy).
@@ -273,11 +274,27 @@ async fn timing(h: &mut Harness) {
                 "SELECT COUNT(DISTINCT e.credit_code) AS n FROM enterprises e \
                  JOIN tax_monthly t ON t.credit_code = e.credit_code \
                  JOIN social_insurance_monthly s ON s.credit_code = t.credit_code AND s.month = t.month \
+                 JOIN housing_fund_monthly h ON h.credit_code = t.credit_code AND h.month = t.month \
                  WHERE {{T:e}} AND t.tax_credit_rating = '{rating}' AND e.city <> 'nonce-{round}'"
             ));
             let started = std::time::Instant::now();
-            let _ = h.sql("analyst", &sql).await;
+            let answer = h.sql("analyst", &sql).await;
             times.push((rating.to_string(), started.elapsed().as_secs_f64()));
+            // A probe that did not run measures nothing: a server whose defenses break the
+            // query is not safe, it is broken.
+            if let Err(rule) = &answer
+                && rule.contains("execution-failed")
+            {
+                h.record(
+                    9,
+                    "query time of a join whose build side is the target or nothing",
+                    Verdict::Leak {
+                        recovered: format!("the probe failed to run: {rule}"),
+                        truth: "a join over four departments answers".into(),
+                    },
+                );
+                return;
+            }
         }
     }
     let right = times

@@ -283,6 +283,11 @@ pub async fn resource_aborts(h: &mut Harness) {
     let nested = format!(
         "SELECT length(replace(replace('{long}', 'a', '{long}'), 'a', '{long}')) AS n FROM events LIMIT 1"
     );
+    // A column concatenated with itself thousands of times, row by row.
+    let concatenated = format!(
+        "SELECT length(concat({})) AS n FROM events",
+        vec!["query"; 5_000].join(", ")
+    );
     for (who, sql) in [
         (
             "owner_tax",
@@ -297,6 +302,12 @@ pub async fn resource_aborts(h: &mut Harness) {
             "SELECT MAX(lpad(query, 2147483647, '中')) AS padded FROM events",
         ),
         ("owner_tax", nested.as_str()),
+        // Found by a fresh attacker after the first fix: sizes at most 1,024 each, nested.
+        (
+            "auditor",
+            "SELECT length(repeat(repeat(repeat(substr(action, 1, 1), 1024), 1024), 1000)) AS n FROM events WHERE seq < 32",
+        ),
+        ("auditor", concatenated.as_str()),
     ] {
         let mut client = h.client(who).await;
         h.sent += 1;

@@ -6,10 +6,16 @@
 //! Privileged is not unlimited: the call's admission is journaled (durably) before the query
 //! runs, so even a query that brought the process down would leave its trace; functions come
 //! from an allow-list, and those that build values of a size their argument asks for (`lpad`,
-//! `rpad`, `repeat`) only with a literal size of at most [`MAX_BUILT_CHARS`]: a memory pool
-//! bounds what operators hold, not the strings a function allocates row by row, and one
-//! `lpad(x, 2^31)` asked for hundreds of gigabytes.
+//! `rpad`) only with a literal size of at most [`MAX_BUILT_CHARS`]. A memory pool bounds what
+//! operators hold, not the strings a function allocates row by row: one `lpad(x, 2^31)` asked for
+//! hundreds of gigabytes, nested `repeat` or `replace` multiply a value's size, and a
+//! `concat` (or `||`) of a long column with itself thousands of times adds up. So every value a
+//! query computes has an upper bound on its size, derived from the plan and the widest value of
+//! each column (`check_sizes`), and a query whose bound passes [`MAX_VALUE_BYTES`] (or twice the
+//! widest column) is refused before it runs; the table's batches hold at most [`BATCH_ROWS`]
+//! rows, so no expression allocates more than the two together at once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -28,8 +34,13 @@ use crate::jobs::{Engine, RequestContext};
 
 /// Most rows an audit query may return.
 const MAX_ROWS: usize = 100_000;
-/// Most characters a padding or repeating function may build per value.
+/// Most characters a padding function may build per value.
 pub const MAX_BUILT_CHARS: i64 = 1024;
+/// The largest value (bytes) an audit query may compute, unless a column holds larger ones
+/// (then twice the widest).
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// Rows per batch of the `events` table.
+const BATCH_ROWS: usize = 512;
 
 /// Scalar functions an audit query may call: text, dates, numbers, lists, conditionals. None
 /// of them reads a file, and none builds a value larger than its arguments together (`replace`
@@ -81,11 +92,10 @@ const AUDIT_SCALAR_FUNCTIONS: &[&str] = &[
     "greatest",
     "least",
     "get_field",
-    "make_array",
 ];
 
 /// Functions that build a value of a size their second argument asks for.
-const SIZED_FUNCTIONS: &[&str] = &["lpad", "rpad", "repeat"];
+const SIZED_FUNCTIONS: &[&str] = &["lpad", "rpad"];
 
 /// Aggregate and window functions an audit query may call.
 const AUDIT_AGGREGATES: &[&str] = &[
@@ -94,7 +104,6 @@ const AUDIT_AGGREGATES: &[&str] = &[
     "avg",
     "min",
     "max",
-    "array_agg",
     "first_value",
     "last_value",
     "row_number",
@@ -182,6 +191,163 @@ fn check_functions(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
         });
     problem.map_or(Ok(()), Err)
 }
+/// The widest value (bytes) of every column of the `events` table: text by its longest value,
+/// lists by their longest row, numbers as printed.
+fn column_widths(batches: &[RecordBatch]) -> HashMap<String, usize> {
+    use datafusion::arrow::array::{Array, AsArray};
+    let schema = schema();
+    let mut widths: HashMap<String, usize> = schema
+        .fields()
+        .iter()
+        .map(|f| (f.name().clone(), NUMBER_WIDTH))
+        .collect();
+    for batch in batches {
+        for (i, field) in schema.fields().iter().enumerate() {
+            let column = batch.column(i);
+            let widest = match field.data_type() {
+                DataType::Utf8 => {
+                    let text = column.as_string::<i32>();
+                    (0..text.len())
+                        .filter(|&r| text.is_valid(r))
+                        .map(|r| text.value(r).len())
+                        .max()
+                        .unwrap_or(0)
+                }
+                DataType::List(_) => {
+                    let list = column.as_list::<i32>();
+                    let offsets = list.value_offsets();
+                    let values = list.values().as_string::<i32>();
+                    let value_offsets = values.value_offsets();
+                    (0..list.len())
+                        .map(|r| {
+                            let (from, to) = (offsets[r] as usize, offsets[r + 1] as usize);
+                            (value_offsets[to] - value_offsets[from]) as usize + 8 * (to - from)
+                        })
+                        .max()
+                        .unwrap_or(0)
+                }
+                _ => NUMBER_WIDTH,
+            };
+            let entry = widths.entry(field.name().clone()).or_insert(0);
+            *entry = (*entry).max(widest);
+        }
+    }
+    widths
+}
+
+/// What a number, a date or a boolean takes printed, at most.
+const NUMBER_WIDTH: usize = 64;
+
+/// Refuses a plan that could compute a value larger than `limit` bytes: each node's output
+/// columns get an upper bound from its inputs' (a column of `events` its widest value, a literal
+/// its length, `concat` and `||` the sum of their arguments, `lpad`/`rpad` four bytes a
+/// character of their literal size, `lower`/`upper` three times their argument, any other call
+/// the largest of its arguments).
+fn check_sizes(
+    plan: &datafusion::logical_expr::LogicalPlan,
+    widths: &HashMap<String, usize>,
+    limit: usize,
+) -> Result<HashMap<String, usize>> {
+    use datafusion::logical_expr::LogicalPlan;
+    let mut inputs: HashMap<String, usize> = HashMap::new();
+    for input in plan.inputs() {
+        for (name, bound) in check_sizes(input, widths, limit)? {
+            let entry = inputs.entry(name).or_insert(0);
+            *entry = (*entry).max(bound);
+        }
+    }
+    if let LogicalPlan::TableScan(_) = plan {
+        inputs = widths.clone();
+    }
+    // Subqueries in expressions are plans of their own, checked the same way.
+    let mut failed = None;
+    let _ = plan.apply_subqueries(|subquery| {
+        if let Err(error) = check_sizes(subquery, widths, limit) {
+            failed.get_or_insert(error);
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    if let Some(error) = failed {
+        return Err(error);
+    }
+    let mut largest = 0usize;
+    for expr in plan.expressions() {
+        largest = largest.max(value_bound(&expr, &inputs));
+    }
+    if largest > limit {
+        return Err(EngineError::Invalid {
+            code: "audit-sql-function",
+            message: format!(
+                "the query could build values of up to {largest} bytes (at most {limit} in audit \
+                 SQL): fewer concatenations, or shorter paddings"
+            ),
+        });
+    }
+    // This node's output columns: computed ones by their expression, the others as below.
+    let mut outputs = inputs.clone();
+    let computed: Vec<datafusion::logical_expr::Expr> = match plan {
+        LogicalPlan::Projection(p) => p.expr.clone(),
+        LogicalPlan::Aggregate(a) => a.group_expr.iter().chain(&a.aggr_expr).cloned().collect(),
+        LogicalPlan::Window(w) => w.window_expr.clone(),
+        _ => Vec::new(),
+    };
+    for expr in &computed {
+        let bound = value_bound(expr, &inputs);
+        let entry = outputs.entry(expr.schema_name().to_string()).or_insert(0);
+        *entry = (*entry).max(bound);
+        if let datafusion::logical_expr::Expr::Alias(alias) = expr {
+            let entry = outputs.entry(alias.name.clone()).or_insert(0);
+            *entry = (*entry).max(bound);
+        }
+    }
+    Ok(outputs)
+}
+
+/// An upper bound of the bytes one value of `expr` takes, given its input columns' bounds (a
+/// column not among them: the largest of them, conservatively).
+fn value_bound(expr: &datafusion::logical_expr::Expr, columns: &HashMap<String, usize>) -> usize {
+    use datafusion::logical_expr::{Expr, Operator};
+    let widest = columns.values().copied().max().unwrap_or(NUMBER_WIDTH);
+    let children =
+        |exprs: &[&Expr]| -> Vec<usize> { exprs.iter().map(|e| value_bound(e, columns)).collect() };
+    let largest = |bounds: Vec<usize>| bounds.into_iter().max().unwrap_or(0).max(NUMBER_WIDTH);
+    match expr {
+        Expr::Alias(alias) => value_bound(&alias.expr, columns),
+        Expr::Column(column) => columns.get(column.name()).copied().unwrap_or(widest),
+        Expr::Literal(value, _) => value.to_string().len().max(NUMBER_WIDTH),
+        Expr::ScalarFunction(f) => {
+            let args = children(&f.args.iter().collect::<Vec<_>>());
+            match f.func.name().to_ascii_lowercase().as_str() {
+                "concat" | "concat_ws" => args
+                    .iter()
+                    .fold(0usize, |a, b| a.saturating_add(*b))
+                    .saturating_add(
+                        // concat_ws repeats its separator between every two arguments.
+                        args.first()
+                            .copied()
+                            .unwrap_or(0)
+                            .saturating_mul(args.len()),
+                    ),
+                "lpad" | "rpad" => 4 * MAX_BUILT_CHARS as usize,
+                "lower" | "upper" => largest(args).saturating_mul(3),
+                _ => largest(args),
+            }
+        }
+        Expr::BinaryExpr(binary) if binary.op == Operator::StringConcat => {
+            value_bound(&binary.left, columns).saturating_add(value_bound(&binary.right, columns))
+        }
+        other => {
+            use datafusion::common::tree_node::TreeNode;
+            let mut bounds = Vec::new();
+            let _ = other.apply_children(|child| {
+                bounds.push(value_bound(child, columns));
+                Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+            });
+            largest(bounds)
+        }
+    }
+}
+
 /// Events read from the journal per step.
 const PAGE: usize = 10_000;
 
@@ -365,14 +531,22 @@ impl Engine {
                 .filter(|e| auditor || e.datasets.iter().any(|d| owned.contains(d)))
                 .collect();
             events += visible.len() as u64;
-            if !visible.is_empty() {
-                batches.push(batch(&visible, auditor)?);
+            for chunk in visible.chunks(BATCH_ROWS) {
+                batches.push(batch(chunk, auditor)?);
             }
         }
         let invalid = |e: datafusion::error::DataFusionError| EngineError::Invalid {
             code: "audit-sql",
             message: e.message().to_string(),
         };
+        let widths = column_widths(&batches);
+        let limit = widths
+            .values()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .saturating_mul(2)
+            .max(MAX_VALUE_BYTES);
         let table = MemTable::try_new(schema(), vec![batches]).map_err(invalid)?;
         // Bounded like any query: its own memory pool, the parser's recursion limit, and run on
         // the query threads under the time limit, never on the threads that serve calls.
@@ -390,6 +564,7 @@ impl Engine {
                 .await
                 .map_err(invalid)?;
             check_functions(frame.logical_plan())?;
+            check_sizes(frame.logical_plan(), &widths, limit)?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             Ok::<_, EngineError>((schema, frame.collect().await.map_err(invalid)?))
         };

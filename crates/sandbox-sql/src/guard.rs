@@ -221,6 +221,10 @@ pub(crate) struct Guard<'a> {
     pub(crate) scans: Vec<Arc<DatasetPolicy>>,
     /// Scans whose rows a join may copy (the other side is not unique on the join columns).
     pub(crate) copied: Vec<bool>,
+    /// Scans a join looks up: the side unique on the join columns (the right one when both
+    /// are), whose row is a function of the other side's. A joined row is one row of the scans
+    /// that are not lookups.
+    pub(crate) lookup: Vec<bool>,
     /// Scans on the null-extended side of an outer join: their columns are null where nothing
     /// matched.
     pub(crate) null_extended: Vec<bool>,
@@ -237,6 +241,7 @@ impl<'a> Guard<'a> {
             unit_parent: Vec::new(),
             scans: Vec::new(),
             copied: Vec::new(),
+            lookup: Vec::new(),
             null_extended: Vec::new(),
         }
     }
@@ -852,10 +857,11 @@ impl Guard<'_> {
     }
 
     /// The row key columns at the aggregate's input, for the sketch: an exact answer tells its
-    /// input rows apart by them. Those of the datasets no join copies: every join pairs a row
+    /// input rows apart by them. Those of the datasets no join looks up: every join pairs a row
     /// with at most one row of a side unique on its join columns, so a joined row is one row of
-    /// those datasets (and the sketch hashes their key values as a set, so a one-to-one join
-    /// onto the same keys changes nothing). Every dataset must declare a row key, which must
+    /// the others, whatever lookups (inner or left, onto its own keys or others) a query adds;
+    /// and the sketch hashes the key values as a set, so a one-to-one join of two such datasets
+    /// on the same keys changes nothing. Every dataset must declare a row key, which must
     /// reach the aggregate; else an exact answer is refused. (Under differential privacy there
     /// is no sketch.)
     fn row_key_columns(
@@ -864,7 +870,7 @@ impl Guard<'_> {
         lineage: &[Lineage],
     ) -> Result<Vec<Expr>, SqlError> {
         let mut columns = Vec::new();
-        let all_copied = self.copied.iter().all(|c| *c);
+        let all_lookups = self.lookup.iter().all(|l| *l);
         for (scan, policy) in self.scans.clone().iter().enumerate() {
             if policy.row_key.is_empty() {
                 return Err(deny(
@@ -903,7 +909,7 @@ impl Guard<'_> {
                         )
                     })?;
                 self.columns.insert(format!("{}.{key}", policy.id));
-                if self.copied[scan] && !all_copied {
+                if self.lookup[scan] && !all_lookups {
                     continue;
                 }
                 let (qualifier, field) = schema.qualified_field(index);
@@ -944,6 +950,7 @@ impl Guard<'_> {
                 self.unit_parent.push(index);
                 self.scans.push(granted.policy.clone());
                 self.copied.push(false);
+                self.lookup.push(false);
                 self.null_extended.push(false);
                 scan_lineage(scan, &Arc::from(name), &granted.policy, index)
             }
@@ -1051,6 +1058,14 @@ impl Guard<'_> {
             for scan in left_scans.clone() {
                 self.copied[scan] = true;
             }
+        }
+        let looked_up = if right_unique {
+            right_scans.clone()
+        } else {
+            left_scans.clone()
+        };
+        for scan in looked_up {
+            self.lookup[scan] = true;
         }
         if !left_unique {
             for scan in right_scans.clone() {

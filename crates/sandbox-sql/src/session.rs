@@ -621,6 +621,10 @@ impl SqlEngine {
             .map_err(|e| SqlError::Plan(root_message(&e)))?;
         // After type coercion: the casts it added are visible now, before any data is read.
         crate::casts::refuse_failing_casts(&optimized)?;
+        // No join may end early on an empty side (see `full_scan`). After the optimizer, which
+        // would push the sentinels' filter below the joins.
+        let optimized = crate::full_scan::sentinel_joins(optimized)
+            .map_err(|e| SqlError::Plan(root_message(&e)))?;
         let task_ctx = context.task_ctx();
         let work = async move {
             let physical = state

@@ -182,10 +182,18 @@ fn row_identities(key_arrays: &[ArrayRef], rows: usize, out: &mut Vec<u64>) -> R
     for (array, hashes) in key_arrays.iter().zip(&mut columns) {
         create_hashes(std::slice::from_ref(array), &ROW_HASH, hashes)?;
     }
+    let nulls: Vec<_> = key_arrays.iter().map(|a| a.logical_nulls()).collect();
     let mut values = Vec::with_capacity(key_arrays.len());
     for (row, identity) in out.iter_mut().enumerate() {
         values.clear();
-        values.extend(columns.iter().map(|c| c[row]));
+        // A null key (the side of an outer join that matched nothing) adds nothing.
+        values.extend(
+            columns
+                .iter()
+                .zip(&nulls)
+                .filter(|(_, n)| n.as_ref().is_none_or(|n| n.is_valid(row)))
+                .map(|(c, _)| c[row]),
+        );
         values.sort_unstable();
         values.dedup();
         *identity = values.iter().fold(0x6a09_e667_f3bc_c908u64, |acc, h| {
@@ -468,6 +476,15 @@ mod tests {
                 month.clone(),
                 code.clone()
             ]),
+            alone
+        );
+        // A left join's side that matched nothing adds nothing.
+        let nothing: ArrayRef = Arc::new(datafusion::arrow::array::StringArray::from(vec![
+            None::<&str>,
+            None,
+        ]));
+        assert_eq!(
+            identities(&[code.clone(), month.clone(), nothing.clone(), nothing]),
             alone
         );
         // Another month, another row.
