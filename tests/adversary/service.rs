@@ -288,7 +288,18 @@ pub async fn resource_aborts(h: &mut Harness) {
         "SELECT length(concat({})) AS n FROM events",
         vec!["query"; 5_000].join(", ")
     );
+    // Found by a reviewer: a long literal from VALUES concatenated over many generated rows, and
+    // a recursive query doubling a value each round.
+    let values = format!(
+        "SELECT max(length(concat({}))) AS n FROM generate_series(1, 100000) g, (VALUES ('{}')) t(v)",
+        vec!["v"; 1_000].join(", "),
+        "a".repeat(30_000)
+    );
+    let recursive = "WITH RECURSIVE r(s, n) AS (SELECT query, 1 FROM events UNION ALL \
+                     SELECT concat(s, s), n + 1 FROM r WHERE n < 40) SELECT max(length(s)) AS n FROM r";
     for (who, sql) in [
+        ("owner_tax", values.as_str()),
+        ("auditor", recursive),
         (
             "owner_tax",
             "SELECT lpad(action, 2147483647, 'x') AS padded FROM events LIMIT 1",

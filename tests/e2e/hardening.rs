@@ -13,7 +13,6 @@ use tonic::Code;
 /// An aggregate every analyst may run.
 const ALLOWED: &str = "SELECT industry, COUNT(*) AS n FROM enterprises GROUP BY industry";
 
-/// Slow at the test scale (24 months per enterprise, four ways: 24^4 rows per enterprise).
 /// A query that takes a while (seconds on the demo's full scale): four departments joined row by
 /// row. (Joins that multiply rows, the quick way to a slow query, are refused.)
 const SLOW: &str = "SELECT t.month, COUNT(*) AS n, SUM(t.vat_paid) AS vat, SUM(s.arrears) AS arrears, \

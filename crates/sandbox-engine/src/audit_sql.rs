@@ -238,27 +238,22 @@ fn column_widths(batches: &[RecordBatch]) -> HashMap<String, usize> {
 /// What a number, a date or a boolean takes printed, at most.
 const NUMBER_WIDTH: usize = 64;
 
-/// Refuses a plan that could compute a value larger than `limit` bytes: each node's output
-/// columns get an upper bound from its inputs' (a column of `events` its widest value, a literal
-/// its length, `concat` and `||` the sum of their arguments, `lpad`/`rpad` four bytes a
-/// character of their literal size, `lower`/`upper` three times their argument, any other call
-/// the largest of its arguments).
+/// Refuses a plan that could compute a value larger than `limit` bytes, and returns an upper
+/// bound of each of its output columns, by position: a column of `events` its widest value, a
+/// `VALUES` list its longest literal, a literal its length, `concat` and `||` the sum of their
+/// arguments, `lpad`/`rpad` four bytes a character of their literal size, `lower`/`upper` three
+/// times their argument, any other expression the largest of its parts. A plan node it does not
+/// know (a recursive query, an unnest) is refused: what cannot be bounded does not run.
 fn check_sizes(
     plan: &datafusion::logical_expr::LogicalPlan,
     widths: &HashMap<String, usize>,
     limit: usize,
-) -> Result<HashMap<String, usize>> {
+) -> Result<Vec<usize>> {
     use datafusion::logical_expr::LogicalPlan;
-    let mut inputs: HashMap<String, usize> = HashMap::new();
-    for input in plan.inputs() {
-        for (name, bound) in check_sizes(input, widths, limit)? {
-            let entry = inputs.entry(name).or_insert(0);
-            *entry = (*entry).max(bound);
-        }
-    }
-    if let LogicalPlan::TableScan(_) = plan {
-        inputs = widths.clone();
-    }
+    let refuse = |message: String| EngineError::Invalid {
+        code: "audit-sql-function",
+        message,
+    };
     // Subqueries in expressions are plans of their own, checked the same way.
     let mut failed = None;
     let _ = plan.apply_subqueries(|subquery| {
@@ -270,59 +265,139 @@ fn check_sizes(
     if let Some(error) = failed {
         return Err(error);
     }
-    let mut largest = 0usize;
-    for expr in plan.expressions() {
-        largest = largest.max(value_bound(&expr, &inputs));
-    }
-    if largest > limit {
-        return Err(EngineError::Invalid {
-            code: "audit-sql-function",
-            message: format!(
-                "the query could build values of up to {largest} bytes (at most {limit} in audit \
-                 SQL): fewer concatenations, or shorter paddings"
-            ),
-        });
-    }
-    // This node's output columns: computed ones by their expression, the others as below.
-    let mut outputs = inputs.clone();
-    let computed: Vec<datafusion::logical_expr::Expr> = match plan {
-        LogicalPlan::Projection(p) => p.expr.clone(),
-        LogicalPlan::Aggregate(a) => a.group_expr.iter().chain(&a.aggr_expr).cloned().collect(),
-        LogicalPlan::Window(w) => w.window_expr.clone(),
-        _ => Vec::new(),
+    let inputs: Vec<Vec<usize>> = plan
+        .inputs()
+        .into_iter()
+        .map(|input| check_sizes(input, widths, limit))
+        .collect::<Result<_>>()?;
+    // The bounds of the columns a node's expressions read: its inputs' side by side (a join's
+    // are its left's then its right's).
+    let below: Vec<usize> = match plan {
+        // A scan's own expressions (filters pushed into it) read the table's columns.
+        LogicalPlan::TableScan(scan) => scan
+            .source
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| widths.get(f.name()).copied().unwrap_or(limit))
+            .collect(),
+        _ => inputs.iter().flatten().copied().collect(),
     };
-    for expr in &computed {
-        let bound = value_bound(expr, &inputs);
-        let entry = outputs.entry(expr.schema_name().to_string()).or_insert(0);
-        *entry = (*entry).max(bound);
-        if let datafusion::logical_expr::Expr::Alias(alias) = expr {
-            let entry = outputs.entry(alias.name.clone()).or_insert(0);
-            *entry = (*entry).max(bound);
+    let bound = |expr: &datafusion::logical_expr::Expr| -> Result<usize> {
+        let size = value_bound(expr, plan, &below, limit);
+        if size > limit {
+            return Err(refuse(format!(
+                "the query could build values of up to {size} bytes (at most {limit} in audit \
+                 SQL): fewer concatenations, or shorter paddings"
+            )));
         }
+        Ok(size)
+    };
+    for expr in plan.expressions() {
+        bound(&expr)?;
     }
-    Ok(outputs)
+    let first = || inputs.first().cloned().unwrap_or_default();
+    Ok(match plan {
+        LogicalPlan::TableScan(scan) => scan
+            .projected_schema
+            .fields()
+            .iter()
+            .map(|f| widths.get(f.name()).copied().unwrap_or(limit))
+            .collect(),
+        LogicalPlan::Projection(p) => p.expr.iter().map(&bound).collect::<Result<_>>()?,
+        LogicalPlan::Aggregate(a) => a
+            .group_expr
+            .iter()
+            .chain(&a.aggr_expr)
+            .map(&bound)
+            .collect::<Result<_>>()?,
+        LogicalPlan::Window(w) => {
+            let mut out = first();
+            for expr in &w.window_expr {
+                out.push(bound(expr)?);
+            }
+            out
+        }
+        LogicalPlan::Values(values) => {
+            let mut out = vec![0usize; values.schema.fields().len()];
+            for row in &values.values {
+                for (i, expr) in row.iter().enumerate() {
+                    out[i] = out[i].max(bound(expr)?);
+                }
+            }
+            out
+        }
+        LogicalPlan::Join(_) => below,
+        LogicalPlan::Union(_) => {
+            let mut out = first();
+            for input in &inputs {
+                for (slot, size) in out.iter_mut().zip(input) {
+                    *slot = (*slot).max(*size);
+                }
+            }
+            out
+        }
+        LogicalPlan::Filter(_)
+        | LogicalPlan::Sort(_)
+        | LogicalPlan::Limit(_)
+        | LogicalPlan::SubqueryAlias(_)
+        | LogicalPlan::Distinct(_)
+        | LogicalPlan::Repartition(_)
+        | LogicalPlan::Subquery(_) => first(),
+        LogicalPlan::EmptyRelation(_) => Vec::new(),
+        other => {
+            return Err(refuse(format!(
+                "`{}` is not supported in audit SQL",
+                other.display()
+            )));
+        }
+    })
 }
 
-/// An upper bound of the bytes one value of `expr` takes, given its input columns' bounds (a
-/// column not among them: the largest of them, conservatively).
-fn value_bound(expr: &datafusion::logical_expr::Expr, columns: &HashMap<String, usize>) -> usize {
+/// An upper bound of the bytes one value of `expr` takes, over `plan`'s input columns with the
+/// bounds `below` (by position in the inputs' schemas side by side); a column it cannot place
+/// gets `limit`.
+fn value_bound(
+    expr: &datafusion::logical_expr::Expr,
+    plan: &datafusion::logical_expr::LogicalPlan,
+    below: &[usize],
+    limit: usize,
+) -> usize {
+    use datafusion::common::tree_node::TreeNode;
     use datafusion::logical_expr::{Expr, Operator};
-    let widest = columns.values().copied().max().unwrap_or(NUMBER_WIDTH);
-    let children =
-        |exprs: &[&Expr]| -> Vec<usize> { exprs.iter().map(|e| value_bound(e, columns)).collect() };
+    let of = |e: &Expr| value_bound(e, plan, below, limit);
     let largest = |bounds: Vec<usize>| bounds.into_iter().max().unwrap_or(0).max(NUMBER_WIDTH);
     match expr {
-        Expr::Alias(alias) => value_bound(&alias.expr, columns),
-        Expr::Column(column) => columns.get(column.name()).copied().unwrap_or(widest),
+        Expr::Alias(alias) => of(&alias.expr),
+        Expr::Column(column) => {
+            let mut position = None;
+            let mut offset = 0;
+            if let datafusion::logical_expr::LogicalPlan::TableScan(scan) = plan {
+                position = scan.source.schema().index_of(column.name()).ok();
+            }
+            for input in plan.inputs() {
+                if position.is_some() {
+                    break;
+                }
+                if let Ok(i) = input.schema().index_of_column(column) {
+                    position = Some(offset + i);
+                    break;
+                }
+                offset += input.schema().fields().len();
+            }
+            position
+                .and_then(|i| below.get(i).copied())
+                .unwrap_or(limit)
+        }
         Expr::Literal(value, _) => value.to_string().len().max(NUMBER_WIDTH),
         Expr::ScalarFunction(f) => {
-            let args = children(&f.args.iter().collect::<Vec<_>>());
+            let args: Vec<usize> = f.args.iter().map(of).collect();
             match f.func.name().to_ascii_lowercase().as_str() {
                 "concat" | "concat_ws" => args
                     .iter()
                     .fold(0usize, |a, b| a.saturating_add(*b))
+                    // concat_ws repeats its separator between every two arguments.
                     .saturating_add(
-                        // concat_ws repeats its separator between every two arguments.
                         args.first()
                             .copied()
                             .unwrap_or(0)
@@ -334,13 +409,12 @@ fn value_bound(expr: &datafusion::logical_expr::Expr, columns: &HashMap<String, 
             }
         }
         Expr::BinaryExpr(binary) if binary.op == Operator::StringConcat => {
-            value_bound(&binary.left, columns).saturating_add(value_bound(&binary.right, columns))
+            of(&binary.left).saturating_add(of(&binary.right))
         }
         other => {
-            use datafusion::common::tree_node::TreeNode;
             let mut bounds = Vec::new();
             let _ = other.apply_children(|child| {
-                bounds.push(value_bound(child, columns));
+                bounds.push(of(child));
                 Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
             });
             largest(bounds)
@@ -553,6 +627,17 @@ impl Engine {
         let context = self
             .sql
             .scratch_session(vec![("events".to_string(), Arc::new(table))])?;
+        {
+            // Small batches bound what one expression allocates at once; a recursive query
+            // could double a value each round, past any bound the plan shows.
+            let state = context.state_ref();
+            let mut state = state.write();
+            let options = state.config_mut().options_mut();
+            options.execution.batch_size =
+                datafusion::common::config::ConfigNonZeroUsize::try_new(BATCH_ROWS)
+                    .map_err(|e| EngineError::Setup(format!("audit batch size: {e}")))?;
+            options.execution.enable_recursive_ctes = false;
+        }
         let options = SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)

@@ -359,7 +359,8 @@ fn build_dataset(
                     return Err(invalid(
                         &location,
                         format!(
-                            "column `{name}`: a domain lists 1 to {MAX_DOMAIN_VALUES} distinct                              values"
+                            "column `{name}`: a domain lists 1 to {MAX_DOMAIN_VALUES} distinct \
+                             values"
                         ),
                     ));
                 }

@@ -60,6 +60,9 @@ use crate::status::{self, status_of};
 pub const CATALOG: &str = "datafusion";
 pub const SCHEMA: &str = "public";
 const TABLE_TYPE: &str = "TABLE";
+/// The most messages a parameter binding may send (a schema and an empty batch are what drivers
+/// send for a statement without parameters).
+const MAX_PARAMETER_MESSAGES: usize = 16;
 
 type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type DoGetStream = <FlightSql as FlightService>::DoGetStream;
@@ -449,9 +452,22 @@ impl FlightSqlService for FlightSql {
                     .map_err(FlightError::ProtocolError)
                 }),
         );
+        // Read no further than the first row (values are refused anyway), nor than a few
+        // messages: a client may not stream batches at the server for as long as it likes.
+        let mut messages = 0usize;
         while let Some(batch) = stream.next().await {
+            messages += 1;
+            if messages > MAX_PARAMETER_MESSAGES {
+                rows = rows.max(1);
+                break;
+            }
             match batch {
-                Ok(batch) => rows += batch.num_rows(),
+                Ok(batch) => {
+                    rows += batch.num_rows();
+                    if rows > 0 {
+                        break;
+                    }
+                }
                 Err(_) => {
                     return Err(self
                         .gate

@@ -24,6 +24,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Column, Result, ScalarValue};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -37,6 +38,24 @@ use datafusion::physical_plan::{
     ReplaceChildrenOptions,
 };
 use futures::{StreamExt, TryStreamExt};
+
+/// The session settings under which no operator does less work because of what the data holds:
+/// no statistics (which would also steer the plan by a column's minimum and maximum), no pruning
+/// by statistics, page indexes or bloom filters, no dynamic filters; and hash joins that build one
+/// table for all partitions (`CollectLeft`), so the sentinel row is in every partition's build
+/// side (with partitioned joins, a partition whose build side is empty skips its probe rows).
+pub(crate) fn no_data_shortcuts(options: &mut datafusion::config::ConfigOptions) {
+    options.execution.collect_statistics = false;
+    options.execution.parquet.pruning = false;
+    options.execution.parquet.enable_page_index = false;
+    options.execution.parquet.bloom_filter_on_read = false;
+    options.execution.parquet.pushdown_filters = false;
+    options.optimizer.enable_dynamic_filter_pushdown = false;
+    options.optimizer.enable_join_dynamic_filter_pushdown = false;
+    options.optimizer.enable_topk_dynamic_filter_pushdown = false;
+    options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
+    options.optimizer.repartition_joins = false;
+}
 
 /// A leaf of the plan, with a flag per partition: set once the partition's stream ended.
 #[derive(Debug)]
@@ -231,7 +250,11 @@ fn with_sentinel(side: LogicalPlan, marker: &str, sentinel: Option<i64>) -> Resu
     let real = LogicalPlanBuilder::from(side).project(columns)?.build()?;
     let mut row = Vec::with_capacity(width + 1);
     for (i, field) in schema.fields().iter().enumerate() {
-        row.push(lit(ScalarValue::new_default(field.data_type())?).alias(slot(i)));
+        // The field's metadata too, or the union would drop it and a parent that compares
+        // schemas would see another field.
+        let metadata = (!field.metadata().is_empty())
+            .then(|| datafusion::common::metadata::FieldMetadata::new_from_field(field));
+        row.push(Expr::Literal(placeholder(field.data_type())?, metadata).alias(slot(i)));
     }
     row.push(lit(value).alias(slot(width)));
     let sentinel = LogicalPlanBuilder::empty(true).project(row)?.build()?;
@@ -246,6 +269,27 @@ fn with_sentinel(side: LogicalPlan, marker: &str, sentinel: Option<i64>) -> Resu
         .collect();
     restore.push(Expr::Column(Column::new_unqualified(slot(width))).alias(marker));
     LogicalPlanBuilder::from(union).project(restore)?.build()
+}
+
+/// A sentinel's value in a column: the type's default for the types a dataset holds (so a
+/// column that cannot be null stays so), a typed null for anything else.
+fn placeholder(data_type: &DataType) -> Result<ScalarValue> {
+    if data_type.is_primitive()
+        || matches!(
+            data_type,
+            DataType::Boolean
+                | DataType::Utf8
+                | DataType::LargeUtf8
+                | DataType::Utf8View
+                | DataType::Binary
+                | DataType::LargeBinary
+                | DataType::BinaryView
+        )
+    {
+        ScalarValue::new_default(data_type)
+    } else {
+        ScalarValue::try_from(data_type)
+    }
 }
 
 /// Reads every partition of `scans` that the query did not read to its end, in parallel;
@@ -283,7 +327,10 @@ mod tests {
     #[tokio::test]
     async fn an_empty_build_side_does_not_skip_the_probe_side() {
         let dir = tempfile::tempdir().unwrap();
-        let ctx = SessionContext::new();
+        // The sandbox's settings, on two partitions.
+        let mut config = datafusion::prelude::SessionConfig::new().with_target_partitions(2);
+        no_data_shortcuts(config.options_mut());
+        let ctx = SessionContext::new_with_config(config);
         for (name, rows) in [("small", 10), ("large", 50_000)] {
             let path = dir.path().join(format!("{name}.parquet"));
             ctx.sql(&format!(
@@ -351,6 +398,14 @@ mod tests {
                 .create_physical_plan(&padded, &state)
                 .await
                 .unwrap();
+            let shown = datafusion::physical_plan::displayable(physical.as_ref())
+                .indent(true)
+                .to_string();
+            // One build table for all partitions: each holds the sentinel.
+            assert!(
+                !shown.contains("mode=Partitioned"),
+                "{sql}: a partitioned join\n{shown}"
+            );
             let mut scans = Vec::new();
             let physical = wrap_scans(physical, &mut scans).unwrap();
             let physical_for_display = physical.clone();

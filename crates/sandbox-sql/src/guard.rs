@@ -693,11 +693,22 @@ impl Guard<'_> {
         };
         let capped = |column: Expr| udaf_call(CappedUnits::new(mode.min_units), vec![column]);
         // Every row also carries the sketch of its input rows, for the differencing defense:
-        // each row by its units and its identity, the row key of every dataset it joins.
-        let mut sketch_args = unit_columns.clone();
+        // each row by its unit and its identity, under the unit classes of the datasets no join
+        // looks up (a left join onto the register on the unit is a class of its own in exact
+        // answers; sketched too, it would put each row in twice and make a release look new).
+        let driving: BTreeSet<usize> = (0..self.scans.len())
+            .filter(|&scan| !self.lookup[scan])
+            .map(|scan| self.root(scan))
+            .collect();
+        let mut sketch_args: Vec<Expr> = class_columns
+            .iter()
+            .zip(&unit_columns)
+            .filter(|((root, _), _)| driving.is_empty() || driving.contains(root))
+            .map(|(_, column)| column.clone())
+            .collect();
+        let sketch_units = sketch_args.len();
         sketch_args.extend(self.row_key_columns(input_schema, &input_lineage)?);
-        let sketch =
-            udaf_call(UnitSketch::units(unit_columns.len()), sketch_args).alias(SKETCH_COLUMN);
+        let sketch = udaf_call(UnitSketch::units(sketch_units), sketch_args).alias(SKETCH_COLUMN);
         // The query's aggregate with more aggregates beside its own.
         let with_aggregates = |aggr_expr: Vec<Expr>| {
             Aggregate::try_new(
@@ -1051,7 +1062,9 @@ impl Guard<'_> {
         if !left_unique && !right_unique {
             return Err(deny(
                 Rule::JoinCopiesRows,
-                "a join must pair each row with at most one row of one side: join onto a single                  dataset on all of its row key (the register on `credit_code`, a monthly table on                  `credit_code` and `month`)",
+                "a join must pair each row with at most one row of one side: join onto a single \
+                 dataset on all of its row key (the register on `credit_code`, a monthly table on \
+                 `credit_code` and `month`)",
             ));
         }
         if !right_unique {

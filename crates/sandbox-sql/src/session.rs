@@ -214,16 +214,7 @@ impl SqlEngine {
         // what a join's other side or a top-k found, and statistics would steer the plan (which
         // side a join builds) by a column's minimum and maximum, all of which a query's duration
         // shows. Every scan reads its files in full (see `full_scan` for operators that stop).
-        let options = config.options_mut();
-        options.execution.collect_statistics = false;
-        options.execution.parquet.pruning = false;
-        options.execution.parquet.enable_page_index = false;
-        options.execution.parquet.bloom_filter_on_read = false;
-        options.execution.parquet.pushdown_filters = false;
-        options.optimizer.enable_dynamic_filter_pushdown = false;
-        options.optimizer.enable_join_dynamic_filter_pushdown = false;
-        options.optimizer.enable_topk_dynamic_filter_pushdown = false;
-        options.optimizer.enable_aggregate_dynamic_filter_pushdown = false;
+        crate::full_scan::no_data_shortcuts(config.options_mut());
         config.options_mut().sql_parser.recursion_limit =
             ConfigNonZeroUsize::try_new(limits.parser_recursion_limit.max(1))
                 .map_err(|e| SqlError::Plan(format!("invalid recursion limit: {e}")))?;

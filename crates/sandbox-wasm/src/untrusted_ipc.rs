@@ -1,8 +1,12 @@
 //! Arrow IPC from outside the host (a guest's output, a Flight client's parameter batch), checked
 //! before a decoder reads it: Arrow's readers trust a message's header, so a compressed buffer
 //! claiming 16 TB of uncompressed data makes them allocate 16 TB (and the allocation failure
-//! aborts the process), and a buffer past the end of the body makes them panic. A message is
-//! accepted only uncompressed, with a body of the declared length and every buffer inside it.
+//! aborts the process), a buffer past the end of the body makes them panic, and misaligned
+//! buffers that all overlap the whole body are each copied to realign them (a small message
+//! becomes gigabytes). A message is accepted only as a schema or a record batch (no
+//! dictionaries, whose deltas a decoder accumulates across messages), uncompressed, with a body
+//! of the declared length and its buffers aligned to 8 bytes, in order, without overlap, inside
+//! it.
 
 use arrow::ipc::{MessageHeader, root_as_message};
 
@@ -23,9 +27,6 @@ pub fn check_ipc_message(header: &[u8], body_len: usize) -> Result<(), String> {
     }
     let batch = match message.header_type() {
         MessageHeader::RecordBatch => message.header_as_record_batch(),
-        MessageHeader::DictionaryBatch => {
-            message.header_as_dictionary_batch().and_then(|d| d.data())
-        }
         MessageHeader::Schema => return Ok(()),
         other => return Err(format!("IPC messages of type {other:?} are not accepted")),
     };
@@ -49,16 +50,21 @@ pub fn check_ipc_message(header: &[u8], body_len: usize) -> Result<(), String> {
             return Err("an IPC field claims an impossible length".into());
         }
     }
+    let mut end_of_previous = 0i64;
     for buffer in batch.buffers().iter().flatten() {
-        let inside = buffer.offset() >= 0
-            && buffer.length() >= 0
-            && buffer
-                .offset()
-                .checked_add(buffer.length())
+        let (offset, length) = (buffer.offset(), buffer.length());
+        let inside = offset >= end_of_previous
+            && offset % 8 == 0
+            && length >= 0
+            && offset
+                .checked_add(length)
                 .is_some_and(|end| end <= message.bodyLength());
         if !inside {
-            return Err("an IPC buffer lies outside its message body".into());
+            return Err(
+                "an IPC buffer is misaligned, overlaps another or lies outside its body".into(),
+            );
         }
+        end_of_previous = offset + length;
     }
     Ok(())
 }
@@ -139,6 +145,18 @@ mod tests {
                 .unwrap_err()
                 .contains("compressed")
         );
+        // Dictionary batches are refused.
+        let dictionary = {
+            use arrow::array::DictionaryArray;
+            use arrow::datatypes::Int32Type;
+            let values: DictionaryArray<Int32Type> = vec!["a", "b", "a"].into_iter().collect();
+            let batch = RecordBatch::try_from_iter([("d", Arc::new(values) as _)]).unwrap();
+            let mut writer = StreamWriter::try_new(Vec::new(), &batch.schema()).unwrap();
+            writer.write(&batch).unwrap();
+            writer.finish().unwrap();
+            writer.into_inner().unwrap()
+        };
+        assert!(check_ipc_stream(&dictionary).is_err());
         // Cut inside the body, or after a few bytes: refused, not read past the end.
         for cut in [3, 12, plain.len() - 20] {
             assert!(check_ipc_stream(&plain[..cut]).is_err(), "cut at {cut}");
