@@ -297,7 +297,18 @@ pub async fn resource_aborts(h: &mut Harness) {
     );
     let recursive = "WITH RECURSIVE r(s, n) AS (SELECT query, 1 FROM events UNION ALL \
                      SELECT concat(s, s), n + 1 FROM r WHERE n < 40) SELECT max(length(s)) AS n FROM r";
+    // Found by a fresh attacker after the value bound: values within it (a 60 KB query text,
+    // concatenated up to 1 MB) on 100,000 generated rows, a reply of gigabytes. The long text
+    // comes from a query any consumer may send.
+    let long_query = format!(
+        "SELECT COUNT(*) AS n FROM enterprises /* {} */",
+        "x".repeat(60_000)
+    );
+    let _ = h.sql("analyst", &long_query).await;
+    let many_rows = "SELECT a.query AS v, g.value AS n FROM events a, generate_series(1, 100000) g \
+                     WHERE length(a.query) > 60000";
     for (who, sql) in [
+        ("auditor", many_rows),
         ("owner_tax", values.as_str()),
         ("auditor", recursive),
         (
@@ -354,7 +365,7 @@ pub async fn resource_aborts(h: &mut Harness) {
         h.record(
             27,
             format!(
-                "{who}: a value of 2^31 characters or more built in audit SQL ({})",
+                "{who}: gigabytes built in audit SQL ({})",
                 sql.chars().take(40).collect::<String>()
             ),
             verdict,

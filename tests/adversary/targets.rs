@@ -64,6 +64,17 @@ pub async fn choose(h: &mut Harness) {
         ))
         .await;
     h.vars.insert("other_city".into(), other_city[0][0].clone());
+    // The commonest registered capital other than the target's: padding of a known value.
+    let padding = h
+        .truth
+        .rows(&format!(
+            "SELECT registered_capital FROM enterprises WHERE registered_capital <> \
+             (SELECT registered_capital FROM enterprises WHERE credit_code = '{}') \
+             GROUP BY registered_capital ORDER BY COUNT(*) DESC, registered_capital LIMIT 1",
+            h.vars["cc"]
+        ))
+        .await;
+    h.vars.insert("pad_capital".into(), padding[0][0].clone());
 
     // A unique enterprise with court cases (for the court's data).
     let court = h

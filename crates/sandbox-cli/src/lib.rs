@@ -85,6 +85,10 @@ impl TlsFiles {
 /// Largest message to or from the governance service (an uploaded module).
 const MAX_MODULE_MESSAGE: usize = 17 * 1024 * 1024;
 
+/// Largest message from the audit service: an audit SQL result of up to 64 MiB, and its
+/// framing.
+const MAX_AUDIT_MESSAGE: usize = 65 * 1024 * 1024;
+
 /// A released result.
 #[derive(Debug, Clone)]
 pub struct SqlResult {
@@ -142,7 +146,8 @@ impl Client {
             })?;
         Ok(Client {
             sandbox: SandboxClient::new(channel.clone()),
-            audit: AuditClient::new(channel.clone()),
+            // Audit SQL results are larger than tonic's default 4 MiB message.
+            audit: AuditClient::new(channel.clone()).max_decoding_message_size(MAX_AUDIT_MESSAGE),
             // Modules can be larger than tonic's default 4 MiB message.
             governance: GovernanceClient::new(channel)
                 .max_encoding_message_size(MAX_MODULE_MESSAGE)

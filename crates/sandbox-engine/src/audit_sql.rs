@@ -12,8 +12,12 @@
 //! `concat` (or `||`) of a long column with itself thousands of times adds up. So every value a
 //! query computes has an upper bound on its size, derived from the plan and the widest value of
 //! each column (`check_sizes`), and a query whose bound passes [`MAX_VALUE_BYTES`] (or twice the
-//! widest column) is refused before it runs; the table's batches hold at most [`BATCH_ROWS`]
-//! rows, so no expression allocates more than the two together at once.
+//! widest column) is refused before it runs, as is one whose rows (every column of a node's
+//! output together) could pass twice the larger of that and the table's widest row. Batches hold
+//! as many rows as fit [`BATCH_BYTES`] at that row bound (at most [`BATCH_ROWS`]), so no node
+//! allocates much more than that at once; and the result, encoded as it streams, stops at
+//! [`MAX_RESULT_BYTES`] (a query that repeats a 1 MiB value on 100,000 rows would otherwise build
+//! a reply of a hundred gigabytes).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +29,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::datasource::MemTable;
 use datafusion::execution::context::SQLOptions;
+use futures::StreamExt;
 use sandbox_audit::AuditEvent;
 use sandbox_policy::PrincipalRole;
 use sandbox_sql::{CancellationToken, SqlError};
@@ -39,8 +44,13 @@ pub const MAX_BUILT_CHARS: i64 = 1024;
 /// The largest value (bytes) an audit query may compute, unless a column holds larger ones
 /// (then twice the widest).
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
-/// Rows per batch of the `events` table.
+/// Most rows per batch of the `events` table and of every operator.
 const BATCH_ROWS: usize = 512;
+/// What one batch may take at the query's row bound: fewer rows per batch when rows can be
+/// large.
+const BATCH_BYTES: usize = 64 << 20;
+/// Largest encoded result of an audit query, in bytes.
+pub const MAX_RESULT_BYTES: usize = 64 << 20;
 
 /// Scalar functions an audit query may call: text, dates, numbers, lists, conditionals. None
 /// of them reads a file, and none builds a value larger than its arguments together (`replace`
@@ -238,6 +248,18 @@ fn column_widths(batches: &[RecordBatch]) -> HashMap<String, usize> {
 /// What a number, a date or a boolean takes printed, at most.
 const NUMBER_WIDTH: usize = 64;
 
+/// The bound of a scanned column: a column of `events` its widest value; a number of a table
+/// function (`generate_series`) a number's; anything else, what any value may take.
+fn field_bound(field: &Field, widths: &HashMap<String, usize>, limit: usize) -> usize {
+    match widths.get(field.name()) {
+        Some(width) => *width,
+        None if field.data_type().is_primitive() || *field.data_type() == DataType::Boolean => {
+            NUMBER_WIDTH
+        }
+        None => limit,
+    }
+}
+
 /// Refuses a plan that could compute a value larger than `limit` bytes, and returns an upper
 /// bound of each of its output columns, by position: a column of `events` its widest value, a
 /// `VALUES` list its longest literal, a literal its length, `concat` and `||` the sum of their
@@ -248,6 +270,7 @@ fn check_sizes(
     plan: &datafusion::logical_expr::LogicalPlan,
     widths: &HashMap<String, usize>,
     limit: usize,
+    row_limit: usize,
 ) -> Result<Vec<usize>> {
     use datafusion::logical_expr::LogicalPlan;
     let refuse = |message: String| EngineError::Invalid {
@@ -257,7 +280,7 @@ fn check_sizes(
     // Subqueries in expressions are plans of their own, checked the same way.
     let mut failed = None;
     let _ = plan.apply_subqueries(|subquery| {
-        if let Err(error) = check_sizes(subquery, widths, limit) {
+        if let Err(error) = check_sizes(subquery, widths, limit, row_limit) {
             failed.get_or_insert(error);
         }
         Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
@@ -268,7 +291,7 @@ fn check_sizes(
     let inputs: Vec<Vec<usize>> = plan
         .inputs()
         .into_iter()
-        .map(|input| check_sizes(input, widths, limit))
+        .map(|input| check_sizes(input, widths, limit, row_limit))
         .collect::<Result<_>>()?;
     // The bounds of the columns a node's expressions read: its inputs' side by side (a join's
     // are its left's then its right's).
@@ -279,7 +302,7 @@ fn check_sizes(
             .schema()
             .fields()
             .iter()
-            .map(|f| widths.get(f.name()).copied().unwrap_or(limit))
+            .map(|f| field_bound(f, widths, limit))
             .collect(),
         _ => inputs.iter().flatten().copied().collect(),
     };
@@ -297,12 +320,12 @@ fn check_sizes(
         bound(&expr)?;
     }
     let first = || inputs.first().cloned().unwrap_or_default();
-    Ok(match plan {
+    let out = match plan {
         LogicalPlan::TableScan(scan) => scan
             .projected_schema
             .fields()
             .iter()
-            .map(|f| widths.get(f.name()).copied().unwrap_or(limit))
+            .map(|f| field_bound(f, widths, limit))
             .collect(),
         LogicalPlan::Projection(p) => p.expr.iter().map(&bound).collect::<Result<_>>()?,
         LogicalPlan::Aggregate(a) => a
@@ -351,7 +374,15 @@ fn check_sizes(
                 other.display()
             )));
         }
-    })
+    };
+    let row: usize = out.iter().fold(0, |sum, size| sum.saturating_add(*size));
+    if row > row_limit {
+        return Err(refuse(format!(
+            "the query could build rows of up to {row} bytes (at most {row_limit} in audit SQL): \
+             fewer or narrower columns"
+        )));
+    }
+    Ok(out)
 }
 
 /// An upper bound of the bytes one value of `expr` takes, over `plan`'s input columns with the
@@ -621,6 +652,19 @@ impl Engine {
             .unwrap_or(0)
             .saturating_mul(2)
             .max(MAX_VALUE_BYTES);
+        let table_row: usize = widths.values().sum();
+        let row_limit = table_row.max(MAX_VALUE_BYTES).saturating_mul(2);
+        let batch_rows = (BATCH_BYTES / row_limit).clamp(1, BATCH_ROWS);
+        // A projection makes one output row per input row, batch by batch: the table's own
+        // batches are as small as any operator's.
+        let batches: Vec<RecordBatch> = batches
+            .iter()
+            .flat_map(|batch| {
+                (0..batch.num_rows())
+                    .step_by(batch_rows)
+                    .map(move |at| batch.slice(at, batch_rows.min(batch.num_rows() - at)))
+            })
+            .collect();
         let table = MemTable::try_new(schema(), vec![batches]).map_err(invalid)?;
         // Bounded like any query: its own memory pool, the parser's recursion limit, and run on
         // the query threads under the time limit, never on the threads that serve calls.
@@ -634,7 +678,7 @@ impl Engine {
             let mut state = state.write();
             let options = state.config_mut().options_mut();
             options.execution.batch_size =
-                datafusion::common::config::ConfigNonZeroUsize::try_new(BATCH_ROWS)
+                datafusion::common::config::ConfigNonZeroUsize::try_new(batch_rows)
                     .map_err(|e| EngineError::Setup(format!("audit batch size: {e}")))?;
             options.execution.enable_recursive_ctes = false;
         }
@@ -649,11 +693,46 @@ impl Engine {
                 .await
                 .map_err(invalid)?;
             check_functions(frame.logical_plan())?;
-            check_sizes(frame.logical_plan(), &widths, limit)?;
+            check_sizes(frame.logical_plan(), &widths, limit, row_limit)?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
-            Ok::<_, EngineError>((schema, frame.collect().await.map_err(invalid)?))
+            let mut stream = frame.execute_stream().await.map_err(invalid)?;
+            // Encoded as it comes, so the reply's size is known before the next batch is asked
+            // for: a query stops where its result would pass what a reply may carry.
+            let encode = |e: datafusion::arrow::error::ArrowError| {
+                EngineError::Setup(format!("cannot encode the audit result: {e}"))
+            };
+            let mut ipc = Vec::new();
+            let mut rows = 0usize;
+            {
+                let mut writer = StreamWriter::try_new(&mut ipc, &schema).map_err(encode)?;
+                while let Some(batch) = stream.next().await {
+                    let batch = batch.map_err(invalid)?;
+                    rows += batch.num_rows();
+                    if rows > MAX_ROWS {
+                        return Err(EngineError::Invalid {
+                            code: "audit-sql-too-many-rows",
+                            message: format!(
+                                "the result has more than {MAX_ROWS} rows; add a LIMIT"
+                            ),
+                        });
+                    }
+                    writer.write(&batch).map_err(encode)?;
+                    if writer.get_ref().len() > MAX_RESULT_BYTES {
+                        return Err(EngineError::Invalid {
+                            code: "audit-sql-result-too-large",
+                            message: format!(
+                                "the result takes more than {} MiB; select fewer or shorter \
+                                 values, or add a LIMIT",
+                                MAX_RESULT_BYTES >> 20
+                            ),
+                        });
+                    }
+                }
+                writer.finish().map_err(encode)?;
+            }
+            Ok::<_, EngineError>((ipc, rows))
         };
-        let (schema, result) = match self.sql.run_bounded(run, CancellationToken::new()).await {
+        let (ipc, rows) = match self.sql.run_bounded(run, CancellationToken::new()).await {
             Ok(outcome) => outcome?,
             Err(SqlError::TimeLimit(ms)) => {
                 return Err(EngineError::Invalid {
@@ -663,24 +742,6 @@ impl Engine {
             }
             Err(error) => return Err(error.into()),
         };
-        let rows: usize = result.iter().map(RecordBatch::num_rows).sum();
-        if rows > MAX_ROWS {
-            return Err(EngineError::Invalid {
-                code: "audit-sql-too-many-rows",
-                message: format!("the result has more than {MAX_ROWS} rows; add a LIMIT"),
-            });
-        }
-        let mut ipc = Vec::new();
-        {
-            let encode = |e: datafusion::arrow::error::ArrowError| {
-                EngineError::Setup(format!("cannot encode the audit result: {e}"))
-            };
-            let mut writer = StreamWriter::try_new(&mut ipc, &schema).map_err(encode)?;
-            for batch in &result {
-                writer.write(batch).map_err(encode)?;
-            }
-            writer.finish().map_err(encode)?;
-        }
         Ok(AuditQueryResult {
             ipc,
             rows: rows as u64,

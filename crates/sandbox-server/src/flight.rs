@@ -434,36 +434,30 @@ impl FlightSqlService for FlightSql {
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
         let ctx = self.gate.admit(&request, Rpc::FlightPrepare).await?;
+        // Only whether values came matters (they are refused): each message's header is checked
+        // and its row count read from it, and no message reaches Arrow's decoder, which trusts
+        // headers (a compressed buffer's claimed size would be allocated) and panics on some
+        // forged ones (a panicked call would end without its journal record).
         let mut rows = 0usize;
-        let mut stream = arrow_flight::decode::FlightRecordBatchStream::new_from_flight_data(
-            // Peekable: the first message, which dispatch looked at, holds the schema. Each
-            // message is checked before the decoder trusts its header (a compressed buffer's
-            // claimed size would be allocated; a buffer outside the body would panic the reader).
-            request
-                .into_inner()
-                .into_peekable()
-                .map_err(FlightError::from)
-                .and_then(|data| async move {
-                    sandbox_wasm::untrusted_ipc::check_ipc_message(
-                        &data.data_header,
-                        data.data_body.len(),
-                    )
-                    .map(|()| data)
-                    .map_err(FlightError::ProtocolError)
-                }),
-        );
-        // Read no further than the first row (values are refused anyway), nor than a few
-        // messages: a client may not stream batches at the server for as long as it likes.
         let mut messages = 0usize;
-        while let Some(batch) = stream.next().await {
+        let mut stream = request.into_inner().into_peekable();
+        // Read no further than the first row, nor than a few messages: a client may not stream
+        // batches at the server for as long as it likes.
+        while let Some(data) = stream.next().await {
             messages += 1;
             if messages > MAX_PARAMETER_MESSAGES {
                 rows = rows.max(1);
                 break;
             }
-            match batch {
-                Ok(batch) => {
-                    rows += batch.num_rows();
+            let read = data.map_err(|e| e.to_string()).and_then(|data| {
+                sandbox_wasm::untrusted_ipc::ipc_message_rows(
+                    &data.data_header,
+                    data.data_body.len(),
+                )
+            });
+            match read {
+                Ok(count) => {
+                    rows += count;
                     if rows > 0 {
                         break;
                     }

@@ -38,6 +38,9 @@ pub enum Rule {
     MaskedValueInExpression,
     /// A range filter on a measure that the grant does not list in `filter_measures`.
     MeasureFilterNotGranted,
+    /// In an exact answer to ad-hoc SQL, an aggregate other than a count of a measure that a range filter
+    /// of the same query compares (the filter fixes the values it keeps).
+    FilteredMeasureAggregated,
     /// An aggregate over aggregated rows in a shape the guard cannot prove safe (a limit inside
     /// the derived table, an aggregate below a join or inside an expression).
     NestedAggregateNotSupported,
@@ -113,6 +116,7 @@ impl Rule {
             Rule::JoinKeyOutsideJoin => "join-key-outside-join",
             Rule::MaskedValueInExpression => "masked-value-in-expression",
             Rule::MeasureFilterNotGranted => "measure-filter-not-granted",
+            Rule::FilteredMeasureAggregated => "filtered-measure-aggregated",
             Rule::NestedAggregateNotSupported => "nested-aggregate-not-supported",
             Rule::HavingNotSupported => "having-not-supported",
             Rule::IdentifierOutput => "identifier-output",
@@ -141,7 +145,7 @@ impl Rule {
     }
 
     /// Every rule, for documentation and for tests that check the suite covers them.
-    pub const ALL: [Rule; 39] = [
+    pub const ALL: [Rule; 40] = [
         Rule::StatementNotQuery,
         Rule::QueryTooLong,
         Rule::QueryTooComplex,
@@ -157,6 +161,7 @@ impl Rule {
         Rule::JoinKeyOutsideJoin,
         Rule::MaskedValueInExpression,
         Rule::MeasureFilterNotGranted,
+        Rule::FilteredMeasureAggregated,
         Rule::NestedAggregateNotSupported,
         Rule::HavingNotSupported,
         Rule::IdentifierOutput,

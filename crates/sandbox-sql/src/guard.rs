@@ -228,6 +228,9 @@ pub(crate) struct Guard<'a> {
     /// Scans on the null-extended side of an outer join: their columns are null where nothing
     /// matched.
     pub(crate) null_extended: Vec<bool>,
+    /// Measures (`dataset.column`) a granted range filter compares anywhere in the query: their
+    /// value is known, within the range, for every row the filter keeps.
+    pub(crate) filtered_measures: BTreeSet<String>,
 }
 
 impl<'a> Guard<'a> {
@@ -243,6 +246,7 @@ impl<'a> Guard<'a> {
             copied: Vec::new(),
             lookup: Vec::new(),
             null_extended: Vec::new(),
+            filtered_measures: BTreeSet::new(),
         }
     }
 
@@ -1253,6 +1257,8 @@ impl Guard<'_> {
             .get(source.dataset.as_ref())
             .is_some_and(|m| m.filter_measures.contains(source.column.as_ref()));
         if granted {
+            self.filtered_measures
+                .insert(format!("{}.{}", source.dataset, source.column));
             Ok(true)
         } else {
             Err(deny(
@@ -1426,6 +1432,9 @@ impl Guard<'_> {
                 ),
             ));
         }
+        if source.role == Role::Measure && kind != Allowed::Count {
+            self.check_filtered_measure(&name, &source)?;
+        }
         // A value from rows a join copies would count once per copy: a one-to-many join onto
         // it (a self-join, say) scales or shifts it at will.
         if self.exact() && kind != Allowed::CountDistinct && self.copied[source.scan] {
@@ -1478,6 +1487,11 @@ impl Guard<'_> {
         if let Some(source) = sources.iter().find(|s| self.exact() && self.copied[s.scan]) {
             return Err(copied_denial(name, source));
         }
+        if kind != Allowed::Count {
+            for source in sources.iter().filter(|s| s.role == Role::Measure) {
+                self.check_filtered_measure(name, source)?;
+            }
+        }
         let granted = !sources.is_empty()
             && sources.iter().all(|s| {
                 self.modes
@@ -1495,6 +1509,27 @@ impl Guard<'_> {
             ));
         }
         check_argument_kinds(argument, schema)
+    }
+
+    /// An exact answer may not aggregate the value of a measure a range filter also compares:
+    /// `WHERE capital = 1000000 OR <one enterprise's public traits>` keeps 63 enterprises of
+    /// a known capital and the target, enough for the threshold, and their sum minus 63 million
+    /// is the target's capital. (Counting such rows is fine: the differencing defense covers
+    /// who is counted; under differential privacy the noise covers both. A template's filters
+    /// are the reviewed text, with approved values.)
+    fn check_filtered_measure(&self, function: &str, source: &Source) -> Result<(), SqlError> {
+        let key = format!("{}.{}", source.dataset, source.column);
+        if self.context == Mode::Aggregate && self.filtered_measures.contains(&key) {
+            return Err(deny(
+                Rule::FilteredMeasureAggregated,
+                format!(
+                    "`{function}` of `{key}` with a range filter on it: the filter fixes the \
+                     value of every row it keeps but the few it wants to single out; in an exact \
+                     answer, filter on one measure and aggregate others, or count"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_level(&self, source: &Source) -> Result<(), SqlError> {

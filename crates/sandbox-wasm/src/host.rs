@@ -116,25 +116,36 @@ impl Output {
         crate::untrusted_ipc::check_ipc_stream(bytes).map_err(|e| {
             WasmError::Abi(format!("output is not a readable Arrow IPC stream: {e}"))
         })?;
-        let mut decoder = StreamDecoder::new();
-        let mut buffer = Buffer::from(bytes.to_vec());
-        let mut batches = Vec::new();
-        while !buffer.is_empty() {
-            if let Some(batch) = decoder.decode(&mut buffer).map_err(not_arrow)? {
-                self.rows += batch.num_rows();
-                if self.rows > self.max_rows {
-                    return Err(WasmError::limit(
-                        Limit::OutputRows,
-                        format!("more than {} output rows", self.max_rows),
-                    ));
+        // The checks cover the buffers, not every header field: Arrow's reader still panics on
+        // some forged schemas and batches (an unknown type, a validity buffer shorter than its
+        // column). A panic here would end the job without its journaled end, so it is an
+        // unreadable output like any other.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut decoder = StreamDecoder::new();
+            let mut buffer = Buffer::from(bytes.to_vec());
+            let mut batches = Vec::new();
+            let mut rows = self.rows;
+            while !buffer.is_empty() {
+                if let Some(batch) = decoder.decode(&mut buffer).map_err(not_arrow)? {
+                    rows += batch.num_rows();
+                    if rows > self.max_rows {
+                        return Err(WasmError::limit(
+                            Limit::OutputRows,
+                            format!("more than {} output rows", self.max_rows),
+                        ));
+                    }
+                    batches.push(batch);
                 }
-                batches.push(batch);
             }
-        }
-        decoder.finish().map_err(not_arrow)?;
-        let schema = decoder
-            .schema()
-            .ok_or_else(|| WasmError::Abi("output stream without a schema".into()))?;
+            decoder.finish().map_err(not_arrow)?;
+            let schema = decoder
+                .schema()
+                .ok_or_else(|| WasmError::Abi("output stream without a schema".into()))?;
+            Ok((schema, batches, rows))
+        }))
+        .map_err(|_| WasmError::Abi("output is not a readable Arrow IPC stream".into()))?;
+        let (schema, batches, rows) = decoded?;
+        self.rows = rows;
         match &self.schema {
             None => self.schema = Some(schema),
             Some(first) if first.fields() != schema.fields() => {
@@ -390,4 +401,49 @@ fn plain_types(batch: &RecordBatch) -> arrow::error::Result<RecordBatch> {
         }
     }
     RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{ArrayRef, BooleanArray, StringArray};
+    use std::sync::Arc;
+
+    /// A guest's output with a few header or body bytes changed is refused or read, never a
+    /// panic (Arrow's reader panics on some forged schemas and validity buffers; the run would
+    /// end without its journaled end).
+    #[test]
+    fn forged_output_streams_are_errors_not_panics() {
+        let batch = RecordBatch::try_from_iter([
+            (
+                "flag",
+                Arc::new(BooleanArray::from(vec![Some(true), None, Some(false)])) as ArrayRef,
+            ),
+            (
+                "name",
+                Arc::new(StringArray::from(vec!["a", "bb", "ccc"])) as ArrayRef,
+            ),
+        ])
+        .unwrap();
+        let mut writer = StreamWriter::try_new(Vec::new(), &batch.schema()).unwrap();
+        writer.write(&batch).unwrap();
+        writer.finish().unwrap();
+        let plain = writer.into_inner().unwrap();
+        let limits = WasmLimits::default();
+        let mut state = HostState::new(&limits, Vec::new(), Vec::new());
+        state.output.accept(&plain).expect("the plain stream reads");
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..3000 {
+            let mut forged = plain.clone();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = (seed >> 20) as usize % forged.len();
+                forged[at] = seed as u8;
+            }
+            let mut state = HostState::new(&limits, Vec::new(), Vec::new());
+            let _ = state.output.accept(&forged);
+        }
+    }
 }

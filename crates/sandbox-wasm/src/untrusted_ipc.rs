@@ -69,6 +69,20 @@ pub fn check_ipc_message(header: &[u8], body_len: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks one message like [`check_ipc_message`] and returns the rows it carries (none for a
+/// schema or an empty message), read from its header alone: a caller that only needs to know
+/// whether values came never hands the message to a decoder.
+pub fn ipc_message_rows(header: &[u8], body_len: usize) -> Result<usize, String> {
+    check_ipc_message(header, body_len)?;
+    if header.is_empty() {
+        return Ok(0);
+    }
+    let message = root_as_message(header).map_err(|e| format!("unreadable IPC message: {e}"))?;
+    Ok(message
+        .header_as_record_batch()
+        .map_or(0, |batch| batch.length() as usize))
+}
+
 /// Checks every message of an IPC stream held in memory (continuation marker, metadata length,
 /// metadata, body; the end marker or the end of the bytes ends it).
 pub fn check_ipc_stream(bytes: &[u8]) -> Result<(), String> {
