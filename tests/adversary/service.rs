@@ -307,8 +307,12 @@ pub async fn resource_aborts(h: &mut Harness) {
     let _ = h.sql("analyst", &long_query).await;
     let many_rows = "SELECT a.query AS v, g.value AS n FROM events a, generate_series(1, 100000) g \
                      WHERE length(a.query) > 60000";
+    // And a window, which holds its whole partition outside the memory pool.
+    let window = "SELECT max(length(m)) AS n FROM (SELECT max(concat(a.query, b.query)) OVER () AS m \
+                  FROM events a, events b WHERE length(a.query) > 50000 AND length(b.query) > 50000) t";
     for (who, sql) in [
         ("auditor", many_rows),
+        ("auditor", window),
         ("owner_tax", values.as_str()),
         ("auditor", recursive),
         (

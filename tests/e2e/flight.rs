@@ -611,6 +611,71 @@ async fn a_forged_compressed_parameter_batch_is_refused_before_it_is_read() {
     server.server.shutdown().await.expect("shutdown");
 }
 
+/// Requests Flight SQL's own dispatch answers before any handler runs (an undecodable ticket or
+/// action, an unknown action, methods it leaves unimplemented, `ListActions`), with or without
+/// credentials, are journaled like any other call: one terminal event each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_the_flight_framework_answers_are_journaled() {
+    use arrow_flight::{Action, Criteria, Empty};
+    let server = TestServer::start().await.expect("server");
+    let mut raw = FlightServiceClient::new(channel(&server).await);
+    let bearer = format!("Bearer {}", server.token("analyst"));
+    let mut ids = Vec::new();
+    fn with_headers<T>(
+        message: T,
+        authorization: Option<&str>,
+        ids: &mut Vec<String>,
+    ) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let id = request_id();
+        request
+            .metadata_mut()
+            .insert("x-request-id", id.parse().expect("header"));
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().expect("header"));
+        }
+        ids.push(id);
+        request
+    }
+    for authorization in [None, Some("Bearer nope"), Some(bearer.as_str())] {
+        macro_rules! request {
+            ($message:expr) => {
+                with_headers($message, authorization, &mut ids)
+            };
+        }
+        let _ = raw.list_actions(request!(Empty {})).await;
+        let _ = raw
+            .do_get(request!(arrow_flight::Ticket::new([0u8, 0xff].repeat(10))))
+            .await;
+        let _ = raw
+            .do_action(request!(Action::new("Nope", Vec::<u8>::new())))
+            .await;
+        let _ = raw
+            .do_action(request!(Action::new(
+                "CreatePreparedStatement",
+                vec![0xffu8, 0xff],
+            )))
+            .await;
+        let _ = raw.list_flights(request!(Criteria::default())).await;
+        let _ = raw
+            .get_schema(request!(FlightDescriptor::new_cmd(vec![1u8, 2, 3])))
+            .await;
+    }
+    let mut auditor = server.client("auditor").await.expect("auditor");
+    let events = auditor.events(1, 10_000, false).await.expect("journal");
+    for id in &ids {
+        let terminal: Vec<_> = events
+            .iter()
+            .filter(|e| &e.request_id == id && e.action != "AdmitJob")
+            .collect();
+        assert_eq!(terminal.len(), 1, "request {id}: {terminal:#?}");
+        assert!(terminal[0].action.starts_with("Flight"), "{terminal:#?}");
+    }
+    server.server.shutdown().await.expect("shutdown");
+}
+
 fn basic(user: &str, password: &str) -> String {
     use base64::Engine as _;
     format!(

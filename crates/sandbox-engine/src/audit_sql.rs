@@ -107,7 +107,7 @@ const AUDIT_SCALAR_FUNCTIONS: &[&str] = &[
 /// Functions that build a value of a size their second argument asks for.
 const SIZED_FUNCTIONS: &[&str] = &["lpad", "rpad"];
 
-/// Aggregate and window functions an audit query may call.
+/// Aggregate functions an audit query may call (window functions none).
 const AUDIT_AGGREGATES: &[&str] = &[
     "count",
     "sum",
@@ -138,10 +138,9 @@ fn check_functions(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
         message,
     };
     let mut problem: Option<EngineError> = None;
-    let _ =
-        plan.apply_with_subqueries(|node| {
-            for expr in node.expressions() {
-                let _ = expr.apply(|e| {
+    let _ = plan.apply_with_subqueries(|node| {
+        for expr in node.expressions() {
+            let _ = expr.apply(|e| {
                 let verdict = match e {
                     Expr::ScalarFunction(f) => {
                         let name = f.func.name().to_ascii_lowercase();
@@ -176,12 +175,13 @@ fn check_functions(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
                             refuse(format!("aggregate `{name}` is not allowed in audit SQL"))
                         })
                     }
-                    Expr::WindowFunction(w) => {
-                        let name = w.fun.name().to_ascii_lowercase();
-                        (!AUDIT_AGGREGATES.contains(&name.as_str())).then(|| {
-                            refuse(format!("window function `{name}` is not allowed in audit SQL"))
-                        })
-                    }
+                    // A window holds its whole partition, outside the query's memory pool: a
+                    // fresh attacker's `max(concat(a.query, b.query)) OVER ()` over a self-join
+                    // held gigabytes until an allocation failed.
+                    Expr::WindowFunction(w) => Some(refuse(format!(
+                        "window functions (`{}`) are not allowed in audit SQL",
+                        w.fun.name().to_ascii_lowercase()
+                    ))),
                     _ => None,
                 };
                 match verdict {
@@ -192,13 +192,13 @@ fn check_functions(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
                     None => Ok(TreeNodeRecursion::Continue),
                 }
             });
-            }
-            Ok(if problem.is_some() {
-                TreeNodeRecursion::Stop
-            } else {
-                TreeNodeRecursion::Continue
-            })
-        });
+        }
+        Ok(if problem.is_some() {
+            TreeNodeRecursion::Stop
+        } else {
+            TreeNodeRecursion::Continue
+        })
+    });
     problem.map_or(Ok(()), Err)
 }
 /// The widest value (bytes) of every column of the `events` table: text by its longest value,
@@ -334,13 +334,6 @@ fn check_sizes(
             .chain(&a.aggr_expr)
             .map(&bound)
             .collect::<Result<_>>()?,
-        LogicalPlan::Window(w) => {
-            let mut out = first();
-            for expr in &w.window_expr {
-                out.push(bound(expr)?);
-            }
-            out
-        }
         LogicalPlan::Values(values) => {
             let mut out = vec![0usize; values.schema.fields().len()];
             for row in &values.values {

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod service;
 pub mod status;
 pub mod tls;
+pub mod unhandled;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -162,6 +163,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let router = builder
         .layer(detach::DetachLayer)
         .layer(server_metrics.layer())
+        .layer(unhandled::JournalUnhandledLayer::new(engine.clone()))
         .add_service(SandboxServer::new(sandbox).max_decoding_message_size(max_request))
         .add_service(AuditServer::new(audit).max_decoding_message_size(max_request))
         .add_service(

@@ -165,7 +165,7 @@ const NATIVE_SERVICES: [&str; 3] = [
     "sandbox.v1.Audit",
     "sandbox.v1.Governance",
 ];
-const FLIGHT_SERVICE: &str = "arrow.flight.protocol.FlightService";
+pub(crate) const FLIGHT_SERVICE: &str = "arrow.flight.protocol.FlightService";
 const FLIGHT_METHODS: [&str; 10] = [
     "Handshake",
     "ListFlights",
@@ -181,7 +181,7 @@ const FLIGHT_METHODS: [&str; 10] = [
 
 /// The method label of a call: `service/Method` for the methods this server has, `other` for
 /// any other path, so that a client cannot grow the label set (and the memory) at will.
-fn method_label(path: &str) -> String {
+pub(crate) fn method_label(path: &str) -> String {
     let known = path
         .trim_start_matches('/')
         .split_once('/')
@@ -268,7 +268,7 @@ impl<B: Body> Body for CountedBody<B> {
 }
 
 /// The canonical name of a gRPC status code, as Prometheus labels usually carry it.
-fn code_name(code: tonic::Code) -> &'static str {
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "OK",

@@ -18,6 +18,7 @@ use crate::auth::{Authenticator, Rpc, required_roles};
 use crate::detach::ClientGone;
 use crate::metrics::CallOrg;
 use crate::status::{self, status_of};
+use crate::unhandled::Admitted;
 
 /// Bytes of Arrow IPC per streamed message.
 const CHUNK_BYTES: usize = 1 << 20;
@@ -72,6 +73,11 @@ impl Gatekeeper {
         request: &Request<T>,
         rpc: Rpc,
     ) -> Result<RequestContext, Status> {
+        // Whatever is decided below is journaled here, not by the layer that records calls no
+        // handler took.
+        if let Some(admitted) = request.extensions().get::<Admitted>() {
+            admitted.mark();
+        }
         // A client may choose the id (a UUID) to find its calls in the journal; anything else
         // is replaced by a fresh one.
         let request_id = request

@@ -41,6 +41,8 @@ pub enum Rule {
     /// In an exact answer to ad-hoc SQL, an aggregate other than a count of a measure that a range filter
     /// of the same query compares (the filter fixes the values it keeps).
     FilteredMeasureAggregated,
+    /// In an exact answer, an aggregate of a value from the null-extended side of a left join.
+    NullExtendedAggregated,
     /// An aggregate over aggregated rows in a shape the guard cannot prove safe (a limit inside
     /// the derived table, an aggregate below a join or inside an expression).
     NestedAggregateNotSupported,
@@ -117,6 +119,7 @@ impl Rule {
             Rule::MaskedValueInExpression => "masked-value-in-expression",
             Rule::MeasureFilterNotGranted => "measure-filter-not-granted",
             Rule::FilteredMeasureAggregated => "filtered-measure-aggregated",
+            Rule::NullExtendedAggregated => "null-extended-aggregated",
             Rule::NestedAggregateNotSupported => "nested-aggregate-not-supported",
             Rule::HavingNotSupported => "having-not-supported",
             Rule::IdentifierOutput => "identifier-output",
@@ -145,7 +148,7 @@ impl Rule {
     }
 
     /// Every rule, for documentation and for tests that check the suite covers them.
-    pub const ALL: [Rule; 40] = [
+    pub const ALL: [Rule; 41] = [
         Rule::StatementNotQuery,
         Rule::QueryTooLong,
         Rule::QueryTooComplex,
@@ -162,6 +165,7 @@ impl Rule {
         Rule::MaskedValueInExpression,
         Rule::MeasureFilterNotGranted,
         Rule::FilteredMeasureAggregated,
+        Rule::NullExtendedAggregated,
         Rule::NestedAggregateNotSupported,
         Rule::HavingNotSupported,
         Rule::IdentifierOutput,

@@ -1435,6 +1435,7 @@ impl Guard<'_> {
         if source.role == Role::Measure && kind != Allowed::Count {
             self.check_filtered_measure(&name, &source)?;
         }
+        self.check_null_extended(&name, &source)?;
         // A value from rows a join copies would count once per copy: a one-to-many join onto
         // it (a self-join, say) scales or shifts it at will.
         if self.exact() && kind != Allowed::CountDistinct && self.copied[source.scan] {
@@ -1492,6 +1493,9 @@ impl Guard<'_> {
                 self.check_filtered_measure(name, source)?;
             }
         }
+        for source in &sources {
+            self.check_null_extended(name, source)?;
+        }
         let granted = !sources.is_empty()
             && sources.iter().all(|s| {
                 self.modes
@@ -1526,6 +1530,26 @@ impl Guard<'_> {
                     "`{function}` of `{key}` with a range filter on it: the filter fixes the \
                      value of every row it keeps but the few it wants to single out; in an exact \
                      answer, filter on one measure and aggregate others, or count"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An exact answer may not aggregate values of the null-extended side of a left join: the
+    /// rows that feed such an aggregate are the matched ones, while the differencing defense
+    /// compares all the rows of the preserved side. Two answers whose preserved rows differ by
+    /// hundreds, and whose matched rows by one enterprise, subtract to its value. (A count of
+    /// rows counts the preserved side, which the defense sees; an inner join aggregates the
+    /// matched rows and compares those.)
+    fn check_null_extended(&self, function: &str, source: &Source) -> Result<(), SqlError> {
+        if self.exact() && self.null_extended[source.scan] {
+            return Err(deny(
+                Rule::NullExtendedAggregated,
+                format!(
+                    "`{function}` of `{}.{}`, on the side of a left join that can be null: in an \
+                     exact answer aggregate it over an inner join",
+                    source.dataset, source.column
                 ),
             ));
         }
