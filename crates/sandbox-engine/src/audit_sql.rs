@@ -665,8 +665,8 @@ impl Engine {
             .sql
             .scratch_session(vec![("events".to_string(), Arc::new(table))])?;
         {
-            // Small batches bound what one expression allocates at once; a recursive query
-            // could double a value each round, past any bound the plan shows.
+            // Batches sized to the row bound bound what one node allocates at once; no recursive
+            // queries (a value could double each round, past any bound the plan shows).
             let state = context.state_ref();
             let mut state = state.write();
             let options = state.config_mut().options_mut();

@@ -78,15 +78,7 @@ impl Gatekeeper {
         if let Some(admitted) = request.extensions().get::<Admitted>() {
             admitted.mark();
         }
-        // A client may choose the id (a UUID) to find its calls in the journal; anything else
-        // is replaced by a fresh one.
-        let request_id = request
-            .metadata()
-            .get(status::REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| uuid::Uuid::parse_str(v).ok())
-            .unwrap_or_else(uuid::Uuid::new_v4)
-            .to_string();
+        let request_id = status::request_id_of(request.metadata().as_ref());
         let authorization = request
             .metadata()
             .get("authorization")

@@ -15,6 +15,17 @@ pub const RETRY_AFTER_HEADER: &str = "retry-after-ms";
 /// Metadata key carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The request id of a call: the client's, when it sent a UUID (to find its calls in the
+/// journal), else a fresh one.
+pub fn request_id_of(headers: &tonic::codegen::http::HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| uuid::Uuid::parse_str(v).ok())
+        .unwrap_or_else(uuid::Uuid::new_v4)
+        .to_string()
+}
+
 /// Maps an engine error to a status. The message names the rule and the request id; internal
 /// errors say only that, since their details may hold paths or data (they go to the log).
 pub fn status_of(error: &EngineError, request_id: &str) -> Status {

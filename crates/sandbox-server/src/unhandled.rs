@@ -16,7 +16,7 @@ use sandbox_engine::Engine;
 use tonic::codegen::http;
 
 use crate::metrics::{FLIGHT_SERVICE, code_name, method_label};
-use crate::status::REQUEST_ID_HEADER;
+use crate::status::request_id_of;
 
 /// Set once the gatekeeper has taken the call (and journaled whatever it decided).
 #[derive(Debug, Clone, Default)]
@@ -89,13 +89,7 @@ where
         let admitted = Admitted::default();
         request.extensions_mut().insert(admitted.clone());
         let action = action_of(request.uri().path());
-        let request_id = request
-            .headers()
-            .get(REQUEST_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| uuid::Uuid::parse_str(v).ok())
-            .unwrap_or_else(uuid::Uuid::new_v4)
-            .to_string();
+        let request_id = request_id_of(request.headers());
         let engine = self.engine.clone();
         let call = self.inner.call(request);
         Box::pin(async move {

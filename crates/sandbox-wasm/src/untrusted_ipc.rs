@@ -15,8 +15,15 @@ pub const MAX_UNTRUSTED_ROWS: i64 = 10_000_000;
 
 /// Checks one message: its flatbuffer `header` and the length of the `body` that came with it.
 pub fn check_ipc_message(header: &[u8], body_len: usize) -> Result<(), String> {
+    ipc_message_rows(header, body_len).map(drop)
+}
+
+/// Checks one message like [`check_ipc_message`] and returns the rows it carries (none for a
+/// schema or an empty message), read from its header alone: a caller that only needs to know
+/// whether values came never hands the message to a decoder.
+pub fn ipc_message_rows(header: &[u8], body_len: usize) -> Result<usize, String> {
     if header.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let message = root_as_message(header).map_err(|e| format!("unreadable IPC message: {e}"))?;
     if usize::try_from(message.bodyLength()).ok() != Some(body_len) {
@@ -27,7 +34,7 @@ pub fn check_ipc_message(header: &[u8], body_len: usize) -> Result<(), String> {
     }
     let batch = match message.header_type() {
         MessageHeader::RecordBatch => message.header_as_record_batch(),
-        MessageHeader::Schema => return Ok(()),
+        MessageHeader::Schema => return Ok(0),
         other => return Err(format!("IPC messages of type {other:?} are not accepted")),
     };
     let Some(batch) = batch else {
@@ -66,21 +73,8 @@ pub fn check_ipc_message(header: &[u8], body_len: usize) -> Result<(), String> {
         }
         end_of_previous = offset + length;
     }
-    Ok(())
-}
-
-/// Checks one message like [`check_ipc_message`] and returns the rows it carries (none for a
-/// schema or an empty message), read from its header alone: a caller that only needs to know
-/// whether values came never hands the message to a decoder.
-pub fn ipc_message_rows(header: &[u8], body_len: usize) -> Result<usize, String> {
-    check_ipc_message(header, body_len)?;
-    if header.is_empty() {
-        return Ok(0);
-    }
-    let message = root_as_message(header).map_err(|e| format!("unreadable IPC message: {e}"))?;
-    Ok(message
-        .header_as_record_batch()
-        .map_or(0, |batch| batch.length() as usize))
+    // Within 0..=MAX_UNTRUSTED_ROWS, checked above.
+    Ok(batch.length() as usize)
 }
 
 /// Checks every message of an IPC stream held in memory (continuation marker, metadata length,
