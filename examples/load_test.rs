@@ -507,7 +507,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn explained(sent: &Sent) -> bool {
     match sent.code {
         Code::Ok => true,
-        // Policy denials.
+        // Ad hoc SQL on L3 data is answered under differential privacy, and a job spends its
+        // epsilon when it is admitted (never refunded, so cancelled and abandoned jobs spend too):
+        // an analyst's budget may run out during a long run.
+        Code::FailedPrecondition
+            if sent.rule == "budget-exhausted"
+                && matches!(sent.kind, "sql" | "slow-sql" | "flight-sql") =>
+        {
+            true
+        }
         // Policy denials; a hidden column is not even in the catalog (a planning error).
         Code::FailedPrecondition | Code::InvalidArgument => sent.kind == "denied-sql",
         Code::Unauthenticated => sent.kind == "bad-token",
