@@ -211,6 +211,9 @@ pub struct DpOutcome {
 #[derive(Debug)]
 pub struct JobResult {
     ipc_stream: Vec<u8>,
+    /// The same rows decoded, for deliveries that stream Arrow batches (Flight) rather than bytes.
+    schema: SchemaRef,
+    batches: Vec<arrow::array::RecordBatch>,
     outcome: ReleaseOutcome,
 }
 
@@ -234,8 +237,20 @@ impl JobResult {
         };
         JobResult {
             ipc_stream,
+            schema: produced.released.schema().clone(),
+            batches: produced.released.batches().to_vec(),
             outcome,
         }
+    }
+
+    /// The released rows' schema.
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// The released rows as Arrow batches (the rows `ipc_stream` encodes).
+    pub fn batches(&self) -> &[arrow::array::RecordBatch] {
+        &self.batches
     }
 
     /// The released rows as Arrow IPC stream bytes.
