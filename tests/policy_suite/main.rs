@@ -216,8 +216,8 @@ async fn run_case(engine: &Arc<Engine>, policy: &PolicySet, case: &Case) -> (Out
         request_id: format!("suite-{}", case.header_line),
     };
     let refused = |e: sandbox_engine::EngineError| match e.kind() {
-        ErrorKind::Denied => Outcome::Deny(e.code()),
-        _ => Outcome::Error(e.code()),
+        ErrorKind::Denied => Outcome::Deny(e.code().to_string()),
+        _ => Outcome::Error(e.code().to_string()),
     };
     let spec = match case.kind {
         Kind::Query => JobSpec::Sql {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::codes::EngineRule;
 use crate::error::EngineError;
 
 /// What a refused client is told to wait before retrying: most jobs take tens of milliseconds,
@@ -39,7 +40,7 @@ impl JobSlots {
         let mut running = self.running.lock().expect("slots lock is never poisoned");
         if running.total >= self.max_total {
             return Err(EngineError::Throttled {
-                code: "server-busy",
+                rule: EngineRule::ServerBusy,
                 message: format!(
                     "the server is running its limit of {} jobs; retry later",
                     self.max_total
@@ -50,7 +51,7 @@ impl JobSlots {
         let mine = running.by_principal.get(principal).copied().unwrap_or(0);
         if mine >= self.max_per_principal {
             return Err(EngineError::Throttled {
-                code: "too-many-jobs",
+                rule: EngineRule::TooManyJobs,
                 message: format!(
                     "you have {mine} jobs running, the limit per principal; retry when one ends"
                 ),

@@ -3,11 +3,13 @@
 //! is itself recorded.
 
 use sandbox_audit::merkle::{Hash, ProofError};
-use sandbox_audit::{AuditError, BundleSource, Checkpoint, Decision, StoredEvent};
+use sandbox_audit::{AuditError, BundleSource, Checkpoint, StoredEvent};
 use sandbox_policy::PrincipalRole;
 
+use crate::codes::{Action, EngineRule};
+use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::jobs::{Engine, RequestContext};
+use crate::types::RequestContext;
 
 /// An inclusion proof as the engine answers it.
 #[derive(Debug, Clone)]
@@ -38,30 +40,22 @@ impl Engine {
     async fn for_auditor<T>(
         &self,
         ctx: &RequestContext,
-        action: &'static str,
+        action: Action,
         read: impl AsyncFnOnce() -> Result<(T, String)>,
     ) -> Result<T> {
-        let mut event = Self::event(ctx, action);
+        let mut event = self.recorder.begin(ctx, action);
         if !ctx.principal.roles.contains(&PrincipalRole::Auditor) {
-            let error = EngineError::RoleNotPermitted(action);
-            event.decision = Decision::PermissionDenied;
-            event.rule = error.code();
-            self.journal.append(event).await?;
-            return Err(error);
+            return event
+                .refuse(EngineError::RoleNotPermitted(action.as_str()))
+                .await;
         }
         match read().await {
             Ok((value, message)) => {
                 event.message = message;
-                self.journal.append(event).await?;
+                event.allow().await?;
                 Ok(value)
             }
-            Err(error) => {
-                event.decision = Decision::Fail;
-                event.rule = error.code();
-                event.message = error.to_string();
-                self.journal.append(event).await?;
-                Err(error)
-            }
+            Err(error) => event.refuse(error).await,
         }
     }
 
@@ -73,24 +67,24 @@ impl Engine {
         limit: usize,
         tail: bool,
     ) -> Result<(Vec<StoredEvent>, u64)> {
-        self.for_auditor(ctx, "ListEvents", async || {
+        self.for_auditor(ctx, Action::ListEvents, async || {
             let events = if tail {
-                self.journal.tail(limit)?
+                self.recorder.journal().tail(limit)?
             } else {
-                self.journal.read(from_seq, limit)?
+                self.recorder.journal().read(from_seq, limit)?
             };
             let message = format!("read {} events", events.len());
-            Ok(((events, self.journal.last_seq()), message))
+            Ok(((events, self.recorder.journal().last_seq()), message))
         })
         .await
     }
 
     /// The newest signed checkpoint, or a fresh one.
     pub async fn checkpoint(&self, ctx: &RequestContext, fresh: bool) -> Result<Checkpoint> {
-        self.for_auditor(ctx, "GetCheckpoint", async || {
-            let checkpoint = match self.journal.latest_checkpoint() {
+        self.for_auditor(ctx, Action::GetCheckpoint, async || {
+            let checkpoint = match self.recorder.journal().latest_checkpoint() {
                 Some(checkpoint) if !fresh => checkpoint,
-                _ => self.journal.checkpoint_now().await?,
+                _ => self.recorder.journal().checkpoint_now().await?,
             };
             let message = format!("checkpoint of {} records", checkpoint.size);
             Ok((checkpoint, message))
@@ -106,13 +100,18 @@ impl Engine {
         seq: u64,
         tree_size: u64,
     ) -> Result<InclusionAnswer> {
-        self.for_auditor(ctx, "GetInclusionProof", async || {
+        self.for_auditor(ctx, Action::GetInclusionProof, async || {
             let (tree_size, checkpoint) = self.size_or_checkpoint(tree_size).await?;
             let (record, hashes) = self
-                .journal
+                .recorder
+                .journal()
                 .inclusion_proof(seq, tree_size)
                 .map_err(proof_error)?;
-            let root = self.journal.root(tree_size).map_err(proof_error)?;
+            let root = self
+                .recorder
+                .journal()
+                .root(tree_size)
+                .map_err(proof_error)?;
             let message = format!("record {seq} in {tree_size}");
             let answer = InclusionAnswer {
                 seq,
@@ -135,18 +134,19 @@ impl Engine {
         first: u64,
         second: u64,
     ) -> Result<ConsistencyAnswer> {
-        self.for_auditor(ctx, "GetConsistencyProof", async || {
+        self.for_auditor(ctx, Action::GetConsistencyProof, async || {
             let (second, checkpoint) = self.size_or_checkpoint(second).await?;
             let hashes = self
-                .journal
+                .recorder
+                .journal()
                 .consistency_proof(first, second)
                 .map_err(proof_error)?;
             let answer = ConsistencyAnswer {
                 first,
                 second,
                 hashes,
-                first_root: self.journal.root(first).map_err(proof_error)?,
-                second_root: self.journal.root(second).map_err(proof_error)?,
+                first_root: self.recorder.journal().root(first).map_err(proof_error)?,
+                second_root: self.recorder.journal().root(second).map_err(proof_error)?,
                 checkpoint,
             };
             Ok((answer, format!("{first} to {second}")))
@@ -156,8 +156,8 @@ impl Engine {
 
     /// The files of a bundle for offline verification, up to a checkpoint signed for it.
     pub async fn export_journal(&self, ctx: &RequestContext) -> Result<BundleSource> {
-        self.for_auditor(ctx, "ExportJournal", async || {
-            let source = self.journal.bundle_source().await?;
+        self.for_auditor(ctx, Action::ExportJournal, async || {
+            let source = self.recorder.journal().bundle_source().await?;
             let message = format!("bundle of {} records", source.checkpoint.size);
             Ok((source, message))
         })
@@ -167,7 +167,7 @@ impl Engine {
     async fn size_or_checkpoint(&self, size: u64) -> Result<(u64, Option<Checkpoint>)> {
         Ok(match size {
             0 => {
-                let checkpoint = self.journal.checkpoint_now().await?;
+                let checkpoint = self.recorder.journal().checkpoint_now().await?;
                 (checkpoint.size, Some(checkpoint))
             }
             size => (size, None),
@@ -179,7 +179,7 @@ impl Engine {
 fn proof_error(error: AuditError) -> EngineError {
     match error {
         AuditError::Proof(ProofError(message)) => EngineError::Invalid {
-            code: "proof-out-of-range",
+            rule: EngineRule::ProofOutOfRange,
             message,
         },
         other => other.into(),

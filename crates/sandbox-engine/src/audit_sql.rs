@@ -34,8 +34,10 @@ use sandbox_audit::AuditEvent;
 use sandbox_policy::PrincipalRole;
 use sandbox_sql::{CancellationToken, SqlError};
 
+use crate::codes::{Action, EngineRule, JobKind};
+use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::jobs::{Engine, RequestContext};
+use crate::types::RequestContext;
 
 /// Most rows an audit query may return.
 const MAX_ROWS: usize = 100_000;
@@ -134,7 +136,7 @@ fn check_functions(plan: &datafusion::logical_expr::LogicalPlan) -> Result<()> {
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
     use datafusion::logical_expr::Expr;
     let refuse = |message: String| EngineError::Invalid {
-        code: "audit-sql-function",
+        rule: EngineRule::AuditSqlFunction,
         message,
     };
     let mut problem: Option<EngineError> = None;
@@ -274,7 +276,7 @@ fn check_sizes(
 ) -> Result<Vec<usize>> {
     use datafusion::logical_expr::LogicalPlan;
     let refuse = |message: String| EngineError::Invalid {
-        code: "audit-sql-function",
+        rule: EngineRule::AuditSqlFunction,
         message,
     };
     // Subqueries in expressions are plans of their own, checked the same way.
@@ -565,34 +567,19 @@ impl Engine {
     /// Runs read-only SQL over the journal's events for an auditor (every event) or a data owner
     /// (the events that touched its datasets). The call is recorded with its query text.
     pub async fn audit_sql(&self, ctx: &RequestContext, sql: &str) -> Result<AuditQueryResult> {
-        let mut event = Self::event(ctx, "QueryEvents");
-        event.kind = "audit_sql".into();
+        let mut event = self.recorder.begin(ctx, Action::QueryEvents);
+        event.set_kind(JobKind::AuditSql);
         event.query = sql.to_string();
         // Write-ahead: the call is on record before it runs, whatever becomes of it.
-        self.journal
-            .append(sandbox_audit::AuditEvent {
-                action: "AdmitJob".into(),
-                message: "audit query admitted; running".into(),
-                ..event.clone()
-            })
-            .await?;
-        let outcome = self.run_audit_sql(ctx, sql).await;
-        match &outcome {
-            Ok(result) => {
-                event.rows_released = result.rows;
-                event.message = format!("{} rows over {} events", result.rows, result.events);
-            }
-            Err(error) => {
-                event.decision = match error.kind() {
-                    crate::ErrorKind::PermissionDenied => sandbox_audit::Decision::PermissionDenied,
-                    _ => sandbox_audit::Decision::Fail,
-                };
-                event.rule = error.code();
-                event.message = error.to_string();
-            }
+        if let Err(error) = event.admit("audit query admitted; running").await {
+            return event.refuse(error).await;
         }
-        self.journal.append(event).await?;
-        outcome
+        let outcome = self.run_audit_sql(ctx, sql).await;
+        if let Ok(result) = &outcome {
+            event.rows_released = result.rows;
+            event.message = format!("{} rows over {} events", result.rows, result.events);
+        }
+        event.conclude(outcome).await
     }
 
     async fn run_audit_sql(&self, ctx: &RequestContext, sql: &str) -> Result<AuditQueryResult> {
@@ -603,10 +590,7 @@ impl Engine {
         }
         // The same text limits as any query: length, tokens and nesting, before parsing.
         if let Err(error) = self.sql.check_text(sql) {
-            return Err(EngineError::Invalid {
-                code: error.code(),
-                message: error.to_string(),
-            });
+            return Err(EngineError::AuditSqlText(error));
         }
         // The owner's datasets, fixed before reading: an owner sees an event when it names one.
         let owned: Vec<String> = self
@@ -620,7 +604,7 @@ impl Engine {
         let mut events = 0u64;
         let mut from = 1;
         loop {
-            let page = self.journal.read(from, PAGE)?;
+            let page = self.recorder.journal().read(from, PAGE)?;
             let Some(last) = page.last() else { break };
             from = last.event.seq + 1;
             let visible: Vec<AuditEvent> = page
@@ -634,7 +618,7 @@ impl Engine {
             }
         }
         let invalid = |e: datafusion::error::DataFusionError| EngineError::Invalid {
-            code: "audit-sql",
+            rule: EngineRule::AuditSql,
             message: e.message().to_string(),
         };
         let widths = column_widths(&batches);
@@ -703,7 +687,7 @@ impl Engine {
                     rows += batch.num_rows();
                     if rows > MAX_ROWS {
                         return Err(EngineError::Invalid {
-                            code: "audit-sql-too-many-rows",
+                            rule: EngineRule::AuditSqlTooManyRows,
                             message: format!(
                                 "the result has more than {MAX_ROWS} rows; add a LIMIT"
                             ),
@@ -712,7 +696,7 @@ impl Engine {
                     writer.write(&batch).map_err(encode)?;
                     if writer.get_ref().len() > MAX_RESULT_BYTES {
                         return Err(EngineError::Invalid {
-                            code: "audit-sql-result-too-large",
+                            rule: EngineRule::AuditSqlResultTooLarge,
                             message: format!(
                                 "the result takes more than {} MiB; select fewer or shorter \
                                  values, or add a LIMIT",
@@ -729,7 +713,7 @@ impl Engine {
             Ok(outcome) => outcome?,
             Err(SqlError::TimeLimit(ms)) => {
                 return Err(EngineError::Invalid {
-                    code: "audit-sql-timeout",
+                    rule: EngineRule::AuditSqlTimeout,
                     message: format!("the query ran longer than {} s", ms / 1000),
                 });
             }

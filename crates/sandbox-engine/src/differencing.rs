@@ -44,6 +44,7 @@ use sandbox_release::differencing::{Cell, PARTITION_CELLS, SKETCH_BYTES, Sketch,
 use sandbox_release::{Identical, Remembered, is_near};
 use tokio::io::AsyncWriteExt;
 
+use crate::codes::EngineRule;
 use crate::error::{EngineError, Result};
 
 const MAGIC: &[u8; 8] = b"SBXDIF02";
@@ -222,7 +223,7 @@ impl OrgMemory {
             .count();
         if self.entries.len() + new_rows > self.limits.capacity {
             return Err(EngineError::Denied {
-                code: "differencing-memory-full",
+                rule: EngineRule::DifferencingMemoryFull,
                 message: format!(
                     "your org's exact releases of the last {} days fill its differencing memory \
                      ({} rows); exact answers resume as older releases age out (differential \
@@ -546,7 +547,7 @@ mod tests {
         assert!(matches!(
             refused,
             Err(EngineError::Denied {
-                code: "differencing-memory-full",
+                rule: EngineRule::DifferencingMemoryFull,
                 ..
             })
         ));

@@ -1,7 +1,10 @@
 //! Errors of the engine, each with a stable code and a kind that the server maps to a status.
 
 use sandbox_audit::AuditError;
+use sandbox_policy::Refusal;
 use sandbox_sql::SqlError;
+
+use crate::codes::EngineRule;
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -38,7 +41,7 @@ pub enum EngineError {
     /// The job ended without a result; carries its recorded rule and message.
     #[error("{message}")]
     JobEnded {
-        code: String,
+        code: &'static str,
         message: String,
         kind: ErrorKind,
     },
@@ -50,10 +53,19 @@ pub enum EngineError {
     Setup(String),
     /// Refused by a rule outside the SQL guard (approvals, consents, a code job's scope).
     #[error("{message}")]
-    Denied { code: &'static str, message: String },
+    Denied { rule: EngineRule, message: String },
     /// The request is malformed (a bad contract, an invalid module).
     #[error("{message}")]
-    Invalid { code: &'static str, message: String },
+    Invalid { rule: EngineRule, message: String },
+    /// A module may not run: the registry's refusal (approvals, expiry, runs).
+    #[error("{0}")]
+    ModuleRefused(Refusal),
+    /// A template may not run: the registry's refusal.
+    #[error("{0}")]
+    TemplateRefused(Refusal),
+    /// An audit query's text fails the SQL text limits.
+    #[error("{0}")]
+    AuditSqlText(SqlError),
     #[error("{0}")]
     NotFound(String),
     /// The caller's org may not act on this object (another owner's module, another consumer's
@@ -74,7 +86,7 @@ pub enum EngineError {
     /// Refused by an admission limit before anything ran; the client may retry after the hint.
     #[error("{message}")]
     Throttled {
-        code: &'static str,
+        rule: EngineRule,
         message: String,
         retry_after: std::time::Duration,
     },
@@ -84,26 +96,46 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    /// Stable code: the rule that denied, or the error's own code.
-    pub fn code(&self) -> String {
+    /// Stable code: the rule that denied, or the error's own code. Every code is a typed one's
+    /// string (a rule, a refusal, another crate's error), written nowhere else.
+    pub fn code(&self) -> &'static str {
         match self {
-            EngineError::Sql(e) => e.code().to_string(),
-            EngineError::JobNotFound(_) => "job-not-found".into(),
-            EngineError::NotJobOwner(_) => "not-job-owner".into(),
-            EngineError::RoleNotPermitted(_) => "role-not-permitted".into(),
-            EngineError::JobEnded { code, .. } => code.clone(),
-            EngineError::Release(e) => e.code().into(),
-            EngineError::Audit(e) => e.code().into(),
-            EngineError::Setup(_) => "engine-setup".into(),
-            EngineError::Denied { code, .. } | EngineError::Invalid { code, .. } => (*code).into(),
-            EngineError::NotFound(_) => "not-found".into(),
-            EngineError::NotPermitted(_) => "not-permitted".into(),
-            EngineError::Wasm(e) => e.code().into(),
-            EngineError::Guest(failure) => failure.error.code().into(),
-            EngineError::Busy(_) => "wasm-busy".into(),
-            EngineError::Throttled { code, .. } => (*code).into(),
-            EngineError::ClientGone => "client-disconnected".into(),
-            EngineError::NotFetched(_) => "not-fetched".into(),
+            EngineError::Sql(e) | EngineError::AuditSqlText(e) => e.code(),
+            EngineError::JobNotFound(_) => "job-not-found",
+            EngineError::NotJobOwner(_) => "not-job-owner",
+            EngineError::RoleNotPermitted(_) => "role-not-permitted",
+            EngineError::JobEnded { code, .. } => code,
+            EngineError::Release(e) => e.code(),
+            EngineError::Audit(e) => e.code(),
+            EngineError::Setup(_) => "engine-setup",
+            EngineError::Denied { rule, .. }
+            | EngineError::Invalid { rule, .. }
+            | EngineError::Throttled { rule, .. } => rule.code(),
+            EngineError::ModuleRefused(refusal) => refusal.code(),
+            EngineError::TemplateRefused(refusal) => refusal.template_code(),
+            EngineError::NotFound(_) => "not-found",
+            EngineError::NotPermitted(_) => "not-permitted",
+            EngineError::Wasm(e) => e.code(),
+            EngineError::Guest(failure) => failure.error.code(),
+            EngineError::Busy(_) => "wasm-busy",
+            EngineError::ClientGone => "client-disconnected",
+            EngineError::NotFetched(_) => "not-fetched",
+        }
+    }
+
+    /// A malformed argument of a governance call.
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        EngineError::Invalid {
+            rule: EngineRule::InvalidArgument,
+            message: message.into(),
+        }
+    }
+
+    /// A refusal by one of the engine's own rules.
+    pub(crate) fn denied(rule: EngineRule, message: impl Into<String>) -> Self {
+        EngineError::Denied {
+            rule,
+            message: message.into(),
         }
     }
 
@@ -127,8 +159,10 @@ impl EngineError {
             EngineError::Release(_) | EngineError::Audit(_) | EngineError::Setup(_) => {
                 ErrorKind::Internal
             }
-            EngineError::Denied { .. } => ErrorKind::Denied,
-            EngineError::Invalid { .. } => ErrorKind::Invalid,
+            EngineError::Denied { .. }
+            | EngineError::ModuleRefused(_)
+            | EngineError::TemplateRefused(_) => ErrorKind::Denied,
+            EngineError::Invalid { .. } | EngineError::AuditSqlText(_) => ErrorKind::Invalid,
             EngineError::NotFound(_) => ErrorKind::NotFound,
             EngineError::NotPermitted(_) => ErrorKind::PermissionDenied,
             EngineError::Wasm(e) => wasm_kind(e),
@@ -168,5 +202,11 @@ pub(crate) fn wasm_kind(e: &sandbox_wasm::WasmError) -> ErrorKind {
         WasmError::Internal(_) => ErrorKind::Internal,
         // The module or what it did is at fault: a failed job, shown to its submitter.
         _ => ErrorKind::Invalid,
+    }
+}
+
+impl From<datafusion::arrow::error::ArrowError> for EngineError {
+    fn from(e: datafusion::arrow::error::ArrowError) -> Self {
+        EngineError::Setup(format!("arrow: {e}"))
     }
 }

@@ -17,27 +17,31 @@
 //! executed; other calls record theirs before answering.
 
 mod admission;
+mod answers;
 mod audit;
 mod audit_sql;
+mod codes;
 mod differencing;
+mod engine;
 mod error;
+mod governance;
 mod jobs;
+mod listings;
 mod metrics;
-mod modules;
-mod privacy;
+mod recorder;
 mod secret;
-mod templates;
+mod types;
 
 pub use audit::{ConsistencyAnswer, InclusionAnswer};
 pub use audit_sql::AuditQueryResult;
+pub use codes::{Action, EngineRule, JobKind};
+pub use engine::Engine;
 pub use error::{EngineError, ErrorKind, Result};
-pub use jobs::{
-    ColumnView, DatasetView, DpOutcome, DpRequest, Engine, EngineConfig, Explanation, JobResult,
-    JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext,
-};
+pub use governance::budgets::BudgetView;
+pub use governance::modules::{ApprovalRequest, ModuleView};
+pub use governance::templates::{TemplateSeed, TemplateView};
 pub use metrics::EngineMetrics;
-pub use modules::{ApprovalRequest, ModuleView};
-pub use privacy::BudgetView;
+pub use recorder::{ABANDONED_RULE, decision_of};
 pub use sandbox_audit::{
     AuditEvent, BundleSource, Checkpoint, Decision, JournalOptions, StoredEvent,
 };
@@ -48,4 +52,7 @@ pub use sandbox_policy::{
 pub use sandbox_release::dp::NoiseReport;
 pub use sandbox_sql::SqlLimits;
 pub use sandbox_wasm::WasmLimits;
-pub use templates::{TemplateSeed, TemplateView};
+pub use types::{
+    ColumnView, DatasetView, DpOutcome, DpRequest, EngineConfig, Explanation, JobResult,
+    JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext,
+};

@@ -8,8 +8,8 @@ use std::time::Duration;
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{SchemaRef, UInt64Type};
 use sandbox_policy::{Mode, PolicySet, Principal, PrincipalRole};
-use sandbox_release::dp::{plan_noise, release_dp};
-use sandbox_release::{GatePolicy, HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN, release};
+use sandbox_release::dp::plan_noise;
+use sandbox_release::{GatePolicy, HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN};
 use sandbox_sql::{CancellationToken, GrantedDataset, PseudonymKey, SqlEngine, SqlLimits};
 
 /// What became of one query.
@@ -110,20 +110,13 @@ impl GuardOracle {
             Ok(planned) => planned,
             Err(error) => return Verdict::Refused(error.code().to_string()),
         };
-        let gate = GatePolicy {
-            min_units: planned.guarded.min_units,
-            skip: planned.guarded.skip,
-            fetch: planned.guarded.fetch,
-            max_rows: 1_000_000,
-            deadline: None,
-            source: planned.guarded.source,
-        };
+        let gate = planned.gate_policy(1_000_000, None);
         // What clients are told before the query runs (Flight SQL's schemas) must be what the
         // gate then releases.
         let announced = planned
             .released_schema()
             .unwrap_or_else(|e| panic!("no released schema for an admitted query ({e}): {sql}"));
-        if let Some(dp) = planned.guarded.dp.clone() {
+        if let Some(dp) = planned.guarded().dp.clone() {
             return self
                 .check_private(sql, planned, dp, &gate, &announced)
                 .await;
@@ -137,7 +130,7 @@ impl GuardOracle {
             Ok(executed) => executed,
             Err(error) => return failed(sql, &error),
         };
-        let schema = executed.schema.clone();
+        let schema = executed.schema().clone();
         let units = schema
             .index_of(UNITS_COLUMN)
             .unwrap_or_else(|_| panic!("admitted without a unit count: {sql}"));
@@ -145,7 +138,7 @@ impl GuardOracle {
         // The rows that may be released: enough units, and the HAVING predicate holds.
         let mut eligible = 0u64;
         let mut total = 0u64;
-        for batch in &executed.batches {
+        for batch in executed.batches() {
             let counts = batch.column(units).as_primitive::<UInt64Type>();
             let kept = having.map(|i| batch.column(i).as_boolean().clone());
             for row in 0..batch.num_rows() {
@@ -158,7 +151,8 @@ impl GuardOracle {
                 }
             }
         }
-        let released = release(schema, executed.batches, &gate, &Vec::<(_, u64)>::new())
+        let released = executed
+            .release(&gate, &Vec::<(_, u64)>::new())
             .unwrap_or_else(|e| panic!("the gate refused what the guard admitted ({e}): {sql}"));
         for field in released.schema().fields() {
             assert!(
@@ -208,8 +202,9 @@ impl GuardOracle {
             Ok(executed) => executed,
             Err(error) => return failed(sql, &error),
         };
-        let groups: usize = executed.batches.iter().map(|b| b.num_rows()).sum();
-        let (released, _) = release_dp(executed.schema, executed.batches, &noise, gate)
+        let groups: usize = executed.batches().iter().map(|b| b.num_rows()).sum();
+        let (released, _) = executed
+            .release_dp(&noise, gate)
             .unwrap_or_else(|e| panic!("the DP gate refused what the guard admitted ({e}): {sql}"));
         for field in released.schema().fields() {
             assert!(

@@ -317,7 +317,7 @@ fn job_status(snapshot: &JobSnapshot) -> pb::JobStatus {
     pb::JobStatus {
         job_id: snapshot.job_id.clone(),
         state: job_state(snapshot.state) as i32,
-        rule: snapshot.rule.clone(),
+        rule: snapshot.rule.to_string(),
         message: snapshot.message.clone(),
         summary: snapshot.result.as_ref().map(|r| summary(r.outcome())),
     }
@@ -473,7 +473,7 @@ impl pb::sandbox_server::Sandbox for SandboxService {
             .map_err(|e| status_of(&e, &ctx.request_id))?;
         Ok(Response::new(pb::ExplainJobResponse {
             decision: if explanation.allowed { "allow" } else { "deny" }.into(),
-            rule: explanation.rule,
+            rule: explanation.rule.to_string(),
             message: explanation.message,
             datasets: explanation.datasets,
             columns: explanation.columns,

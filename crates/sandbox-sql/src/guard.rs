@@ -55,13 +55,10 @@ use crate::sketch::UnitSketch;
 use crate::units::CappedUnits;
 pub use sandbox_release::differencing::SKETCH_COLUMN;
 
-/// Prefix and name of the hidden unit-count column. They match `sandbox-release`'s constants; the
-/// engine checks that at start so the two cannot drift.
-pub const HIDDEN_PREFIX: &str = "__sandbox_";
-pub const UNITS_COLUMN: &str = "__sandbox_units";
-/// Hidden column carrying a `HAVING` predicate per aggregated row, for the gate to apply after
-/// suppression (see [`guard`]).
-pub const HAVING_COLUMN: &str = "__sandbox_having";
+/// The hidden columns' names are the gate's, declared once there: the unit count, the `HAVING`
+/// predicate per aggregated row (applied by the gate after suppression, see [`guard`]) and the
+/// prefix reserved for them.
+pub use sandbox_release::{HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN};
 
 /// Scalar functions allowed on dimensions and on aggregated outputs. Anything else is denied.
 const SCALAR_FUNCTIONS: &[&str] = &[

@@ -33,5 +33,7 @@ pub use guard::{
 };
 pub use masks::PseudonymKey;
 pub use rows::{GuardedRows, RowScope, guard_rows};
-pub use session::{Executed, PlannedQuery, PlannedRows, SqlEngine, SqlLimits, placeholder_values};
+pub use session::{
+    Executed, ExecutedRows, PlannedQuery, PlannedRows, SqlEngine, SqlLimits, placeholder_values,
+};
 pub use tokio_util::sync::CancellationToken;

@@ -30,6 +30,7 @@ use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use datafusion::sql::sqlparser::parser::ParserError;
 use futures::StreamExt;
 use sandbox_policy::{DatasetPolicy, PolicySet};
+use sandbox_release::GatePolicy;
 use tokio_util::sync::CancellationToken;
 
 use datafusion::common::ScalarValue;
@@ -108,7 +109,7 @@ impl Default for SqlLimits {
 /// A query that passed the guard, with the session it was planned in.
 pub struct PlannedQuery {
     context: SessionContext,
-    pub guarded: Guarded,
+    guarded: Guarded,
 }
 
 impl std::fmt::Debug for PlannedQuery {
@@ -122,7 +123,14 @@ impl std::fmt::Debug for PlannedQuery {
 /// A code job's input query that passed the row-mode guard, with its session.
 pub struct PlannedRows {
     context: SessionContext,
-    pub guarded: GuardedRows,
+    guarded: GuardedRows,
+}
+
+impl PlannedRows {
+    /// What the row-mode guard found the input reads.
+    pub fn guarded(&self) -> &GuardedRows {
+        &self.guarded
+    }
 }
 
 impl std::fmt::Debug for PlannedRows {
@@ -133,13 +141,66 @@ impl std::fmt::Debug for PlannedRows {
     }
 }
 
-/// The output of a query, still carrying the hidden columns: it must go through the release gate.
+/// The output of a guarded query, still carrying the hidden columns. Sealed: only execution
+/// builds it, and its rows leave it only through the release gate ([`Executed::release`],
+/// [`Executed::release_dp`]); the rest is read-only.
 #[derive(Debug)]
 pub struct Executed {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+    rows_scanned: u64,
+    spilled_bytes: u64,
+}
+
+impl Executed {
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// The rows as executed, hidden columns included (for checks of the gate, not for release).
+    pub fn batches(&self) -> &[RecordBatch] {
+        &self.batches
+    }
+
+    /// Rows the query's scans read (for the journal).
+    pub fn rows_scanned(&self) -> u64 {
+        self.rows_scanned
+    }
+
+    /// Bytes the query's sorts, aggregates and joins spilled to disk under its memory limit.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled_bytes
+    }
+
+    /// The exact release: the gate with its unit threshold and the differencing memory.
+    pub fn release(
+        self,
+        gate: &GatePolicy,
+        memory: &dyn sandbox_release::Remembered,
+    ) -> std::result::Result<sandbox_release::Released, sandbox_release::ReleaseError> {
+        sandbox_release::release(self.schema, self.batches, gate, memory)
+    }
+
+    /// The release under differential privacy, with the noise planned at admission.
+    pub fn release_dp(
+        self,
+        noise: &sandbox_release::NoisePlan,
+        gate: &GatePolicy,
+    ) -> std::result::Result<
+        (sandbox_release::Released, sandbox_release::DpReport),
+        sandbox_release::ReleaseError,
+    > {
+        sandbox_release::release_dp(self.schema, self.batches, noise, gate)
+    }
+}
+
+/// A code job's input rows as executed: they go to the guest, never to a caller.
+#[derive(Debug)]
+pub struct ExecutedRows {
     pub schema: SchemaRef,
     pub batches: Vec<RecordBatch>,
     pub rows_scanned: u64,
-    /// Bytes the query's sorts, aggregates and joins spilled to disk under its memory limit.
+    /// Bytes the query's sorts and joins spilled to disk under its memory limit.
     pub spilled_bytes: u64,
 }
 
@@ -593,9 +654,16 @@ impl SqlEngine {
         &self,
         planned: PlannedRows,
         cancel: CancellationToken,
-    ) -> Result<Executed> {
-        self.run_plan(&planned.context, &planned.guarded.plan, cancel)
-            .await
+    ) -> Result<ExecutedRows> {
+        let executed = self
+            .run_plan(&planned.context, &planned.guarded.plan, cancel)
+            .await?;
+        Ok(ExecutedRows {
+            schema: executed.schema,
+            batches: executed.batches,
+            rows_scanned: executed.rows_scanned,
+            spilled_bytes: executed.spilled_bytes,
+        })
     }
 
     async fn run_plan(
@@ -734,6 +802,27 @@ impl Drop for Executor {
 }
 
 impl PlannedQuery {
+    /// What the guard decided: the rewritten plan, what it reads, its threshold, and whether it
+    /// is released exactly or under differential privacy (`dp`), decided once here.
+    pub fn guarded(&self) -> &Guarded {
+        &self.guarded
+    }
+
+    /// The gate's inputs, from the guard's decision: the threshold, `OFFSET`/`LIMIT` and the
+    /// rows' source (none under differential privacy, where partition selection decides), with
+    /// the server's row cap and the query's deadline.
+    pub fn gate_policy(&self, max_rows: usize, deadline: Option<std::time::Instant>) -> GatePolicy {
+        let private = self.guarded.dp.is_some();
+        GatePolicy {
+            min_units: if private { 0 } else { self.guarded.min_units },
+            skip: self.guarded.skip,
+            fetch: self.guarded.fetch,
+            max_rows,
+            deadline,
+            source: if private { 0 } else { self.guarded.source },
+        }
+    }
+
     /// The schema its release will have (hidden columns gone, or the noisy outputs under
     /// differential privacy), known before it runs.
     pub fn released_schema(&self) -> Result<SchemaRef> {

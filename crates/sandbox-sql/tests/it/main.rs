@@ -85,19 +85,19 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
         .plan(sql, &grants, &key(), Mode::Aggregate)
         .await
         .expect("allowed");
-    assert_eq!(planned.guarded.min_units, 10);
+    assert_eq!(planned.guarded().min_units, 10);
     let executed = engine
         .execute(planned, CancellationToken::new())
         .await
         .expect("runs");
     let units_index = executed
-        .schema
+        .schema()
         .index_of(UNITS_COLUMN)
         .expect("hidden column");
 
     // The query counts distinct units itself, so the hidden count is that exact count.
     let mut exact_units = BTreeMap::new();
-    for batch in &executed.batches {
+    for batch in executed.batches() {
         let groups = batch.column(0).as_string_view();
         let exact = batch
             .column(3)
@@ -121,11 +121,11 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
         .await
         .expect("runs");
     let units_index = capped_run
-        .schema
+        .schema()
         .index_of(UNITS_COLUMN)
         .expect("hidden column");
     let mut groups_seen = 0;
-    for batch in &capped_run.batches {
+    for batch in capped_run.batches() {
         let groups = batch.column(0).as_string_view();
         let capped = batch.column(units_index).as_primitive::<UInt64Type>();
         for row in 0..batch.num_rows() {
@@ -155,7 +155,10 @@ async fn rewritten_aggregate_matches_raw_engine_and_counts_units() {
         .collect()
         .await
         .expect("raw run");
-    assert_eq!(sorted_rows(&executed.batches, 4), sorted_rows(&expected, 4));
+    assert_eq!(
+        sorted_rows(executed.batches(), 4),
+        sorted_rows(&expected, 4)
+    );
 }
 
 #[tokio::test]

@@ -196,10 +196,10 @@ async fn row_mode_input_carries_the_unit_and_runs() {
         )
         .await
         .expect("allowed");
-    assert_eq!(planned.guarded.key_index, 1);
+    assert_eq!(planned.guarded().key_index, 1);
     assert!(
         planned
-            .guarded
+            .guarded()
             .columns
             .contains(&"tax_monthly.vat_paid".to_string())
     );
@@ -271,7 +271,7 @@ async fn pseudonyms_are_stable_per_consumer_and_unlinkable_across_consumers() {
     );
 }
 
-async fn run_rows(engine: &SqlEngine, scope: &RowScope, query: &str) -> sandbox_sql::Executed {
+async fn run_rows(engine: &SqlEngine, scope: &RowScope, query: &str) -> sandbox_sql::ExecutedRows {
     let planned = engine
         .plan_rows(query, scope, &key())
         .await

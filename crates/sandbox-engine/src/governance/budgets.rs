@@ -1,0 +1,241 @@
+//! Differential-privacy budgets as governance: the ledger is the registry's (`BudgetDebit`
+//! records in jobs' `AdmitJob` events, `BudgetRefreshed` records of an owner's explicit renewal),
+//! checked per consumer org and dataset and per dataset over every consumer together
+//! (`[dataset.dp]` totals: a second organisation asking the same questions does not bring a
+//! second budget to spend on the same enterprises). Views for consumers, owners and auditors.
+
+use std::collections::BTreeSet;
+
+use sandbox_policy::{BudgetSpent, DpMode, PrincipalRole, Record};
+
+use crate::codes::{Action, EngineRule};
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::types::RequestContext;
+
+/// A consumer org's budget on one dataset, as a caller may see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetView {
+    pub org: String,
+    pub dataset: String,
+    /// The total the caller's grant allows; `None` where the viewer is not that consumer (an
+    /// owner or an auditor sees what was spent, each consumer's grant says how much it may).
+    pub epsilon_budget: Option<f64>,
+    pub delta_budget: Option<f64>,
+    pub epsilon_spent: f64,
+    pub delta_spent: f64,
+    pub queries: u64,
+    pub refreshes: u64,
+}
+
+impl BudgetView {
+    /// What `org` spent on `dataset`, with the totals of the caller's own grant when it has one.
+    fn new(org: &str, dataset: &str, spent: BudgetSpent, budget: Option<&DpMode>) -> Self {
+        BudgetView {
+            org: org.to_string(),
+            dataset: dataset.to_string(),
+            epsilon_budget: budget.map(|b| b.budget_epsilon),
+            delta_budget: budget.map(|b| b.budget_delta),
+            epsilon_spent: spent.epsilon,
+            delta_spent: spent.delta,
+            queries: spent.queries,
+            refreshes: spent.refreshes,
+        }
+    }
+}
+
+impl Engine {
+    /// What the caller's org would have left on the dataset with the least left after spending
+    /// `epsilon` and `delta` on each of `datasets`; refused if any would go below zero.
+    pub(crate) fn remaining(
+        &self,
+        ctx: &RequestContext,
+        datasets: &[String],
+        epsilon: f64,
+        delta: f64,
+    ) -> Result<(f64, f64)> {
+        let registry = self.governance.registry();
+        self.remaining_in(&registry, ctx, datasets, epsilon, delta)
+    }
+
+    pub(crate) fn remaining_in(
+        &self,
+        registry: &sandbox_policy::Registry,
+        ctx: &RequestContext,
+        datasets: &[String],
+        epsilon: f64,
+        delta: f64,
+    ) -> Result<(f64, f64)> {
+        let mut left = (f64::INFINITY, f64::INFINITY);
+        for dataset in datasets {
+            let budget = self
+                .policy
+                .aggregate_mode(&ctx.principal, dataset)
+                .and_then(|m| m.dp)
+                .ok_or_else(|| {
+                    EngineError::denied(
+                        EngineRule::DpNotGranted,
+                        format!("dataset `{dataset}` offers you no differential privacy budget"),
+                    )
+                })?;
+            let spent = registry.budget_spent(&ctx.principal.org, dataset);
+            let epsilon_left = budget.budget_epsilon - spent.epsilon - epsilon;
+            let delta_left = budget.budget_delta - spent.delta - delta;
+            // A relative tolerance for the sum of floating-point debits, never more.
+            if epsilon_left < -1e-9 * budget.budget_epsilon
+                || delta_left < -1e-9 * budget.budget_delta
+            {
+                return Err(EngineError::denied(
+                    EngineRule::BudgetExhausted,
+                    format!(
+                        "the privacy budget of your org on `{dataset}` does not cover this query: \
+                         spent epsilon {:.6} of {}, delta {:e} of {:e}; this query needs epsilon \
+                         {epsilon:.6}, delta {delta:e}",
+                        spent.epsilon, budget.budget_epsilon, spent.delta, budget.budget_delta
+                    ),
+                ));
+            }
+            // The dataset's total over every consumer: what all orgs spent together.
+            let total = self
+                .datasets
+                .get(dataset)
+                .and_then(|d| d.dp_total)
+                .ok_or_else(|| {
+                    EngineError::denied(
+                        EngineRule::DpNotGranted,
+                        format!("dataset `{dataset}` sets no total privacy budget"),
+                    )
+                })?;
+            let all = registry.total_spent(dataset);
+            let total_epsilon_left = total.epsilon - all.epsilon - epsilon;
+            let total_delta_left = total.delta - all.delta - delta;
+            if total_epsilon_left < -1e-9 * total.epsilon || total_delta_left < -1e-9 * total.delta
+            {
+                return Err(EngineError::denied(
+                    EngineRule::BudgetExhausted,
+                    format!(
+                        "the total privacy budget of `{dataset}` over every consumer does not \
+                         cover this query: all orgs together spent epsilon {:.6} of {}; the \
+                         owner may renew it",
+                        all.epsilon, total.epsilon
+                    ),
+                ));
+            }
+            let epsilon_left = epsilon_left.min(total_epsilon_left);
+            let delta_left = delta_left.min(total_delta_left);
+            left = (
+                left.0.min(epsilon_left.max(0.0)),
+                left.1.min(delta_left.max(0.0)),
+            );
+        }
+        Ok(left)
+    }
+
+    /// The budgets a caller may see: a consumer its org's on every dataset granted to it under
+    /// differential privacy; an owner what every consumer org spent on its datasets; an auditor
+    /// every ledger entry. Recorded like every call.
+    pub async fn budgets(&self, ctx: &RequestContext) -> Result<Vec<BudgetView>> {
+        let event = self.recorder.begin(ctx, Action::GetBudgets);
+        let principal = &ctx.principal;
+        let mut views = Vec::new();
+        let mut seen = BTreeSet::new();
+        {
+            let registry = self.governance.registry();
+            for dataset in self.policy.granted_datasets(principal) {
+                let Some(dp) = self
+                    .policy
+                    .aggregate_mode(principal, &dataset.id)
+                    .and_then(|m| m.dp)
+                else {
+                    continue;
+                };
+                let spent = registry.budget_spent(&principal.org, &dataset.id);
+                seen.insert((principal.org.clone(), dataset.id.clone()));
+                views.push(BudgetView::new(
+                    &principal.org,
+                    &dataset.id,
+                    spent,
+                    Some(&dp),
+                ));
+            }
+            let owned: BTreeSet<String> = self
+                .policy
+                .owned_datasets(principal)
+                .map(|d| d.id.clone())
+                .collect();
+            let auditor = principal.roles.contains(&PrincipalRole::Auditor);
+            for ((org, dataset), spent) in registry.budgets() {
+                if (auditor || owned.contains(dataset))
+                    && !seen.contains(&(org.clone(), dataset.clone()))
+                {
+                    views.push(BudgetView::new(org, dataset, *spent, None));
+                }
+            }
+            // Each dataset's total over all consumers (org `*`), with the owner's bound; every
+            // consumer sees the totals of the datasets it may query under differential privacy.
+            for (id, dataset) in self.datasets.iter() {
+                let Some(total) = dataset.dp_total else {
+                    continue;
+                };
+                let consumer = seen.iter().any(|(_, d)| d == id);
+                if auditor || owned.contains(id) || consumer {
+                    let spent = registry.total_spent(id);
+                    views.push(BudgetView {
+                        epsilon_budget: Some(total.epsilon),
+                        delta_budget: Some(total.delta),
+                        ..BudgetView::new(sandbox_policy::ALL_ORGS, id, spent, None)
+                    });
+                }
+            }
+        }
+        event.allow().await?;
+        Ok(views)
+    }
+
+    /// Renews a consumer org's budget on a dataset: only the dataset's owner may, with a
+    /// reason, and the renewal is a journal record (nothing renews by itself).
+    pub async fn refresh_budget(
+        &self,
+        ctx: &RequestContext,
+        org: &str,
+        dataset: &str,
+        reason: &str,
+    ) -> Result<BudgetView> {
+        let mut event = self.recorder.begin(ctx, Action::RefreshBudget);
+        event.datasets = vec![dataset.to_string()];
+        let outcome = (|| {
+            let owner = self
+                .governance
+                .owner_of(dataset)
+                .ok_or_else(|| EngineError::NotFound(format!("dataset `{dataset}` not found")))?;
+            if owner != ctx.principal.org || !ctx.principal.roles.contains(&PrincipalRole::Owner) {
+                return Err(EngineError::NotPermitted(format!(
+                    "only the owner of `{dataset}` may renew budgets on it"
+                )));
+            }
+            if org.is_empty() || reason.trim().is_empty() {
+                return Err(EngineError::invalid(
+                    "a renewal names the consumer org (or `*` for the dataset's total over all \
+                     consumers) and gives a reason",
+                ));
+            }
+            Ok((
+                (),
+                Some(Record::BudgetRefreshed {
+                    org: org.to_string(),
+                    dataset: dataset.to_string(),
+                    by: ctx.principal.id.clone(),
+                    reason: reason.to_string(),
+                }),
+            ))
+        })();
+        event.message = format!("renew the budget of `{org}` on `{dataset}`: {reason}");
+        self.conclude(event, outcome).await?;
+        let spent = if org == sandbox_policy::ALL_ORGS {
+            self.governance.registry().total_spent(dataset)
+        } else {
+            self.governance.registry().budget_spent(org, dataset)
+        };
+        Ok(BudgetView::new(org, dataset, spent, None))
+    }
+}
