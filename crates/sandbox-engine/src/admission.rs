@@ -6,11 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::codes::EngineRule;
-use crate::error::EngineError;
-
-/// What a refused client is told to wait before retrying: most jobs take tens of milliseconds,
-/// some up to the query time limit, so a short, fixed hint (clients add their own backoff).
-pub const RETRY_AFTER: Duration = Duration::from_millis(250);
+use crate::error::{EngineError, RETRY_AFTER};
 
 #[derive(Debug, Default)]
 struct Running {

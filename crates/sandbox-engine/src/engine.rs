@@ -8,15 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal};
-use sandbox_policy::{DatasetPolicy, PolicySet, Principal};
+use sandbox_policy::{Consent, ConsentKey, DatasetPolicy, PolicySet, Principal};
 use sandbox_sql::{GrantedDataset, PseudonymKey, SqlEngine};
 use sandbox_wasm::WasmRuntime;
 
 use crate::admission::Submission;
 use crate::codes::Action;
 use crate::error::{EngineError, Result};
-use crate::governance::Governance;
-use crate::jobs::JobTable;
+use crate::governance::budgets::BudgetView;
+use crate::governance::modules::{ApprovalRequest, ModuleView};
+use crate::governance::registry::{Governance, replay};
+use crate::governance::templates::TemplateView;
+use crate::jobs::table::JobTable;
 use crate::recorder::Recorder;
 use crate::types::{EngineConfig, Explanation, JobSnapshot, JobSpec, RequestContext};
 
@@ -72,7 +75,7 @@ impl Engine {
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         let wasm = WasmRuntime::new(config.wasm_limits.clone())
             .map_err(|e| EngineError::Setup(e.to_string()))?;
-        let registry = crate::governance::replay(&journal)?;
+        let registry = replay(&journal)?;
         let pseudonym_secret = crate::secret::pseudonym_secret(&config.data_dir)?;
         // The engine keeps the policy once, outside its copy of the configuration.
         let policy = Arc::new(std::mem::take(&mut config.policy));
@@ -85,7 +88,12 @@ impl Engine {
         let observed = metrics.clone();
         journal.observe_appends(Box::new(move |elapsed| observed.journal_appended(elapsed)));
         let engine = Arc::new(Engine {
-            governance: Governance::new(policy.clone(), registry),
+            governance: Governance::new(
+                policy.clone(),
+                registry,
+                config.data_dir.join("modules"),
+                config.max_module_bytes,
+            ),
             policy,
             datasets,
             sql: Arc::new(sql),
@@ -124,10 +132,16 @@ impl Engine {
         );
         started.allow().await?;
         if let Some(seed) = engine.config.consent_seed.clone() {
-            engine.seed_consents(&seed).await?;
+            engine
+                .governance
+                .seed_consents(&engine.recorder, &seed)
+                .await?;
         }
         if let Some(seed) = engine.config.template_seed.clone() {
-            engine.seed_templates(&seed).await?;
+            engine
+                .governance
+                .seed_templates(&engine.recorder, &engine.sql, &seed)
+                .await?;
         }
         Ok(engine)
     }
@@ -279,5 +293,119 @@ impl Engine {
                 self.explain_template(ctx, event, &name, &params).await
             }
         }
+    }
+
+    // Governance: each call goes to the part that owns the registry, with the recorder (and the
+    // runtime or the SQL engine where a check needs one) passed as values.
+
+    /// A consumer uploads a module: a valid module of the ABI whose manifest declares columns the
+    /// consumer's grants allow in wasm mode for the declared purpose; it waits for every owner's
+    /// approval.
+    pub async fn upload_module(&self, ctx: &RequestContext, bytes: Vec<u8>) -> Result<ModuleView> {
+        self.governance
+            .upload_module(&self.recorder, &self.wasm, ctx, bytes)
+            .await
+    }
+
+    /// An owner approves a module for the owner's datasets among its declared input.
+    pub async fn approve_module(
+        &self,
+        ctx: &RequestContext,
+        sha256: &str,
+        request: ApprovalRequest,
+    ) -> Result<ModuleView> {
+        self.governance
+            .approve_module(&self.recorder, ctx, sha256, request)
+            .await
+    }
+
+    /// An owner rejects a module (withdrawing the org's approval, if any).
+    pub async fn reject_module(
+        &self,
+        ctx: &RequestContext,
+        sha256: &str,
+        reason: &str,
+    ) -> Result<ModuleView> {
+        self.governance
+            .reject_module(&self.recorder, ctx, sha256, reason)
+            .await
+    }
+
+    /// Modules the caller may see.
+    pub async fn list_modules(&self, ctx: &RequestContext) -> Result<Vec<ModuleView>> {
+        self.governance.list_modules(&self.recorder, ctx).await
+    }
+
+    /// A consumer submits a template; it waits for every owner's approval.
+    pub async fn submit_template(&self, ctx: &RequestContext, text: &str) -> Result<TemplateView> {
+        self.governance
+            .submit_template(&self.recorder, &self.sql, ctx, text)
+            .await
+    }
+
+    /// An owner approves a template for a number of runs and days.
+    pub async fn approve_template(
+        &self,
+        ctx: &RequestContext,
+        sha256: &str,
+        max_runs: u64,
+        valid_days: u64,
+    ) -> Result<TemplateView> {
+        self.governance
+            .approve_template(&self.recorder, ctx, sha256, max_runs, valid_days)
+            .await
+    }
+
+    /// Templates the caller submitted, or, for an owner, those reading its datasets.
+    pub async fn list_templates(&self, ctx: &RequestContext) -> Result<Vec<TemplateView>> {
+        self.governance.list_templates(&self.recorder, ctx).await
+    }
+
+    /// Records an enterprise's consent to a consumer org for a purpose (admins).
+    pub async fn add_consent(
+        &self,
+        ctx: &RequestContext,
+        key: ConsentKey,
+        valid_days: u64,
+    ) -> Result<Consent> {
+        self.governance
+            .add_consent(&self.recorder, ctx, key, valid_days)
+            .await
+    }
+
+    /// Revokes a consent: admins any, a consumer those given to its own org.
+    pub async fn revoke_consent(&self, ctx: &RequestContext, key: ConsentKey) -> Result<()> {
+        self.governance
+            .revoke_consent(&self.recorder, ctx, key)
+            .await
+    }
+
+    /// Consents in force or lapsed: admins all (or one consumer org's), a consumer its own.
+    pub async fn list_consents(
+        &self,
+        ctx: &RequestContext,
+        consumer_org: Option<String>,
+    ) -> Result<Vec<Consent>> {
+        self.governance
+            .list_consents(&self.recorder, ctx, consumer_org)
+            .await
+    }
+
+    /// Differential-privacy budgets the caller may see.
+    pub async fn budgets(&self, ctx: &RequestContext) -> Result<Vec<BudgetView>> {
+        self.governance.budgets(&self.recorder, ctx).await
+    }
+
+    /// An owner renews a consumer org's budget on its dataset, with a reason.
+    pub async fn refresh_budget(
+        &self,
+        ctx: &RequestContext,
+        org: &str,
+        dataset: &str,
+        reason: &str,
+    ) -> Result<BudgetView> {
+        self.governance
+            .refresh_budget(&self.recorder, ctx, org, dataset, reason)
+            .await
     }
 }

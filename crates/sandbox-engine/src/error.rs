@@ -1,10 +1,16 @@
 //! Errors of the engine, each with a stable code and a kind that the server maps to a status.
 
+use std::time::Duration;
+
 use sandbox_audit::AuditError;
 use sandbox_policy::Refusal;
 use sandbox_sql::SqlError;
 
 use crate::codes::EngineRule;
+
+/// What a refused client is told to wait before retrying: most jobs take tens of milliseconds,
+/// some up to the query time limit, so a short, fixed hint (clients add their own backoff).
+pub const RETRY_AFTER: Duration = Duration::from_millis(250);
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -176,7 +182,7 @@ impl EngineError {
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             EngineError::Throttled { retry_after, .. } => Some(*retry_after),
-            EngineError::Busy(_) => Some(crate::admission::RETRY_AFTER),
+            EngineError::Busy(_) => Some(RETRY_AFTER),
             _ => None,
         }
     }

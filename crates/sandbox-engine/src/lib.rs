@@ -39,7 +39,7 @@ pub use engine::Engine;
 pub use error::{EngineError, ErrorKind, Result};
 pub use governance::budgets::BudgetView;
 pub use governance::modules::{ApprovalRequest, ModuleView};
-pub use governance::templates::{TemplateSeed, TemplateView};
+pub use governance::templates::TemplateView;
 pub use metrics::EngineMetrics;
 pub use recorder::{ABANDONED_RULE, decision_of};
 pub use sandbox_audit::{
@@ -54,5 +54,5 @@ pub use sandbox_sql::SqlLimits;
 pub use sandbox_wasm::WasmLimits;
 pub use types::{
     ColumnView, DatasetView, DpOutcome, DpRequest, EngineConfig, Explanation, JobResult,
-    JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext,
+    JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext, TemplateSeed,
 };

@@ -232,3 +232,135 @@ impl Drop for Pending {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use sandbox_audit::JournalOptions;
+    use sandbox_policy::{Principal, PrincipalRole};
+
+    use super::*;
+    use crate::codes::EngineRule;
+
+    fn recorder(dir: &std::path::Path) -> Recorder {
+        let (journal, _) = Journal::open_with(dir, JournalOptions::default()).expect("opens");
+        Recorder::new(journal)
+    }
+
+    fn ctx() -> RequestContext {
+        RequestContext {
+            principal: Principal {
+                id: "analyst".into(),
+                org: "bank".into(),
+                roles: [PrincipalRole::Consumer].into(),
+            },
+            request_id: "r-1".into(),
+        }
+    }
+
+    fn events(recorder: &Recorder) -> Vec<AuditEvent> {
+        recorder
+            .journal()
+            .read(1, 100)
+            .expect("reads")
+            .into_iter()
+            .map(|stored| stored.event)
+            .collect()
+    }
+
+    /// The one mapping, case by case: what each kind of ending is recorded as.
+    #[test]
+    fn decisions_follow_the_error() {
+        let denied = EngineError::denied(EngineRule::InputNotApproved, "no");
+        let cases: Vec<(EngineError, Decision)> = vec![
+            (denied, Decision::Deny),
+            (EngineError::invalid("bad"), Decision::Fail),
+            (
+                EngineError::RoleNotPermitted("x"),
+                Decision::PermissionDenied,
+            ),
+            (
+                EngineError::NotPermitted("x".into()),
+                Decision::PermissionDenied,
+            ),
+            (EngineError::ClientGone, Decision::Cancel),
+            (EngineError::Busy(1), Decision::Throttle),
+            (
+                EngineError::Throttled {
+                    rule: EngineRule::TooManyJobs,
+                    message: String::new(),
+                    retry_after: Duration::ZERO,
+                },
+                Decision::Throttle,
+            ),
+            (EngineError::JobNotFound("j".into()), Decision::Fail),
+            (EngineError::Setup("x".into()), Decision::Fail),
+        ];
+        for (error, decision) in cases {
+            assert_eq!(decision_of(&error), decision, "{error:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn each_ending_records_one_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let recorder = recorder(dir.path());
+        let mut event = recorder.begin(&ctx(), Action::SubmitJob);
+        event.set_kind(JobKind::Sql);
+        event.admit("admitted").await.expect("admits");
+        let refused: Result<()> = event
+            .refuse(EngineError::denied(
+                EngineRule::InputNotApproved,
+                "not approved",
+            ))
+            .await;
+        assert!(refused.is_err());
+        recorder
+            .begin(&ctx(), Action::GetJob)
+            .allow()
+            .await
+            .expect("records");
+        let events = events(&recorder);
+        let summary: Vec<(&str, Decision, &str)> = events
+            .iter()
+            .map(|e| (e.action.as_str(), e.decision, e.rule.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("AdmitJob", Decision::Allow, ""),
+                ("SubmitJob", Decision::Deny, "input-not-approved"),
+                ("GetJob", Decision::Allow, ""),
+            ]
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| e.request_id == "r-1" && e.org == "bank")
+        );
+        assert_eq!(events[1].kind, "sql");
+    }
+
+    /// A handle dropped unconsumed (a caller that went away, a path that forgot) still gets its
+    /// one terminal event, as abandoned.
+    #[tokio::test]
+    async fn a_dropped_handle_records_the_request_as_abandoned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let recorder = recorder(dir.path());
+        let mut event = recorder.begin(&ctx(), Action::FetchResult);
+        event.job_id = "j-1".into();
+        drop(event);
+        // The drop hands the append to the runtime.
+        for _ in 0..100 {
+            if !events(&recorder).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let events = events(&recorder);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].action, "FetchResult");
+        assert_eq!(events[0].decision, Decision::Cancel);
+        assert_eq!(events[0].rule, ABANDONED_RULE);
+        assert_eq!(events[0].job_id, "j-1");
+    }
+}

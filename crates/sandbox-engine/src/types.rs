@@ -17,7 +17,6 @@ use sandbox_wasm::WasmLimits;
 
 use crate::codes::JobKind;
 use crate::error::ErrorKind;
-use crate::governance::templates::TemplateSeed;
 
 /// What the engine needs to start.
 #[derive(Debug, Clone)]
@@ -400,4 +399,16 @@ pub struct ColumnView {
     pub level: String,
     pub role: String,
     pub description: String,
+}
+
+/// Templates loaded once at start, as the demo's are: each `*.toml` of `dir` is submitted as
+/// `consumer` (whose grants it must fit) and approved by every owner of the data it reads. The
+/// approvals name the seed, not a person, as approver (`demo-seed`), and every seeded event's
+/// request id starts with `demo-seed`, so an auditor can tell them from an owner's own.
+#[derive(Debug, Clone)]
+pub struct TemplateSeed {
+    pub dir: PathBuf,
+    pub consumer: Principal,
+    pub max_runs: u64,
+    pub valid_days: u64,
 }

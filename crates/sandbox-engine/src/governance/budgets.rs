@@ -9,8 +9,9 @@ use std::collections::BTreeSet;
 use sandbox_policy::{BudgetSpent, DpMode, PrincipalRole, Record};
 
 use crate::codes::{Action, EngineRule};
-use crate::engine::Engine;
 use crate::error::{EngineError, Result};
+use crate::governance::registry::Governance;
+use crate::recorder::Recorder;
 use crate::types::RequestContext;
 
 /// A consumer org's budget on one dataset, as a caller may see it.
@@ -44,7 +45,7 @@ impl BudgetView {
     }
 }
 
-impl Engine {
+impl Governance {
     /// What the caller's org would have left on the dataset with the least left after spending
     /// `epsilon` and `delta` on each of `datasets`; refused if any would go below zero.
     pub(crate) fn remaining(
@@ -54,7 +55,7 @@ impl Engine {
         epsilon: f64,
         delta: f64,
     ) -> Result<(f64, f64)> {
-        let registry = self.governance.registry();
+        let registry = self.registry();
         self.remaining_in(&registry, ctx, datasets, epsilon, delta)
     }
 
@@ -97,8 +98,8 @@ impl Engine {
             }
             // The dataset's total over every consumer: what all orgs spent together.
             let total = self
-                .datasets
-                .get(dataset)
+                .policy
+                .dataset(dataset)
                 .and_then(|d| d.dp_total)
                 .ok_or_else(|| {
                     EngineError::denied(
@@ -134,13 +135,17 @@ impl Engine {
     /// The budgets a caller may see: a consumer its org's on every dataset granted to it under
     /// differential privacy; an owner what every consumer org spent on its datasets; an auditor
     /// every ledger entry. Recorded like every call.
-    pub async fn budgets(&self, ctx: &RequestContext) -> Result<Vec<BudgetView>> {
-        let event = self.recorder.begin(ctx, Action::GetBudgets);
+    pub(crate) async fn budgets(
+        &self,
+        recorder: &Recorder,
+        ctx: &RequestContext,
+    ) -> Result<Vec<BudgetView>> {
+        let event = recorder.begin(ctx, Action::GetBudgets);
         let principal = &ctx.principal;
         let mut views = Vec::new();
         let mut seen = BTreeSet::new();
         {
-            let registry = self.governance.registry();
+            let registry = self.registry();
             for dataset in self.policy.granted_datasets(principal) {
                 let Some(dp) = self
                     .policy
@@ -173,7 +178,7 @@ impl Engine {
             }
             // Each dataset's total over all consumers (org `*`), with the owner's bound; every
             // consumer sees the totals of the datasets it may query under differential privacy.
-            for (id, dataset) in self.datasets.iter() {
+            for (id, dataset) in self.policy.datasets.iter() {
                 let Some(total) = dataset.dp_total else {
                     continue;
                 };
@@ -194,18 +199,18 @@ impl Engine {
 
     /// Renews a consumer org's budget on a dataset: only the dataset's owner may, with a
     /// reason, and the renewal is a journal record (nothing renews by itself).
-    pub async fn refresh_budget(
+    pub(crate) async fn refresh_budget(
         &self,
+        recorder: &Recorder,
         ctx: &RequestContext,
         org: &str,
         dataset: &str,
         reason: &str,
     ) -> Result<BudgetView> {
-        let mut event = self.recorder.begin(ctx, Action::RefreshBudget);
+        let mut event = recorder.begin(ctx, Action::RefreshBudget);
         event.datasets = vec![dataset.to_string()];
         let outcome = (|| {
             let owner = self
-                .governance
                 .owner_of(dataset)
                 .ok_or_else(|| EngineError::NotFound(format!("dataset `{dataset}` not found")))?;
             if owner != ctx.principal.org || !ctx.principal.roles.contains(&PrincipalRole::Owner) {
@@ -232,9 +237,9 @@ impl Engine {
         event.message = format!("renew the budget of `{org}` on `{dataset}`: {reason}");
         self.conclude(event, outcome).await?;
         let spent = if org == sandbox_policy::ALL_ORGS {
-            self.governance.registry().total_spent(dataset)
+            self.registry().total_spent(dataset)
         } else {
-            self.governance.registry().budget_spent(org, dataset)
+            self.registry().budget_spent(org, dataset)
         };
         Ok(BudgetView::new(org, dataset, spent, None))
     }

@@ -11,21 +11,23 @@ use datafusion::arrow::datatypes::DataType;
 use sandbox_policy::{Consent, ConsentKey, PrincipalRole, Record};
 
 use crate::codes::Action;
-use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::governance::{DAY, MAX_VALID_DAYS, now, record_value, require_role};
+use crate::governance::registry::Governance;
+use crate::governance::registry::{DAY, MAX_VALID_DAYS, now, record_value, require_role};
+use crate::recorder::Recorder;
 use crate::types::RequestContext;
 
-impl Engine {
+impl Governance {
     /// Records an enterprise's consent to a consumer org for a purpose (admins, on the
     /// enterprise's behalf).
-    pub async fn add_consent(
+    pub(crate) async fn add_consent(
         &self,
+        recorder: &Recorder,
         ctx: &RequestContext,
         key: ConsentKey,
         valid_days: u64,
     ) -> Result<Consent> {
-        let mut event = self.recorder.begin(ctx, Action::AddConsent);
+        let mut event = recorder.begin(ctx, Action::AddConsent);
         event.datasets = vec!["consents".into()];
         event.message = format!("for `{}`, purpose `{}`", key.consumer_org, key.purpose);
         let outcome = (|| {
@@ -48,8 +50,13 @@ impl Engine {
     }
 
     /// Revokes a consent: admins any, a consumer those given to its own org.
-    pub async fn revoke_consent(&self, ctx: &RequestContext, key: ConsentKey) -> Result<()> {
-        let mut event = self.recorder.begin(ctx, Action::RevokeConsent);
+    pub(crate) async fn revoke_consent(
+        &self,
+        recorder: &Recorder,
+        ctx: &RequestContext,
+        key: ConsentKey,
+    ) -> Result<()> {
+        let mut event = recorder.begin(ctx, Action::RevokeConsent);
         event.datasets = vec!["consents".into()];
         event.message = format!("for `{}`, purpose `{}`", key.consumer_org, key.purpose);
         let outcome = (|| {
@@ -64,7 +71,7 @@ impl Engine {
                     "a consumer may only revoke consents given to its own org".into(),
                 ));
             }
-            if self.governance.registry().consent(&key).is_none() {
+            if self.registry().consent(&key).is_none() {
                 return Err(EngineError::NotFound("no such consent".into()));
             }
             Ok((
@@ -80,12 +87,13 @@ impl Engine {
 
     /// Consents in force or lapsed (revoked ones are gone): admins see all (or one consumer
     /// org's), a consumer its own org's.
-    pub async fn list_consents(
+    pub(crate) async fn list_consents(
         &self,
+        recorder: &Recorder,
         ctx: &RequestContext,
         consumer_org: Option<String>,
     ) -> Result<Vec<Consent>> {
-        let mut event = self.recorder.begin(ctx, Action::ListConsents);
+        let mut event = recorder.begin(ctx, Action::ListConsents);
         event.datasets = vec!["consents".into()];
         let outcome = (|| {
             require_role(
@@ -103,12 +111,8 @@ impl Engine {
                 }
                 (false, _) => Some(ctx.principal.org.clone()),
             };
-            let consents: Vec<Consent> = self
-                .governance
-                .registry()
-                .consents(org.as_deref())
-                .cloned()
-                .collect();
+            let consents: Vec<Consent> =
+                self.registry().consents(org.as_deref()).cloned().collect();
             Ok((consents, None))
         })();
         self.conclude(event, outcome).await
@@ -116,14 +120,14 @@ impl Engine {
 
     /// Loads consents from Parquet files into the journal once; a marker record makes it
     /// idempotent across restarts (and across a crash in the middle).
-    pub(crate) async fn seed_consents(&self, dir: &Path) -> Result<()> {
+    pub(crate) async fn seed_consents(&self, recorder: &Recorder, dir: &Path) -> Result<()> {
         let marker = "consents seeded from the demo data";
-        if self.governance.registry().is_seeded("consents") {
+        if self.registry().is_seeded("consents") {
             return Ok(());
         }
         let consents = read_consents(dir)?;
         let appends = consents.iter().map(|consent| {
-            let mut event = self.recorder.begin_system(Action::AddConsent);
+            let mut event = recorder.begin_system(Action::AddConsent);
             event.datasets = vec!["consents".into()];
             event.message = "loaded from the demo consents table".into();
             event.record = Some(record_value(&Record::ConsentAdded(consent.clone())));
@@ -136,12 +140,12 @@ impl Engine {
             source: "consents".into(),
             count: consents.len() as u64,
         };
-        let mut event = self.recorder.begin_system(Action::SeedConsents);
+        let mut event = recorder.begin_system(Action::SeedConsents);
         event.datasets = vec!["consents".into()];
         event.message = format!("{marker}: {}", consents.len());
         event.record = Some(record_value(&done));
         event.allow().await?;
-        let mut registry = self.governance.registry();
+        let mut registry = self.registry();
         for consent in consents {
             registry.apply(Record::ConsentAdded(consent));
         }

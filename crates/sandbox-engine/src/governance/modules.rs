@@ -5,16 +5,19 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use sandbox_audit::AuditEvent;
 use sandbox_policy::{
     Approval, Contract, ModuleRecord, PrincipalRole, Record, Refusal, Registry, Rejection,
 };
+use sandbox_wasm::WasmRuntime;
 
 use crate::codes::{Action, EngineRule, JobKind};
-use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::governance::{DAY, MAX_VALID_DAYS, now, require_role};
+use crate::governance::registry::Governance;
+use crate::governance::registry::{DAY, MAX_VALID_DAYS, now, require_role};
+use crate::recorder::Recorder;
 use crate::types::RequestContext;
 
 /// A module as a caller sees it.
@@ -42,11 +45,10 @@ pub struct ApprovalRequest {
     pub columns: Option<Vec<String>>,
 }
 
-impl Engine {
+impl Governance {
     fn view(&self, registry: &Registry, module: &ModuleRecord) -> ModuleView {
-        let effective = registry.effective(&module.sha256, &module.org, now(), |d| {
-            self.governance.owner_of(d)
-        });
+        let effective =
+            registry.effective(&module.sha256, &module.org, now(), |d| self.owner_of(d));
         let (state, reason, runs_left) = match &effective {
             Ok(e) => ("approved", String::new(), e.runs_left),
             Err(refusal) => (
@@ -73,29 +75,36 @@ impl Engine {
     /// A consumer uploads a module: it must be a valid module of the ABI whose manifest declares
     /// columns the consumer's grants allow in wasm mode for the declared purpose. The bytes are
     /// stored by hash; the module waits for every owner's approval.
-    pub async fn upload_module(&self, ctx: &RequestContext, bytes: Vec<u8>) -> Result<ModuleView> {
-        let mut event = self.recorder.begin(ctx, Action::UploadModule);
+    pub(crate) async fn upload_module(
+        &self,
+        recorder: &Recorder,
+        wasm: &Arc<WasmRuntime>,
+        ctx: &RequestContext,
+        bytes: Vec<u8>,
+    ) -> Result<ModuleView> {
+        let mut event = recorder.begin(ctx, Action::UploadModule);
         event.set_kind(JobKind::Wasm);
         event.query = format!("{} bytes", bytes.len());
-        let outcome = self.upload(ctx, bytes, &mut event).await;
+        let outcome = self.upload(wasm, ctx, bytes, &mut event).await;
         self.conclude(event, outcome).await
     }
 
     async fn upload(
         &self,
+        wasm: &Arc<WasmRuntime>,
         ctx: &RequestContext,
         bytes: Vec<u8>,
         event: &mut AuditEvent,
     ) -> Result<(ModuleView, Option<Record>)> {
         require_role(ctx, &[PrincipalRole::Consumer], "UploadModule")?;
-        if bytes.len() > self.config.max_module_bytes {
+        if bytes.len() > self.max_module_bytes {
             return Err(EngineError::invalid(format!(
                 "module is {} bytes; the limit is {}",
                 bytes.len(),
-                self.config.max_module_bytes
+                self.max_module_bytes
             )));
         }
-        let wasm = self.wasm.clone();
+        let wasm = wasm.clone();
         let (inspected, bytes) = tokio::task::spawn_blocking(move || {
             let inspected = wasm.inspect(&bytes);
             (inspected, bytes)
@@ -144,11 +153,7 @@ impl Engine {
         event.datasets = datasets.into_iter().collect();
         event.columns = manifest.input.clone();
 
-        let existing = self
-            .governance
-            .registry()
-            .module(&inspected.sha256)
-            .cloned();
+        let existing = self.registry().module(&inspected.sha256).cloned();
         if let Some(existing) = existing {
             if existing.org != ctx.principal.org {
                 return Err(EngineError::Denied {
@@ -157,10 +162,10 @@ impl Engine {
                 });
             }
             event.message = "already uploaded".into();
-            let registry = self.governance.registry();
+            let registry = self.registry();
             return Ok((self.view(&registry, &existing), None));
         }
-        store_module(&self.modules_dir(), &inspected.sha256, &bytes).await?;
+        store_module(&self.modules_dir.clone(), &inspected.sha256, &bytes).await?;
         let record = ModuleRecord {
             sha256: inspected.sha256.clone(),
             name: manifest.name.clone(),
@@ -179,25 +184,22 @@ impl Engine {
             inspected.compile_time.as_millis()
         );
         let view = {
-            let mut preview = self.governance.registry().clone();
+            let mut preview = self.registry().clone();
             preview.apply(Record::ModuleUploaded(record.clone()));
             self.view(&preview, &record)
         };
         Ok((view, Some(Record::ModuleUploaded(record))))
     }
 
-    pub(crate) fn modules_dir(&self) -> std::path::PathBuf {
-        self.config.data_dir.join("modules")
-    }
-
     /// An owner approves a module for the owner's datasets among its declared input.
-    pub async fn approve_module(
+    pub(crate) async fn approve_module(
         &self,
+        recorder: &Recorder,
         ctx: &RequestContext,
         sha256: &str,
         request: ApprovalRequest,
     ) -> Result<ModuleView> {
-        let mut event = self.recorder.begin(ctx, Action::ApproveModule);
+        let mut event = recorder.begin(ctx, Action::ApproveModule);
         event.set_kind(JobKind::Wasm);
         event.query = format!("module {sha256}");
         let outcome = self.approve(ctx, sha256, request, &mut event);
@@ -211,16 +213,14 @@ impl Engine {
         sha256: &str,
     ) -> Result<(ModuleRecord, Vec<String>)> {
         require_role(ctx, &[PrincipalRole::Owner], "reviewing modules")?;
-        let module = self
-            .governance
-            .registry()
-            .module(sha256)
-            .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("module {sha256} was not uploaded")))?;
+        let module =
+            self.registry().module(sha256).cloned().ok_or_else(|| {
+                EngineError::NotFound(format!("module {sha256} was not uploaded"))
+            })?;
         let owned: Vec<String> = module
             .datasets()
             .into_iter()
-            .filter(|d| self.governance.owner_of(d).as_deref() == Some(ctx.principal.org.as_str()))
+            .filter(|d| self.owner_of(d).as_deref() == Some(ctx.principal.org.as_str()))
             .collect();
         if owned.is_empty() {
             return Err(EngineError::NotPermitted(
@@ -315,19 +315,20 @@ impl Engine {
             approval.max_runs, request.valid_days
         );
         let record = Record::ModuleApproved(approval);
-        let mut preview = self.governance.registry().clone();
+        let mut preview = self.registry().clone();
         preview.apply(record.clone());
         Ok((self.view(&preview, &module), Some(record)))
     }
 
     /// An owner rejects a module (withdrawing the org's approval, if any).
-    pub async fn reject_module(
+    pub(crate) async fn reject_module(
         &self,
+        recorder: &Recorder,
         ctx: &RequestContext,
         sha256: &str,
         reason: &str,
     ) -> Result<ModuleView> {
-        let mut event = self.recorder.begin(ctx, Action::RejectModule);
+        let mut event = recorder.begin(ctx, Action::RejectModule);
         event.set_kind(JobKind::Wasm);
         event.query = format!("module {sha256}");
         let outcome = self.owned_input(ctx, sha256).and_then(|(module, owned)| {
@@ -342,7 +343,7 @@ impl Engine {
                 rejected_by: ctx.principal.id.clone(),
                 reason: reason.to_string(),
             });
-            let mut preview = self.governance.registry().clone();
+            let mut preview = self.registry().clone();
             preview.apply(record.clone());
             Ok((self.view(&preview, &module), Some(record)))
         });
@@ -351,11 +352,15 @@ impl Engine {
 
     /// Modules the caller may see: a consumer its org's, an owner those reading its datasets,
     /// auditors and admins all.
-    pub async fn list_modules(&self, ctx: &RequestContext) -> Result<Vec<ModuleView>> {
-        let event = self.recorder.begin(ctx, Action::ListModules);
+    pub(crate) async fn list_modules(
+        &self,
+        recorder: &Recorder,
+        ctx: &RequestContext,
+    ) -> Result<Vec<ModuleView>> {
+        let event = recorder.begin(ctx, Action::ListModules);
         let principal = &ctx.principal;
         let views: Vec<ModuleView> = {
-            let registry = self.governance.registry();
+            let registry = self.registry();
             registry
                 .modules()
                 .filter(|m| {
@@ -364,8 +369,7 @@ impl Engine {
                             && m.org == principal.org)
                         || (principal.roles.contains(&PrincipalRole::Owner)
                             && m.datasets().iter().any(|d| {
-                                self.governance.owner_of(d).as_deref()
-                                    == Some(principal.org.as_str())
+                                self.owner_of(d).as_deref() == Some(principal.org.as_str())
                             }))
                 })
                 .map(|m| self.view(&registry, m))

@@ -12,24 +12,14 @@ use sandbox_policy::{
     Principal, PrincipalRole, Record, Refusal, Registry, TemplateApproval, TemplateDefinition,
     TemplateOutput, TemplateRecord,
 };
+use sandbox_sql::SqlEngine;
 
 use crate::codes::{Action, EngineRule, JobKind};
-use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::governance::{DAY, MAX_VALID_DAYS, now, record_value, require_role};
-use crate::types::RequestContext;
-
-/// Templates loaded once at start, as the demo's are: each `*.toml` of `dir` is submitted as
-/// `consumer` (whose grants it must fit) and approved by every owner of the data it reads. The
-/// approvals name the seed, not a person, as approver (`demo-seed`), and every seeded event's
-/// request id starts with `demo-seed`, so an auditor can tell them from an owner's own.
-#[derive(Debug, Clone)]
-pub struct TemplateSeed {
-    pub dir: PathBuf,
-    pub consumer: Principal,
-    pub max_runs: u64,
-    pub valid_days: u64,
-}
+use crate::governance::registry::Governance;
+use crate::governance::registry::{DAY, MAX_VALID_DAYS, now, record_value, require_role};
+use crate::recorder::Recorder;
+use crate::types::{RequestContext, TemplateSeed};
 
 /// The principal id the seed's submissions and approvals are recorded under.
 const SEED_PRINCIPAL: &str = "demo-seed";
@@ -47,11 +37,11 @@ pub struct TemplateView {
     pub runs_left: u64,
 }
 
-impl Engine {
+impl Governance {
     fn template_view(&self, registry: &Registry, record: &TemplateRecord) -> TemplateView {
         let effective =
             registry.effective_template(&record.org, &record.definition.name, now(), |d| {
-                self.governance.owner_of(d)
+                self.owner_of(d)
             });
         // A name resubmitted with other content: the older one can no longer run by name.
         let superseded = effective
@@ -85,16 +75,23 @@ impl Engine {
 
     /// Submits a template (TOML). The consumer must hold a template grant on every dataset its
     /// SQL reads, with a floor the template's `min_units` meets, or a purpose its contract serves.
-    pub async fn submit_template(&self, ctx: &RequestContext, text: &str) -> Result<TemplateView> {
-        let mut event = self.recorder.begin(ctx, Action::SubmitTemplate);
+    pub(crate) async fn submit_template(
+        &self,
+        recorder: &Recorder,
+        sql: &SqlEngine,
+        ctx: &RequestContext,
+        text: &str,
+    ) -> Result<TemplateView> {
+        let mut event = recorder.begin(ctx, Action::SubmitTemplate);
         event.set_kind(JobKind::Template);
-        let outcome = self.check_submission(ctx, text, &mut event);
+        let outcome = self.check_submission(sql, ctx, text, &mut event);
         let record = self.conclude(event, outcome).await?;
-        Ok(self.template_view(&self.governance.registry(), &record))
+        Ok(self.template_view(&self.registry(), &record))
     }
 
     fn check_submission(
         &self,
+        sql: &SqlEngine,
         ctx: &RequestContext,
         text: &str,
         event: &mut AuditEvent,
@@ -109,7 +106,7 @@ impl Engine {
             message: m,
         })?;
         event.query = definition.sql.clone();
-        let datasets = self.sql.tables_of(&definition.sql)?;
+        let datasets = sql.tables_of(&definition.sql)?;
         event.datasets = datasets.clone();
         if datasets.is_empty() {
             return Err(EngineError::invalid("the template reads no dataset"));
@@ -165,32 +162,26 @@ impl Engine {
     }
 
     /// An owner approves a template's hash for the datasets it owns, with run limits and expiry.
-    pub async fn approve_template(
+    pub(crate) async fn approve_template(
         &self,
+        recorder: &Recorder,
         ctx: &RequestContext,
         sha256: &str,
         max_runs: u64,
         valid_days: u64,
     ) -> Result<TemplateView> {
-        let mut event = self.recorder.begin(ctx, Action::ApproveTemplate);
+        let mut event = recorder.begin(ctx, Action::ApproveTemplate);
         event.set_kind(JobKind::Template);
         event.query = format!("template {sha256}");
         let outcome = (|| {
             require_role(ctx, &[PrincipalRole::Owner], "approving templates")?;
-            let record = self
-                .governance
-                .registry()
-                .template(sha256)
-                .cloned()
-                .ok_or_else(|| {
-                    EngineError::NotFound(format!("template {sha256} was not submitted"))
-                })?;
+            let record = self.registry().template(sha256).cloned().ok_or_else(|| {
+                EngineError::NotFound(format!("template {sha256} was not submitted"))
+            })?;
             let owned: Vec<String> = record
                 .datasets
                 .iter()
-                .filter(|d| {
-                    self.governance.owner_of(d).as_deref() == Some(ctx.principal.org.as_str())
-                })
+                .filter(|d| self.owner_of(d).as_deref() == Some(ctx.principal.org.as_str()))
                 .cloned()
                 .collect();
             if owned.is_empty() {
@@ -221,15 +212,20 @@ impl Engine {
             Ok((record, Some(Record::TemplateApproved(approval))))
         })();
         let record = self.conclude(event, outcome).await?;
-        Ok(self.template_view(&self.governance.registry(), &record))
+        Ok(self.template_view(&self.registry(), &record))
     }
 
     /// Submits and approves the seed's templates once; a marker record makes it idempotent. A
     /// template the policy in force refuses is skipped with a warning: the seed is a demo
     /// convenience, and a refusal here is the guard working, not a reason to refuse to start.
-    pub(crate) async fn seed_templates(&self, seed: &TemplateSeed) -> Result<()> {
+    pub(crate) async fn seed_templates(
+        &self,
+        recorder: &Recorder,
+        sql: &SqlEngine,
+        seed: &TemplateSeed,
+    ) -> Result<()> {
         const SOURCE: &str = "templates";
-        if self.governance.registry().is_seeded(SOURCE) {
+        if self.registry().is_seeded(SOURCE) {
             return Ok(());
         }
         let setup =
@@ -249,7 +245,7 @@ impl Engine {
                 principal: seed.consumer.clone(),
                 request_id: request_id(),
             };
-            let view = match self.submit_template(&consumer, &text).await {
+            let view = match self.submit_template(recorder, sql, &consumer, &text).await {
                 Ok(view) => view,
                 Err(e) => {
                     tracing::warn!(file = %file.display(), error = %e, "demo template refused");
@@ -260,7 +256,7 @@ impl Engine {
                 .record
                 .datasets
                 .iter()
-                .filter_map(|d| self.governance.owner_of(d))
+                .filter_map(|d| self.owner_of(d))
                 .collect();
             for owner in owners {
                 let approver = RequestContext {
@@ -272,6 +268,7 @@ impl Engine {
                     request_id: request_id(),
                 };
                 self.approve_template(
+                    recorder,
                     &approver,
                     &view.record.sha256,
                     seed.max_runs,
@@ -285,7 +282,7 @@ impl Engine {
             source: SOURCE.into(),
             count: seeded,
         };
-        let mut event = self.recorder.begin_named(AuditEvent {
+        let mut event = recorder.begin_named(AuditEvent {
             action: Action::SeedTemplates.as_str().into(),
             principal: SEED_PRINCIPAL.into(),
             request_id: request_id(),
@@ -295,26 +292,30 @@ impl Engine {
         event.message = format!("{seeded} demo templates submitted and approved");
         event.record = Some(record_value(&done));
         event.allow().await?;
-        self.governance.registry().apply(done);
+        self.registry().apply(done);
         tracing::info!(count = seeded, "demo templates approved");
         Ok(())
     }
 
     /// Templates the caller submitted (its org's), or, for an owner, those reading its datasets.
-    pub async fn list_templates(&self, ctx: &RequestContext) -> Result<Vec<TemplateView>> {
-        let event = self.recorder.begin(ctx, Action::ListTemplates);
+    pub(crate) async fn list_templates(
+        &self,
+        recorder: &Recorder,
+        ctx: &RequestContext,
+    ) -> Result<Vec<TemplateView>> {
+        let event = recorder.begin(ctx, Action::ListTemplates);
         let is_owner = ctx.principal.roles.contains(&PrincipalRole::Owner);
         // The registry lock is released before the journal append below.
         let views: Vec<TemplateView> = {
-            let registry = self.governance.registry();
+            let registry = self.registry();
             registry
                 .templates()
                 .filter(|t| {
                     t.org == ctx.principal.org
                         || (is_owner
-                            && t.datasets.iter().any(|d| {
-                                self.governance.owner_of(d).as_deref() == Some(&ctx.principal.org)
-                            }))
+                            && t.datasets
+                                .iter()
+                                .any(|d| self.owner_of(d).as_deref() == Some(&ctx.principal.org)))
                 })
                 .map(|t| self.template_view(&registry, t))
                 .collect()

@@ -19,7 +19,7 @@ use crate::admission::Submission;
 use crate::codes::EngineRule;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::governance::{now, record_value};
+use crate::governance::registry::{now, record_value};
 use crate::recorder::Pending;
 use crate::types::{Explanation, JobSnapshot, Produced, RequestContext};
 
@@ -277,7 +277,7 @@ impl Engine {
     ) -> Result<sandbox_wasm::GuestOutput> {
         let flag = Arc::new(AtomicBool::new(false));
         let wasm = self.wasm.clone();
-        let path = self.modules_dir().join(format!("{sha256}.wasm"));
+        let path = self.governance.modules_dir.join(format!("{sha256}.wasm"));
         let sha = sha256.to_string();
         let guest_flag = flag.clone();
         let mut handle = tokio::task::spawn_blocking(move || {

@@ -17,7 +17,7 @@ use crate::answers::{CachedAnswer, question_key};
 use crate::codes::EngineRule;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::governance::record_value;
+use crate::governance::registry::record_value;
 use crate::recorder::Pending;
 use crate::types::{DpOutcome, JobSnapshot, Produced, RequestContext};
 
@@ -115,7 +115,8 @@ impl Engine {
         if let Some(cached) = self.answers.get(&key).await
             && let Some(report) = &cached.report
         {
-            let (epsilon_remaining, delta_remaining) = self.remaining(ctx, &datasets, 0.0, 0.0)?;
+            let (epsilon_remaining, delta_remaining) =
+                self.governance.remaining(ctx, &datasets, 0.0, 0.0)?;
             let dp = DpOutcome {
                 epsilon_spent: 0.0,
                 delta_spent: 0.0,
@@ -146,7 +147,8 @@ impl Engine {
         let remaining = {
             let mut registry = self.governance.registry();
             let remaining =
-                self.remaining_in(&registry, ctx, &datasets, noise.epsilon, noise.delta);
+                self.governance
+                    .remaining_in(&registry, ctx, &datasets, noise.epsilon, noise.delta);
             if remaining.is_ok() {
                 registry.apply(debit.clone());
             }

@@ -21,7 +21,7 @@ use crate::admission::Submission;
 use crate::codes::EngineRule;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::governance::{now, record_value};
+use crate::governance::registry::{now, record_value};
 use crate::jobs::code::only_consented;
 use crate::recorder::Pending;
 use crate::types::{Explanation, JobSnapshot, Produced, RequestContext};
