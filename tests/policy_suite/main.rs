@@ -20,6 +20,13 @@
 //! TOML: the principal submits it, every owner of the data it reads approves it for one run, and
 //! the principal runs it with those parameters. Submission refusals count as the outcome too.
 //!
+//! A `code <principal> <outcome>` case holds `input dataset.column` lines, the columns a module's
+//! manifest declares, and then the input query the module carries: the principal uploads the
+//! module, every owner of the data it declares approves the declared columns for one run, and the
+//! principal runs it. Code cases expect refusals only (upload, admission or the row-mode guard of
+//! the input query): an allowed code job releases what its guest computes, which raw DataFusion
+//! cannot check.
+//!
 //! Every allowed case is also run by raw DataFusion, with no guard and no gate, over the same
 //! files as the consumer sees them (masked columns through the same transform and the consumer's
 //! pseudonym key). `allow` must release exactly the raw rows; `allow suppressed` a subset of
@@ -33,6 +40,9 @@
 //! it must have the raw query's columns and no more groups than raw DataFusion finds (partition
 //! selection only hides groups); its noise is tested statistically in `sandbox-release`.
 //!
+//! Every rule of the guard (`sandbox_sql::Rule::ALL`) must be the actual outcome of at least one
+//! case, except the few listed in [`UNREACHABLE_RULES`] with the reason no input can produce them.
+//!
 //! `BLESS=1 cargo test -p sandbox-tests --test policy_suite` rewrites the headers from the actual
 //! outcomes (review the diff before committing it).
 
@@ -43,10 +53,12 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use sandbox_engine::{DpRequest, Engine, EngineConfig, ErrorKind, JobSpec, RequestContext};
+use sandbox_engine::{
+    ApprovalRequest, DpRequest, Engine, EngineConfig, ErrorKind, JobSpec, RequestContext,
+};
 use sandbox_policy::{PolicySet, Principal, PrincipalRole, TemplateDefinition};
 use sandbox_sql::masks::MaskedTable;
-use sandbox_sql::{PseudonymKey, placeholder_values};
+use sandbox_sql::{PseudonymKey, Rule, placeholder_values};
 use sandbox_tests::sorted_rows;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +88,7 @@ enum Kind {
     Query,
     DpQuery,
     Template,
+    Code,
 }
 
 impl Kind {
@@ -84,6 +97,7 @@ impl Kind {
             Kind::Query => "query",
             Kind::DpQuery => "dpquery",
             Kind::Template => "template",
+            Kind::Code => "code",
         }
     }
 }
@@ -96,10 +110,12 @@ struct Case {
     kind: Kind,
     principal: String,
     expected: Outcome,
-    /// The SQL of a query; the TOML of a template.
+    /// The SQL of a query; the TOML of a template; the input query of a code job's module.
     sql: String,
     /// A template run's parameters.
     params: BTreeMap<String, String>,
+    /// The columns a code job's module declares, as `dataset.column`.
+    inputs: Vec<String>,
     /// The raw query whose rows the release must equal, when not the case's own.
     raw_sql: Option<String>,
 }
@@ -130,14 +146,15 @@ fn parse_file(path: &Path) -> Vec<Case> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let (kind, principal, expected) = match words.as_slice() {
             [
-                word @ ("query" | "dpquery" | "template"),
+                word @ ("query" | "dpquery" | "template" | "code"),
                 principal,
                 rest @ ..,
             ] => (
                 match *word {
                     "query" => Kind::Query,
                     "dpquery" => Kind::DpQuery,
-                    _ => Kind::Template,
+                    "template" => Kind::Template,
+                    _ => Kind::Code,
                 },
                 principal.to_string(),
                 parse_outcome(rest).unwrap_or_else(|| {
@@ -145,11 +162,17 @@ fn parse_file(path: &Path) -> Vec<Case> {
                 }),
             ),
             _ => panic!(
-                "{}:{}: expected a `query`, `dpquery` or `template` header, got `{line}`",
+                "{}:{}: expected a `query`, `dpquery`, `template` or `code` header, got `{line}`",
                 path.display(),
                 i + 1
             ),
         };
+        assert!(
+            kind != Kind::Code || matches!(expected, Outcome::Deny(_) | Outcome::Error(_)),
+            "{}:{}: a code case expects a refusal (`deny <rule>` or `error <code>`)",
+            path.display(),
+            i + 1
+        );
         let header_line = i;
         i += 1;
         let mut params = BTreeMap::new();
@@ -161,6 +184,14 @@ fn parse_file(path: &Path) -> Vec<Case> {
                 panic!("{}:{}: expected `param name=value`", path.display(), i + 1)
             });
             params.insert(name.trim().to_string(), value.trim().to_string());
+            i += 1;
+        }
+        let mut inputs = Vec::new();
+        while kind == Kind::Code && i < lines.len() {
+            let Some(input) = lines[i].trim().strip_prefix("input ") else {
+                break;
+            };
+            inputs.push(input.trim().to_string());
             i += 1;
         }
         let mut sql = Vec::new();
@@ -187,6 +218,7 @@ fn parse_file(path: &Path) -> Vec<Case> {
             expected,
             sql: sql.join("\n"),
             params,
+            inputs,
             raw_sql: raw_sql.map(|raw| raw.join("\n")),
         });
     }
@@ -206,6 +238,18 @@ fn principal(spelled: &str) -> Principal {
         id: name.to_string(),
         org: if org.is_empty() { default_org } else { org }.to_string(),
         roles: BTreeSet::from([role]),
+    }
+}
+
+/// An owner of `org`'s datasets, approving what a case submits.
+fn owner_context(org: &str, case: &Case) -> RequestContext {
+    RequestContext {
+        principal: Principal {
+            id: format!("owner of {org}"),
+            org: org.to_string(),
+            roles: BTreeSet::from([PrincipalRole::Owner]),
+        },
+        request_id: format!("suite-{}-approval", case.header_line),
     }
 }
 
@@ -240,22 +284,48 @@ async fn run_case(engine: &Arc<Engine>, policy: &PolicySet, case: &Case) -> (Out
                 .map(|d| policy.datasets[d].owner.as_str())
                 .collect();
             for owner in owners {
-                let owner_ctx = RequestContext {
-                    principal: Principal {
-                        id: format!("owner of {owner}"),
-                        org: owner.to_string(),
-                        roles: BTreeSet::from([PrincipalRole::Owner]),
-                    },
-                    request_id: format!("suite-{}-approval", case.header_line),
-                };
                 engine
-                    .approve_template(&owner_ctx, &view.record.sha256, 1, 1)
+                    .approve_template(&owner_context(owner, case), &view.record.sha256, 1, 1)
                     .await
                     .expect("owners approve the suite's templates");
             }
             JobSpec::Template {
                 name: view.record.definition.name.clone(),
                 params: case.params.clone(),
+            }
+        }
+        Kind::Code => {
+            let inputs: Vec<&str> = case.inputs.iter().map(String::as_str).collect();
+            // The guest would emit nothing: code cases are refused before it runs.
+            let module = sandbox_tests::emitting_guest(&[], &inputs, &case.sql);
+            let view = match engine.upload_module(&ctx, module).await {
+                Ok(view) => view,
+                Err(e) => return (refused(e), Vec::new()),
+            };
+            let owners: BTreeSet<&str> = view
+                .record
+                .datasets()
+                .iter()
+                .map(|d| policy.datasets[d].owner.as_str())
+                .collect();
+            for owner in owners {
+                let approval = ApprovalRequest {
+                    contract_toml: None,
+                    max_runs: 1,
+                    valid_days: 1,
+                    // Every column the manifest declares among the owner's datasets.
+                    columns: None,
+                };
+                engine
+                    .approve_module(&owner_context(owner, case), &view.record.sha256, approval)
+                    .await
+                    .expect("owners approve the suite's modules");
+            }
+            JobSpec::Wasm {
+                module_sha256: view.record.sha256.clone(),
+                // The input the module declares, as its owners approved it.
+                input_query: String::new(),
+                parameters: Vec::new(),
             }
         }
     };
@@ -350,6 +420,7 @@ async fn raw_rows(context: &SessionContext, case: &Case) -> Result<Vec<String>, 
                 Err(e) => Err(e),
             }
         }
+        Kind::Code => return Err("a code job releases its guest's output".to_string()),
     };
     let batches = frame
         .map_err(|e| e.to_string())?
@@ -411,6 +482,15 @@ async fn policy_suite() {
             column.domain.clear();
         }
     }
+    // One measure without declared bounds, as an owner may load it (`bounds` are optional): no
+    // case reads it but the one showing that differential privacy cannot sum it
+    // (`dp-bounds-missing`). Every measure of the shipped demo declares its bounds.
+    policy
+        .datasets
+        .get_mut("housing_fund_monthly")
+        .and_then(|d| d.columns.iter_mut().find(|c| c.name == "employees_covered"))
+        .expect("the demo's housing fund declares employees_covered")
+        .bounds = None;
     // One engine per case file, over the same data: the differencing memory is shared by every
     // consumer org, so each file's attacks start from an empty one (within a file, what earlier
     // cases released is part of what the defense sees).
@@ -441,6 +521,8 @@ async fn policy_suite() {
 
     let mut total = 0;
     let mut compared = 0;
+    // Every rule some case was actually denied with, and the first case that was.
+    let mut produced: BTreeMap<String, String> = BTreeMap::new();
     let mut failures = Vec::new();
     // Kept apart from `failures`: blessing rewrites headers, never released numbers.
     let mut mismatches = Vec::new();
@@ -458,10 +540,18 @@ async fn policy_suite() {
         for case in &cases {
             total += 1;
             let (actual, released) = run_case(&engine, &policy, case).await;
-            if matches!(
-                actual,
-                Outcome::Allow { .. } | Outcome::AllowDifferencing | Outcome::AllowDp
-            ) {
+            if let Outcome::Deny(rule) = &actual {
+                produced
+                    .entry(rule.clone())
+                    .or_insert_with(|| format!("{}:{}", case.file.display(), case.header_line + 1));
+            }
+            // A code job's release is its guest's output: code cases expect refusals only.
+            if case.kind != Kind::Code
+                && matches!(
+                    actual,
+                    Outcome::Allow { .. } | Outcome::AllowDifferencing | Outcome::AllowDp
+                )
+            {
                 let org = principal(&case.principal).org;
                 if !raw_contexts.contains_key(&org) {
                     let context = raw_context(&engine_dir, &policy, &org).await;
@@ -525,4 +615,60 @@ async fn policy_suite() {
             failures.join("\n")
         );
     }
+    assert_every_rule_produced(&produced);
+}
+
+/// Rules of the guard that no case can produce, each with the reason: the engine never reaches
+/// them, whatever the query (the checks stay, as defense in depth). Keep this list to the truth:
+/// a rule listed here that a case produces fails the suite.
+const UNREACHABLE_RULES: &[(Rule, &str)] = &[
+    // The exact guard denies an L4 column in ad-hoc SQL (`Level::allows_mode`), but no query
+    // with one reaches it: a dataset with a visible L4 column is L4, and the policy loader
+    // refuses both an exact grant on an L4 dataset and an aggregate grant on it without
+    // differential privacy. So every ad-hoc query reading an L4 column has a reason for
+    // differential privacy and goes to the DP guard (or is refused with `dp-not-granted` when
+    // another dataset it reads offers none), whose mode allows L4; templates and code jobs may
+    // read L4 columns. (Were it reached, `guard` would answer under DP instead where every
+    // dataset read offers it.)
+    (
+        Rule::LevelCap,
+        "an L4 column only ever reaches the DP guard: the policy loader allows no exact grant on \
+         an L4 dataset, nor one without differential privacy",
+    ),
+];
+
+/// Every rule of `Rule::ALL` was the actual outcome of at least one case, or is listed as
+/// unreachable (and then of none).
+fn assert_every_rule_produced(produced: &BTreeMap<String, String>) {
+    let mut missing = Vec::new();
+    let mut listed_but_produced = Vec::new();
+    for rule in Rule::ALL {
+        let unreachable = UNREACHABLE_RULES.iter().find(|(r, _)| *r == rule);
+        match (produced.get(rule.code()), unreachable) {
+            (None, None) => missing.push(rule.code()),
+            (Some(case), Some(_)) => listed_but_produced.push(format!("{} ({case})", rule.code())),
+            _ => {}
+        }
+    }
+    for (rule, reason) in UNREACHABLE_RULES {
+        eprintln!("policy suite: rule `{rule}` is produced by no case: {reason}");
+    }
+    eprintln!(
+        "policy suite: {} of {} rules produced by a case",
+        Rule::ALL
+            .iter()
+            .filter(|r| produced.contains_key(r.code()))
+            .count(),
+        Rule::ALL.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "rules no case was denied with (add a case that produces each, or list it in \
+         UNREACHABLE_RULES with the reason no input can): {missing:?}"
+    );
+    assert!(
+        listed_but_produced.is_empty(),
+        "rules listed as unreachable that a case produced (remove them from \
+         UNREACHABLE_RULES): {listed_but_produced:?}"
+    );
 }
