@@ -20,12 +20,10 @@
 //! first message's `app_metadata`. A ticket not fetched within the query time limit ends its job
 //! unrun (`not-fetched`), freeing its admission slot.
 
-use std::io::Cursor;
 use std::pin::Pin;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
-use arrow::ipc::reader::StreamReader;
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -346,16 +344,13 @@ impl FlightSqlService for FlightSql {
                     .engine
                     .wait_result_watched(&call.ctx, &job_id, &gone)
                     .await?;
-                // The released rows, exactly as the gate produced and the journal hashed them.
-                let reader = StreamReader::try_new(Cursor::new(result.ipc_stream().to_vec()), None)
-                    .map_err(|e| internal(e, &call.ctx))?;
-                let schema = reader.schema();
-                let batches: Vec<RecordBatch> = reader
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| internal(e, &call.ctx))?;
+                // The released rows, exactly as the gate produced them (the journal hashed their
+                // IPC encoding): sent as the batches they are, not decoded again from that
+                // encoding. Cloning a batch shares its buffers.
+                let batches = result.batches().to_vec();
                 let stream: DoGetStream = Box::pin(
                     FlightDataEncoderBuilder::new()
-                        .with_schema(schema)
+                        .with_schema(result.schema().clone())
                         .with_metadata(summary_json(result.outcome()))
                         .build(futures::stream::iter(batches.into_iter().map(Ok)))
                         .map_err(flight_status),
