@@ -1,5 +1,7 @@
 //! First start: on an empty or missing data dir, generate the demo datasets, write the demo
 //! policies and create credentials for the demo principals. Every later start uses what is there.
+//! Generating needs the demo generator (the `demo` cargo feature, on by default); a build without
+//! it starts only on a prepared data dir.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -112,6 +114,13 @@ pub fn prepare(config: &ServerConfig) -> anyhow::Result<Prepared> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", data_dir.display())),
     };
     if fresh {
+        // Refused before anything is written, so the data dir is left as it was found.
+        if !cfg!(feature = "demo") {
+            return Err(without_demo(&format!(
+                "the data dir {} is empty or missing, and a first start generates the demo there",
+                data_dir.display()
+            )));
+        }
         create_demo(data_dir, config.demo_scale)?;
     }
     // `--policies`, else the repository's `policies/` when run from a checkout, else the data
@@ -159,11 +168,7 @@ fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     tracing::info!(dir = %data_dir.display(), scale, "empty data dir: generating the demo");
-    let config = sandbox_demo::DemoConfig::scaled(scale);
-    let summary = sandbox_demo::generate(data_dir, &config).context("cannot generate demo data")?;
-    for (table, rows) in &summary.tables {
-        tracing::info!(table, rows, "demo dataset written");
-    }
+    generate_datasets(data_dir, scale)?;
 
     let policy_dir = data_dir.join("policies");
     std::fs::create_dir_all(&policy_dir)?;
@@ -219,6 +224,35 @@ fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
         "demo credentials created (DEMO ONLY: replace for real use)"
     );
     Ok(())
+}
+
+/// The demo datasets, from the generator.
+#[cfg(feature = "demo")]
+fn generate_datasets(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
+    let config = sandbox_demo::DemoConfig::scaled(scale);
+    let summary = sandbox_demo::generate(data_dir, &config).context("cannot generate demo data")?;
+    for (table, rows) in &summary.tables {
+        tracing::info!(table, rows, "demo dataset written");
+    }
+    Ok(())
+}
+
+/// Without the generator, `prepare` refuses a data dir that would need it before calling here.
+#[cfg(not(feature = "demo"))]
+fn generate_datasets(data_dir: &Path, _scale: f64) -> anyhow::Result<()> {
+    Err(without_demo(&format!(
+        "cannot generate the demo datasets in {}",
+        data_dir.display()
+    )))
+}
+
+/// The refusal of a build without the demo generator to start where it would be needed: `what`
+/// says what needed it.
+pub fn without_demo(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what}: this sandboxd was built without the `demo` cargo feature (the demo generator); \
+         start it on a prepared data dir, or build it with `--features demo`"
+    )
 }
 
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

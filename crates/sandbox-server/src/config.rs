@@ -15,7 +15,7 @@ use sandbox_engine::{JournalOptions, SqlLimits, WasmLimits};
 )]
 pub struct ServerConfig {
     /// Data dir: datasets, credentials, audit journal. Generated with the demo on first start
-    /// when empty or missing.
+    /// when empty or missing (in builds with the `demo` feature, the default).
     #[arg(long, default_value = "./sandbox-data")]
     pub data_dir: PathBuf,
     /// Address to serve gRPC on.
@@ -42,6 +42,7 @@ pub struct ServerConfig {
     #[arg(long)]
     pub policies: Option<PathBuf>,
     /// Scale of the demo data generated on first start (1 = 20,000 enterprises over 24 months).
+    /// Refused by builds without the `demo` feature.
     #[arg(long, default_value_t = 1.0)]
     pub demo_scale: f64,
     /// Largest request message, in KiB (module uploads: --max-module-kib).
@@ -117,6 +118,26 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// The configuration from the command line; exits on `--help` or a usage error, as clap's
+    /// `parse` does. A build without the demo generator refuses the flags that only configure it,
+    /// rather than ignore them.
+    pub fn from_command_line() -> anyhow::Result<Self> {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut matches = Self::command().get_matches();
+        // Asked before the values are taken out of the matches.
+        let demo_flag_given =
+            matches.value_source("demo_scale") == Some(clap::parser::ValueSource::CommandLine);
+        let config = Self::from_arg_matches_mut(&mut matches)
+            .map_err(|e| e.format(&mut Self::command()))
+            .unwrap_or_else(|e| e.exit());
+        if !cfg!(feature = "demo") && demo_flag_given {
+            return Err(crate::bootstrap::without_demo(
+                "--demo-scale sets the size of a generated demo",
+            ));
+        }
+        Ok(config)
+    }
+
     /// Defaults for a data dir, listening on an ephemeral loopback port: for tests.
     pub fn for_tests(data_dir: PathBuf) -> Self {
         ServerConfig {

@@ -20,12 +20,10 @@
 //! first message's `app_metadata`. A ticket not fetched within the query time limit ends its job
 //! unrun (`not-fetched`), freeing its admission slot.
 
-use std::io::Cursor;
 use std::pin::Pin;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Schema, SchemaRef};
-use arrow::ipc::reader::StreamReader;
+use arrow::datatypes::Schema;
 use arrow::ipc::writer::IpcWriteOptions;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
@@ -52,8 +50,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Credentials, Rpc};
 use crate::detach::ClientGone;
-use crate::service::Gatekeeper;
-use crate::status::{self, status_of};
+use crate::gatekeeper::{Call, CallError, Gatekeeper};
+use crate::status;
 
 /// The catalog and schema every granted dataset is in: the names the guard accepts as
 /// qualifiers (`datafusion.public.tax` and `tax` are the same table).
@@ -87,38 +85,6 @@ impl FlightSql {
         })
     }
 
-    /// The job for a query: guard, planning and admission; the ticket is the job.
-    async fn execute(
-        &self,
-        ctx: &RequestContext,
-        query: String,
-        descriptor: FlightDescriptor,
-    ) -> Result<Response<FlightInfo>, Status> {
-        let snapshot = self
-            .gate
-            .engine()
-            .submit_deferred(ctx, JobSpec::Sql { query, dp: None })
-            .await
-            .map_err(|e| status_of(&e, &ctx.request_id))?;
-        let schema = snapshot
-            .released_schema
-            .ok_or_else(|| internal("a submitted query has no released schema", ctx))?;
-        let ticket = TicketStatementQuery {
-            statement_handle: snapshot.job_id.into(),
-        };
-        let info = FlightInfo::new()
-            .try_with_schema(&schema)
-            .map_err(|e| internal(e, ctx))?
-            .with_endpoint(
-                FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())),
-            )
-            .with_descriptor(descriptor)
-            // Known only once the gate has decided.
-            .with_total_records(-1)
-            .with_ordered(true);
-        Ok(Response::new(info))
-    }
-
     /// A listing's flight info: one ticket, the command itself, answered by `DoGet`.
     async fn listing_info(
         &self,
@@ -127,31 +93,49 @@ impl FlightSql {
         command: impl ProstMessageExt,
         schema: &Schema,
     ) -> Result<Response<FlightInfo>, Status> {
-        let ctx = self.gate.admit(&request, rpc).await?;
         self.gate
-            .engine()
-            .record_call(&ctx, rpc.name())
+            .serve(request, rpc, |call| async move {
+                call.engine.record_call(&call.ctx, rpc.name()).await?;
+                let info = FlightInfo::new()
+                    .try_with_schema(schema)
+                    .map_err(|e| internal(e, &call.ctx))?
+                    .with_endpoint(
+                        FlightEndpoint::new()
+                            .with_ticket(Ticket::new(command.as_any().encode_to_vec())),
+                    )
+                    .with_descriptor(call.message);
+                Ok(Response::new(info))
+            })
             .await
-            .map_err(|e| status_of(&e, &ctx.request_id))?;
-        let info = FlightInfo::new()
-            .try_with_schema(schema)
-            .map_err(|e| internal(e, &ctx))?
-            .with_endpoint(
-                FlightEndpoint::new().with_ticket(Ticket::new(command.as_any().encode_to_vec())),
-            )
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
     }
+}
 
-    /// The tables the caller can query, recorded as a `ListDatasets` naming them.
-    async fn catalog(&self, request: &Request<Ticket>) -> Result<Vec<(String, SchemaRef)>, Status> {
-        let ctx = self.gate.admit(request, Rpc::FlightGetCatalog).await?;
-        self.gate
-            .engine()
-            .sql_catalog(&ctx)
-            .await
-            .map_err(|e| status_of(&e, &ctx.request_id))
-    }
+/// The job for a query: guard, planning and admission; the ticket is the job.
+async fn execute(
+    call: Call<'_, FlightDescriptor>,
+    query: String,
+) -> Result<Response<FlightInfo>, CallError> {
+    let snapshot = call
+        .engine
+        .submit_deferred(&call.ctx, JobSpec::Sql { query, dp: None })
+        .await?;
+    let schema = snapshot
+        .released_schema
+        .ok_or_else(|| internal("a submitted query has no released schema", &call.ctx))?;
+    let ticket = TicketStatementQuery {
+        statement_handle: snapshot.job_id.into(),
+    };
+    let info = FlightInfo::new()
+        .try_with_schema(&schema)
+        .map_err(|e| internal(e, &call.ctx))?
+        .with_endpoint(
+            FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())),
+        )
+        .with_descriptor(call.message)
+        // Known only once the gate has decided.
+        .with_total_records(-1)
+        .with_ordered(true);
+    Ok(Response::new(info))
 }
 
 fn internal(error: impl std::fmt::Display, ctx: &RequestContext) -> Status {
@@ -280,13 +264,8 @@ impl FlightSqlService for FlightSql {
         &self,
         request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<FlightStream<HandshakeResponse>>, Status> {
-        let ctx = self.gate.admit(&request, Rpc::FlightHandshake).await?;
-        self.gate
-            .engine()
-            .record_call(&ctx, Rpc::FlightHandshake.name())
-            .await
-            .map_err(|e| status_of(&e, &ctx.request_id))?;
-        // Admission parsed the header already; a client certificate alone carries no token.
+        // Admission parses the same header (and refuses the call if it is not valid); a client
+        // certificate alone carries no token.
         let token = request
             .metadata()
             .get("authorization")
@@ -294,18 +273,25 @@ impl FlightSqlService for FlightSql {
             .and_then(|v| Credentials::parse(v).ok())
             .map(|c| c.token().to_string())
             .unwrap_or_default();
-        let answer = HandshakeResponse {
-            protocol_version: 0,
-            payload: Bytes::from(token.clone()),
-        };
-        let mut response: Response<FlightStream<HandshakeResponse>> =
-            Response::new(Box::pin(futures::stream::iter([Ok(answer)])));
-        if !token.is_empty() {
-            let value = MetadataValue::try_from(format!("Bearer {token}"))
-                .map_err(|e| internal(e, &ctx))?;
-            response.metadata_mut().insert("authorization", value);
-        }
-        Ok(response)
+        self.gate
+            .serve(request, Rpc::FlightHandshake, |call| async move {
+                call.engine
+                    .record_call(&call.ctx, Rpc::FlightHandshake.name())
+                    .await?;
+                let answer = HandshakeResponse {
+                    protocol_version: 0,
+                    payload: Bytes::from(token.clone()),
+                };
+                let mut response: Response<FlightStream<HandshakeResponse>> =
+                    Response::new(Box::pin(futures::stream::iter([Ok(answer)])));
+                if !token.is_empty() {
+                    let value = MetadataValue::try_from(format!("Bearer {token}"))
+                        .map_err(|e| internal(e, &call.ctx))?;
+                    response.metadata_mut().insert("authorization", value);
+                }
+                Ok(response)
+            })
+            .await
     }
 
     async fn get_flight_info_statement(
@@ -313,8 +299,11 @@ impl FlightSqlService for FlightSql {
         query: CommandStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let ctx = self.gate.admit(&request, Rpc::FlightExecute).await?;
-        self.execute(&ctx, query.query, request.into_inner()).await
+        self.gate
+            .serve(request, Rpc::FlightExecute, |call| {
+                execute(call, query.query)
+            })
+            .await
     }
 
     async fn get_flight_info_prepared_statement(
@@ -322,21 +311,19 @@ impl FlightSqlService for FlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let ctx = self.gate.admit(&request, Rpc::FlightExecute).await?;
-        // A prepared statement's handle is its query text: nothing is held on the server
-        // between calls, and the query is checked again (guard and all) when it runs.
-        let Ok(sql) = String::from_utf8(query.prepared_statement_handle.to_vec()) else {
-            return Err(self
-                .gate
-                .reject(
-                    Rpc::FlightExecute,
-                    &ctx,
-                    "invalid-handle",
-                    "the prepared statement handle is not one this server issued",
-                )
-                .await);
-        };
-        self.execute(&ctx, sql, request.into_inner()).await
+        self.gate
+            .serve(request, Rpc::FlightExecute, |call| async move {
+                // A prepared statement's handle is its query text: nothing is held on the server
+                // between calls, and the query is checked again (guard and all) when it runs.
+                let Ok(sql) = String::from_utf8(query.prepared_statement_handle.to_vec()) else {
+                    return Err(CallError::Invalid {
+                        code: "invalid-handle",
+                        message: "the prepared statement handle is not one this server issued",
+                    });
+                };
+                execute(call, sql).await
+            })
+            .await
     }
 
     async fn do_get_statement(
@@ -344,38 +331,33 @@ impl FlightSqlService for FlightSql {
         ticket: TicketStatementQuery,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let ctx = self.gate.admit(&request, Rpc::FlightFetch).await?;
-        let Ok(job_id) = String::from_utf8(ticket.statement_handle.to_vec()) else {
-            return Err(self
-                .gate
-                .reject(
-                    Rpc::FlightFetch,
-                    &ctx,
-                    "invalid-ticket",
-                    "the ticket is not one this server issued",
-                )
-                .await);
-        };
         let gone = ClientGone::of(&request);
-        let result = self
-            .gate
-            .engine()
-            .wait_result_watched(&ctx, &job_id, &gone)
+        self.gate
+            .serve(request, Rpc::FlightFetch, |call| async move {
+                let Ok(job_id) = String::from_utf8(ticket.statement_handle.to_vec()) else {
+                    return Err(CallError::Invalid {
+                        code: "invalid-ticket",
+                        message: "the ticket is not one this server issued",
+                    });
+                };
+                let result = call
+                    .engine
+                    .wait_result_watched(&call.ctx, &job_id, &gone)
+                    .await?;
+                // The released rows, exactly as the gate produced them (the journal hashed their
+                // IPC encoding): sent as the batches they are, not decoded again from that
+                // encoding. Cloning a batch shares its buffers.
+                let batches = result.batches().to_vec();
+                let stream: DoGetStream = Box::pin(
+                    FlightDataEncoderBuilder::new()
+                        .with_schema(result.schema().clone())
+                        .with_metadata(summary_json(result.outcome()))
+                        .build(futures::stream::iter(batches.into_iter().map(Ok)))
+                        .map_err(flight_status),
+                );
+                Ok(Response::new(stream))
+            })
             .await
-            .map_err(|e| status_of(&e, &ctx.request_id))?;
-        // The released rows, exactly as the gate produced and the journal hashed them.
-        let reader = StreamReader::try_new(Cursor::new(result.ipc_stream().to_vec()), None)
-            .map_err(|e| internal(e, &ctx))?;
-        let schema = reader.schema();
-        let batches: Vec<RecordBatch> = reader
-            .collect::<Result<_, _>>()
-            .map_err(|e| internal(e, &ctx))?;
-        let stream = FlightDataEncoderBuilder::new()
-            .with_schema(schema)
-            .with_metadata(summary_json(result.outcome()))
-            .build(futures::stream::iter(batches.into_iter().map(Ok)))
-            .map_err(flight_status);
-        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn do_action_create_prepared_statement(
@@ -383,34 +365,35 @@ impl FlightSqlService for FlightSql {
         query: ActionCreatePreparedStatementRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
-        let ctx = self.gate.admit(&request, Rpc::FlightPrepare).await?;
-        let explanation = self
-            .gate
-            .engine()
-            .explain(
-                &ctx,
-                JobSpec::Sql {
-                    query: query.query.clone(),
-                    dp: None,
-                },
-            )
+        self.gate
+            .serve(request, Rpc::FlightPrepare, |call| async move {
+                let explanation = call
+                    .engine
+                    .explain(
+                        &call.ctx,
+                        JobSpec::Sql {
+                            query: query.query.clone(),
+                            dp: None,
+                        },
+                    )
+                    .await?;
+                if !explanation.allowed {
+                    return Err(CallError::Answered(status::denied(
+                        &explanation.rule,
+                        &explanation.message,
+                        &call.ctx.request_id,
+                    )));
+                }
+                let schema = explanation.released_schema.ok_or_else(|| {
+                    internal("an allowed query has no released schema", &call.ctx)
+                })?;
+                Ok(ActionCreatePreparedStatementResult {
+                    prepared_statement_handle: Bytes::from(query.query),
+                    dataset_schema: schema_bytes(&schema).map_err(|e| internal(e, &call.ctx))?,
+                    parameter_schema: Bytes::new(),
+                })
+            })
             .await
-            .map_err(|e| status_of(&e, &ctx.request_id))?;
-        if !explanation.allowed {
-            return Err(status::denied(
-                &explanation.rule,
-                &explanation.message,
-                &ctx.request_id,
-            ));
-        }
-        let schema = explanation
-            .released_schema
-            .ok_or_else(|| internal("an allowed query has no released schema", &ctx))?;
-        Ok(ActionCreatePreparedStatementResult {
-            prepared_statement_handle: Bytes::from(query.query),
-            dataset_schema: schema_bytes(&schema).map_err(|e| internal(e, &ctx))?,
-            parameter_schema: Bytes::new(),
-        })
     }
 
     async fn do_action_close_prepared_statement(
@@ -418,12 +401,14 @@ impl FlightSqlService for FlightSql {
         _query: ActionClosePreparedStatementRequest,
         request: Request<arrow_flight::Action>,
     ) -> Result<(), Status> {
-        let ctx = self.gate.admit(&request, Rpc::FlightClosePrepared).await?;
         self.gate
-            .engine()
-            .record_call(&ctx, Rpc::FlightClosePrepared.name())
+            .serve(request, Rpc::FlightClosePrepared, |call| async move {
+                call.engine
+                    .record_call(&call.ctx, Rpc::FlightClosePrepared.name())
+                    .await?;
+                Ok(())
+            })
             .await
-            .map_err(|e| status_of(&e, &ctx.request_id))
     }
 
     /// Binding parameters: an empty binding (what drivers send for a statement without `?`) is
@@ -433,68 +418,23 @@ impl FlightSqlService for FlightSql {
         query: CommandPreparedStatementQuery,
         request: Request<PeekableFlightDataStream>,
     ) -> Result<DoPutPreparedStatementResult, Status> {
-        let ctx = self.gate.admit(&request, Rpc::FlightPrepare).await?;
-        // Only whether values came matters (they are refused): each message's header is checked
-        // and its row count read from it, and no message reaches Arrow's decoder, which trusts
-        // headers (a compressed buffer's claimed size would be allocated) and panics on some
-        // forged ones (a panicked call would end without its journal record).
-        let mut rows = 0usize;
-        let mut messages = 0usize;
-        let mut stream = request.into_inner().into_peekable();
-        // Read no further than the first row, nor than a few messages: a client may not stream
-        // batches at the server for as long as it likes.
-        while let Some(data) = stream.next().await {
-            messages += 1;
-            if messages > MAX_PARAMETER_MESSAGES {
-                rows = rows.max(1);
-                break;
-            }
-            let read = data.map_err(|e| e.to_string()).and_then(|data| {
-                sandbox_wasm::untrusted_ipc::ipc_message_rows(
-                    &data.data_header,
-                    data.data_body.len(),
-                )
-            });
-            match read {
-                Ok(count) => {
-                    rows += count;
-                    if rows > 0 {
-                        break;
-                    }
-                }
-                Err(_) => {
-                    return Err(self
-                        .gate
-                        .reject(
-                            Rpc::FlightPrepare,
-                            &ctx,
-                            "invalid-parameters",
-                            "the parameter batch cannot be read",
-                        )
-                        .await);
-                }
-            }
-        }
-        if rows > 0 {
-            return Err(self
-                .gate
-                .reject(
-                    Rpc::FlightPrepare,
-                    &ctx,
-                    "parameters-not-supported",
-                    "query parameters are not supported: write the values into the query (it \
-                     is checked as written)",
-                )
-                .await);
-        }
         self.gate
-            .engine()
-            .record_call(&ctx, Rpc::FlightPrepare.name())
+            .serve(request, Rpc::FlightPrepare, |call| async move {
+                if binds_values(call.message).await? {
+                    return Err(CallError::Invalid {
+                        code: "parameters-not-supported",
+                        message: "query parameters are not supported: write the values into the \
+                                  query (it is checked as written)",
+                    });
+                }
+                call.engine
+                    .record_call(&call.ctx, Rpc::FlightPrepare.name())
+                    .await?;
+                Ok(DoPutPreparedStatementResult {
+                    prepared_statement_handle: Some(query.prepared_statement_handle),
+                })
+            })
             .await
-            .map_err(|e| status_of(&e, &ctx.request_id))?;
-        Ok(DoPutPreparedStatementResult {
-            prepared_statement_handle: Some(query.prepared_statement_handle),
-        })
     }
 
     async fn get_flight_info_catalogs(
@@ -547,15 +487,22 @@ impl FlightSqlService for FlightSql {
             .await
     }
 
+    // The catalog listings are each recorded as a `ListDatasets` naming the tables the caller
+    // can query (`sql_catalog`), whatever part of the catalog they show.
+
     async fn do_get_catalogs(
         &self,
         query: CommandGetCatalogs,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.catalog(&request).await?;
-        let mut builder = query.into_builder();
-        builder.append(CATALOG);
-        Ok(batch_stream(builder.build().map_err(listing_error)?))
+        self.gate
+            .serve(request, Rpc::FlightGetCatalog, |call| async move {
+                call.engine.sql_catalog(&call.ctx).await?;
+                let mut builder = query.into_builder();
+                builder.append(CATALOG);
+                Ok(batch_stream(builder.build().map_err(listing_error)?))
+            })
+            .await
     }
 
     async fn do_get_schemas(
@@ -563,10 +510,14 @@ impl FlightSqlService for FlightSql {
         query: CommandGetDbSchemas,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.catalog(&request).await?;
-        let mut builder = query.into_builder();
-        builder.append(CATALOG, SCHEMA);
-        Ok(batch_stream(builder.build().map_err(listing_error)?))
+        self.gate
+            .serve(request, Rpc::FlightGetCatalog, |call| async move {
+                call.engine.sql_catalog(&call.ctx).await?;
+                let mut builder = query.into_builder();
+                builder.append(CATALOG, SCHEMA);
+                Ok(batch_stream(builder.build().map_err(listing_error)?))
+            })
+            .await
     }
 
     async fn do_get_tables(
@@ -574,14 +525,18 @@ impl FlightSqlService for FlightSql {
         query: CommandGetTables,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let tables = self.catalog(&request).await?;
-        let mut builder = query.into_builder();
-        for (name, schema) in &tables {
-            builder
-                .append(CATALOG, SCHEMA, name, TABLE_TYPE, schema)
-                .map_err(listing_error)?;
-        }
-        Ok(batch_stream(builder.build().map_err(listing_error)?))
+        self.gate
+            .serve(request, Rpc::FlightGetCatalog, |call| async move {
+                let tables = call.engine.sql_catalog(&call.ctx).await?;
+                let mut builder = query.into_builder();
+                for (name, schema) in &tables {
+                    builder
+                        .append(CATALOG, SCHEMA, name, TABLE_TYPE, schema)
+                        .map_err(listing_error)?;
+                }
+                Ok(batch_stream(builder.build().map_err(listing_error)?))
+            })
+            .await
     }
 
     async fn do_get_table_types(
@@ -589,10 +544,14 @@ impl FlightSqlService for FlightSql {
         query: CommandGetTableTypes,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.catalog(&request).await?;
-        let mut builder = query.into_builder();
-        builder.append(TABLE_TYPE);
-        Ok(batch_stream(builder.build().map_err(listing_error)?))
+        self.gate
+            .serve(request, Rpc::FlightGetCatalog, |call| async move {
+                call.engine.sql_catalog(&call.ctx).await?;
+                let mut builder = query.into_builder();
+                builder.append(TABLE_TYPE);
+                Ok(batch_stream(builder.build().map_err(listing_error)?))
+            })
+            .await
     }
 
     async fn do_get_sql_info(
@@ -600,20 +559,60 @@ impl FlightSqlService for FlightSql {
         query: CommandGetSqlInfo,
         request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        let ctx = self.gate.admit(&request, Rpc::FlightGetSqlInfo).await?;
         self.gate
-            .engine()
-            .record_call(&ctx, Rpc::FlightGetSqlInfo.name())
+            .serve(request, Rpc::FlightGetSqlInfo, |call| async move {
+                call.engine
+                    .record_call(&call.ctx, Rpc::FlightGetSqlInfo.name())
+                    .await?;
+                let batch = query
+                    .into_builder(&self.info)
+                    .build()
+                    .map_err(listing_error)?;
+                Ok(batch_stream(batch))
+            })
             .await
-            .map_err(|e| status_of(&e, &ctx.request_id))?;
-        let batch = query
-            .into_builder(&self.info)
-            .build()
-            .map_err(listing_error)?;
-        Ok(batch_stream(batch))
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// Whether a parameter binding carries values (any row), read from the messages' headers alone.
+/// A binding that cannot be read is refused as `invalid-parameters`.
+async fn binds_values(data: PeekableFlightDataStream) -> Result<bool, CallError> {
+    // Only whether values came matters (they are refused): each message's header is checked and
+    // its row count read from it, and no message reaches Arrow's decoder, which trusts headers
+    // (a compressed buffer's claimed size would be allocated) and panics on some forged ones (a
+    // panicked call would end without its journal record).
+    let mut rows = 0usize;
+    let mut messages = 0usize;
+    let mut stream = data.into_peekable();
+    // Read no further than the first row, nor than a few messages: a client may not stream
+    // batches at the server for as long as it likes.
+    while let Some(data) = stream.next().await {
+        messages += 1;
+        if messages > MAX_PARAMETER_MESSAGES {
+            rows = rows.max(1);
+            break;
+        }
+        let read = data.map_err(|e| e.to_string()).and_then(|data| {
+            sandbox_wasm::untrusted_ipc::ipc_message_rows(&data.data_header, data.data_body.len())
+        });
+        match read {
+            Ok(count) => {
+                rows += count;
+                if rows > 0 {
+                    break;
+                }
+            }
+            Err(_) => {
+                return Err(CallError::Invalid {
+                    code: "invalid-parameters",
+                    message: "the parameter batch cannot be read",
+                });
+            }
+        }
+    }
+    Ok(rows > 0)
 }
 
 #[cfg(test)]

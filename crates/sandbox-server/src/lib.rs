@@ -4,8 +4,10 @@
 //! This is the only crate that knows gRPC and prost types: [`service`] converts wire types to the
 //! engine's domain types and back, and [`status::status_of`] is the one place where engine errors
 //! become `tonic::Status` codes. [`auth`] turns `authorization: Bearer <token>` metadata into a
-//! [`sandbox_policy::Principal`] and holds the table of roles each RPC requires. [`flight`]
-//! serves Arrow Flight SQL on the same address, through the same gatekeeper and engine calls;
+//! [`sandbox_policy::Principal`] and holds the table of roles each RPC requires;
+//! [`gatekeeper`] is the stage every call passes first (authentication, rate limits, roles, the
+//! journaling of refusals) and the one skeleton each handler is written in. [`flight`] serves
+//! Arrow Flight SQL on the same address, through the same gatekeeper and engine calls;
 //! [`metrics`] counts every call and serves Prometheus text on `--metrics-listen`.
 
 pub mod auth;
@@ -13,6 +15,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod detach;
 pub mod flight;
+pub mod gatekeeper;
 pub mod metrics;
 pub mod service;
 pub mod status;
@@ -126,10 +129,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .context("cannot start the engine")?;
     let authenticator = Arc::new(prepared.authenticator);
-    let gate = service::Gatekeeper::new(
+    let gate = gatekeeper::Gatekeeper::new(
         engine.clone(),
         authenticator,
-        service::RateLimit {
+        gatekeeper::RateLimit {
             per_second: config.rate_limit,
             burst: config.rate_burst,
         },

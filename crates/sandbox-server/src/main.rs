@@ -1,6 +1,5 @@
 //! `sandboxd`: serves the data sandbox over gRPC.
 
-use clap::Parser;
 use sandbox_server::ServerConfig;
 use tracing_subscriber::EnvFilter;
 
@@ -12,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = ServerConfig::parse();
+    let config = ServerConfig::from_command_line()?;
     let server = sandbox_server::start(config).await?;
     println!("sandboxd listening on {}", server.addr);
     tracing::info!(addr = %server.addr, "listening on {}", server.addr);
