@@ -1,5 +1,21 @@
 //! Shared fixtures of the end-to-end tests: a real server on an ephemeral loopback port over a
 //! freshly generated demo data dir, and a client that talks to it through the real gRPC stubs.
+//!
+//! The package's test targets (declared in `tests/Cargo.toml`), each documented in its own header:
+//! - `e2e` (`tests/e2e/`): the real server driven through the real client, checked against raw
+//!   DataFusion over the same files and against the journal: DP (`privacy.rs`), a Dinur-Nissim
+//!   reconstruction (`reconstruction.rs`), code jobs (`wasm.rs`), credentials, limits and queries
+//!   of death (`hardening.rs`), Flight SQL through `arrow-flight`'s client and the Python ADBC
+//!   driver (`flight.rs`, `adbc_check.py`; `examples/python/requirements.txt` installed into a
+//!   virtual environment under the target dir, once), audit proofs and exports (`audit.rs`),
+//!   joins, pseudonyms and templates (`depth.rs`), `/metrics` (`metrics.rs`).
+//! - `policy_suite` (`tests/policy_suite/`): data-driven cases, `cases/*.slt`, each allowed case
+//!   also run by raw DataFusion; `BLESS=1` rewrites the expected outcomes.
+//! - `adversary` (`tests/adversary/`): every threat class 1-30 with variants, against the demo and
+//!   a deployment whose grants are marked exact, judged by whether a hidden value was recovered.
+//!   Bounded in CI; `ADVERSARY_FULL=1` runs it at the demo's scale.
+//! - `tidy` (`tests/tidy.rs`): every crate opens with its docs, `ARCHITECTURE.md` names every crate
+//!   and every path it cites exists.
 
 use std::path::{Path, PathBuf};
 

@@ -4,6 +4,17 @@
 //! [`Client::sql`] submits a query, fetches the released Arrow IPC stream and its release summary,
 //! and decodes the batches. Errors are the server's `tonic::Status`, whose message and
 //! `x-sandbox-rule` metadata name the rule that applied.
+//!
+//! [`Client`] connects with a token (or, over TLS, a client certificate) and covers every call: SQL
+//! and WASM jobs, explain, list datasets, events, modules (upload, approve, reject, list),
+//! consents, templates, budgets, checkpoints, proofs, exports and audit SQL. The binary, the
+//! examples and the end-to-end tests all use it.
+//!
+//! The binary's commands: `datasets`, `sql`, `explain`, `audit tail|checkpoint|prove|export|sql`,
+//! `audit verify [--bundle DIR] [--trusted-checkpoint FILE]` (offline: no server, no private key),
+//! `policy check`, `module upload|approve|reject|list`, `wasm run`, `consent add|revoke|list`,
+//! `template submit|approve|list|run`, `budget`. Exit codes: 0 success, 1 audit verification
+//! failed, 2 usage, 3 denied, 4 unauthenticated or not permitted, 5 other.
 
 use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;

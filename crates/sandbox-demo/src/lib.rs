@@ -1,4 +1,4 @@
-//! Deterministic generator of the inclusive-finance demo datasets (DESIGN.md section 6).
+//! Deterministic generator of the inclusive-finance demo datasets.
 //!
 //! Enterprises in Guangxi with valid unified social credit codes, and the monthly tax, social
 //! insurance and housing fund records, court cases, administrative penalties and consents that
@@ -7,6 +7,10 @@
 //! revenue), so a credit model over the data means something. The same seed gives the same bytes.
 //!
 //! [`generate`] writes one Parquet file per table under `<dir>/datasets/<table>/`.
+//!
+//! The generator is a seeded ChaCha (`rand_chacha`, whose output does not change between
+//! platforms): credit codes with their GB 32100 check characters, Guangxi division codes, GB/T 4754
+//! industries, log-normal revenues and Poisson counts (`rand_distr`).
 
 mod codes;
 mod tables;

@@ -24,6 +24,21 @@
 //! in `crates/sandbox-wasm/GUEST_ABI.md`. On targets other than `wasm32` the host functions do not
 //! exist: the encoding helpers ([`decode`], [`encode`]) still work, so a job's model can be tested
 //! and benchmarked natively.
+//!
+//! The `unsafe` of the ABI (the import block, `#[no_mangle]`, `#[link_section]`) lives in this
+//! crate and its macros: it is the one crate (with the example that uses its macros) that denies
+//! `unsafe_code` instead of forbidding it. Its Arrow is `arrow-array`, `arrow-schema`,
+//! `arrow-buffer` and `arrow-ipc` without default features (the host's version, without compute
+//! kernels, so guests stay small); it never depends on tokio, DataFusion, wasmtime or the wire
+//! (checked by `.ci/run`). `.cargo/config.toml` sets one codegen unit, SIMD128 and stripped names
+//! for the wasm32 target only.
+//!
+//! `examples/credit-scoring` is the bank's scorecard built on it (a logistic model over revenue and
+//! VAT trends, headcount growth, social-insurance arrears, provident-fund coverage, court cases,
+//! the dishonest-debtor flag and penalties, mapped to 0-1000 points and grades A-E), with its input
+//! query (`INPUT_QUERY`); the benchmark runs the same `score_batch` natively. The model brings its
+//! own `ln`, so a score is bit-for-bit the same natively and in the sandbox (and does not pay for
+//! the software `libm` inside WebAssembly).
 
 use std::fmt;
 use std::sync::Arc;

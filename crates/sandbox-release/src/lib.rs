@@ -5,7 +5,7 @@
 //! contributed to it (capped at the threshold, which is all the gate needs to know). The gate
 //!
 //! 1. refuses input without the hidden unit count (fail closed: a plan that lost it is not
-//!    released at all);
+//!    released at all); a null count is zero units;
 //! 2. suppresses every row below `min_units` and counts it; then drops rows whose hidden
 //!    [`HAVING_COLUMN`] (the query's filter over aggregated rows, when it has one) is not true,
 //!    without counting them, so that the suppressed count never depends on that filter;
@@ -18,9 +18,50 @@
 //!
 //! Code jobs pass [`release_contract`] instead: the approval's output contract (exact schema, one
 //! row per entity, bounded values) and consent (rows for other entities are dropped and counted).
+//! Under differential privacy, [`release_dp`] (see [`dp`]) replaces the threshold with partition
+//! selection and noise.
 //!
-//! The result is a [`Released`], which only these two functions can build: the delivery stage
-//! takes a `Released`, so no code path can send rows that did not pass the gate.
+//! The result is a [`Released`], which only these functions can build (and `dp::reload_answer`,
+//! which reads back an answer this gate released before, for the engine's answer store): the
+//! delivery stage takes a `Released`, so no code path can send rows that did not pass the gate.
+//! [`released_schema`] is the gate's own answer to "what schema will this plan release", used to
+//! announce a schema before a query runs (Flight SQL; the fuzz oracle checks it equals the
+//! released one).
+//!
+//! This crate depends on Arrow and, for the noise, OpenDP; never on DataFusion (checked by
+//! `.ci/run`): the gate must serve code jobs too.
+//!
+//! # Differencing (`differencing.rs`)
+//!
+//! The sketch: 192 cells in three partitions of 64; each cell a row count, a sum of unit keys, a
+//! sum of check values and a sum of row identities modulo 2^64, so sketches add and subtract.
+//! `Sketch::difference` proves two rows at least `min_units` apart when one partition has that many
+//! differing cells (each unit touches one cell per partition), else lists the differing units by
+//! peeling; units whose rows changed count as differing; what cannot be proven far is treated as
+//! near. [`is_near`]: a row is withheld when a remembered row is 1 to `min_units - 1` units away,
+//! or has exactly its rows but came from another question (another `GatePolicy::source`). The gate
+//! also withholds the smallest released row while what the query hides covers 1 to `min_units - 1`
+//! units (complementary suppression), checks the sum of its released rows against the memory too,
+//! and runs its work under the query's deadline (`time-limit`). The memory itself (per org,
+//! durable, bounded) is the engine's.
+//!
+//! # Differential privacy (`dp.rs`)
+//!
+//! [`plan_noise`] fixes a query's mechanisms before it runs (the epsilon split by weight: a sum
+//! three shares, a count and the partition selection one; none for selection over public groups;
+//! each scale calibrated until OpenDP's privacy map says it fits its share; the least threshold
+//! whose delta fits), so the budget is debited with their exact cost. [`release_dp`] rebuilds them
+//! (OpenDP measurements cannot cross threads), keeps the groups whose noisy unit count passes the
+//! threshold (all, for public groups), adds noise to every statistic and post-processes. Under DP
+//! the summary tells no exact figure (groups not shown, rows scanned).
+//!
+//! # Codes
+//!
+//! [`ReleaseError::code`]: `contract-violation` (a guest's output breaks its contract: nothing is
+//! released), `time-limit` (the gate's work past the query's deadline), `release-too-many-rows`,
+//! `release-dp`, and `release-missing-unit-count`, `release-missing-sketch`,
+//! `release-hidden-column-type`, `release-schema-mismatch` (a plan that lost what the gate needs:
+//! nothing is released).
 
 mod contract;
 pub mod differencing;

@@ -9,6 +9,61 @@
 //! journaling of refusals) and the one skeleton each handler is written in. [`flight`] serves
 //! Arrow Flight SQL on the same address, through the same gatekeeper and engine calls;
 //! [`metrics`] counts every call and serves Prometheus text on `--metrics-listen`.
+//!
+//! # A call's way in
+//!
+//! [`start`] prepares the data dir ([`bootstrap::prepare`]), starts the engine and serves the
+//! native services and Flight SQL on one address, behind three layers, outermost first:
+//! [`detach::DetachLayer`] (every call runs in a task of its own, so a client that goes away cannot
+//! cut a call short between two steps; dropping the call fires its `ClientGone` token), the
+//! metrics layer, and [`unhandled::JournalUnhandledLayer`] (journals calls no handler saw). Each
+//! handler first calls the gatekeeper's `admit`: authentication, the per-principal rate limit
+//! (`governor`), the role check ([`auth::required_roles`]); each refusal is journaled before it is
+//! answered. [`RunningServer::shutdown`] stops accepting calls and has the engine end every running
+//! job (each records its end) before the journal closes.
+//!
+//! # Credentials (`auth.rs`, `tls.rs`)
+//!
+//! Tokens are stored as SHA-256 with an optional expiry in `<data-dir>/credentials/`; a client
+//! certificate names its principal in the subject's common name; both at once are accepted only
+//! when they agree; the deny list `credentials/revoked.toml` is re-read whenever it changes, and
+//! everyone is refused while it does not parse. Flight SQL clients may send basic credentials
+//! (user = principal, password = its token; padded or not). At first start, or the first `--tls`
+//! start, `tls.rs` creates a local CA, a server certificate and a client certificate per principal
+//! under `<data-dir>/tls/`, staged and renamed into place; client certificates are optional, so
+//! tokens work over TLS too. Plaintext on a non-loopback address needs `--insecure-plaintext`
+//! (when a proxy in front terminates TLS).
+//!
+//! # Errors (`status.rs`)
+//!
+//! [`status::status_of`] maps the engine's `ErrorKind` to a gRPC code; every status says
+//! `[rule] message (request id)` and carries the rule in `x-sandbox-rule` metadata; limits add
+//! `retry-after-ms` and a `google.rpc.RetryInfo` detail; internal errors say only `internal error`
+//! (details go to the log).
+//!
+//! # Configuration and bootstrap
+//!
+//! `config.rs`: every limit is a flag of [`ServerConfig`]. `bootstrap.rs`: on an empty data dir,
+//! the demo data, the demo policies (the repository's `policies/`, compiled in) and demo
+//! credentials. The demo templates approved for the bank are `examples/templates/`, compiled in;
+//! the server hands the engine a `TemplateSeed` on the demo's first start only, so approvals on the
+//! owners' behalf never come from a folder found in a data dir.
+//!
+//! # Flight SQL (`flight.rs`)
+//!
+//! Each Flight call has its row in the roles table (`FlightSql.*`) and maps to one engine call (the
+//! table is in [`flight`]'s docs). A prepared statement's handle is the query text, so nothing is
+//! held between calls and the query is checked again when it runs; bound parameter values are
+//! refused (their batches checked by `sandbox_wasm::untrusted_ipc` and never decoded). Commands the
+//! sandbox does not serve (updates, ingest, keys, Substrait, transactions) are answered
+//! `UNIMPLEMENTED` by `arrow-flight` before any handler runs and journaled by `unhandled.rs`.
+//!
+//! # Metrics (`metrics.rs`)
+//!
+//! Every call (native and Flight) is counted by method, caller's org and gRPC status in a layer
+//! inside the detach layer; the gatekeeper fills the org. `--metrics-listen` serves those counts
+//! plus the engine's `EngineMetrics` as OpenMetrics text on a small hyper server, holding the
+//! engine weakly so a stop releases it.
 
 pub mod auth;
 pub mod bootstrap;

@@ -42,6 +42,37 @@
 //! (copying batches) is charged as fuel too. Compiled modules are cached by SHA-256.
 //! [`WasmRuntime::run`] blocks: callers run it on a blocking thread so a runaway guest never
 //! occupies an async worker.
+//!
+//! # Upload and run
+//!
+//! The runtime is wasmtime with Cranelift and without WASI, the component model, threads or GC.
+//! [`WasmRuntime::inspect`] (at upload) validates and compiles the module, checks its imports
+//! (module, name and type) and exports, reads the manifest and caches the `InstancePre` by SHA-256.
+//! [`WasmRuntime::run`] gives every job a fresh `Store` and instance: fuel (work units), an epoch
+//! deadline (a ticker thread advances the epoch every 5 ms; the callback checks the wall-clock
+//! deadline and the cancellation flag), a `ResourceLimiter` (one memory, bounded bytes and table
+//! elements, recording which limit refused), a small `max_wasm_stack`, and caps on output bytes,
+//! rows, emits and log lines. Host copies are charged as fuel. A module's input query lives in a
+//! [`INPUT_SECTION`] custom section (the guest SDK's `input!`), so owners approve it with the
+//! bytes.
+//!
+//! [`untrusted_ipc`] checks Arrow IPC from outside the host (guest output, Flight SQL parameter
+//! batches) before any reader sees it. Arrow's reader still panics on some forged headers (an
+//! unknown type, a short validity buffer), so guest output is decoded under `catch_unwind`, and
+//! Flight parameter messages are never decoded (`ipc_message_rows` reads the row count from the
+//! checked header).
+//!
+//! # Codes
+//!
+//! | code | meaning |
+//! |---|---|
+//! | `wasm-malformed`, `wasm-forbidden-import`, `wasm-missing-export`, `wasm-manifest` | upload: not a valid module of the ABI |
+//! | `wasm-limit` | a run hit a limit; the message names it (`fuel`, `wall-time`, `memory`, `table`, `stack`, `output-bytes`, `output-rows`, `output-batches`, `log`) |
+//! | `wasm-trap`, `wasm-abi`, `wasm-guest-failed` | the guest trapped, broke the ABI, or returned a failure status |
+//! | `module-changed` | the stored bytes no longer hash to the approved SHA-256 |
+//!
+//! None carries data; client messages for guest failures are fixed texts, the details go to the
+//! journal.
 
 mod abi;
 mod error;
