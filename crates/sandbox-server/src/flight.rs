@@ -379,7 +379,7 @@ impl FlightSqlService for FlightSql {
                     .await?;
                 if !explanation.allowed {
                     return Err(CallError::Answered(status::denied(
-                        &explanation.rule,
+                        explanation.rule,
                         &explanation.message,
                         &call.ctx.request_id,
                     )));

@@ -53,7 +53,7 @@ pub fn status_of(error: &EngineError, request_id: &str) -> Status {
         }
         _ => error.to_string(),
     };
-    let status = with_headers(code, &error.code(), &message, request_id);
+    let status = with_headers(code, error.code(), &message, request_id);
     match error.retry_after() {
         Some(wait) => with_retry_hint(status, wait),
         None => status,

@@ -40,7 +40,7 @@ impl Engine {
             .effective(sha256, &ctx.principal.org, now(), |d| {
                 self.governance.owner_of(d)
             })
-            .map_err(|refusal| EngineError::ModuleRefused(refusal))?;
+            .map_err(EngineError::ModuleRefused)?;
         let approved_input = self
             .governance
             .registry()
