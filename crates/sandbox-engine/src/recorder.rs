@@ -6,8 +6,8 @@
 //! mapping from an error to the journal's decision), [`Pending::conclude`] for either, or
 //! [`Pending::record`] for an ending that set its decision itself (a job's). Every consuming
 //! method takes the handle by value, so no path records twice; a handle dropped unconsumed (a
-//! path that forgot, or a caller that went away and dropped the request) still writes its
-//! terminal event, as abandoned, from its `Drop`, so no path records nothing.
+//! path that forgot, or one that panicked) still writes its terminal event, as a failure with the
+//! rule `request-abandoned`, from its `Drop`, so no path records nothing.
 
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
@@ -208,11 +208,14 @@ impl Drop for Pending {
         let Some(mut event) = self.event.take() else {
             return;
         };
-        // Dropped unconsumed: the caller went away mid-request (its future was dropped) or a
-        // path forgot its ending. Either way the request still gets its one terminal event.
-        tracing::warn!(action = %event.action, request = %event.request_id,
+        // Dropped unconsumed: a path forgot its ending, panicked, or its future was dropped (the
+        // server runs every call to its end in a task of its own, so not for a client that left).
+        // The request still gets its one terminal event, as a failure; a record it carried (a
+        // governance change) is not kept: the registry never applied it, so replay must not.
+        tracing::error!(action = %event.action, request = %event.request_id,
             "a request ended without recording its outcome; recording it as abandoned");
-        event.decision = Decision::Cancel;
+        event.decision = Decision::Fail;
+        event.record = None;
         event.rule = ABANDONED_RULE.into();
         event.message = "the request ended before its outcome was recorded".into();
         let journal = self.journal.clone();
@@ -359,7 +362,7 @@ mod tests {
         let events = events(&recorder);
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].action, "FetchResult");
-        assert_eq!(events[0].decision, Decision::Cancel);
+        assert_eq!(events[0].decision, Decision::Fail);
         assert_eq!(events[0].rule, ABANDONED_RULE);
         assert_eq!(events[0].job_id, "j-1");
     }

@@ -128,12 +128,7 @@ pub fn release_contract(
             released.push(filter_record_batch(&checked, &keep)?);
         }
     }
-    Ok(Released {
-        schema: expected,
-        batches: released,
-        summary,
-        sketches: Vec::new(),
-    })
+    Released::new(expected, released, summary, Vec::new())
 }
 
 /// A field's column, checked against its bounds (floats rounded to their decimals).

@@ -682,12 +682,7 @@ pub fn release_dp(
         rows_differencing: 0,
         min_units: 0,
     };
-    let released = Released {
-        schema: out_schema,
-        batches: vec![batch],
-        summary,
-        sketches: Vec::new(),
-    };
+    let released = Released::new(out_schema, vec![batch], summary, Vec::new())?;
     Ok((released, report))
 }
 
@@ -706,15 +701,15 @@ pub fn reload_answer(ipc: &[u8]) -> Result<Released> {
         return Err(dp_error("a stored answer carries hidden columns"));
     }
     let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-    Ok(Released {
+    Released::new(
         schema,
         batches,
-        summary: ReleaseSummary {
+        ReleaseSummary {
             rows_released: rows,
             ..ReleaseSummary::default()
         },
-        sketches: Vec::new(),
-    })
+        Vec::new(),
+    )
 }
 
 #[cfg(test)]

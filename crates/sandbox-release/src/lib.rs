@@ -107,6 +107,9 @@ pub enum ReleaseError {
     Dp(String),
     #[error("cannot process result batches: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// A result brought to a gate of another kind than its plan's (exact or private).
+    #[error("{0}; nothing is released")]
+    WrongGate(&'static str),
 }
 
 impl ReleaseError {
@@ -124,6 +127,7 @@ impl ReleaseError {
             ReleaseError::ContractViolation(_) => "contract-violation",
             ReleaseError::Dp(_) => "release-dp",
             ReleaseError::Arrow(_) => "release-arrow",
+            ReleaseError::WrongGate(_) => "release-wrong-gate",
         }
     }
 }
@@ -210,6 +214,68 @@ impl Remembered for Vec<(differencing::Sketch, u64)> {
     }
 }
 
+/// Rebuilds the columns whose buffers can hold values of rows that are not in the batch. A filter
+/// or a `take` keeps a view array's (`Utf8View`, `BinaryView`) data buffers whole and a dictionary
+/// array's whole dictionary, and the IPC writer sends every buffer and the whole dictionary: the
+/// values of suppressed rows would travel in the released bytes. View arrays are garbage-collected
+/// (`gc`: only the values their views reference), dictionaries rebuilt from the values present;
+/// a nested column that holds either is refused (fail closed: the gate never releases one today).
+pub fn compact(batch: RecordBatch) -> Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .map(compact_column)
+        .collect::<Result<Vec<_>>>()?;
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(
+        batch.schema(),
+        columns,
+        &options,
+    )?)
+}
+
+fn compact_column(column: &ArrayRef) -> Result<ArrayRef> {
+    use arrow::array::AsArray;
+    Ok(match column.data_type() {
+        DataType::Utf8View => Arc::new(column.as_string_view().gc()),
+        DataType::BinaryView => Arc::new(column.as_binary_view().gc()),
+        DataType::Dictionary(_, values) => {
+            // Through the values and back: the new dictionary holds only the values present.
+            let plain = arrow::compute::cast(column, values)?;
+            arrow::compute::cast(&compact_column(&plain)?, column.data_type())?
+        }
+        other if holds_shared_buffers(other) => {
+            return Err(ReleaseError::Arrow(
+                arrow::error::ArrowError::InvalidArgumentError(format!(
+                    "cannot release a nested column of type {other}"
+                )),
+            ));
+        }
+        _ => column.clone(),
+    })
+}
+
+/// Whether a type is, or nests, a view or a dictionary type.
+fn holds_shared_buffers(data_type: &DataType) -> bool {
+    match data_type {
+        DataType::Utf8View
+        | DataType::BinaryView
+        | DataType::Dictionary(..)
+        | DataType::ListView(_)
+        | DataType::LargeListView(_) => true,
+        DataType::List(field)
+        | DataType::LargeList(field)
+        | DataType::FixedSizeList(field, _)
+        | DataType::Map(field, _) => holds_shared_buffers(field.data_type()),
+        DataType::Struct(fields) => fields.iter().any(|f| holds_shared_buffers(f.data_type())),
+        DataType::Union(fields, _) => fields
+            .iter()
+            .any(|(_, f)| holds_shared_buffers(f.data_type())),
+        DataType::RunEndEncoded(_, values) => holds_shared_buffers(values.data_type()),
+        _ => false,
+    }
+}
+
 /// A result that passed the gate. Only [`release`] and [`release_contract`] construct it.
 #[derive(Debug, Clone)]
 pub struct Released {
@@ -222,6 +288,27 @@ pub struct Released {
 }
 
 impl Released {
+    /// The one constructor: every column is compacted first (see [`compact`]), so the released
+    /// batches, their IPC bytes and anything streamed from them hold the released rows' values
+    /// and nothing else.
+    pub(crate) fn new(
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+        summary: ReleaseSummary,
+        sketches: Vec<differencing::Sketch>,
+    ) -> Result<Self> {
+        let batches = batches
+            .into_iter()
+            .map(compact)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Released {
+            schema,
+            batches,
+            summary,
+            sketches,
+        })
+    }
+
     pub fn schema(&self) -> &SchemaRef {
         &self.schema
     }
@@ -455,12 +542,7 @@ pub fn release(
     if let Some(sum) = total {
         sketches.push(sum);
     }
-    Ok(Released {
-        schema: out_schema,
-        batches: released,
-        summary,
-        sketches,
-    })
+    Released::new(out_schema, released, summary, sketches)
 }
 
 /// Whether the rows not shown cover between one and `min_units - 1` units (or cannot be proven
@@ -623,6 +705,83 @@ mod tests {
         )
         .unwrap();
         (schema, batch)
+    }
+
+    /// A suppressed group's key must not travel in the released bytes: a filter keeps a view
+    /// array's data buffers whole and the IPC writer sends them, so without compaction the key
+    /// of a suppressed row (longer than a view's 12 inline bytes) is in the stream.
+    #[test]
+    fn suppressed_values_are_not_in_the_released_bytes() {
+        // Four groups large enough and one of two units; complementary suppression may withhold
+        // one more: whatever is withheld must be absent from the bytes, whatever is released there.
+        let keys = [
+            "INDUSTRY-GROUP-KEY-NUMBER-0",
+            "INDUSTRY-GROUP-KEY-NUMBER-1",
+            "INDUSTRY-GROUP-KEY-NUMBER-2",
+            "INDUSTRY-GROUP-KEY-NUMBER-3",
+            "SUPPRESSED-ENTERPRISE-GROUP-KEY",
+        ];
+        let cities = [
+            "CITY-NAME-OF-GROUP-NUMBER-0",
+            "CITY-NAME-OF-GROUP-NUMBER-1",
+            "CITY-NAME-OF-GROUP-NUMBER-2",
+            "CITY-NAME-OF-GROUP-NUMBER-3",
+            "SUPPRESSED-CITY-NAME-000004",
+        ];
+        let units = [50, 60, 70, 80, 2];
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("industry", DataType::Utf8View, false),
+            Field::new(
+                "city",
+                DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                false,
+            ),
+            Field::new(UNITS_COLUMN, DataType::UInt64, false),
+            sketch_field(),
+        ]));
+        let city_column: arrow::array::DictionaryArray<arrow::datatypes::Int32Type> =
+            cities.into_iter().collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(arrow::array::StringViewArray::from(keys.to_vec())),
+                Arc::new(city_column),
+                unit_counts(&units),
+                disjoint(&units),
+            ],
+        )
+        .expect("valid batch");
+        let policy = GatePolicy {
+            min_units: 10,
+            skip: 0,
+            fetch: None,
+            max_rows: 100,
+            deadline: None,
+            source: 1,
+        };
+        let released = release(schema, vec![batch], &policy, &nothing()).expect("released");
+        let shown: Vec<String> = released
+            .batches()
+            .iter()
+            .flat_map(|b| {
+                let column = arrow::compute::cast(b.column(0), &DataType::Utf8).expect("casts");
+                let column = column.as_any().downcast_ref::<StringArray>().expect("text");
+                column
+                    .iter()
+                    .flatten()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert!(!shown.is_empty(), "some groups are released");
+        assert!(!shown.iter().any(|k| k.starts_with("SUPPRESSED")));
+        let bytes = released.to_ipc_stream().expect("encodes");
+        let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+        for (key, city) in keys.iter().zip(cities) {
+            let released_row = shown.iter().any(|k| k == key);
+            assert_eq!(contains(key), released_row, "{key} in the bytes");
+            assert_eq!(contains(city), released_row, "{city} in the bytes");
+        }
     }
 
     #[test]

@@ -150,6 +150,9 @@ pub struct Executed {
     batches: Vec<RecordBatch>,
     rows_scanned: u64,
     spilled_bytes: u64,
+    /// Planned under differential privacy: only [`Executed::release_dp`] may release it, and
+    /// only an exact plan [`Executed::release`].
+    private: bool,
 }
 
 impl Executed {
@@ -178,6 +181,11 @@ impl Executed {
         gate: &GatePolicy,
         memory: &dyn sandbox_release::Remembered,
     ) -> std::result::Result<sandbox_release::Released, sandbox_release::ReleaseError> {
+        if self.private {
+            return Err(sandbox_release::ReleaseError::WrongGate(
+                "a query planned under differential privacy goes through the DP gate",
+            ));
+        }
         sandbox_release::release(self.schema, self.batches, gate, memory)
     }
 
@@ -190,6 +198,11 @@ impl Executed {
         (sandbox_release::Released, sandbox_release::DpReport),
         sandbox_release::ReleaseError,
     > {
+        if !self.private {
+            return Err(sandbox_release::ReleaseError::WrongGate(
+                "an exact query goes through the exact gate",
+            ));
+        }
         sandbox_release::release_dp(self.schema, self.batches, noise, gate)
     }
 }
@@ -645,8 +658,14 @@ impl SqlEngine {
         planned: PlannedQuery,
         cancel: CancellationToken,
     ) -> Result<Executed> {
-        self.run_plan(&planned.context, &planned.guarded.plan, cancel)
-            .await
+        let private = planned.guarded.dp.is_some();
+        let executed = self
+            .run_plan(&planned.context, &planned.guarded.plan, cancel)
+            .await?;
+        Ok(Executed {
+            private,
+            ..executed
+        })
     }
 
     /// Runs a code job's input query under the same limits. The rows go to the guest only.
@@ -722,6 +741,7 @@ impl SqlEngine {
                 batches,
                 rows_scanned: rows_scanned(physical.as_ref()),
                 spilled_bytes: spilled_bytes(physical.as_ref()),
+                private: false,
             })
         };
         self.run_bounded(work, cancel).await?

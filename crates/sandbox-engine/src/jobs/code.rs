@@ -307,7 +307,8 @@ impl Engine {
 }
 
 /// Keeps only input rows whose privacy unit consented: other entities' rows never reach the
-/// guest. Returns the rows kept and how many were withheld.
+/// guest, not even in the buffers a filter keeps (string views, dictionaries: the batches are
+/// compacted, as released ones are). Returns the rows kept and how many were withheld.
 pub(crate) fn only_consented(
     batches: Vec<RecordBatch>,
     key_index: usize,
@@ -327,7 +328,9 @@ pub(crate) fn only_consented(
             .collect();
         withheld += (batch.num_rows() - keep.true_count()) as u64;
         if keep.true_count() > 0 {
-            kept.push(filter_record_batch(&batch, &keep)?);
+            kept.push(sandbox_release::compact(filter_record_batch(
+                &batch, &keep,
+            )?)?);
         }
     }
     Ok((kept, withheld))

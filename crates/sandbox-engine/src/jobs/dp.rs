@@ -116,7 +116,10 @@ impl Engine {
             && let Some(report) = &cached.report
         {
             let (epsilon_remaining, delta_remaining) =
-                self.governance.remaining(ctx, &datasets, 0.0, 0.0)?;
+                match self.governance.remaining(ctx, &datasets, 0.0, 0.0) {
+                    Ok(left) => left,
+                    Err(error) => return event.refuse_after(started.elapsed(), error).await,
+                };
             let dp = DpOutcome {
                 epsilon_spent: 0.0,
                 delta_spent: 0.0,
