@@ -214,7 +214,8 @@ impl Remembered for Vec<(differencing::Sketch, u64)> {
     }
 }
 
-/// Rebuilds the columns whose buffers can hold values of rows that are not in the batch. A filter
+/// Rebuilds the columns whose buffers can hold values of rows that are not in the batch: null
+/// slots are emptied (a `take` with a null index leaves another row's value under one). A filter
 /// or a `take` keeps a view array's (`Utf8View`, `BinaryView`) data buffers whole and a dictionary
 /// array's whole dictionary, and the IPC writer sends every buffer and the whole dictionary: the
 /// values of suppressed rows would travel in the released bytes. View arrays are garbage-collected
@@ -236,6 +237,17 @@ pub fn compact(batch: RecordBatch) -> Result<RecordBatch> {
 
 fn compact_column(column: &ArrayRef) -> Result<ArrayRef> {
     use arrow::array::AsArray;
+    // Under a null slot a `take` (a null index) or a join leaves another row's value or view:
+    // the slots are rebuilt empty, from a null array, before anything else.
+    let zeroed;
+    let column = if column.null_count() > 0 {
+        let valid = arrow::compute::is_not_null(column)?;
+        let nulls = arrow::array::new_null_array(column.data_type(), column.len());
+        zeroed = arrow::compute::kernels::zip::zip(&valid, column, &nulls)?;
+        &zeroed
+    } else {
+        column
+    };
     Ok(match column.data_type() {
         DataType::Utf8View => Arc::new(column.as_string_view().gc()),
         DataType::BinaryView => Arc::new(column.as_binary_view().gc()),
@@ -782,6 +794,43 @@ mod tests {
             assert_eq!(contains(key), released_row, "{key} in the bytes");
             assert_eq!(contains(city), released_row, "{city} in the bytes");
         }
+    }
+
+    /// A null slot released empty: the value a kernel left under it does not travel.
+    #[test]
+    fn values_under_null_slots_are_not_in_the_bytes() {
+        let secret: i64 = 0x5EC2_E7AB_CDEF_1234;
+        let values = arrow::buffer::ScalarBuffer::from(vec![7_i64, secret]);
+        let nulls = arrow::buffer::NullBuffer::from(vec![true, false]);
+        let measure = Int64Array::new(values, Some(nulls));
+        let text = arrow::array::StringViewArray::from(vec![
+            Some("A-RELEASED-VALUE-OF-THIRTY"),
+            Some("A-VALUE-UNDER-A-NULL-SLOT-X"),
+        ]);
+        let text_nulls = arrow::buffer::NullBuffer::from(vec![true, false]);
+        let text = arrow::array::StringViewArray::new(
+            text.views().clone(),
+            text.data_buffers().to_vec(),
+            Some(text_nulls),
+        );
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("v", DataType::Int64, true),
+            Field::new("t", DataType::Utf8View, true),
+        ]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(measure), Arc::new(text)])
+            .expect("valid batch");
+        let compacted = compact(batch).expect("compacts");
+        let mut bytes = Vec::new();
+        {
+            let mut writer = StreamWriter::try_new(&mut bytes, &compacted.schema()).expect("w");
+            writer.write(&compacted).expect("writes");
+            writer.finish().expect("finishes");
+        }
+        let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"A-RELEASED-VALUE-OF-THIRTY"));
+        assert!(!contains(b"A-VALUE-UNDER-A-NULL-SLOT-X"));
+        assert!(!contains(&secret.to_le_bytes()));
+        assert_eq!(compacted.column(0).null_count(), 1);
     }
 
     #[test]
