@@ -122,7 +122,7 @@ impl Pending {
         self.record().await
     }
 
-    /// Records the refusal or failure `error` (after `elapsed`, for a job) and returns it.
+    /// Records the refusal or failure `error` and returns it.
     pub(crate) async fn refuse<T>(mut self, error: EngineError) -> Result<T> {
         self.note_error(&error);
         self.record().await?;
