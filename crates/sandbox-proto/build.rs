@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(&files, [&root])?;
     tonic_prost_build::configure()
+        // Maps as BTreeMap: a message encodes to the same bytes every time (a HashMap's order
+        // changes per process), which digests, signatures and the fuzz round trip rely on.
+        .btree_map(".")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

@@ -339,7 +339,7 @@ async fn templates(h: &mut Harness) {
     let result = bank
         .template(
             "tax_features",
-            HashMap::from([("since".to_string(), last.to_string())]),
+            BTreeMap::from([("since".to_string(), last.to_string())]),
         )
         .await;
     let verdict = match result {
@@ -420,7 +420,7 @@ async fn templates(h: &mut Harness) {
         async move {
             bank.template(
                 "industry_region_risk",
-                HashMap::from([("since".to_string(), since)]),
+                BTreeMap::from([("since".to_string(), since)]),
             )
             .await
         }

@@ -3,7 +3,7 @@
 //! (exact or under differential privacy) and against an approved template run over every value
 //! of its parameter.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::harness::{Harness, Verdict};
 
@@ -180,7 +180,7 @@ async fn against_template(h: &mut Harness) {
         match bank
             .template(
                 "industry_region_risk",
-                HashMap::from([("since".to_string(), month.clone())]),
+                BTreeMap::from([("since".to_string(), month.clone())]),
             )
             .await
         {

@@ -2,7 +2,7 @@
 //! their own entities, per-consumer pseudonyms, and approved SQL templates from submission to
 //! run limits.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use datafusion::arrow::array::AsArray;
 use sandbox_tests::{TestServer, rule_of, sorted_rows};
@@ -145,7 +145,7 @@ sql = "SELECT e.industry, COUNT(*) AS cases FROM court_cases c JOIN enterprises 
                  JOIN enterprises e ON c.counterparty_code = e.credit_code GROUP BY e.industry";
     let (expected, _) = raw_released(&raw, truth, 2, 10).await;
     let result = bank
-        .template("sued_industries", HashMap::new())
+        .template("sued_industries", BTreeMap::new())
         .await
         .expect("runs");
     let released = sorted_rows(&result.batches);
@@ -197,7 +197,7 @@ async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
     let submitted = bank.submit_template(&text).await.expect("submitted");
     assert_eq!(submitted.state, "pending");
     assert_eq!(submitted.datasets, vec!["court_cases", "enterprises"]);
-    let params = HashMap::from([("since".to_string(), "2023-01".to_string())]);
+    let params = BTreeMap::from([("since".to_string(), "2023-01".to_string())]);
 
     let status = bank
         .template("risk_journey", params.clone())
@@ -252,7 +252,7 @@ async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
     }
     // Parameters are typed and complete.
     let status = bank
-        .template("risk_journey", HashMap::new())
+        .template("risk_journey", BTreeMap::new())
         .await
         .unwrap_err();
     assert_eq!(rule_of(&status), "template-parameters");
@@ -265,7 +265,7 @@ async fn templates_need_every_owner_run_under_their_own_mode_and_run_out() {
     // Another consumer cannot run the bank's template.
     let mut analyst = server.client("analyst").await.expect("client");
     let status = analyst
-        .template("risk_journey", HashMap::new())
+        .template("risk_journey", BTreeMap::new())
         .await
         .unwrap_err();
     assert_eq!(rule_of(&status), "template-not-approved");
@@ -304,7 +304,7 @@ async fn scoring_templates_release_only_consented_entities_within_the_contract()
     let result = bank
         .template(
             "features_journey",
-            HashMap::from([("since".to_string(), "2023-01".to_string())]),
+            BTreeMap::from([("since".to_string(), "2023-01".to_string())]),
         )
         .await
         .expect("runs");
@@ -356,7 +356,7 @@ async fn demo_templates_are_approved_once_at_first_start() {
         .expect("listed");
     let owners: BTreeSet<&str> = risk.approvals.iter().map(|a| a.org.as_str()).collect();
     assert_eq!(owners, BTreeSet::from(["court", "market_regulation"]));
-    let params = HashMap::from([("since".to_string(), "2023-01".to_string())]);
+    let params = BTreeMap::from([("since".to_string(), "2023-01".to_string())]);
     let result = bank
         .template("industry_region_risk", params.clone())
         .await

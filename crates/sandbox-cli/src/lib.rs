@@ -371,7 +371,7 @@ impl Client {
     pub async fn template(
         &mut self,
         name: &str,
-        params: std::collections::HashMap<String, String>,
+        params: std::collections::BTreeMap<String, String>,
     ) -> Result<SqlResult, tonic::Status> {
         self.run(pb::JobSpec {
             kind: Some(pb::job_spec::Kind::Template(pb::TemplateJob {
