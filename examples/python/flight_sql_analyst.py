@@ -33,6 +33,27 @@ def connect(url: str, user: str, token: str, ca: str | None = None):
     return flight_sql.connect(url, db_kwargs=db_kwargs, autocommit=True)
 
 
+def explain_connection_error(error: Exception, url: str, ca: str | None) -> str | None:
+    """What a failed connection means and the option that fixes it, or None when the error is
+    not about the connection (the driver reports every cause in gRPC's words)."""
+    text = str(error)
+    tls = url.startswith("grpc+tls://")
+    if "connection refused" in text.lower():
+        return f"nothing is listening at {url}: start sandboxd, or fix --url (sandboxd --listen sets the address)"
+    if "x509" in text or "certificate signed by unknown authority" in text:
+        if ca:
+            return f"the server's certificate is not signed by the CA in {ca}: use the server's CA (sandbox-data/tls/ca.pem)"
+        return "the server's certificate is not trusted: pass --ca sandbox-data/tls/ca.pem (the CA sandboxd --tls wrote)"
+    if tls and ("first record does not look like a TLS handshake" in text or "handshake" in text.lower()):
+        return f"the server does not speak TLS at this address: use {url.replace('grpc+tls://', 'grpc://', 1)}"
+    if not tls and ("server preface" in text or "connection closed" in text.lower() or "EOF" in text):
+        return (
+            f"the server closed the plaintext connection; it probably expects TLS: use "
+            f"{url.replace('grpc://', 'grpc+tls://', 1)} with --ca sandbox-data/tls/ca.pem"
+        )
+    return None
+
+
 def tables(conn) -> list[str]:
     """The datasets this principal may query, as the catalog shows them."""
     objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
@@ -51,8 +72,24 @@ def main() -> int:
     parser.add_argument("--token-file", default="sandbox-data/credentials/analyst.token")
     parser.add_argument("--ca", help="CA certificate (PEM) of a TLS server")
     args = parser.parse_args()
-    token = Path(args.token_file).read_text().strip()
+    try:
+        token = Path(args.token_file).read_text().strip()
+    except OSError as error:
+        print(f"usage: cannot read the token file: {error} (tokens are under sandbox-data/credentials/)", file=sys.stderr)
+        return 2
+    try:
+        return session(args)
+    except flight_sql.Error as error:
+        hint = explain_connection_error(error, args.url, args.ca)
+        if hint is None:
+            raise
+        print(f"error: cannot connect to {args.url}: {hint}", file=sys.stderr)
+        return 5
 
+
+def session(args) -> int:
+    """The analyst's questions, over one connection."""
+    token = Path(args.token_file).read_text().strip()
     with connect(args.url, args.user, token, args.ca) as conn:
         print("datasets:", ", ".join(tables(conn)))
         with conn.cursor() as cur:

@@ -842,5 +842,29 @@ async fn the_python_adbc_driver_sees_the_same_sandbox() {
         String::from_utf8_lossy(&example.stderr)
     );
     assert!(printed.contains("refused:") && printed.contains("identifier-output"));
+
+    // A wrong address or scheme is explained, with the option that fixes it, not a traceback.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    for (url, says) in [
+        (format!("grpc://127.0.0.1:{closed}"), "nothing is listening"),
+        (
+            format!("grpc+tls://{}", server.server.addr),
+            "does not speak TLS",
+        ),
+    ] {
+        let mut command = std::process::Command::new(&python);
+        command
+            .arg(examples.join("flight_sql_analyst.py"))
+            .args(["--url", &url, "--user", "analyst", "--token-file"])
+            .arg(&token_file);
+        let failed = run(command).await;
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert_eq!(failed.status.code(), Some(5), "{url}: {stderr}");
+        assert!(stderr.contains(says), "{url}: {stderr}");
+        assert!(!stderr.contains("Traceback"), "{url}: {stderr}");
+    }
     server.server.shutdown().await.expect("shutdown");
 }

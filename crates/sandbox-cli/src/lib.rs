@@ -10,11 +10,15 @@
 //! consents, templates, budgets, checkpoints, proofs, exports and audit SQL. The binary, the
 //! examples and the end-to-end tests all use it.
 //!
-//! The binary's commands: `datasets`, `sql`, `explain`, `audit tail|checkpoint|prove|export|sql`,
-//! `audit verify [--bundle DIR] [--trusted-checkpoint FILE]` (offline: no server, no private key),
-//! `policy check`, `module upload|approve|reject|list`, `wasm run`, `consent add|revoke|list`,
-//! `template submit|approve|list|run`, `budget`. Exit codes: 0 success, 1 audit verification
-//! failed, 2 usage, 3 denied, 4 unauthenticated or not permitted, 5 other.
+//! The binary's commands: `whoami`, `datasets [NAME..]`, `grants`, `sql`, `explain`,
+//! `audit tail|checkpoint|prove|export|sql`, `audit verify [--bundle DIR] [--trusted-checkpoint
+//! FILE]` (offline: no server, no private key), `policy check`, `module
+//! upload|show|approve|reject|list`, `wasm run`, `consent add|revoke|list`, `template
+//! submit|show|approve|list|run`, `budget show|refresh`, `completions`. Every one prints through
+//! [`output`]. Exit codes: 0 success, 1 audit verification failed, 2 usage, 3 denied, 4
+//! unauthenticated or not permitted, 5 other.
+
+pub mod output;
 
 use arrow::array::RecordBatch;
 use arrow::ipc::reader::StreamReader;
@@ -35,9 +39,11 @@ pub const RETRY_AFTER_HEADER: &str = "retry-after-ms";
 pub enum ConnectError {
     #[error("invalid server address `{0}`")]
     Address(String),
-    #[error("cannot connect to {address}: {source}")]
+    /// The connection or its TLS handshake failed; `hint` says what it means and what fixes it.
+    #[error("cannot connect to {address}: {hint}")]
     Transport {
         address: String,
+        hint: String,
         #[source]
         source: tonic::transport::Error,
     },
@@ -93,6 +99,97 @@ impl TlsFiles {
     }
 }
 
+/// What a failed connection means and the option that fixes it, read from the error's chain
+/// (tonic reports every cause as `transport error`).
+pub fn transport_hint(
+    address: &str,
+    tls: Option<&TlsFiles>,
+    error: &(dyn std::error::Error + 'static),
+) -> String {
+    let mut causes = Vec::new();
+    let mut kinds = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        causes.push(e.to_string());
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            kinds.push(io.kind());
+            if let Some(inner) = io.get_ref() {
+                causes.push(inner.to_string());
+            }
+        }
+        next = e.source();
+    }
+    let all = causes.join(": ");
+    let has = |needle: &str| all.contains(needle);
+    let https = address.starts_with("https://");
+    let has_ca = tls.is_some_and(|t| t.ca.is_some());
+    let has_cert = tls.is_some_and(|t| t.cert.is_some());
+    let hint = if kinds.contains(&std::io::ErrorKind::ConnectionRefused)
+        || has("Connection refused")
+    {
+        "nothing is listening there (connection refused): start `sandboxd`, or point the CLI at \
+         the address it prints (`--addr http://HOST:PORT` or SANDBOX_ADDR; `sandboxd --listen \
+         HOST:PORT` picks the server's)"
+            .to_string()
+    } else if has("UnknownIssuer") || has("unknown issuer") {
+        if has_ca {
+            "the server's certificate is not signed by the CA given with --ca: use the server's \
+             CA (`<data-dir>/tls/ca.pem`)"
+                .to_string()
+        } else {
+            "the server's certificate is not signed by a CA this client trusts: pass the \
+             server's CA with --ca <data-dir>/tls/ca.pem (or --as NAME with --data-dir \
+             pointing at the server's data dir)"
+                .to_string()
+        }
+    } else if has("NotValidForName") || has("not valid for name") {
+        "the server's certificate does not name this host: connect by a name it holds \
+         (`localhost`, `127.0.0.1`), or start sandboxd with --tls-name HOST"
+            .to_string()
+    } else if https && (has("InvalidContentType") || has("corrupt message") || has("wrong version"))
+    {
+        format!(
+            "the server does not speak TLS at this address: use {}",
+            address.replacen("https://", "http://", 1)
+        )
+    } else if has("private key") || has("KeyMismatch") || has("key does not match") {
+        "the --key does not belong to the --cert: give the key written beside that certificate"
+            .to_string()
+    } else if https && (has("CertificateRequired") || has("BadCertificate") || has("UnknownCA")) {
+        if has_cert {
+            "the server refused the client certificate: use one issued by the server's CA \
+             (`<data-dir>/tls/clients/NAME.pem` and `.key`)"
+                .to_string()
+        } else {
+            "the server wants a client certificate or a token: use --as NAME, or --cert F \
+             --key F"
+                .to_string()
+        }
+    } else if !https
+        && (has("h2 protocol error")
+            || has("connection reset")
+            || has("Connection reset")
+            || has("broken pipe")
+            || has("Broken pipe")
+            || has("connection closed")
+            || has("frame with invalid size")
+            || has("unexpected end of file"))
+    {
+        format!(
+            "the server closed the plaintext connection; it probably expects TLS: use {} with \
+             --ca <data-dir>/tls/ca.pem (or --as NAME)",
+            address.replacen("http://", "https://", 1)
+        )
+    } else if has("dns error") || has("failed to lookup") {
+        "the host name does not resolve: check --addr / SANDBOX_ADDR".to_string()
+    } else if has("timed out") {
+        "the connection timed out: check the address and that the server is reachable".to_string()
+    } else {
+        "check --addr (or SANDBOX_ADDR), and for https:// --ca, --cert and --key".to_string()
+    };
+    format!("{hint} [{all}]")
+}
+
 /// Largest message to or from the governance service (an uploaded module).
 const MAX_MODULE_MESSAGE: usize = 17 * 1024 * 1024;
 
@@ -140,21 +237,17 @@ impl Client {
         }
         let mut endpoint = Channel::from_shared(address.to_string())
             .map_err(|_| ConnectError::Address(address.to_string()))?;
+        let transport = |source: tonic::transport::Error| ConnectError::Transport {
+            address: address.to_string(),
+            hint: transport_hint(address, tls, &source),
+            source,
+        };
         if let Some(tls) = tls {
             endpoint = endpoint
                 .tls_config(tls.client_config()?)
-                .map_err(|source| ConnectError::Transport {
-                    address: address.to_string(),
-                    source,
-                })?;
+                .map_err(transport)?;
         }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| ConnectError::Transport {
-                address: address.to_string(),
-                source,
-            })?;
+        let channel = endpoint.connect().await.map_err(transport)?;
         Ok(Client {
             sandbox: SandboxClient::new(channel.clone()),
             // Audit SQL results are larger than tonic's default 4 MiB message.
@@ -525,6 +618,16 @@ impl Client {
         &mut self,
         out: &std::path::Path,
     ) -> Result<Vec<(String, u64)>, ExportError> {
+        self.export_journal_with_progress(out, |_| {}).await
+    }
+
+    /// [`Client::export_journal`], calling `progress` with the bytes written so far after each
+    /// chunk (for a progress line).
+    pub async fn export_journal_with_progress(
+        &mut self,
+        out: &std::path::Path,
+        mut progress: impl FnMut(u64),
+    ) -> Result<Vec<(String, u64)>, ExportError> {
         use futures::StreamExt;
         use std::io::Write;
         std::fs::create_dir_all(out)?;
@@ -553,6 +656,7 @@ impl Client {
             let (_, file) = current.as_mut().expect("set above");
             file.write_all(&chunk.data)?;
             written.last_mut().expect("pushed above").1 += chunk.data.len() as u64;
+            progress(written.iter().map(|(_, n)| n).sum());
         }
         if let Some((done, file)) = current.take() {
             finish(&done, file)?;
@@ -625,12 +729,17 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<RecordBatch>, tonic::Status> {
     let reader = StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| {
         tonic::Status::data_loss(format!("the result is not an Arrow IPC stream: {e}"))
     })?;
-    reader
+    let schema = reader.schema();
+    let batches = reader
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| tonic::Status::data_loss(format!("cannot decode the result: {e}")))
+        .map_err(|e| tonic::Status::data_loss(format!("cannot decode the result: {e}")))?;
+    // An empty result keeps its columns: one empty batch of the stream's schema.
+    if batches.is_empty() {
+        return Ok(vec![RecordBatch::new_empty(schema)]);
+    }
+    Ok(batches)
 }
 
-/// The stable rule code a status carries, or an empty string.
 /// How long the server asks to wait before retrying (on `RESOURCE_EXHAUSTED`), if it says.
 pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
     status
@@ -641,6 +750,7 @@ pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
         .map(std::time::Duration::from_millis)
 }
 
+/// The stable rule code a status carries, or an empty string.
 pub fn rule_of(status: &tonic::Status) -> String {
     status
         .metadata()

@@ -1,6 +1,8 @@
 //! The CLI contract: the real `sandbox` binary against a real server on an ephemeral port, checking
 //! output and exit codes (0 ok, 1 verification failed, 2 usage, 3 denied, 4 not permitted, 5 other).
 
+mod readme;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -24,6 +26,40 @@ fn run(addr: &str, data_dir: &Path, args: &[&str]) -> Run {
         .env_remove("SANDBOX_TOKEN")
         .output()
         .expect("the CLI runs");
+    Run {
+        code: status.code().expect("exited normally"),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+/// The CLI with only these arguments (no `--addr` or `--data-dir` added), from `cwd`, with
+/// `stdin` as its input.
+fn run_with(cwd: &Path, stdin: &str, envs: &[(&str, &str)], args: &[&str]) -> Run {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox"))
+        .current_dir(cwd)
+        .args(args)
+        .env_remove("SANDBOX_TOKEN")
+        .env_remove("SANDBOX_ADDR")
+        .env_remove("SANDBOX_DATA_DIR")
+        .envs(envs.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the CLI starts");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(stdin.as_bytes())
+        .expect("stdin written");
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().expect("the CLI runs");
     Run {
         code: status.code().expect("exited normally"),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -58,24 +94,40 @@ async fn check(addr: &str, data_dir: &Path, cases: &[(Vec<&str>, i32, &str)]) {
 }
 
 fn policies() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+    repository().join("policies")
+}
+
+/// A demo server on an ephemeral port over `data_dir`, with the repository's policies, and its
+/// plaintext address.
+async fn demo_server(data_dir: &Path) -> (sandbox_server::RunningServer, String) {
+    let mut config = sandbox_server::ServerConfig::for_tests(data_dir.to_path_buf());
+    config.policies = Some(policies());
+    let server = sandbox_server::start(config).await.expect("server");
+    let addr = format!("http://{}", server.addr);
+    (server, addr)
+}
+
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_contract() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("data");
-    let mut config = sandbox_server::ServerConfig::for_tests(data_dir.clone());
-    config.policies = Some(policies());
-    let server = sandbox_server::start(config).await.expect("server");
-    let addr = format!("http://{}", server.addr);
+    let (server, addr) = demo_server(&data_dir).await;
 
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (vec!["--as", "analyst", "datasets"], 0, "enterprises"),
         (
-            vec!["--as", "analyst", "--format", "csv", "datasets"],
+            vec!["--as", "analyst", "--format", "csv", "datasets", "all"],
             0,
-            "tax_monthly,vat_paid",
+            "tax_monthly,vat_paid,decimal number,",
+        ),
+        (
+            vec!["--as", "analyst", "datasets", "nonesuch"],
+            2,
+            "no dataset `nonesuch` among those you may use: ",
         ),
         (
             vec![
@@ -140,16 +192,17 @@ async fn cli_contract() {
             4,
             "not permitted",
         ),
+        // An unknown name lists the names that exist.
         (
             vec!["--as", "nobody", "datasets"],
             2,
-            "cannot read token file",
+            "the principals there are: admin, analyst, auditor, bank",
         ),
         (vec!["datasets"], 2, "no credentials"),
         (vec!["frobnicate"], 2, "unrecognized subcommand"),
         (
             vec!["--as", "analyst", "sql", "SELEKT"],
-            5,
+            2,
             "invalid request",
         ),
         // Differential privacy: the summary tells the spend and what is left; the budget shows.
@@ -202,6 +255,8 @@ async fn cli_contract() {
             vec![
                 "--as",
                 "owner_tax",
+                "--format",
+                "csv",
                 "budget",
                 "refresh",
                 "--org",
@@ -212,7 +267,7 @@ async fn cli_contract() {
                 "new quarter",
             ],
             0,
-            "analytics\ttax_monthly\t0.0000",
+            "analytics,tax_monthly,0,",
         ),
     ];
     check(&addr, &data_dir, &cases).await;
@@ -223,6 +278,7 @@ async fn cli_contract() {
     let bundle = dir.path().join("bundle");
     let kept_arg = kept.to_str().expect("utf8").to_string();
     let bundle_arg = bundle.to_str().expect("utf8").to_string();
+    let missing_arg = dir.path().join("bundel").display().to_string();
     let cases = [
         (
             vec![
@@ -235,7 +291,7 @@ async fn cli_contract() {
                 &kept_arg,
             ],
             0,
-            "\"signature\"",
+            "signature:",
         ),
         (
             vec!["--as", "bank", "audit", "checkpoint"],
@@ -245,7 +301,7 @@ async fn cli_contract() {
         (
             vec!["--as", "auditor", "audit", "prove", "3"],
             0,
-            "record 3 is in the journal",
+            "included:                yes",
         ),
         (
             vec!["--as", "auditor", "audit", "prove", "999999"],
@@ -285,9 +341,34 @@ async fn cli_contract() {
             "journal.log",
         ),
         (
-            vec!["audit", "verify", "--bundle", &bundle_arg],
+            vec![
+                "--format",
+                "json",
+                "audit",
+                "verify",
+                "--bundle",
+                &bundle_arg,
+            ],
             0,
-            "journal OK",
+            "\"journal\":\"OK\"",
+        ),
+        // A mistyped path is a usage error (2), never the tamper alarm (1).
+        (
+            vec!["audit", "verify", "--bundle", &missing_arg],
+            2,
+            "no bundle folder at",
+        ),
+        (
+            vec![
+                "audit",
+                "verify",
+                "--bundle",
+                &bundle_arg,
+                "--trusted-checkpoint",
+                &missing_arg,
+            ],
+            2,
+            "cannot read the trusted checkpoint",
         ),
         (
             vec![
@@ -299,7 +380,7 @@ async fn cli_contract() {
                 &kept_arg,
             ],
             0,
-            "consistent with the trusted checkpoint",
+            "extends_trusted_checkpoint_of:",
         ),
     ];
     check(&addr, &data_dir, &cases).await;
@@ -331,7 +412,8 @@ async fn cli_contract() {
     // Offline verification: passes on the intact journal, fails naming the record after tampering.
     let out = run(&addr, &data_dir, &["audit", "verify"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stdout.contains("journal OK"));
+    assert!(out.stdout.contains("journal:"), "{}", out.stdout);
+    assert!(out.stdout.contains("OK"), "{}", out.stdout);
     let journal = data_dir.join("audit/journal.log");
     let mut bytes = std::fs::read(&journal).expect("journal");
     let first_len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
@@ -380,10 +462,7 @@ fn guest_file(dir: &Path, name: &str) -> PathBuf {
 async fn cli_code_jobs_and_consents() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("data");
-    let mut config = sandbox_server::ServerConfig::for_tests(data_dir.clone());
-    config.policies = Some(policies());
-    let server = sandbox_server::start(config).await.expect("server");
-    let addr = format!("http://{}", server.addr);
+    let (server, addr) = demo_server(&data_dir).await;
     let path = |name: &str| guest_file(dir.path(), name).to_string_lossy().into_owned();
     let (echo, looping, wasi) = (
         path("echo"),
@@ -422,13 +501,32 @@ async fn cli_code_jobs_and_consents() {
             2,
             "not JSON",
         ),
+        // An approval shows what is approved and asks; with no terminal to ask on, nothing is
+        // approved without --yes.
         (
             vec!["--as", "owner_tax", "module", "approve", &echo_sha],
+            2,
+            "approve with --yes",
+        ),
+        (
+            vec!["--as", "owner_tax", "module", "approve", &echo_sha],
+            2,
+            "input_query:",
+        ),
+        (
+            vec!["--as", "owner_tax", "module", "approve", &echo_sha, "--yes"],
             0,
             "approved",
         ),
         (
-            vec!["--as", "owner_court", "module", "approve", &echo_sha],
+            vec![
+                "--as",
+                "owner_court",
+                "module",
+                "approve",
+                &echo_sha,
+                "--yes",
+            ],
             4,
             "not permitted",
         ),
@@ -444,7 +542,7 @@ async fn cli_code_jobs_and_consents() {
             "pending",
         ),
         (
-            vec!["--as", "owner_tax", "module", "approve", &looping_sha],
+            vec!["--as", "owner_tax", "module", "approve", &looping_sha, "-y"],
             0,
             "approved",
         ),
@@ -456,9 +554,9 @@ async fn cli_code_jobs_and_consents() {
         ),
         (vec!["--as", "auditor", "module", "list"], 0, "approved"),
         (
-            vec!["--as", "bank", "consent", "list"],
+            vec!["--as", "bank", "--format", "csv", "consent", "list"],
             0,
-            "bank_demo,credit_assessment",
+            "bank_demo,credit_assessment,active,",
         ),
         (
             vec![
@@ -514,6 +612,319 @@ async fn cli_code_jobs_and_consents() {
         ),
     ];
     check(&addr, &data_dir, &cases).await;
+
+    // The auditor sees a code job's work units and the guest's log line, and which enterprise a
+    // consent revocation was for.
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["--as", "auditor", "--wide", "audit", "tail", "-n", "30"],
+            0,
+            "work units ",
+        ),
+        (
+            vec!["--as", "auditor", "--wide", "audit", "tail", "-n", "30"],
+            0,
+            "guest log: ",
+        ),
+        (
+            vec!["--as", "auditor", "--wide", "audit", "tail", "-n", "3"],
+            0,
+            "91450100MA5KTEST1X",
+        ),
+    ];
+    check(&addr, &data_dir, &cases).await;
+    server.shutdown().await.expect("shutdown");
+}
+
+/// Every read-only command in every format: a table for people, CSV with one header and rows of
+/// its width, JSON as one array of objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_every_command_in_every_format() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let (server, addr) = demo_server(&data_dir).await;
+    let policies = policies().display().to_string();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["--as", "analyst", "whoami"],
+        vec!["--as", "analyst", "datasets"],
+        vec!["--as", "analyst", "datasets", "enterprises"],
+        vec!["--as", "owner_tax", "grants"],
+        vec![
+            "--as",
+            "analyst",
+            "sql",
+            "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class",
+        ],
+        vec![
+            "--as",
+            "analyst",
+            "explain",
+            "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class",
+        ],
+        vec!["--as", "bank", "template", "list"],
+        vec!["--as", "bank", "template", "show", "industry_region_risk"],
+        vec![
+            "--as",
+            "bank",
+            "template",
+            "run",
+            "industry_region_risk",
+            "--param",
+            "since=2023-01",
+        ],
+        vec!["--as", "auditor", "module", "list"],
+        vec!["--as", "bank", "consent", "list"],
+        vec!["--as", "analyst", "budget", "show"],
+        vec!["--as", "owner_tax", "budget", "show"],
+        vec!["--as", "auditor", "audit", "tail", "-n", "5"],
+        vec![
+            "--as",
+            "auditor",
+            "audit",
+            "sql",
+            "SELECT action, COUNT(*) AS n FROM events GROUP BY action",
+        ],
+        vec!["--as", "auditor", "audit", "checkpoint"],
+        vec!["--as", "auditor", "audit", "prove", "2"],
+        vec!["policy", "check", &policies],
+    ];
+    for command in &commands {
+        for format in ["table", "csv", "json"] {
+            let mut args = vec!["--format", format];
+            args.extend(command.iter().copied());
+            let out = run(&addr, &data_dir, &args);
+            assert_eq!(out.code, 0, "{args:?}\n{}\n{}", out.stdout, out.stderr);
+            match format {
+                "table" => assert!(!out.stdout.trim().is_empty(), "{args:?}"),
+                "csv" => {
+                    let mut reader = csv::Reader::from_reader(out.stdout.as_bytes());
+                    let width = reader.headers().expect("a header line").len();
+                    assert!(width > 0, "{args:?}");
+                    for record in reader.records() {
+                        assert_eq!(record.expect("a CSV row").len(), width, "{args:?}");
+                    }
+                }
+                _ => {
+                    let value: serde_json::Value = serde_json::from_str(&out.stdout)
+                        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", out.stdout));
+                    let rows = value.as_array().expect("one JSON array");
+                    assert!(rows.iter().all(|r| r.is_object()), "{args:?}");
+                }
+            }
+        }
+    }
+    // `-n 0` is none; an empty result keeps its header and says so.
+    let out = run(
+        &addr,
+        &data_dir,
+        &[
+            "--as", "auditor", "--format", "json", "audit", "tail", "-n", "0",
+        ],
+    );
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "[]\n"),
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        &addr,
+        &data_dir,
+        &[
+            "--as",
+            "auditor",
+            "audit",
+            "sql",
+            "SELECT action FROM events WHERE action = 'nothing'",
+        ],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("| action |"), "{}", out.stdout);
+    assert!(out.stdout.contains("(no rows)"), "{}", out.stdout);
+    assert!(out.stderr.contains("0 rows over"), "{}", out.stderr);
+    server.shutdown().await.expect("shutdown");
+}
+
+/// What a new user trips on, each with the exit code and the text that names the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_everyday_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A checkout-like folder: the data dir as `sandbox-data`, and a subfolder to work from.
+    let root = dir.path().join("checkout");
+    let data_dir = root.join("sandbox-data");
+    let sub = root.join("examples").join("deep");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    let (server, addr) = demo_server(&data_dir).await;
+    let env = [("SANDBOX_ADDR", addr.as_str())];
+
+    // `--as` from a subfolder finds the nearest sandbox-data.
+    let out = run_with(&sub, "", &env, &["--as", "analyst", "whoami"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("principal:"), "{}", out.stdout);
+    assert!(out.stdout.contains("analyst"), "{}", out.stdout);
+    assert!(out.stdout.contains("SubmitJob"), "{}", out.stdout);
+    // ...and from elsewhere says where it looked and how to point it.
+    let out = run_with(dir.path(), "", &env, &["--as", "analyst", "datasets"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("--data-dir DIR"), "{}", out.stderr);
+
+    // A query from stdin or a file.
+    let query = "SELECT size_class, COUNT(*) AS n FROM enterprises GROUP BY size_class";
+    let out = run_with(&sub, query, &env, &["--as", "analyst", "sql", "-"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("size_class"), "{}", out.stdout);
+    let file = dir.path().join("q.sql");
+    std::fs::write(&file, query).expect("write");
+    let file_arg = file.display().to_string();
+    let out = run_with(
+        &sub,
+        "",
+        &env,
+        &["--as", "analyst", "explain", "--file", &file_arg],
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("decision:"), "{}", out.stdout);
+
+    // Nothing listening: says so and how to point the CLI elsewhere.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let nowhere = format!("http://127.0.0.1:{closed}");
+    let out = run_with(
+        &sub,
+        "",
+        &[],
+        &["--addr", &nowhere, "--as", "analyst", "datasets"],
+    );
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    assert!(out.stderr.contains("connection refused"), "{}", out.stderr);
+    assert!(out.stderr.contains("SANDBOX_ADDR"), "{}", out.stderr);
+    // TLS to a plaintext server.
+    let tls_addr = addr.replacen("http://", "https://", 1);
+    let out = run_with(
+        &sub,
+        "",
+        &[],
+        &["--addr", &tls_addr, "--as", "analyst", "datasets"],
+    );
+    assert_eq!(out.code, 5, "{}", out.stderr);
+    assert!(out.stderr.contains("does not speak TLS"), "{}", out.stderr);
+
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        // A malformed template parameter, or a missing one, is a usage error, before any run.
+        (
+            vec![
+                "--as",
+                "bank",
+                "template",
+                "run",
+                "industry_region_risk",
+                "--param",
+                "since=garbage",
+            ],
+            2,
+            "since",
+        ),
+        (
+            vec!["--as", "bank", "template", "run", "industry_region_risk"],
+            2,
+            "since",
+        ),
+        // Audit SQL syntax errors read as such.
+        (
+            vec!["--as", "auditor", "audit", "sql", "SELEKT 1"],
+            2,
+            "syntax error",
+        ),
+        // The owner sees who may use its data, and the budgets it set.
+        (
+            vec!["--as", "owner_tax", "--format", "csv", "grants"],
+            0,
+            "tax_monthly,tax_bureau,analytics,",
+        ),
+        (
+            vec!["--as", "owner_tax", "--format", "json", "budget", "show"],
+            0,
+            "\"epsilon_budget\":",
+        ),
+        (vec!["completions", "bash"], 0, "_sandbox()"),
+        (vec!["completions", "zsh"], 0, "#compdef sandbox"),
+    ];
+    check(&addr, &data_dir, &cases).await;
+    let out = run(
+        &addr,
+        &data_dir,
+        &["--as", "auditor", "audit", "sql", "SELEKT 1"],
+    );
+    assert!(!out.stderr.contains("ParserError("), "{}", out.stderr);
+    let out = run(
+        &addr,
+        &data_dir,
+        &["--as", "owner_tax", "--format", "json", "budget", "show"],
+    );
+    assert!(
+        !out.stdout.contains("\"epsilon_budget\":null"),
+        "{}",
+        out.stdout
+    );
+
+    // A template approved by name: the pending version, shown first, with --yes.
+    let template = dir.path().join("risk.toml");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/templates/industry_region_risk.toml"),
+    )
+    .expect("example template")
+    .replace("\"industry_region_risk\"", "\"risk_by_prefecture\"");
+    std::fs::write(&template, text).expect("write");
+    let template_arg = template.display().to_string();
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (
+            vec!["--as", "bank", "template", "submit", &template_arg],
+            0,
+            "pending",
+        ),
+        // Pending approvals name the org and the logins that act for it.
+        (
+            vec![
+                "--as",
+                "bank",
+                "--wide",
+                "template",
+                "show",
+                "risk_by_prefecture",
+            ],
+            0,
+            "court (login owner_court)",
+        ),
+        (
+            vec![
+                "--as",
+                "owner_court",
+                "template",
+                "approve",
+                "risk_by_prefecture",
+            ],
+            2,
+            "approve with --yes",
+        ),
+        (
+            vec![
+                "--as",
+                "owner_court",
+                "template",
+                "approve",
+                "risk_by_prefecture",
+                "--yes",
+                "--max-runs",
+                "10",
+            ],
+            0,
+            "sql:",
+        ),
+    ];
+    check(&addr, &data_dir, &cases).await;
     server.shutdown().await.expect("shutdown");
 }
 
@@ -537,6 +948,7 @@ async fn cli_over_tls() {
     let ca = tls.join("ca.pem").display().to_string();
     let cert = tls.join("clients/bank.pem").display().to_string();
     let key = tls.join("clients/bank.key").display().to_string();
+    let wrong_key = tls.join("clients/analyst.key").display().to_string();
     let token_file = data_dir
         .join("credentials/analyst.token")
         .display()
@@ -575,7 +987,11 @@ async fn cli_over_tls() {
     check(
         &http,
         &data_dir,
-        &[(vec!["--as", "analyst", "datasets"], 5, "")],
+        &[(
+            vec!["--as", "analyst", "datasets"],
+            5,
+            "probably expects TLS: use https://",
+        )],
     )
     .await;
     let other_ca = dir.path().join("other-ca.pem");
@@ -584,10 +1000,42 @@ async fn cli_over_tls() {
     check(
         &https,
         &data_dir,
+        &[
+            (
+                vec!["--ca", &other, "--token-file", &token_file, "datasets"],
+                5,
+                "not signed by the CA given with --ca",
+            ),
+            // --as with a data dir that holds no CA: the system's roots do not know the local CA.
+            (
+                vec!["--cert", &cert, "--key", &key, "datasets"],
+                5,
+                "pass the server's CA with --ca",
+            ),
+            // A key that is not the certificate's.
+            (
+                vec![
+                    "--ca", &ca, "--cert", &cert, "--key", &wrong_key, "datasets",
+                ],
+                5,
+                "key",
+            ),
+            // Plain flags for TLS over http:// are a usage error.
+            (
+                vec!["--ca", &ca, "--token-file", &token_file, "datasets"],
+                0,
+                "enterprises",
+            ),
+        ],
+    )
+    .await;
+    check(
+        &http,
+        &data_dir,
         &[(
-            vec!["--ca", &other, "--token-file", &token_file, "datasets"],
-            5,
-            "",
+            vec!["--ca", &ca, "--token-file", &token_file, "datasets"],
+            2,
+            "is plaintext: use https://",
         )],
     )
     .await;
