@@ -41,6 +41,8 @@ pub enum Rpc {
     ListTemplates,
     GetBudgets,
     RefreshBudget,
+    WhoAmI,
+    ListGrants,
     // Arrow Flight SQL (`flight.rs`): the same engine calls, reached through Flight.
     FlightHandshake,
     FlightGetSqlInfo,
@@ -52,7 +54,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 31] = [
+    pub const ALL: [Rpc; 33] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::FetchResult,
@@ -77,6 +79,8 @@ impl Rpc {
         Rpc::ListTemplates,
         Rpc::GetBudgets,
         Rpc::RefreshBudget,
+        Rpc::WhoAmI,
+        Rpc::ListGrants,
         Rpc::FlightHandshake,
         Rpc::FlightGetSqlInfo,
         Rpc::FlightGetCatalog,
@@ -112,6 +116,8 @@ impl Rpc {
             Rpc::ListTemplates => "ListTemplates",
             Rpc::GetBudgets => "GetBudgets",
             Rpc::RefreshBudget => "RefreshBudget",
+            Rpc::WhoAmI => "WhoAmI",
+            Rpc::ListGrants => "ListGrants",
             Rpc::FlightHandshake => "FlightSql.Handshake",
             Rpc::FlightGetSqlInfo => "FlightSql.GetSqlInfo",
             Rpc::FlightGetCatalog => "FlightSql.GetCatalog",
@@ -152,6 +158,10 @@ pub fn required_roles(rpc: Rpc) -> &'static [PrincipalRole] {
         // Figures of spent budgets, never data.
         Rpc::GetBudgets => &[Analyst, Consumer, Owner, Auditor],
         Rpc::RefreshBudget => &[Owner],
+        // Every authenticated caller may ask who it is.
+        Rpc::WhoAmI => &[Analyst, Consumer, Owner, Auditor, Admin],
+        // Grants are policy, never data; the engine narrows them to the caller's view.
+        Rpc::ListGrants => &[Analyst, Consumer, Owner, Auditor],
         // Flight SQL is for those who run SQL, and for owners browsing the catalog: the same
         // roles as the native calls each one stands for.
         Rpc::FlightHandshake | Rpc::FlightGetSqlInfo | Rpc::FlightGetCatalog => {
@@ -408,6 +418,16 @@ impl Authenticator {
             .map(|k| k.principal.clone())
     }
 
+    /// When the token in an `authorization` value stops working: `None` for a header that names
+    /// no known token or a token without expiry. Only for describing an authenticated call
+    /// (`WhoAmI`); it decides nothing.
+    pub fn token_expires_at(&self, authorization: &str) -> Option<SystemTime> {
+        let credentials = Credentials::parse(authorization).ok()?;
+        self.by_token_hash
+            .get(&token_hash(credentials.token()))?
+            .token_expires_at
+    }
+
     /// The ids of every principal with credentials.
     pub fn principal_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
@@ -601,6 +621,8 @@ mod tests {
             (Rpc::ListTemplates, &[Analyst, Consumer, Owner, Auditor]),
             (Rpc::GetBudgets, &[Analyst, Consumer, Owner, Auditor]),
             (Rpc::RefreshBudget, &[Owner]),
+            (Rpc::WhoAmI, &[Analyst, Consumer, Owner, Auditor, Admin]),
+            (Rpc::ListGrants, &[Analyst, Consumer, Owner, Auditor]),
             (Rpc::FlightHandshake, &[Analyst, Consumer, Owner]),
             (Rpc::FlightGetSqlInfo, &[Analyst, Consumer, Owner]),
             (Rpc::FlightGetCatalog, &[Analyst, Consumer, Owner]),
