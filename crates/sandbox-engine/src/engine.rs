@@ -20,7 +20,7 @@ use crate::governance::modules::{ApprovalRequest, ModuleView};
 use crate::governance::registry::{Governance, replay};
 use crate::governance::templates::TemplateView;
 use crate::jobs::table::JobTable;
-use crate::recorder::Recorder;
+use crate::recorder::{Recorder, decision_of};
 use crate::types::{EngineConfig, Explanation, JobSnapshot, JobSpec, RequestContext};
 
 /// The running sandbox, minus the wire.
@@ -205,6 +205,30 @@ impl Engine {
         event.record().await
     }
 
+    /// Records the terminal event of a request whose credentials were refused. No principal was
+    /// established, so the event's principal field names what the caller presented instead
+    /// (`token:<hash prefix>`, `cert:<name>`, never a secret; the server describes it) and its
+    /// org is empty; `message` says why it was refused.
+    pub async fn record_unauthenticated(
+        &self,
+        action: &str,
+        request_id: &str,
+        presented: &str,
+        rule: &str,
+        message: &str,
+    ) -> Result<Appended> {
+        let mut event = self.recorder.begin_named(AuditEvent {
+            action: action.to_string(),
+            principal: presented.to_string(),
+            request_id: request_id.to_string(),
+            ..AuditEvent::default()
+        });
+        event.decision = Decision::Unauthenticated;
+        event.rule = rule.to_string();
+        event.message = message.to_string();
+        event.record().await
+    }
+
     /// Records the terminal event of a call that reads nothing and decides nothing beyond the
     /// caller's credentials and roles (a Flight SQL handshake, its server information, a
     /// prepared statement closed, the description of a catalog listing).
@@ -253,11 +277,13 @@ impl Engine {
         event.job_id = uuid::Uuid::new_v4().to_string();
         event.set_kind(spec.kind());
         event.query = spec.audit_text();
+        let kind = event.kind.clone();
         let started = match self.jobs.slots.acquire(&ctx.principal.id) {
             Ok(slot) => Submission::new(slot, deferred),
             Err(error) => return event.refuse_after(Duration::ZERO, error).await,
         };
-        match spec {
+        let submitted = std::time::Instant::now();
+        let submission = match spec {
             JobSpec::Sql { query, dp } => self.submit_sql(ctx, event, started, query, dp).await,
             JobSpec::Wasm {
                 module_sha256,
@@ -271,7 +297,25 @@ impl Engine {
                 self.submit_template_run(ctx, event, started, name, params)
                     .await
             }
+        };
+        // A job refused at submission (by the guard, a rule, its budget) never reaches
+        // `finish`, which observes every admitted job's end: its recorded end is observed here,
+        // so that the job metrics show denials. A throttled job was never decided on; the
+        // request counts show it.
+        if let Err(error) = &submission {
+            let decision = decision_of(error);
+            if decision != Decision::Throttle {
+                self.metrics.job_ended(
+                    &kind,
+                    decision,
+                    submitted.elapsed(),
+                    &ctx.principal.org,
+                    0,
+                    0,
+                );
+            }
         }
+        submission
     }
 
     /// The decision on a job without running it. Recorded like any other access.
