@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal};
-use sandbox_policy::{Consent, ConsentKey, DatasetPolicy, PolicySet, Principal};
+use sandbox_policy::{ConsentKey, DatasetPolicy, PolicySet, Principal};
 use sandbox_sql::{GrantedDataset, PseudonymKey, SqlEngine};
 use sandbox_wasm::WasmRuntime;
 
@@ -16,6 +16,7 @@ use crate::admission::Submission;
 use crate::codes::Action;
 use crate::error::{EngineError, Result};
 use crate::governance::budgets::BudgetView;
+use crate::governance::consents::ConsentView;
 use crate::governance::modules::{ApprovalRequest, ModuleView};
 use crate::governance::registry::{Governance, replay};
 use crate::governance::templates::TemplateView;
@@ -411,7 +412,7 @@ impl Engine {
         ctx: &RequestContext,
         key: ConsentKey,
         valid_days: u64,
-    ) -> Result<Consent> {
+    ) -> Result<ConsentView> {
         self.governance
             .add_consent(&self.recorder, ctx, key, valid_days)
             .await
@@ -424,20 +425,28 @@ impl Engine {
             .await
     }
 
-    /// Consents in force or lapsed: admins all (or one consumer org's), a consumer its own.
+    /// Consents in force or expired, with their status: admins all (or one consumer org's), a
+    /// consumer its own.
     pub async fn list_consents(
         &self,
         ctx: &RequestContext,
         consumer_org: Option<String>,
-    ) -> Result<Vec<Consent>> {
+    ) -> Result<Vec<ConsentView>> {
         self.governance
             .list_consents(&self.recorder, ctx, consumer_org)
             .await
     }
 
-    /// Differential-privacy budgets the caller may see.
-    pub async fn budgets(&self, ctx: &RequestContext) -> Result<Vec<BudgetView>> {
-        self.governance.budgets(&self.recorder, ctx).await
+    /// Differential-privacy budgets the caller may see. `directory` is every principal with
+    /// credentials (the server's): which consumer orgs an owner's grants reach.
+    pub async fn budgets(
+        &self,
+        ctx: &RequestContext,
+        directory: &[Principal],
+    ) -> Result<Vec<BudgetView>> {
+        self.governance
+            .budgets(&self.recorder, ctx, directory)
+            .await
     }
 
     /// An owner renews a consumer org's budget on its dataset, with a reason.
@@ -447,9 +456,10 @@ impl Engine {
         org: &str,
         dataset: &str,
         reason: &str,
+        directory: &[Principal],
     ) -> Result<BudgetView> {
         self.governance
-            .refresh_budget(&self.recorder, ctx, org, dataset, reason)
+            .refresh_budget(&self.recorder, ctx, org, dataset, reason, directory)
             .await
     }
 }

@@ -102,6 +102,12 @@ impl Gatekeeper {
         &self.engine
     }
 
+    /// The credentials the calls are checked against: who has them, for the answers that name
+    /// logins (`WhoAmI`, `ListGrants`, owners' budgets, the owners a module awaits).
+    pub(crate) fn authenticator(&self) -> &Arc<Authenticator> {
+        &self.authenticator
+    }
+
     /// The skeleton of every handler: admits `request` for `rpc` (a refusal is journaled and
     /// answered here, and `handle` never runs), then runs `handle` on the admitted call and maps
     /// how it ended to the answer's status.
