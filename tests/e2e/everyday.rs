@@ -402,3 +402,42 @@ async fn consents_awaited_owners_and_audit_sql_errors_read_plainly() {
     assert!(approved.awaiting.is_empty());
     server.server.shutdown().await.expect("shutdown");
 }
+
+/// Over TLS, `WhoAmI` says which credential authenticated the call, and the earliest expiry of
+/// those presented (the demo's certificates and tokens both run for about a year).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_am_i_names_the_credential_of_the_call() {
+    let server = TestServer::start_with(|c| c.tls = true)
+        .await
+        .expect("server starts with TLS");
+    let certificate = server.tls_files("analyst");
+    let token = server.token("analyst");
+    // (token, certificate, credential named)
+    let cases = [
+        (Some(token.as_str()), None, "token"),
+        (None, Some(&certificate), "certificate"),
+        (
+            Some(token.as_str()),
+            Some(&certificate),
+            "token+certificate",
+        ),
+    ];
+    for (token, certificate, credential) in cases {
+        let tls = certificate.cloned().unwrap_or(sandbox_tests::TlsFiles {
+            ca: server.tls_files("analyst").ca,
+            ..Default::default()
+        });
+        let mut client = sandbox_tests::Client::connect_with(&server.url(), token, Some(&tls))
+            .await
+            .expect("connect");
+        let me = client.who_am_i().await.expect("who am I");
+        assert_eq!(me.principal, "analyst", "{credential}");
+        assert_eq!(me.credential, credential);
+        assert!(
+            me.expires_at > now() + 300 * 86_400 && me.expires_at < now() + 400 * 86_400,
+            "{credential}: {}",
+            me.expires_at
+        );
+    }
+    server.server.shutdown().await.expect("shutdown");
+}
