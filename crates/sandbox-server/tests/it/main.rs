@@ -1,0 +1,96 @@
+//! The server's own integration tests: a real `sandboxd` (in this process, or the binary) on an
+//! ephemeral loopback port over a freshly generated small demo, driven through the generated gRPC
+//! and Flight clients. What each module pins: `refusals.rs`, credential refusals (their messages
+//! and how the journal names what was presented).
+
+mod refusals;
+
+use std::path::{Path, PathBuf};
+
+use sandbox_proto::v1 as pb;
+use sandbox_proto::v1::audit_client::AuditClient;
+use sandbox_server::{RunningServer, ServerConfig};
+use tonic::transport::Channel;
+
+/// Small: these tests need the demo's principals and tables, not its statistics.
+const SCALE: f64 = 0.02;
+
+/// A server over its own temporary data dir.
+struct Server {
+    dir: tempfile::TempDir,
+    running: RunningServer,
+}
+
+impl Server {
+    async fn start(configure: impl FnOnce(&mut ServerConfig)) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = ServerConfig::for_tests(dir.path().join("data"));
+        config.demo_scale = SCALE;
+        // The repository's policies, as every test of the workspace uses them.
+        config.policies = Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies"));
+        configure(&mut config);
+        let running = sandbox_server::start(config).await.expect("server starts");
+        Server { dir, running }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A demo principal's token, as written at first start.
+    fn token(&self, name: &str) -> String {
+        std::fs::read_to_string(self.data_dir().join(format!("credentials/{name}.token")))
+            .expect("demo token")
+            .trim()
+            .to_string()
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.running.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    /// The journal's events with this request id, as the auditor reads them.
+    async fn events_of(&self, request_id: &str) -> Vec<pb::AuditEvent> {
+        let mut audit = AuditClient::new(self.channel().await);
+        let events = audit
+            .list_events(request(
+                pb::ListEventsRequest {
+                    from_seq: 0,
+                    limit: 10_000,
+                    tail: false,
+                },
+                Some(&format!("Bearer {}", self.token("auditor"))),
+                &uuid::Uuid::new_v4().to_string(),
+            ))
+            .await
+            .expect("the auditor reads the journal")
+            .into_inner()
+            .events;
+        events
+            .into_iter()
+            .filter(|e| e.request_id == request_id)
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.running.shutdown().await.expect("shutdown");
+    }
+}
+
+/// A request with a request id and, when given, an `authorization` header.
+fn request<T>(message: T, authorization: Option<&str>, request_id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-request-id", request_id.parse().expect("ascii"));
+    if let Some(value) = authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.parse().expect("ascii"));
+    }
+    request
+}
