@@ -51,10 +51,14 @@ pub enum Rpc {
     FlightClosePrepared,
     FlightExecute,
     FlightFetch,
+    /// Flight's `CloseSession` action, which ADBC sends when a connection closes.
+    FlightCloseSession,
+    /// Any other Flight action: refused as unknown, after the caller is known.
+    FlightOtherAction,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 33] = [
+    pub const ALL: [Rpc; 35] = [
         Rpc::SubmitJob,
         Rpc::GetJob,
         Rpc::FetchResult,
@@ -88,6 +92,8 @@ impl Rpc {
         Rpc::FlightClosePrepared,
         Rpc::FlightExecute,
         Rpc::FlightFetch,
+        Rpc::FlightCloseSession,
+        Rpc::FlightOtherAction,
     ];
 
     pub fn name(self) -> &'static str {
@@ -125,6 +131,8 @@ impl Rpc {
             Rpc::FlightClosePrepared => "FlightSql.ClosePreparedStatement",
             Rpc::FlightExecute => "FlightSql.GetFlightInfo",
             Rpc::FlightFetch => "FlightSql.DoGet",
+            Rpc::FlightCloseSession => "FlightSql.CloseSession",
+            Rpc::FlightOtherAction => "FlightSql.DoAction",
         }
     }
 }
@@ -164,9 +172,13 @@ pub fn required_roles(rpc: Rpc) -> &'static [PrincipalRole] {
         Rpc::ListGrants => &[Analyst, Consumer, Owner, Auditor],
         // Flight SQL is for those who run SQL, and for owners browsing the catalog: the same
         // roles as the native calls each one stands for.
-        Rpc::FlightHandshake | Rpc::FlightGetSqlInfo | Rpc::FlightGetCatalog => {
-            &[Analyst, Consumer, Owner]
-        }
+        // Closing a session and asking for an action the server lacks are open to whoever may
+        // connect (the handshake's roles).
+        Rpc::FlightHandshake
+        | Rpc::FlightGetSqlInfo
+        | Rpc::FlightGetCatalog
+        | Rpc::FlightCloseSession
+        | Rpc::FlightOtherAction => &[Analyst, Consumer, Owner],
         Rpc::FlightPrepare | Rpc::FlightClosePrepared | Rpc::FlightExecute | Rpc::FlightFetch => {
             &[Analyst, Consumer]
         }
@@ -773,6 +785,8 @@ mod tests {
             (Rpc::FlightClosePrepared, &[Analyst, Consumer]),
             (Rpc::FlightExecute, &[Analyst, Consumer]),
             (Rpc::FlightFetch, &[Analyst, Consumer]),
+            (Rpc::FlightCloseSession, &[Analyst, Consumer, Owner]),
+            (Rpc::FlightOtherAction, &[Analyst, Consumer, Owner]),
         ];
         assert_eq!(expected.len(), Rpc::ALL.len());
         for rpc in Rpc::ALL {

@@ -1,8 +1,10 @@
 //! The server's own integration tests: a real `sandboxd` (in this process, or the binary) on an
 //! ephemeral loopback port over a freshly generated small demo, driven through the generated gRPC
 //! and Flight clients. What each module pins: `refusals.rs`, credential refusals (their messages
-//! and how the journal names what was presented).
+//! and how the journal names what was presented); `flight_actions.rs`, Flight actions outside
+//! Flight SQL (`CloseSession`, unknown ones).
 
+mod flight_actions;
 mod refusals;
 
 use std::path::{Path, PathBuf};
@@ -93,4 +95,31 @@ fn request<T>(message: T, authorization: Option<&str>, request_id: &str) -> toni
             .insert("authorization", value.parse().expect("ascii"));
     }
     request
+}
+
+/// `GET /metrics` over plain HTTP/1.1 (blocking, off the runtime's threads): the body.
+async fn scrape(address: std::net::SocketAddr) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address).expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("answer");
+        let (head, body) = answer.split_once("\r\n\r\n").expect("head and body");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
+    })
+    .await
+    .expect("joined")
+}
+
+/// The value of one sample of a scrape (`name{labels}`), if present.
+fn sample(scrape: &str, key: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(name, _)| *name == key)
+        .and_then(|(_, value)| value.parse().ok())
 }
