@@ -2,9 +2,10 @@
 //! ephemeral loopback port over a freshly generated small demo, driven through the generated gRPC
 //! and Flight clients. What each module pins: `refusals.rs`, credential refusals (their messages
 //! and how the journal names what was presented); `flight_actions.rs`, Flight actions outside
-//! Flight SQL (`CloseSession`, unknown ones).
+//! Flight SQL (`CloseSession`, unknown ones); `job_metrics.rs`, the job histogram's outcomes.
 
 mod flight_actions;
+mod job_metrics;
 mod refusals;
 
 use std::path::{Path, PathBuf};
