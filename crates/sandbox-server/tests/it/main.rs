@@ -2,11 +2,13 @@
 //! ephemeral loopback port over a freshly generated small demo, driven through the generated gRPC
 //! and Flight clients. What each module pins: `refusals.rs`, credential refusals (their messages
 //! and how the journal names what was presented); `flight_actions.rs`, Flight actions outside
-//! Flight SQL (`CloseSession`, unknown ones); `job_metrics.rs`, the job histogram's outcomes.
+//! Flight SQL (`CloseSession`, unknown ones); `job_metrics.rs`, the job histogram's outcomes;
+//! `startup.rs`, a second server on the same data dir or port.
 
 mod flight_actions;
 mod job_metrics;
 mod refusals;
+mod startup;
 
 use std::path::{Path, PathBuf};
 
