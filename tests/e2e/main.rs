@@ -3,6 +3,7 @@
 
 mod audit;
 mod depth;
+mod everyday;
 mod flight;
 mod hardening;
 mod metrics;

@@ -411,7 +411,7 @@ async fn raw_rows(context: &SessionContext, case: &Case) -> Result<Vec<String>, 
         }
         Kind::Template => {
             let definition = TemplateDefinition::from_toml(&case.sql)?;
-            let bound = definition.bind(&case.params)?;
+            let bound = definition.bind(&case.params).map_err(|e| e.to_string())?;
             match context
                 .sql(case.raw_sql.as_ref().unwrap_or(&definition.sql))
                 .await

@@ -8,7 +8,8 @@
 //!   of death (`hardening.rs`), Flight SQL through `arrow-flight`'s client and the Python ADBC
 //!   driver (`flight.rs`, `adbc_check.py`; `examples/python/requirements.txt` installed into a
 //!   virtual environment under the target dir, once), audit proofs and exports (`audit.rs`),
-//!   joins, pseudonyms and templates (`depth.rs`), `/metrics` (`metrics.rs`).
+//!   joins, pseudonyms and templates (`depth.rs`), `/metrics` (`metrics.rs`), the everyday calls
+//!   (`everyday.rs`: who one is, grants, budgets, consents, template parameters).
 //! - `policy_suite` (`tests/policy_suite/`): data-driven cases, `cases/*.slt`, each allowed case
 //!   also run by raw DataFusion; `BLESS=1` rewrites the expected outcomes.
 //! - `adversary` (`tests/adversary/`): every threat class 1-30 with variants, against the demo and

@@ -16,7 +16,10 @@ pub enum AuditError {
     #[error("journal {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     /// Another process holds the journal.
-    #[error("journal {0} is locked by another process")]
+    #[error(
+        "journal {0} is locked by another process (another sandboxd on the same data dir?): stop \
+         it, or start this one with --data-dir DIR"
+    )]
     Locked(PathBuf),
     /// An earlier write or sync failed: nothing more is appended (fail-stop).
     #[error("journal stopped after a failed write or sync; no further event can be recorded")]

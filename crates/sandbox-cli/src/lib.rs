@@ -663,6 +663,20 @@ impl Client {
         }
         Ok(written)
     }
+
+    /// Who the caller is: principal, org, roles, the credential this call used and when it
+    /// expires, the calls its roles allow and the datasets its org owns.
+    pub async fn who_am_i(&mut self) -> Result<pb::WhoAmIResponse, tonic::Status> {
+        let request = self.request(pb::WhoAmIRequest {});
+        Ok(self.sandbox.who_am_i(request).await?.into_inner())
+    }
+
+    /// The grants the caller may see: on its org's datasets (owner), all (auditor), or its
+    /// org's own (consumer, analyst).
+    pub async fn grants(&mut self) -> Result<Vec<pb::Grant>, tonic::Status> {
+        let request = self.request(pb::ListGrantsRequest {});
+        Ok(self.sandbox.list_grants(request).await?.into_inner().grants)
+    }
 }
 
 /// Why an export could not be written.

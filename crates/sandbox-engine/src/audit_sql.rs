@@ -617,9 +617,11 @@ impl Engine {
                 batches.push(batch(chunk, auditor)?);
             }
         }
+        // A parse error reads as one (`syntax error: Expected: ...`), not as DataFusion's
+        // `Debug` form of it.
         let invalid = |e: datafusion::error::DataFusionError| EngineError::Invalid {
             rule: EngineRule::AuditSql,
-            message: e.message().to_string(),
+            message: sandbox_sql::syntax_error(&e).unwrap_or_else(|| e.message().to_string()),
         };
         let widths = column_widths(&batches);
         let limit = widths

@@ -34,10 +34,12 @@ pub enum Action {
     SeedConsents,
     GetBudgets,
     RefreshBudget,
+    WhoAmI,
+    ListGrants,
 }
 
 impl Action {
-    pub const ALL: [Action; 28] = [
+    pub const ALL: [Action; 30] = [
         Action::Start,
         Action::SubmitJob,
         Action::AdmitJob,
@@ -66,6 +68,8 @@ impl Action {
         Action::SeedConsents,
         Action::GetBudgets,
         Action::RefreshBudget,
+        Action::WhoAmI,
+        Action::ListGrants,
     ];
 
     /// The name the journal records.
@@ -99,6 +103,8 @@ impl Action {
             Action::SeedConsents => "SeedConsents",
             Action::GetBudgets => "GetBudgets",
             Action::RefreshBudget => "RefreshBudget",
+            Action::WhoAmI => "WhoAmI",
+            Action::ListGrants => "ListGrants",
         }
     }
 }

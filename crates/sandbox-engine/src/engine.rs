@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandbox_audit::{Appended, AuditEvent, Decision, Journal};
-use sandbox_policy::{Consent, ConsentKey, DatasetPolicy, PolicySet, Principal};
+use sandbox_policy::{ConsentKey, DatasetPolicy, PolicySet, Principal};
 use sandbox_sql::{GrantedDataset, PseudonymKey, SqlEngine};
 use sandbox_wasm::WasmRuntime;
 
@@ -16,11 +16,12 @@ use crate::admission::Submission;
 use crate::codes::Action;
 use crate::error::{EngineError, Result};
 use crate::governance::budgets::BudgetView;
+use crate::governance::consents::ConsentView;
 use crate::governance::modules::{ApprovalRequest, ModuleView};
 use crate::governance::registry::{Governance, replay};
 use crate::governance::templates::TemplateView;
 use crate::jobs::table::JobTable;
-use crate::recorder::Recorder;
+use crate::recorder::{Recorder, decision_of};
 use crate::types::{EngineConfig, Explanation, JobSnapshot, JobSpec, RequestContext};
 
 /// The running sandbox, minus the wire.
@@ -205,6 +206,30 @@ impl Engine {
         event.record().await
     }
 
+    /// Records the terminal event of a request whose credentials were refused. No principal was
+    /// established, so the event's principal field names what the caller presented instead
+    /// (`token:<hash prefix>`, `cert:<name>`, never a secret; the server describes it) and its
+    /// org is empty; `message` says why it was refused.
+    pub async fn record_unauthenticated(
+        &self,
+        action: &str,
+        request_id: &str,
+        presented: &str,
+        rule: &str,
+        message: &str,
+    ) -> Result<Appended> {
+        let mut event = self.recorder.begin_named(AuditEvent {
+            action: action.to_string(),
+            principal: presented.to_string(),
+            request_id: request_id.to_string(),
+            ..AuditEvent::default()
+        });
+        event.decision = Decision::Unauthenticated;
+        event.rule = rule.to_string();
+        event.message = message.to_string();
+        event.record().await
+    }
+
     /// Records the terminal event of a call that reads nothing and decides nothing beyond the
     /// caller's credentials and roles (a Flight SQL handshake, its server information, a
     /// prepared statement closed, the description of a catalog listing).
@@ -253,11 +278,13 @@ impl Engine {
         event.job_id = uuid::Uuid::new_v4().to_string();
         event.set_kind(spec.kind());
         event.query = spec.audit_text();
+        let kind = event.kind.clone();
         let started = match self.jobs.slots.acquire(&ctx.principal.id) {
             Ok(slot) => Submission::new(slot, deferred),
             Err(error) => return event.refuse_after(Duration::ZERO, error).await,
         };
-        match spec {
+        let submitted = std::time::Instant::now();
+        let submission = match spec {
             JobSpec::Sql { query, dp } => self.submit_sql(ctx, event, started, query, dp).await,
             JobSpec::Wasm {
                 module_sha256,
@@ -271,7 +298,25 @@ impl Engine {
                 self.submit_template_run(ctx, event, started, name, params)
                     .await
             }
+        };
+        // A job refused at submission (by the guard, a rule, its budget) never reaches
+        // `finish`, which observes every admitted job's end: its recorded end is observed here,
+        // so that the job metrics show denials. A throttled job was never decided on; the
+        // request counts show it.
+        if let Err(error) = &submission {
+            let decision = decision_of(error);
+            if decision != Decision::Throttle {
+                self.metrics.job_ended(
+                    &kind,
+                    decision,
+                    submitted.elapsed(),
+                    &ctx.principal.org,
+                    0,
+                    0,
+                );
+            }
         }
+        submission
     }
 
     /// The decision on a job without running it. Recorded like any other access.
@@ -367,7 +412,7 @@ impl Engine {
         ctx: &RequestContext,
         key: ConsentKey,
         valid_days: u64,
-    ) -> Result<Consent> {
+    ) -> Result<ConsentView> {
         self.governance
             .add_consent(&self.recorder, ctx, key, valid_days)
             .await
@@ -380,20 +425,28 @@ impl Engine {
             .await
     }
 
-    /// Consents in force or lapsed: admins all (or one consumer org's), a consumer its own.
+    /// Consents in force or expired, with their status: admins all (or one consumer org's), a
+    /// consumer its own.
     pub async fn list_consents(
         &self,
         ctx: &RequestContext,
         consumer_org: Option<String>,
-    ) -> Result<Vec<Consent>> {
+    ) -> Result<Vec<ConsentView>> {
         self.governance
             .list_consents(&self.recorder, ctx, consumer_org)
             .await
     }
 
-    /// Differential-privacy budgets the caller may see.
-    pub async fn budgets(&self, ctx: &RequestContext) -> Result<Vec<BudgetView>> {
-        self.governance.budgets(&self.recorder, ctx).await
+    /// Differential-privacy budgets the caller may see. `directory` is every principal with
+    /// credentials (the server's): which consumer orgs an owner's grants reach.
+    pub async fn budgets(
+        &self,
+        ctx: &RequestContext,
+        directory: &[Principal],
+    ) -> Result<Vec<BudgetView>> {
+        self.governance
+            .budgets(&self.recorder, ctx, directory)
+            .await
     }
 
     /// An owner renews a consumer org's budget on its dataset, with a reason.
@@ -403,9 +456,10 @@ impl Engine {
         org: &str,
         dataset: &str,
         reason: &str,
+        directory: &[Principal],
     ) -> Result<BudgetView> {
         self.governance
-            .refresh_budget(&self.recorder, ctx, org, dataset, reason)
+            .refresh_budget(&self.recorder, ctx, org, dataset, reason, directory)
             .await
     }
 }

@@ -41,6 +41,7 @@ mod audit;
 mod audit_sql;
 mod codes;
 mod differencing;
+mod directory;
 mod engine;
 mod error;
 mod governance;
@@ -57,7 +58,9 @@ pub use codes::{Action, EngineRule, JobKind};
 pub use engine::Engine;
 pub use error::{EngineError, ErrorKind, Result};
 pub use governance::budgets::BudgetView;
+pub use governance::consents::{ConsentStatus, ConsentView};
 pub use governance::modules::{ApprovalRequest, ModuleView};
+pub use governance::registry::AwaitingOwner;
 pub use governance::templates::TemplateView;
 pub use metrics::EngineMetrics;
 pub use recorder::{ABANDONED_RULE, decision_of};
@@ -72,6 +75,6 @@ pub use sandbox_release::dp::NoiseReport;
 pub use sandbox_sql::SqlLimits;
 pub use sandbox_wasm::WasmLimits;
 pub use types::{
-    ColumnView, DatasetView, DpOutcome, DpRequest, EngineConfig, Explanation, JobResult,
-    JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext, TemplateSeed,
+    ColumnView, DatasetView, DpOutcome, DpRequest, EngineConfig, Explanation, GrantView, Identity,
+    JobResult, JobSnapshot, JobSpec, JobState, ReleaseOutcome, RequestContext, TemplateSeed,
 };

@@ -1,14 +1,17 @@
-//! Listings: the datasets a caller may use (schemas, roles, levels, modes; never rows), and
-//! the SQL catalog Flight SQL clients see. Each is recorded naming what it showed.
+//! Listings: the datasets a caller may use (schemas, roles, levels, modes; never rows), the SQL
+//! catalog Flight SQL clients see, the grants a caller may see, and what the caller's org owns.
+//! Each is recorded naming what it showed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use arrow::datatypes::SchemaRef;
+use sandbox_policy::{Principal, PrincipalRole};
 
 use crate::codes::Action;
+use crate::directory::consumers_of;
 use crate::engine::Engine;
-use crate::error::Result;
-use crate::types::{ColumnView, DatasetView, RequestContext};
+use crate::error::{EngineError, Result};
+use crate::types::{ColumnView, DatasetView, GrantView, Identity, RequestContext};
 
 impl Engine {
     /// The datasets the caller can query with SQL (an aggregate grant), each with the schema it
@@ -103,6 +106,107 @@ impl Engine {
         views.sort_by(|a, b| a.id.cmp(&b.id));
         let mut event = self.recorder.begin(ctx, Action::ListDatasets);
         event.datasets = views.iter().map(|v| v.id.clone()).collect();
+        event.allow().await?;
+        Ok(views)
+    }
+
+    /// What the engine knows of the caller: the datasets its org owns. Recorded as `WhoAmI`,
+    /// naming them.
+    pub async fn who_am_i(&self, ctx: &RequestContext) -> Result<Identity> {
+        let owns: Vec<String> = self
+            .policy
+            .datasets
+            .values()
+            .filter(|d| d.owner == ctx.principal.org)
+            .map(|d| d.id.clone())
+            .collect();
+        let mut event = self.recorder.begin(ctx, Action::WhoAmI);
+        event.datasets = owns.clone();
+        event.allow().await?;
+        Ok(Identity { owns })
+    }
+
+    /// The grants the caller may see, one view per grant and consumer org it reaches: an owner
+    /// those on its org's datasets, an auditor every one, a consumer or an analyst those that
+    /// reach its own org. `directory` is every principal with credentials (the server's), which
+    /// says which orgs and logins a grant reaches. Recorded as `ListGrants`, naming the datasets.
+    pub async fn list_grants(
+        &self,
+        ctx: &RequestContext,
+        directory: &[Principal],
+    ) -> Result<Vec<GrantView>> {
+        let mut event = self.recorder.begin(ctx, Action::ListGrants);
+        let principal = &ctx.principal;
+        let roles = &principal.roles;
+        let auditor = roles.contains(&PrincipalRole::Auditor);
+        let owner = roles.contains(&PrincipalRole::Owner);
+        let consumer =
+            roles.contains(&PrincipalRole::Consumer) || roles.contains(&PrincipalRole::Analyst);
+        // The engine repeats the role check rather than trust its caller: admins see no grants.
+        if !(auditor || owner || consumer) {
+            return event
+                .refuse(EngineError::RoleNotPermitted("ListGrants"))
+                .await;
+        }
+        let mut views = Vec::new();
+        for grant in &self.policy.grants {
+            let Some(dataset) = self.policy.dataset(&grant.dataset) else {
+                continue;
+            };
+            let owned = owner && dataset.owner == principal.org;
+            for (consumer_org, consumer_logins) in consumers_of(grant, directory) {
+                // An org left empty is nobody's own: only auditors and the owner see it.
+                let own = consumer && !consumer_org.is_empty() && consumer_org == principal.org;
+                if !(auditor || owned || own) {
+                    continue;
+                }
+                let aggregate = grant.aggregate.as_ref();
+                let dp = aggregate.and_then(|m| m.dp.as_ref());
+                views.push(GrantView {
+                    dataset: dataset.id.clone(),
+                    owner: dataset.owner.clone(),
+                    consumer_org,
+                    consumer_logins,
+                    modes: [
+                        aggregate.map(|_| "aggregate"),
+                        grant.template.as_ref().map(|_| "template"),
+                        grant.wasm.as_ref().map(|_| "wasm"),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .map(String::from)
+                    .collect(),
+                    min_units: aggregate.map_or(0, |m| m.min_units),
+                    functions: aggregate
+                        .iter()
+                        .flat_map(|m| m.functions.iter().map(|f| f.as_str().to_string()))
+                        .collect(),
+                    exact: aggregate.is_some_and(|m| m.answers_exactly(dataset)),
+                    epsilon: dp.map_or(0.0, |dp| dp.epsilon),
+                    budget_epsilon: dp.map_or(0.0, |dp| dp.budget_epsilon),
+                    total_epsilon: dataset.dp_total.map_or(0.0, |t| t.epsilon),
+                    columns: grant
+                        .wasm
+                        .as_ref()
+                        .and_then(|w| w.columns.as_ref())
+                        .map(|c| c.iter().cloned().collect())
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        views.sort_by(|a, b| {
+            (&a.dataset, &a.consumer_org, &a.consumer_logins).cmp(&(
+                &b.dataset,
+                &b.consumer_org,
+                &b.consumer_logins,
+            ))
+        });
+        event.datasets = views
+            .iter()
+            .map(|v| v.dataset.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         event.allow().await?;
         Ok(views)
     }

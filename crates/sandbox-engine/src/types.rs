@@ -392,6 +392,41 @@ pub struct DatasetView {
     pub functions: Vec<String>,
 }
 
+/// One grant as a caller may see it: a dataset, the consumer org it reaches (one view per org a
+/// grant reaches) with the org's logins it applies to, and what it allows. Policy, never data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantView {
+    pub dataset: String,
+    /// The org that owns the dataset (and gave the grant).
+    pub owner: String,
+    /// The consumer org; empty when the grant reaches no principal with credentials and names
+    /// no org.
+    pub consumer_org: String,
+    /// The org's logins the grant applies to (all of them for an org grant).
+    pub consumer_logins: Vec<String>,
+    /// `aggregate`, `template`, `wasm`.
+    pub modes: Vec<String>,
+    /// Aggregate mode: distinct units per released row (0 without it).
+    pub min_units: u64,
+    pub functions: Vec<String>,
+    /// Ad-hoc SQL is answered exactly, not under differential privacy.
+    pub exact: bool,
+    /// Differential privacy (0 where the grant offers none): per query, the org's budget, the
+    /// dataset's total over every consumer.
+    pub epsilon: f64,
+    pub budget_epsilon: f64,
+    pub total_epsilon: f64,
+    /// The wasm mode's column ceiling; empty for every visible column.
+    pub columns: Vec<String>,
+}
+
+/// What the engine tells a caller about itself (the server adds its credentials and calls).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The datasets the caller's org owns, in id order.
+    pub owns: Vec<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ColumnView {
     pub name: String,

@@ -106,6 +106,7 @@ pub use records::{
     Rejection,
 };
 pub use templates::{
-    MAX_PARAM_BYTES, MAX_TEMPLATE_PARAMS, MIN_SCORING_STEP_MONTHS, ParamKind, ParamValue,
-    TemplateApproval, TemplateDefinition, TemplateOutput, TemplateParam, TemplateRecord,
+    MAX_PARAM_BYTES, MAX_TEMPLATE_PARAMS, MIN_SCORING_STEP_MONTHS, ParamError, ParamKind,
+    ParamValue, TemplateApproval, TemplateDefinition, TemplateOutput, TemplateParam,
+    TemplateRecord,
 };

@@ -429,6 +429,15 @@ pub struct AggregateMode {
 }
 
 impl AggregateMode {
+    /// Whether ad-hoc SQL under this mode is answered exactly (by the threshold) rather than
+    /// under differential privacy: not when the grant requires privacy, nor on a dataset whose
+    /// level calls for it (L3 and up) unless the owner marked the grant exact. A query reading an
+    /// L4 measure still runs under differential privacy (the level cap), whatever this says.
+    pub fn answers_exactly(&self, dataset: &DatasetPolicy) -> bool {
+        let required = self.dp.as_ref().is_some_and(|dp| dp.required);
+        !required && (self.exact || !dataset.private_by_default())
+    }
+
     /// The stricter of two modes: the larger threshold and the functions both allow. Used when
     /// several grants apply to the same caller, so that adding a grant can never loosen another.
     pub fn strictest(&self, other: &AggregateMode) -> AggregateMode {

@@ -281,6 +281,14 @@ pub struct Consent {
     pub expires_at: u64,
 }
 
+impl Consent {
+    /// Whether the consent covers runs at `now`: granted, and not yet expired. The one test both
+    /// the runs ([`Registry::consented`]) and the listings' status use.
+    pub fn in_force(&self, now: u64) -> bool {
+        self.granted_at <= now && now < self.expires_at
+    }
+}
+
 /// A state change, as stored in the journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "snake_case")]
@@ -458,27 +466,10 @@ fn check_approvals<A: OwnerApproval>(
     now: u64,
     runs: u64,
 ) -> Result<(Vec<&A>, u64), Refusal> {
-    let mut missing = BTreeSet::new();
-    let mut used: Vec<&A> = Vec::new();
-    for dataset in datasets {
-        let owner = owner_of(&dataset).unwrap_or_else(|| format!("(owner of {dataset})"));
-        match approvals
-            .and_then(|a| a.get(&owner))
-            .filter(|a| a.covers(&dataset))
-        {
-            Some(approval) => {
-                if !used.iter().any(|u| u.org() == approval.org()) {
-                    used.push(approval);
-                }
-            }
-            None => {
-                missing.insert(owner);
-            }
-        }
-    }
+    let (used, missing) = sort_approvals(datasets, approvals, owner_of);
     if !missing.is_empty() {
         return Err(Refusal::AwaitingApproval {
-            orgs: missing.into_iter().collect(),
+            orgs: missing.into_keys().collect(),
         });
     }
     if let Some(expired) = used.iter().find(|a| a.expires_at() <= now) {
@@ -495,6 +486,35 @@ fn check_approvals<A: OwnerApproval>(
         return Err(Refusal::RunsExhausted { max_runs });
     }
     Ok((used, max_runs - runs))
+}
+
+/// The approvals an artifact reading `datasets` has (one per owner org), and the owner orgs whose
+/// approval is missing, each with its datasets among `datasets`. A dataset the policy no longer
+/// knows has no owner who could approve it: it is missing under `(owner of <dataset>)`.
+fn sort_approvals<A: OwnerApproval>(
+    datasets: impl IntoIterator<Item = String>,
+    approvals: Option<&BTreeMap<String, A>>,
+    owner_of: impl Fn(&str) -> Option<String>,
+) -> (Vec<&A>, BTreeMap<String, BTreeSet<String>>) {
+    let mut missing: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut used: Vec<&A> = Vec::new();
+    for dataset in datasets {
+        let owner = owner_of(&dataset).unwrap_or_else(|| format!("(owner of {dataset})"));
+        match approvals
+            .and_then(|a| a.get(&owner))
+            .filter(|a| a.covers(&dataset))
+        {
+            Some(approval) => {
+                if !used.iter().any(|u| u.org() == approval.org()) {
+                    used.push(approval);
+                }
+            }
+            None => {
+                missing.entry(owner).or_default().insert(dataset);
+            }
+        }
+    }
+    (used, missing)
 }
 
 /// A template that may run now, and how many runs are left.
@@ -660,6 +680,37 @@ impl Registry {
         self.template_runs.get(sha256).copied().unwrap_or(0)
     }
 
+    /// The owner orgs whose approval a template still lacks, each with its datasets the template
+    /// reads (empty for an unknown template, or one every owner approved).
+    pub fn template_awaiting(
+        &self,
+        sha256: &str,
+        owner_of: impl Fn(&str) -> Option<String>,
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        let Some(template) = self.templates.get(sha256) else {
+            return BTreeMap::new();
+        };
+        sort_approvals(
+            template.datasets.iter().cloned(),
+            self.template_approvals.get(sha256),
+            owner_of,
+        )
+        .1
+    }
+
+    /// The owner orgs whose approval a module still lacks, each with its datasets among the
+    /// module's declared input (empty for an unknown module, or one every owner approved).
+    pub fn module_awaiting(
+        &self,
+        sha256: &str,
+        owner_of: impl Fn(&str) -> Option<String>,
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        let Some(module) = self.modules.get(sha256) else {
+            return BTreeMap::new();
+        };
+        sort_approvals(module.datasets(), self.approvals.get(sha256), owner_of).1
+    }
+
     /// The newest template of that name submitted by `org`, if every owner of the data it reads
     /// approved it, no approval expired and runs are left.
     pub fn effective_template(
@@ -765,10 +816,7 @@ impl Registry {
         self.consents
             .values()
             .filter(|c| {
-                c.key.consumer_org == consumer_org
-                    && c.key.purpose == purpose
-                    && c.granted_at <= now
-                    && now < c.expires_at
+                c.key.consumer_org == consumer_org && c.key.purpose == purpose && c.in_force(now)
             })
             .map(|c| c.key.unit.clone())
             .collect()
@@ -846,6 +894,19 @@ mod tests {
             r.effective("abc", "bank", 10, owner),
             Err(Refusal::AwaitingApproval { orgs }) if orgs.len() == 2
         ));
+        let awaiting = |r: &Registry| -> Vec<(String, Vec<String>)> {
+            r.module_awaiting("abc", owner)
+                .into_iter()
+                .map(|(org, datasets)| (org, datasets.into_iter().collect()))
+                .collect()
+        };
+        assert_eq!(
+            awaiting(&r),
+            [
+                ("court_owner".to_string(), vec!["court".to_string()]),
+                ("tax_owner".to_string(), vec!["tax".to_string()])
+            ]
+        );
         r.apply(Record::ModuleApproved(approval("tax_owner", "tax", 100, 2)));
         assert_eq!(
             r.effective("abc", "bank", 10, owner),
@@ -853,12 +914,17 @@ mod tests {
                 orgs: vec!["court_owner".into()]
             })
         );
+        assert_eq!(
+            awaiting(&r),
+            [("court_owner".to_string(), vec!["court".to_string()])]
+        );
         r.apply(Record::ModuleApproved(approval(
             "court_owner",
             "court",
             50,
             5,
         )));
+        assert!(awaiting(&r).is_empty());
         let effective = r.effective("abc", "bank", 10, owner).unwrap();
         assert_eq!(effective.runs_left, 2);
         assert_eq!(effective.columns.len(), 2);
@@ -921,6 +987,12 @@ mod tests {
         assert!(r.consented("bank", "marketing", 15).is_empty());
         assert!(r.consented("bank", "credit_assessment", 20).is_empty());
         assert!(r.consented("other", "credit_assessment", 15).is_empty());
+        // The listings' status reads the same test: before, during and after.
+        let consent = r.consent(&key).expect("added");
+        assert_eq!(
+            [9, 10, 19, 20].map(|now| consent.in_force(now)),
+            [false, true, true, false]
+        );
         r.apply(Record::ConsentRevoked {
             key,
             revoked_at: 16,

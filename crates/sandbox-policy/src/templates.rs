@@ -21,6 +21,28 @@ pub enum ParamKind {
     Month,
 }
 
+impl ParamKind {
+    /// The name a template declares it by (`type = "..."`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamKind::Int => "int",
+            ParamKind::Float => "float",
+            ParamKind::String => "string",
+            ParamKind::Month => "month",
+        }
+    }
+
+    /// What a value of the kind looks like, for messages.
+    fn in_words(self) -> &'static str {
+        match self {
+            ParamKind::Int => "an integer",
+            ParamKind::Float => "a number",
+            ParamKind::String => "text",
+            ParamKind::Month => "a month (YYYY-MM)",
+        }
+    }
+}
+
 /// One declared parameter; the SQL refers to it as `$name`. Every parameter has a domain the
 /// owners approve with the SQL (it is part of the template's hash): an enumeration of `values`,
 /// a `min`/`max` range of numbers, or a `from`/`to` range of months moving in `step_months`.
@@ -183,26 +205,135 @@ impl TemplateParam {
         }
     }
 
-    /// The domain in words, for messages.
-    fn describe_domain(&self) -> String {
+    /// The domain its owners approve, in words: `one of 2023-01, 2024-01`, `from 1 to 100`,
+    /// `months from 2023-01 to 2024-12 every 12` (`months from .. to ..` when every month is).
+    /// Listings show it; refusals of a value quote it.
+    pub fn domain_in_words(&self) -> String {
         if !self.values.is_empty() {
             return format!("one of {}", self.values.join(", "));
         }
+        let unset = || "?".to_string();
         match self.kind {
-            ParamKind::Month => format!(
-                "a month from {} to {} in steps of {}",
-                self.from.as_deref().unwrap_or("?"),
-                self.to.as_deref().unwrap_or("?"),
-                self.step_months.unwrap_or(1)
-            ),
+            ParamKind::Month => {
+                let months = format!(
+                    "months from {} to {}",
+                    self.from.clone().unwrap_or_else(unset),
+                    self.to.clone().unwrap_or_else(unset)
+                );
+                match self.step_months.unwrap_or(1) {
+                    1 => months,
+                    step => format!("{months} every {step}"),
+                }
+            }
             _ => format!(
-                "a number from {} to {}",
-                self.min.unwrap_or(f64::NAN),
-                self.max.unwrap_or(f64::NAN)
+                "from {} to {}",
+                self.min.map_or_else(unset, |m| m.to_string()),
+                self.max.map_or_else(unset, |m| m.to_string())
+            ),
+        }
+    }
+
+    /// What a value must be: its type and its domain, in words.
+    fn expected(&self) -> String {
+        format!("{}, {}", self.kind.in_words(), self.domain_in_words())
+    }
+}
+
+/// Why a run's parameter values are refused. All but [`ParamError::OutsideDomain`] are malformed
+/// requests (nothing a policy decided); a well-formed value outside the approved domain is the
+/// owners' refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamError {
+    /// A parameter the template does not declare.
+    Unknown {
+        template: String,
+        name: String,
+        declared: Vec<String>,
+    },
+    /// A declared parameter without a value.
+    Missing { name: String, expected: String },
+    /// A value longer than [`MAX_PARAM_BYTES`] (not quoted back).
+    TooLong { name: String, bytes: usize },
+    /// A value that does not parse as the declared type.
+    Malformed {
+        name: String,
+        given: String,
+        expected: String,
+    },
+    /// A well-formed value outside the domain the owners approved.
+    OutsideDomain {
+        name: String,
+        given: String,
+        domain: String,
+    },
+}
+
+impl ParamError {
+    /// The parameter it is about.
+    pub fn parameter(&self) -> &str {
+        match self {
+            ParamError::Unknown { name, .. }
+            | ParamError::Missing { name, .. }
+            | ParamError::TooLong { name, .. }
+            | ParamError::Malformed { name, .. }
+            | ParamError::OutsideDomain { name, .. } => name,
+        }
+    }
+
+    /// Whether the request itself is at fault (a value of the wrong type, a missing or unknown
+    /// parameter) rather than the owners' domain.
+    pub fn is_malformed(&self) -> bool {
+        !matches!(self, ParamError::OutsideDomain { .. })
+    }
+}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamError::Unknown {
+                template,
+                name,
+                declared,
+            } => write!(
+                f,
+                "template `{template}` has no parameter `{}` (its parameters: {})",
+                name.escape_debug(),
+                if declared.is_empty() {
+                    "none".to_string()
+                } else {
+                    declared.join(", ")
+                }
+            ),
+            ParamError::Missing { name, expected } => {
+                write!(f, "parameter `{name}` needs a value: {expected}")
+            }
+            ParamError::TooLong { name, bytes } => write!(
+                f,
+                "parameter `{name}`: the value given is {bytes} bytes; the limit is                  {MAX_PARAM_BYTES}"
+            ),
+            ParamError::Malformed {
+                name,
+                given,
+                expected,
+            } => write!(
+                f,
+                "parameter `{name}`: `{}` is not a valid value; expected {expected}",
+                given.escape_debug()
+            ),
+            ParamError::OutsideDomain {
+                name,
+                given,
+                domain,
+            } => write!(
+                f,
+                "parameter `{name}`: `{}` is outside the domain its owners approved: {domain}",
+                given.escape_debug()
             ),
         }
     }
 }
+
+impl std::error::Error for ParamError {}
 
 /// A parameter value, parsed to its declared type.
 #[derive(Debug, Clone, PartialEq)]
@@ -337,45 +468,56 @@ impl TemplateDefinition {
     }
 
     /// Parses the caller's values by the declared types. Every declared parameter needs a value
-    /// and no other may be given.
+    /// and no other may be given. Every value is parsed before any is checked against its
+    /// domain, so a malformed request is always refused as one, whatever else it holds.
     pub fn bind(
         &self,
         values: &BTreeMap<String, String>,
-    ) -> Result<BTreeMap<String, ParamValue>, String> {
+    ) -> Result<BTreeMap<String, ParamValue>, ParamError> {
         if let Some(unknown) = values
             .keys()
             .find(|k| !self.params.iter().any(|p| &p.name == *k))
         {
-            return Err(format!(
-                "template `{}` has no parameter `{unknown}`",
-                self.name
-            ));
+            let name = if unknown.len() > MAX_PARAM_BYTES {
+                format!("{}...", unknown.chars().take(32).collect::<String>())
+            } else {
+                unknown.clone()
+            };
+            return Err(ParamError::Unknown {
+                template: self.name.clone(),
+                name,
+                declared: self.params.iter().map(|p| p.name.clone()).collect(),
+            });
         }
-        let mut bound = BTreeMap::new();
+        let mut parsed = Vec::with_capacity(self.params.len());
         for param in &self.params {
-            let value = values.get(&param.name).ok_or_else(|| {
-                format!(
-                    "parameter `{}` ({:?}) needs a value",
-                    param.name, param.kind
-                )
+            let value = values.get(&param.name).ok_or_else(|| ParamError::Missing {
+                name: param.name.clone(),
+                expected: param.expected(),
             })?;
             if value.len() > MAX_PARAM_BYTES {
-                return Err(format!(
-                    "parameter `{}` is longer than {MAX_PARAM_BYTES} bytes",
-                    param.name
-                ));
+                return Err(ParamError::TooLong {
+                    name: param.name.clone(),
+                    bytes: value.len(),
+                });
             }
-            let parsed = param.parse(value).ok_or_else(|| {
-                format!("parameter `{}` is not a valid {:?}", param.name, param.kind)
+            let typed = param.parse(value).ok_or_else(|| ParamError::Malformed {
+                name: param.name.clone(),
+                given: value.clone(),
+                expected: param.expected(),
             })?;
-            if !param.admits(value, &parsed) {
-                return Err(format!(
-                    "parameter `{}` must be {} (the domain its owners approved)",
-                    param.name,
-                    param.describe_domain()
-                ));
+            parsed.push((param, value, typed));
+        }
+        let mut bound = BTreeMap::new();
+        for (param, value, typed) in parsed {
+            if !param.admits(value, &typed) {
+                return Err(ParamError::OutsideDomain {
+                    name: param.name.clone(),
+                    given: value.clone(),
+                    domain: param.domain_in_words(),
+                });
             }
-            bound.insert(param.name.clone(), parsed);
+            bound.insert(param.name.clone(), typed);
         }
         Ok(bound)
     }
@@ -440,18 +582,22 @@ values = ["active", "a", "suspended"]
             .bind(&BTreeMap::from([("status".into(), "active".into())]))
             .unwrap();
         assert_eq!(bound["status"], ParamValue::String("active".into()));
-        assert!(
-            t.bind(&BTreeMap::new())
-                .unwrap_err()
-                .contains("needs a value")
+        let missing = t.bind(&BTreeMap::new()).unwrap_err();
+        assert!(missing.is_malformed());
+        assert_eq!(
+            missing.to_string(),
+            "parameter `status` needs a value: text, one of active, a, suspended"
         );
-        assert!(
-            t.bind(&BTreeMap::from([
+        let unknown = t
+            .bind(&BTreeMap::from([
                 ("status".into(), "a".into()),
-                ("x".into(), "1".into())
+                ("x".into(), "1".into()),
             ]))
-            .unwrap_err()
-            .contains("no parameter `x`")
+            .unwrap_err();
+        assert!(unknown.is_malformed());
+        assert_eq!(
+            unknown.to_string(),
+            "template `risk_by_industry` has no parameter `x` (its parameters: status)"
         );
     }
 
@@ -485,16 +631,47 @@ values = ["active", "a", "suspended"]
                 "min = 1\nmax = 5",
             ))
             .unwrap();
-        assert!(
-            int.bind(&BTreeMap::from([("status".into(), "x".into())]))
-                .unwrap_err()
-                .contains("not a valid Int")
+        let malformed = int
+            .bind(&BTreeMap::from([("status".into(), "x".into())]))
+            .unwrap_err();
+        assert!(malformed.is_malformed());
+        assert_eq!(
+            malformed.to_string(),
+            "parameter `status`: `x` is not a valid value; expected an integer, from 1 to 5"
         );
-        assert!(
-            int.bind(&BTreeMap::from([("status".into(), "9".into())]))
-                .unwrap_err()
-                .contains("a number from 1 to 5")
+        let outside = int
+            .bind(&BTreeMap::from([("status".into(), "9".into())]))
+            .unwrap_err();
+        assert!(!outside.is_malformed());
+        assert_eq!(
+            outside.to_string(),
+            "parameter `status`: `9` is outside the domain its owners approved: from 1 to 5"
         );
+    }
+
+    /// Every value is parsed before any is checked against its domain: a request with a
+    /// malformed value is refused as malformed even when an earlier value is outside its domain.
+    #[test]
+    fn malformed_values_are_found_before_domains() {
+        let two =
+            format!("{AGGREGATE}\n[[param]]\nname = \"level\"\ntype = \"int\"\nmin = 1\nmax = 3\n");
+        let t = TemplateDefinition::from_toml(&two).unwrap();
+        let error = t
+            .bind(&BTreeMap::from([
+                ("status".into(), "revoked".into()),
+                ("level".into(), "high".into()),
+            ]))
+            .unwrap_err();
+        assert!(error.is_malformed(), "{error}");
+        assert_eq!(error.parameter(), "level");
+        let error = t
+            .bind(&BTreeMap::from([
+                ("status".into(), "revoked".into()),
+                ("level".into(), "2".into()),
+            ]))
+            .unwrap_err();
+        assert!(!error.is_malformed(), "{error}");
+        assert_eq!(error.parameter(), "status");
     }
 
     /// A parameter outside its approved domain is refused; a per-entity template cannot declare
@@ -508,10 +685,13 @@ values = ["active", "a", "suspended"]
                 .contains("declares a domain")
         );
         let t = TemplateDefinition::from_toml(AGGREGATE).unwrap();
-        assert!(
-            t.bind(&BTreeMap::from([("status".into(), "revoked".into())]))
-                .unwrap_err()
-                .contains("one of active, a, suspended")
+        assert_eq!(
+            t.bind(&BTreeMap::from([("status".into(), "revoked".into())])),
+            Err(ParamError::OutsideDomain {
+                name: "status".into(),
+                given: "revoked".into(),
+                domain: "one of active, a, suspended".into()
+            })
         );
         let scoring = |param: &str| {
             format!(
@@ -544,15 +724,34 @@ max = 1
             "type = \"month\"\nfrom = \"2023-01\"\nto = \"2024-01\"\nstep_months = 12",
         ))
         .unwrap();
-        for (value, ok) in [
-            ("2023-01", true),
-            ("2024-01", true),
-            ("2024-12", false),
-            ("2023-02", false),
-            ("x", false),
+        assert_eq!(
+            yearly.params[0].domain_in_words(),
+            "months from 2023-01 to 2024-01 every 12"
+        );
+        // Each value: bound, refused as outside the domain, or refused as malformed.
+        for (value, outcome) in [
+            ("2023-01", None),
+            ("2024-01", None),
+            ("2024-12", Some(false)),
+            ("2023-02", Some(false)),
+            ("x", Some(true)),
+            ("garbage", Some(true)),
+            ("2023-1", Some(true)),
         ] {
             let bound = yearly.bind(&BTreeMap::from([("since".into(), value.into())]));
-            assert_eq!(bound.is_ok(), ok, "{value}: {bound:?}");
+            assert_eq!(
+                bound.as_ref().err().map(ParamError::is_malformed),
+                outcome,
+                "{value}: {bound:?}"
+            );
         }
+        let garbage = yearly
+            .bind(&BTreeMap::from([("since".into(), "garbage".into())]))
+            .unwrap_err();
+        assert_eq!(
+            garbage.to_string(),
+            "parameter `since`: `garbage` is not a valid value; expected a month (YYYY-MM), \
+             months from 2023-01 to 2024-01 every 12"
+        );
     }
 }

@@ -2,8 +2,12 @@
 //! policies and create credentials for the demo principals. Every later start uses what is there.
 //! Generating needs the demo generator (the `demo` cargo feature, on by default); a build without
 //! it starts only on a prepared data dir.
+//!
+//! One `sandboxd` per data dir: [`prepare`] first takes the data dir's lock
+//! ([`DataDirLock`], `<data-dir>/sandboxd.lock`, holding the process id), before anything is
+//! generated or read, so a second server on the same data dir stops at once, naming the first.
 
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -82,6 +86,76 @@ pub struct Prepared {
     pub policy_dir: Option<PathBuf>,
     pub authenticator: Authenticator,
     pub created_demo: bool,
+    /// Held for as long as the server serves the data dir.
+    pub lock: DataDirLock,
+}
+
+/// The lock file of a data dir: locked by the `sandboxd` serving it, and holding its process id.
+pub const LOCK_FILE: &str = "sandboxd.lock";
+
+/// A data dir's lock, held while it exists (the OS releases it when the process ends, even
+/// killed, so a crashed server's lock file never stops the next start).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Locks `data_dir` (which exists) and writes this process's id into the lock file. Refused
+    /// when another process holds it, naming that process when its lock file says which.
+    pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
+        let path = data_dir.join(LOCK_FILE);
+        // Not truncated on open: until the lock is ours, the file holds the holder's id.
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let holder = file
+                    .read_to_string(&mut text)
+                    .ok()
+                    .and_then(|_| text.trim().parse::<u32>().ok())
+                    .map_or(String::new(), |pid| format!(" (pid {pid})"));
+                anyhow::bail!(
+                    "another sandboxd{holder} is using {}: stop it, or start this one with \
+                     --data-dir DIR",
+                    data_dir.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// Whether a data dir has nothing in it yet but (perhaps) its lock file: a first start.
+fn is_fresh(data_dir: &Path) -> anyhow::Result<bool> {
+    match std::fs::read_dir(data_dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.with_context(|| format!("cannot read {}", data_dir.display()))?;
+                if entry.file_name() != LOCK_FILE {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", data_dir.display())),
+    }
 }
 
 /// The demo policies as (name, text) pairs, for loading without a directory.
@@ -108,19 +182,23 @@ fn policy_digest(sources: &[(String, String)]) -> String {
 
 pub fn prepare(config: &ServerConfig) -> anyhow::Result<Prepared> {
     let data_dir = &config.data_dir;
-    let fresh = match std::fs::read_dir(data_dir) {
-        Ok(mut entries) => entries.next().is_none(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", data_dir.display())),
-    };
-    if fresh {
+    if is_fresh(data_dir)? && !cfg!(feature = "demo") {
         // Refused before anything is written, so the data dir is left as it was found.
-        if !cfg!(feature = "demo") {
-            return Err(without_demo(&format!(
-                "the data dir {} is empty or missing, and a first start generates the demo there",
-                data_dir.display()
-            )));
-        }
+        return Err(without_demo(&format!(
+            "the data dir {} is empty or missing, and a first start generates the demo there",
+            data_dir.display()
+        )));
+    }
+    if is_fresh(data_dir)? {
+        check_demo_scale(config.demo_scale)?;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    }
+    // Before anything is read or generated: a second server on this data dir stops here.
+    let lock = DataDirLock::acquire(data_dir)?;
+    // Asked again under the lock: another server may have started generating in between.
+    let fresh = is_fresh(data_dir)?;
+    if fresh {
         create_demo(data_dir, config.demo_scale)?;
     }
     // `--policies`, else the repository's `policies/` when run from a checkout, else the data
@@ -158,15 +236,19 @@ pub fn prepare(config: &ServerConfig) -> anyhow::Result<Prepared> {
         policy_dir,
         authenticator,
         created_demo: fresh,
+        lock,
     })
 }
 
-fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
+fn check_demo_scale(scale: f64) -> anyhow::Result<()> {
     if !(scale.is_finite() && scale > 0.0 && scale <= 1000.0) {
         anyhow::bail!("--demo-scale must be in (0, 1000], got {scale}");
     }
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    Ok(())
+}
+
+fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
+    check_demo_scale(scale)?;
     tracing::info!(dir = %data_dir.display(), scale, "empty data dir: generating the demo");
     generate_datasets(data_dir, scale)?;
 

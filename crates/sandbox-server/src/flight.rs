@@ -11,6 +11,10 @@
 //! | `DoGet` of a statement ticket               | `wait_result` (`FetchResult`)           |
 //! | `GetCatalogs`, `GetDbSchemas`, `GetTables`, `GetTableTypes` | `sql_catalog` (`ListDatasets`) |
 //! | `GetSqlInfo`, `ClosePreparedStatement`, the `GetFlightInfo` of a listing | `record_call` |
+//! | the `CloseSession` action (ADBC sends it when a connection closes) | `record_call` |
+//!
+//! Any other action is refused `INVALID_ARGUMENT` (`unknown-action`) once the caller is admitted,
+//! and journaled under the caller like every call.
 //!
 //! `GetFlightInfo` for a query runs the guard and planning (a denial is answered there, naming
 //! its rule) and admits the job (a privacy budget is debited here, as at any admission), and
@@ -38,8 +42,8 @@ use arrow_flight::sql::{
     SqlSupportedTransaction, TicketStatementQuery,
 };
 use arrow_flight::{
-    FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage,
-    SchemaAsIpc, Ticket,
+    ActionType, FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse,
+    IpcMessage, SchemaAsIpc, Ticket,
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -64,6 +68,26 @@ const MAX_PARAMETER_MESSAGES: usize = 16;
 
 type FlightStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type DoGetStream = <FlightSql as FlightService>::DoGetStream;
+type DoActionStream = <FlightSql as FlightService>::DoActionStream;
+
+/// The action type of Flight's `CloseSession` (`Flight.proto`'s session actions, which
+/// `arrow-flight` 59 does not define). Its request and result are plain protobuf messages, not
+/// wrapped in `Any` as Flight SQL's actions are.
+pub const CLOSE_SESSION: &str = "CloseSession";
+
+/// `CloseSessionRequest`: empty (the session is whatever the connection carries).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CloseSessionRequest {}
+
+/// `CloseSessionResult`: `status` is the `CloseSessionResult.Status` enum.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CloseSessionResult {
+    #[prost(int32, tag = "1")]
+    pub status: i32,
+}
+
+/// `CloseSessionResult.Status.CLOSED`: the close is complete.
+pub const CLOSE_SESSION_CLOSED: i32 = 1;
 
 /// `arrow.flight.protocol.FlightService`, speaking Flight SQL.
 pub struct FlightSql {
@@ -571,6 +595,60 @@ impl FlightSqlService for FlightSql {
                 Ok(batch_stream(batch))
             })
             .await
+    }
+
+    /// `CloseSession`, and every action neither Flight SQL nor this server defines. Both are
+    /// admitted first, so either is journaled under its caller (or as refused credentials).
+    async fn do_action_fallback(
+        &self,
+        request: Request<arrow_flight::Action>,
+    ) -> Result<Response<DoActionStream>, Status> {
+        if request.get_ref().r#type != CLOSE_SESSION {
+            return self
+                .gate
+                .serve(request, Rpc::FlightOtherAction, |_call| async move {
+                    Err(CallError::Invalid {
+                        code: "unknown-action",
+                        message: "this server serves the Flight actions CreatePreparedStatement, \
+                                  ClosePreparedStatement and CloseSession only",
+                    })
+                })
+                .await;
+        }
+        self.gate
+            .serve(request, Rpc::FlightCloseSession, |call| async move {
+                if CloseSessionRequest::decode(call.message.body.clone()).is_err() {
+                    return Err(CallError::Invalid {
+                        code: "invalid-action-body",
+                        message: "the CloseSession action's body is not a CloseSessionRequest",
+                    });
+                }
+                call.engine
+                    .record_call(&call.ctx, Rpc::FlightCloseSession.name())
+                    .await?;
+                // Nothing is held between calls (a prepared statement's handle is its text, a
+                // ticket is a job the caller owns), so the session is closed once asked.
+                let result = CloseSessionResult {
+                    status: CLOSE_SESSION_CLOSED,
+                };
+                let answer = arrow_flight::Result {
+                    body: Bytes::from(result.encode_to_vec()),
+                };
+                let stream: DoActionStream = Box::pin(futures::stream::iter([Ok(answer)]));
+                Ok(Response::new(stream))
+            })
+            .await
+    }
+
+    /// `ListActions` names `CloseSession` beside Flight SQL's actions.
+    async fn list_custom_actions(&self) -> Option<Vec<Result<ActionType, Status>>> {
+        Some(vec![Ok(ActionType {
+            r#type: CLOSE_SESSION.to_string(),
+            description: "Closes the session (the server holds nothing between calls).\n\
+                          Request Message: CloseSessionRequest\n\
+                          Response Message: CloseSessionResult"
+                .to_string(),
+        })])
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

@@ -17,7 +17,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use sandbox_engine::{Decision, Engine, EngineError, RequestContext};
 use tonic::{Request, Status};
 
-use crate::auth::{Authenticator, Rpc, required_roles};
+use crate::auth::{self, Authenticator, Rpc, required_roles};
 use crate::metrics::CallOrg;
 use crate::status::{self, status_of};
 use crate::unhandled::Admitted;
@@ -102,6 +102,12 @@ impl Gatekeeper {
         &self.engine
     }
 
+    /// The credentials the calls are checked against: who has them, for the answers that name
+    /// logins (`WhoAmI`, `ListGrants`, owners' budgets, the owners a module awaits).
+    pub(crate) fn authenticator(&self) -> &Arc<Authenticator> {
+        &self.authenticator
+    }
+
     /// The skeleton of every handler: admits `request` for `rpc` (a refusal is journaled and
     /// answered here, and `handle` never runs), then runs `handle` on the admitted call and maps
     /// how it ended to the answer's status.
@@ -154,15 +160,19 @@ impl Gatekeeper {
         let principal = match self.authenticator.authenticate_request(authorization, leaf) {
             Ok(principal) => principal,
             Err(failure) => {
-                self.record(
-                    rpc,
-                    &request_id,
-                    None,
-                    Decision::Unauthenticated,
-                    failure.code(),
-                )
-                .await?;
-                return Err(status::unauthenticated(failure, &request_id));
+                // No principal was established: the journal records what was presented (hash
+                // prefixes and certificate names, never a secret) and why it was refused.
+                self.engine
+                    .record_unauthenticated(
+                        rpc.name(),
+                        &request_id,
+                        &auth::presented(authorization, leaf),
+                        failure.code(),
+                        &failure.to_string(),
+                    )
+                    .await
+                    .map_err(|e| status_of(&e, &request_id))?;
+                return Err(status::unauthenticated(&failure, &request_id));
             }
         };
         // The metrics count the call under its caller's org.
@@ -174,7 +184,7 @@ impl Gatekeeper {
             self.record(
                 rpc,
                 &request_id,
-                Some(&principal),
+                &principal,
                 Decision::Throttle,
                 "rate-limited",
             )
@@ -185,7 +195,7 @@ impl Gatekeeper {
             self.record(
                 rpc,
                 &request_id,
-                Some(&principal),
+                &principal,
                 Decision::PermissionDenied,
                 "role-not-permitted",
             )
@@ -203,13 +213,7 @@ impl Gatekeeper {
     /// recording its terminal event: every admitted call ends in the journal, refusals included.
     async fn reject(&self, rpc: Rpc, ctx: &RequestContext, code: &str, message: &str) -> Status {
         match self
-            .record(
-                rpc,
-                &ctx.request_id,
-                Some(&ctx.principal),
-                Decision::Fail,
-                code,
-            )
+            .record(rpc, &ctx.request_id, &ctx.principal, Decision::Fail, code)
             .await
         {
             Ok(()) => status::invalid(code, message, &ctx.request_id),
@@ -221,12 +225,12 @@ impl Gatekeeper {
         &self,
         rpc: Rpc,
         request_id: &str,
-        principal: Option<&sandbox_policy::Principal>,
+        principal: &sandbox_policy::Principal,
         decision: Decision,
         rule: &str,
     ) -> Result<(), Status> {
         self.engine
-            .record_refusal(rpc.name(), request_id, principal, decision, rule, "")
+            .record_refusal(rpc.name(), request_id, Some(principal), decision, rule, "")
             .await
             .map(|_| ())
             .map_err(|e| status_of(&e, request_id))

@@ -12,8 +12,10 @@
 //!
 //! # A call's way in
 //!
-//! [`start`] prepares the data dir ([`bootstrap::prepare`]), starts the engine and serves the
-//! native services and Flight SQL on one address, behind three layers, outermost first:
+//! [`start`] binds its addresses (a port in use is reported before anything slow happens),
+//! prepares the data dir ([`bootstrap::prepare`]: its lock, one server per data dir, then the demo
+//! on first start), starts the engine and serves the native services and Flight SQL on one
+//! address, behind three layers, outermost first:
 //! [`detach::DetachLayer`] (every call runs in a task of its own, so a client that goes away cannot
 //! cut a call short between two steps; dropping the call fires its `ClientGone` token), the
 //! metrics layer, and [`unhandled::JournalUnhandledLayer`] (journals calls no handler saw). Each
@@ -110,6 +112,9 @@ pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
     stop_metrics: CancellationToken,
     handle: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The data dir's lock; the last field, so it is released after the engine (and its
+    /// journal) when the server is dropped.
+    _data_dir_lock: bootstrap::DataDirLock,
 }
 
 impl RunningServer {
@@ -138,10 +143,36 @@ impl RunningServer {
     }
 }
 
-/// Prepares the data dir (generating the demo on first start), opens the engine and starts
-/// serving on `config.listen`.
+/// Binds the listen addresses, prepares the data dir (generating the demo on first start), opens
+/// the engine and starts serving on `config.listen`. The addresses are bound first, before the
+/// data dir is touched, so a port in use is reported at once and leaves nothing behind; the data
+/// dir's lock comes next, before anything slow.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     config.check_transport()?;
+    // A port in use is most likely another sandboxd's: the error says how to start this one
+    // elsewhere and point the CLI at it.
+    let scheme = if config.tls { "https" } else { "http" };
+    let listener = bind(
+        config.listen,
+        "--listen",
+        &format!(
+            "{} is already in use (another sandboxd?): choose another with --listen ADDR and \
+             point the CLI at it with --addr {scheme}://ADDR or SANDBOX_ADDR",
+            config.listen
+        ),
+    )
+    .await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(
+            bind(
+                address,
+                "--metrics-listen",
+                &format!("{address} is already in use: choose another with --metrics-listen ADDR"),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let prepared = bootstrap::prepare(&config)?;
     let mut engine_config = EngineConfig::new(config.data_dir.clone(), prepared.policy);
     engine_config.policy_digest = prepared.policy_digest;
@@ -193,9 +224,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         },
     );
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let sandbox = service::SandboxService::new(gate.clone());
     let audit = service::AuditService::new(gate.clone());
@@ -231,11 +259,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .add_service(FlightServiceServer::new(flight).max_decoding_message_size(max_request));
     // Last, once nothing else can fail: a failed start leaves no metrics server behind.
     let stop_metrics = CancellationToken::new();
-    let metrics_addr = match config.metrics_listen {
-        Some(address) => {
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {address}"))?;
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
             let bound = listener.local_addr()?;
             tokio::spawn(metrics::serve(
                 listener,
@@ -259,5 +284,19 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown: Some(shutdown),
         stop_metrics,
         handle,
+        _data_dir_lock: prepared.lock,
     })
+}
+
+/// Binds `address`, given by `flag`; `in_use` is the error when another process holds it.
+async fn bind(
+    address: SocketAddr,
+    flag: &str,
+    in_use: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(address).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(anyhow::anyhow!("{in_use}")),
+        Err(e) => Err(e).with_context(|| format!("cannot listen on {address} ({flag})")),
+    }
 }

@@ -12,7 +12,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = ServerConfig::from_command_line()?;
-    let server = sandbox_server::start(config).await?;
+    let server = match sandbox_server::start(config).await {
+        Ok(server) => server,
+        Err(error) => {
+            // One line an operator can act on (the causes after colons), not a debug dump.
+            eprintln!("sandboxd: {error:#}");
+            std::process::exit(1);
+        }
+    };
     println!("sandboxd listening on {}", server.addr);
     tracing::info!(addr = %server.addr, "listening on {}", server.addr);
     shutdown_signal().await?;

@@ -6,13 +6,14 @@ use std::pin::Pin;
 
 use futures::Stream;
 use sandbox_engine::{
-    ApprovalRequest, BudgetView, Consent, ConsentKey, DpRequest, JobSnapshot, JobSpec, JobState,
-    ModuleView, ReleaseOutcome, TemplateOutput, TemplateView,
+    ApprovalRequest, AwaitingOwner, BudgetView, ConsentKey, ConsentView, DpRequest, GrantView,
+    JobSnapshot, JobSpec, JobState, ModuleView, ReleaseOutcome, TemplateOutput, TemplateView,
 };
+use sandbox_policy::{Principal, PrincipalRole};
 use sandbox_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::auth::Rpc;
+use crate::auth::{Rpc, required_roles};
 use crate::detach::ClientGone;
 use crate::gatekeeper::CallError;
 // Where the gatekeeper lived before it had a module of its own.
@@ -35,7 +36,35 @@ impl SandboxService {
     }
 }
 
-fn template(view: TemplateView) -> pb::Template {
+/// Every principal with credentials (id, org, roles; never a token): the engine knows orgs, the
+/// server knows who logs in for them.
+fn directory(gate: &Gatekeeper) -> Vec<Principal> {
+    let authenticator = gate.authenticator();
+    authenticator
+        .principal_ids()
+        .iter()
+        .filter_map(|id| authenticator.principal_named(id))
+        .collect()
+}
+
+/// The owners a pending module or template waits for, each with the logins of its org that may
+/// approve (its owners).
+fn awaiting(owners: Vec<AwaitingOwner>, directory: &[Principal]) -> Vec<pb::Awaiting> {
+    owners
+        .into_iter()
+        .map(|owner| pb::Awaiting {
+            logins: directory
+                .iter()
+                .filter(|p| p.org == owner.org && p.roles.contains(&PrincipalRole::Owner))
+                .map(|p| p.id.clone())
+                .collect(),
+            org: owner.org,
+            datasets: owner.datasets,
+        })
+        .collect()
+}
+
+fn template(view: TemplateView, directory: &[Principal]) -> pb::Template {
     let definition = view.record.definition;
     let (mode, min_units, contract_json) = match &definition.output {
         TemplateOutput::Aggregate { min_units } => ("aggregate", *min_units, String::new()),
@@ -58,7 +87,8 @@ fn template(view: TemplateView) -> pb::Template {
             .iter()
             .map(|p| pb::TemplateParam {
                 name: p.name.clone(),
-                r#type: format!("{:?}", p.kind).to_lowercase(),
+                r#type: p.kind.as_str().into(),
+                domain: p.domain_in_words(),
             })
             .collect(),
         datasets: view.record.datasets,
@@ -79,6 +109,7 @@ fn template(view: TemplateView) -> pb::Template {
             .collect(),
         runs: view.runs,
         runs_left: view.runs_left,
+        awaiting: awaiting(view.awaiting, directory),
     }
 }
 
@@ -253,7 +284,10 @@ impl pb::sandbox_server::Sandbox for SandboxService {
     ) -> Result<Response<pb::GetBudgetsResponse>, Status> {
         self.gate
             .serve(request, Rpc::GetBudgets, |call| async move {
-                let views = call.engine.budgets(&call.ctx).await?;
+                let views = call
+                    .engine
+                    .budgets(&call.ctx, &directory(&self.gate))
+                    .await?;
                 Ok(Response::new(pb::GetBudgetsResponse {
                     budgets: views.into_iter().map(budget).collect(),
                 }))
@@ -318,6 +352,130 @@ impl pb::sandbox_server::Sandbox for SandboxService {
             })
             .await
     }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        // What the call presented, read before the gatekeeper takes the request: admitted, it
+        // is what authenticated the caller.
+        let presented = Presented::of(&request);
+        self.gate
+            .serve(request, Rpc::WhoAmI, |call| async move {
+                let identity = call.engine.who_am_i(&call.ctx).await?;
+                let principal = call.ctx.principal;
+                let (credential, expires_at) = presented.describe(&self.gate);
+                Ok(Response::new(pb::WhoAmIResponse {
+                    may_call: Rpc::ALL
+                        .into_iter()
+                        .filter(|rpc| principal.has_any_role(required_roles(*rpc)))
+                        .map(|rpc| rpc.name().to_string())
+                        .collect(),
+                    roles: principal
+                        .roles
+                        .iter()
+                        .map(|r| r.as_str().to_string())
+                        .collect(),
+                    principal: principal.id,
+                    org: principal.org,
+                    credential: credential.into(),
+                    expires_at,
+                    owns: identity.owns,
+                }))
+            })
+            .await
+    }
+
+    async fn list_grants(
+        &self,
+        request: Request<pb::ListGrantsRequest>,
+    ) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        self.gate
+            .serve(request, Rpc::ListGrants, |call| async move {
+                let views = call
+                    .engine
+                    .list_grants(&call.ctx, &directory(&self.gate))
+                    .await?;
+                Ok(Response::new(pb::ListGrantsResponse {
+                    grants: views.into_iter().map(grant).collect(),
+                }))
+            })
+            .await
+    }
+}
+
+fn grant(view: GrantView) -> pb::Grant {
+    pb::Grant {
+        dataset: view.dataset,
+        owner: view.owner,
+        consumer_org: view.consumer_org,
+        consumer_logins: view.consumer_logins,
+        modes: view.modes,
+        min_units: view.min_units,
+        functions: view.functions,
+        exact: view.exact,
+        epsilon: view.epsilon,
+        budget_epsilon: view.budget_epsilon,
+        total_epsilon: view.total_epsilon,
+        columns: view.columns,
+    }
+}
+
+/// The credentials a call presented: its `authorization` value and its client certificate.
+struct Presented {
+    authorization: Option<String>,
+    certificate: Option<Vec<u8>>,
+}
+
+impl Presented {
+    /// Read as the gatekeeper reads them.
+    fn of<T>(request: &Request<T>) -> Self {
+        Presented {
+            authorization: request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            certificate: request
+                .peer_certs()
+                .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec())),
+        }
+    }
+
+    /// How an admitted call authenticated (`token`, `certificate` or `token+certificate`: a
+    /// certificate alone authenticates, a token beside it must name the same principal), and
+    /// when the first of its credentials expires (Unix seconds; 0 when none does).
+    fn describe(&self, gate: &Gatekeeper) -> (&'static str, u64) {
+        let token = self.authorization.as_deref().map(|value| {
+            gate.authenticator()
+                .token_expires_at(value)
+                .map(unix_seconds)
+        });
+        let certificate = self.certificate.as_deref().map(certificate_expires_at);
+        let kind = match (&token, &certificate) {
+            (Some(_), Some(_)) => "token+certificate",
+            (None, Some(_)) => "certificate",
+            _ => "token",
+        };
+        let expires_at = [token.flatten(), certificate.flatten()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(0);
+        (kind, expires_at)
+    }
+}
+
+fn unix_seconds(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// When a client certificate stops being valid (Unix seconds); `None` for one that does not
+/// parse (rustls verified it, so it does).
+fn certificate_expires_at(der: &[u8]) -> Option<u64> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
+    u64::try_from(certificate.validity().not_after.timestamp()).ok()
 }
 
 /// `sandbox.v1.Audit`.
@@ -560,7 +718,7 @@ impl GovernanceService {
     }
 }
 
-fn module(view: ModuleView) -> pb::Module {
+fn module(view: ModuleView, directory: &[Principal]) -> pb::Module {
     let record = view.record;
     pb::Module {
         sha256: record.sha256,
@@ -588,16 +746,19 @@ fn module(view: ModuleView) -> pb::Module {
             .collect(),
         runs: view.runs,
         runs_left: view.runs_left,
+        awaiting: awaiting(view.awaiting, directory),
     }
 }
 
-fn consent(c: Consent) -> pb::ConsentRecord {
+fn consent(view: ConsentView) -> pb::ConsentRecord {
+    let c = view.consent;
     pb::ConsentRecord {
         unit: c.key.unit,
         consumer_org: c.key.consumer_org,
         purpose: c.key.purpose,
         granted_at: c.granted_at,
         expires_at: c.expires_at,
+        status: view.status.as_str().into(),
     }
 }
 
@@ -613,7 +774,7 @@ impl pb::governance_server::Governance for GovernanceService {
                     .engine
                     .upload_module(&call.ctx, call.message.wasm)
                     .await?;
-                Ok(Response::new(module(view)))
+                Ok(Response::new(module(view, &directory(&self.gate))))
             })
             .await
     }
@@ -635,7 +796,7 @@ impl pb::governance_server::Governance for GovernanceService {
                     .engine
                     .approve_module(&call.ctx, &r.sha256, approval)
                     .await?;
-                Ok(Response::new(module(view)))
+                Ok(Response::new(module(view, &directory(&self.gate))))
             })
             .await
     }
@@ -650,7 +811,7 @@ impl pb::governance_server::Governance for GovernanceService {
                     .engine
                     .submit_template(&call.ctx, &call.message.definition_toml)
                     .await?;
-                Ok(Response::new(template(view)))
+                Ok(Response::new(template(view, &directory(&self.gate))))
             })
             .await
     }
@@ -666,7 +827,7 @@ impl pb::governance_server::Governance for GovernanceService {
                     .engine
                     .approve_template(&call.ctx, &r.sha256, r.max_runs, r.valid_days)
                     .await?;
-                Ok(Response::new(template(view)))
+                Ok(Response::new(template(view, &directory(&self.gate))))
             })
             .await
     }
@@ -679,7 +840,13 @@ impl pb::governance_server::Governance for GovernanceService {
             .serve(request, Rpc::ListTemplates, |call| async move {
                 let views = call.engine.list_templates(&call.ctx).await?;
                 Ok(Response::new(pb::ListTemplatesResponse {
-                    templates: views.into_iter().map(template).collect(),
+                    templates: {
+                        let directory = directory(&self.gate);
+                        views
+                            .into_iter()
+                            .map(|view| template(view, &directory))
+                            .collect()
+                    },
                 }))
             })
             .await
@@ -694,7 +861,13 @@ impl pb::governance_server::Governance for GovernanceService {
                 let r = call.message;
                 let view = call
                     .engine
-                    .refresh_budget(&call.ctx, &r.org, &r.dataset, &r.reason)
+                    .refresh_budget(
+                        &call.ctx,
+                        &r.org,
+                        &r.dataset,
+                        &r.reason,
+                        &directory(&self.gate),
+                    )
                     .await?;
                 Ok(Response::new(budget(view)))
             })
@@ -712,7 +885,7 @@ impl pb::governance_server::Governance for GovernanceService {
                     .engine
                     .reject_module(&call.ctx, &r.sha256, &r.reason)
                     .await?;
-                Ok(Response::new(module(view)))
+                Ok(Response::new(module(view, &directory(&self.gate))))
             })
             .await
     }
@@ -725,7 +898,13 @@ impl pb::governance_server::Governance for GovernanceService {
             .serve(request, Rpc::ListModules, |call| async move {
                 let views = call.engine.list_modules(&call.ctx).await?;
                 Ok(Response::new(pb::ListModulesResponse {
-                    modules: views.into_iter().map(module).collect(),
+                    modules: {
+                        let directory = directory(&self.gate);
+                        views
+                            .into_iter()
+                            .map(|view| module(view, &directory))
+                            .collect()
+                    },
                 }))
             })
             .await

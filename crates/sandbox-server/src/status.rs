@@ -86,11 +86,13 @@ fn with_retry_hint(status: Status, wait: Duration) -> Status {
     hinted
 }
 
-pub fn unauthenticated(failure: AuthFailure, request_id: &str) -> Status {
+/// Refused credentials: the rule, and what was wrong with what the caller presented and what
+/// fixes it (each [`AuthFailure`] names only what the caller presented).
+pub fn unauthenticated(failure: &AuthFailure, request_id: &str) -> Status {
     with_headers(
         Code::Unauthenticated,
         failure.code(),
-        "missing, malformed, unknown, expired or revoked credentials",
+        &failure.to_string(),
         request_id,
     )
 }

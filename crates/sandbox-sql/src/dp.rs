@@ -351,7 +351,11 @@ pub(crate) fn guard_dp(
         public.as_deref(),
     )?;
     let rewritten = match sort {
-        None => rewritten,
+        // No ORDER BY: sorted by the group keys, the only outputs released without noise
+        // (`order.rs`).
+        None => crate::order::sorted_by_outputs(rewritten, |name| {
+            key_outputs.iter().any(|(_, _, key)| key == name)
+        })?,
         Some(sort) => LogicalPlanBuilder::from(rewritten)
             .sort(sort.expr.clone())
             .and_then(|b| b.build())

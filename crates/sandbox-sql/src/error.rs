@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+use datafusion::error::DataFusionError;
+use datafusion::sql::sqlparser::parser::ParserError;
+
 /// A rule of the plan guard. The code is stable: clients, the journal and the policy suite use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rule {
@@ -227,8 +230,8 @@ impl fmt::Display for Denial {
 pub enum SqlError {
     #[error("{0}")]
     Denied(Denial),
-    /// The SQL does not parse. The message quotes only the query itself.
-    #[error("invalid SQL: {0}")]
+    /// The SQL does not parse. The message quotes only the query itself (see [`syntax_error`]).
+    #[error("{0}")]
     Syntax(String),
     /// The query does not plan (unknown column, type mismatch). Planning reads no data.
     #[error("cannot plan query: {0}")]
@@ -274,3 +277,58 @@ impl From<Denial> for SqlError {
 }
 
 pub type Result<T, E = SqlError> = std::result::Result<T, E>;
+
+/// The text of a parse error as a person reads it: `syntax error: Expected: ..., found: ... at
+/// Line: 1, Column: 8`. DataFusion prints the parser's error through `Debug` (`SQL error:
+/// ParserError("...")`); `None` when the error is not the parser's.
+pub fn syntax_error(error: &DataFusionError) -> Option<String> {
+    let DataFusionError::SQL(parser, _) = error.find_root() else {
+        return None;
+    };
+    Some(match parser.as_ref() {
+        ParserError::TokenizerError(message) | ParserError::ParserError(message) => {
+            format!("syntax error: {message}")
+        }
+        ParserError::RecursionLimitExceeded => {
+            "syntax error: the query nests deeper than the parser follows".to_string()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+
+    use super::*;
+
+    /// Parse errors read as text, without the `Debug` form DataFusion gives them; other errors
+    /// are not taken for parse errors. (query, its message)
+    #[test]
+    fn parse_errors_read_as_syntax_errors() {
+        let cases = [
+            (
+                "SELECT a FROM t WHERE )",
+                Some("syntax error: Expected: an expression, found: ) at Line: 1, Column: 23"),
+            ),
+            (
+                "SELEC x",
+                Some(
+                    "syntax error: Expected: an SQL statement, found: SELEC at Line: 1, Column: 1",
+                ),
+            ),
+            ("SELECT 'open", None),
+        ];
+        for (sql, expected) in cases {
+            let error = Parser::parse_sql(&GenericDialect {}, sql).expect_err(sql);
+            let wrapped = DataFusionError::SQL(Box::new(error), None);
+            let message = syntax_error(&wrapped).expect("a parse error");
+            assert!(!message.contains("ParserError"), "{message}");
+            if let Some(expected) = expected {
+                assert_eq!(message, expected, "{sql}");
+            }
+        }
+        let other = DataFusionError::Plan("no such column".into());
+        assert_eq!(syntax_error(&other), None);
+    }
+}

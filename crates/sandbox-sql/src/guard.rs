@@ -311,19 +311,21 @@ impl GrantedDataset {
     /// grant exact.
     pub(crate) fn privacy_reason(&self) -> Option<String> {
         let mode = self.aggregate.as_ref()?;
+        // The decision is the policy's; what follows only says why.
+        if mode.answers_exactly(&self.policy) {
+            return None;
+        }
         if mode.dp.as_ref().is_some_and(|dp| dp.required) {
             return Some(format!(
                 "your grant on `{}` requires differential privacy",
                 self.policy.id
             ));
         }
-        (self.policy.private_by_default() && !mode.exact).then(|| {
-            format!(
-                "`{}` is {}: ad-hoc SQL on it is answered under differential privacy",
-                self.policy.id,
-                self.policy.level().as_str()
-            )
-        })
+        Some(format!(
+            "`{}` is {}: ad-hoc SQL on it is answered under differential privacy",
+            self.policy.id,
+            self.policy.level().as_str()
+        ))
     }
 }
 
@@ -452,6 +454,12 @@ fn guard_exact(
             LogicalPlan::Limit(_) => rewritten,
             other => return Err(node_denial(other)),
         };
+    }
+    // No ORDER BY: the rows come sorted by what the caller sees of them (`order.rs`).
+    if !crate::order::is_ordered(plan) {
+        rewritten = crate::order::sorted_by_outputs(rewritten, |name| {
+            !sandbox_release::is_hidden_name(name)
+        })?;
     }
 
     Ok(Guarded {

@@ -16,6 +16,13 @@
 //! beyond it), a time limit, a row cap and a cancellation token, and returns [`Executed`]: batches
 //! that still carry the hidden column and must pass the release gate before anything leaves.
 //!
+//! A query without `ORDER BY` is answered in one order (`order.rs`): each guard puts a sort on
+//! top of its plan, by the output columns the caller gets unchanged (every visible output of an
+//! exact answer, the group keys under differential privacy, every column in row mode), left to
+//! right. The gate keeps that order, so the same question gives the same rows in the same order,
+//! the same `LIMIT` rows and the same SHA-256. A parse error reads `syntax error: Expected: ...,
+//! found: ... at Line: 1, Column: 8` ([`syntax_error`]).
+//!
 //! # Sessions and scans
 //!
 //! `SqlEngine` opens every dataset once as a `ListingTable` whose schema is only the visible
@@ -140,12 +147,13 @@ mod full_scan;
 mod guard;
 mod limits;
 pub mod masks;
+mod order;
 mod rows;
 mod session;
 pub mod sketch;
 pub mod units;
 
-pub use error::{Denial, Result, Rule, SqlError};
+pub use error::{Denial, Result, Rule, SqlError, syntax_error};
 pub use guard::{
     DpGuarded, GrantedDataset, Guarded, HAVING_COLUMN, HIDDEN_PREFIX, UNITS_COLUMN, guard,
 };

@@ -84,8 +84,15 @@ pub fn guard_rows(plan: &LogicalPlan, scope: &RowScope) -> Result<GuardedRows, S
                 "the input must output the privacy unit, so rows can be matched to consents",
             )
         })?;
+    // No ORDER BY: the rows come sorted by their columns (`order.rs`), so a scoring template
+    // releases, and a guest reads, the same rows in the same order every run.
+    let plan = if crate::order::is_ordered(plan) {
+        plan.clone()
+    } else {
+        crate::order::sorted_by_outputs(plan.clone(), |_| true)?
+    };
     Ok(GuardedRows {
-        plan: plan.clone(),
+        plan,
         datasets: guard.datasets.into_iter().collect(),
         columns: guard.columns.into_iter().collect(),
         key_index,

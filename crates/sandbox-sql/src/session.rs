@@ -955,7 +955,10 @@ fn parse_error(error: &DataFusionError, limit: usize) -> SqlError {
         )
         .into();
     }
-    SqlError::Syntax(root_message(error))
+    SqlError::Syntax(
+        crate::error::syntax_error(error)
+            .unwrap_or_else(|| format!("invalid SQL: {}", root_message(error))),
+    )
 }
 
 /// Bytes spilled by every operator of the physical plan.

@@ -2,13 +2,16 @@
 //! records in jobs' `AdmitJob` events, `BudgetRefreshed` records of an owner's explicit renewal),
 //! checked per consumer org and dataset and per dataset over every consumer together
 //! (`[dataset.dp]` totals: a second organisation asking the same questions does not bring a
-//! second budget to spend on the same enterprises). Views for consumers, owners and auditors.
+//! second budget to spend on the same enterprises). Views for consumers, owners and auditors;
+//! an owner's and an auditor's carry each consumer org's budget as its grants set it (which
+//! orgs hold which grant, the server's directory of principals says).
 
 use std::collections::BTreeSet;
 
-use sandbox_policy::{BudgetSpent, DpMode, PrincipalRole, Record};
+use sandbox_policy::{BudgetSpent, DpMode, Principal, PrincipalRole, Record};
 
 use crate::codes::{Action, EngineRule};
+use crate::directory::{dp_grants, org_budget};
 use crate::error::{EngineError, Result};
 use crate::governance::registry::Governance;
 use crate::recorder::Recorder;
@@ -19,8 +22,9 @@ use crate::types::RequestContext;
 pub struct BudgetView {
     pub org: String,
     pub dataset: String,
-    /// The total the caller's grant allows; `None` where the viewer is not that consumer (an
-    /// owner or an auditor sees what was spent, each consumer's grant says how much it may).
+    /// The total the org may spend: a consumer's own grant's; for an owner or an auditor, what
+    /// the org's grants allow ([`crate::directory::org_budget`]); for `*`, the dataset's total.
+    /// `None` where no grant of the org offers differential privacy on the dataset now.
     pub epsilon_budget: Option<f64>,
     pub delta_budget: Option<f64>,
     pub epsilon_spent: f64,
@@ -30,13 +34,13 @@ pub struct BudgetView {
 }
 
 impl BudgetView {
-    /// What `org` spent on `dataset`, with the totals of the caller's own grant when it has one.
-    fn new(org: &str, dataset: &str, spent: BudgetSpent, budget: Option<&DpMode>) -> Self {
+    /// What `org` spent on `dataset`, against `budget` (epsilon, delta) when one applies.
+    fn new(org: &str, dataset: &str, spent: BudgetSpent, budget: Option<(f64, f64)>) -> Self {
         BudgetView {
             org: org.to_string(),
             dataset: dataset.to_string(),
-            epsilon_budget: budget.map(|b| b.budget_epsilon),
-            delta_budget: budget.map(|b| b.budget_delta),
+            epsilon_budget: budget.map(|b| b.0),
+            delta_budget: budget.map(|b| b.1),
             epsilon_spent: spent.epsilon,
             delta_spent: spent.delta,
             queries: spent.queries,
@@ -133,12 +137,14 @@ impl Governance {
     }
 
     /// The budgets a caller may see: a consumer its org's on every dataset granted to it under
-    /// differential privacy; an owner what every consumer org spent on its datasets; an auditor
-    /// every ledger entry. Recorded like every call.
+    /// differential privacy; an owner every consumer org's on its datasets (each org that spent
+    /// or may spend, with what its grants allow); an auditor every one. `directory` is every
+    /// principal with credentials: it says which orgs a grant reaches. Recorded like every call.
     pub(crate) async fn budgets(
         &self,
         recorder: &Recorder,
         ctx: &RequestContext,
+        directory: &[Principal],
     ) -> Result<Vec<BudgetView>> {
         let event = recorder.begin(ctx, Action::GetBudgets);
         let principal = &ctx.principal;
@@ -160,7 +166,7 @@ impl Governance {
                     &principal.org,
                     &dataset.id,
                     spent,
-                    Some(&dp),
+                    Some(own_budget(&dp)),
                 ));
             }
             let owned: BTreeSet<String> = self
@@ -169,12 +175,21 @@ impl Governance {
                 .map(|d| d.id.clone())
                 .collect();
             let auditor = principal.roles.contains(&PrincipalRole::Auditor);
-            for ((org, dataset), spent) in registry.budgets() {
-                if (auditor || owned.contains(dataset))
-                    && !seen.contains(&(org.clone(), dataset.clone()))
-                {
-                    views.push(BudgetView::new(org, dataset, *spent, None));
-                }
+            // Every org that spent (the ledger) or may spend (a grant reaching one of its
+            // logins), once, in (org, dataset) order.
+            let mut others: Vec<(String, String)> = registry
+                .budgets()
+                .map(|((org, dataset), _)| (org.clone(), dataset.clone()))
+                .chain(dp_grants(&self.policy, directory))
+                .filter(|(_, dataset)| auditor || owned.contains(dataset))
+                .filter(|pair| !seen.contains(pair))
+                .collect();
+            others.sort();
+            others.dedup();
+            for (org, dataset) in others {
+                let spent = registry.budget_spent(&org, &dataset);
+                let budget = org_budget(&self.policy, &org, &dataset, directory);
+                views.push(BudgetView::new(&org, &dataset, spent, budget));
             }
             // Each dataset's total over all consumers (org `*`), with the owner's bound; every
             // consumer sees the totals of the datasets it may query under differential privacy.
@@ -185,11 +200,12 @@ impl Governance {
                 let consumer = seen.iter().any(|(_, d)| d == id);
                 if auditor || owned.contains(id) || consumer {
                     let spent = registry.total_spent(id);
-                    views.push(BudgetView {
-                        epsilon_budget: Some(total.epsilon),
-                        delta_budget: Some(total.delta),
-                        ..BudgetView::new(sandbox_policy::ALL_ORGS, id, spent, None)
-                    });
+                    views.push(BudgetView::new(
+                        sandbox_policy::ALL_ORGS,
+                        id,
+                        spent,
+                        Some((total.epsilon, total.delta)),
+                    ));
                 }
             }
         }
@@ -206,6 +222,7 @@ impl Governance {
         org: &str,
         dataset: &str,
         reason: &str,
+        directory: &[Principal],
     ) -> Result<BudgetView> {
         let mut event = recorder.begin(ctx, Action::RefreshBudget);
         event.datasets = vec![dataset.to_string()];
@@ -236,11 +253,22 @@ impl Governance {
         })();
         event.message = format!("renew the budget of `{org}` on `{dataset}`: {reason}");
         self.conclude(event, outcome).await?;
-        let spent = if org == sandbox_policy::ALL_ORGS {
-            self.registry().total_spent(dataset)
+        let (spent, budget) = if org == sandbox_policy::ALL_ORGS {
+            let total = self
+                .policy
+                .dataset(dataset)
+                .and_then(|d| d.dp_total)
+                .map(|t| (t.epsilon, t.delta));
+            (self.registry().total_spent(dataset), total)
         } else {
-            self.registry().budget_spent(org, dataset)
+            let budget = org_budget(&self.policy, org, dataset, directory);
+            (self.registry().budget_spent(org, dataset), budget)
         };
-        Ok(BudgetView::new(org, dataset, spent, None))
+        Ok(BudgetView::new(org, dataset, spent, budget))
     }
+}
+
+/// A consumer's own budget: its grant's.
+fn own_budget(dp: &DpMode) -> (f64, f64) {
+    (dp.budget_epsilon, dp.budget_delta)
 }

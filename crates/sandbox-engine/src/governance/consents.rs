@@ -1,6 +1,8 @@
 //! Consents: an enterprise's consent to a consumer org for a purpose, added and revoked by
 //! admins (a consumer may revoke its own), listed, and seeded once from the demo's Parquet
-//! table. Each change is a journal record folded into the registry.
+//! table. Each change is a journal record folded into the registry, and its event names the
+//! enterprise (the unit) in its query and message, so an auditor reading the journal sees whose
+//! consent changed without decoding the record.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +19,51 @@ use crate::governance::registry::{DAY, MAX_VALID_DAYS, now, record_value, requir
 use crate::recorder::Recorder;
 use crate::types::RequestContext;
 
+/// Whether a consent covers runs now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentStatus {
+    /// Granted and not expired: runs for its consumer and purpose see the enterprise's rows.
+    Active,
+    /// Not in force (lapsed, or not yet begun): it stays listed, and runs skip the enterprise.
+    Expired,
+}
+
+impl ConsentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentStatus::Active => "active",
+            ConsentStatus::Expired => "expired",
+        }
+    }
+}
+
+/// A consent as a caller sees it: the record and whether it is in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsentView {
+    pub consent: Consent,
+    pub status: ConsentStatus,
+}
+
+impl ConsentView {
+    /// Its status at `now`, by the same test the runs use ([`Consent::in_force`]).
+    fn at(consent: Consent, now: u64) -> Self {
+        let status = if consent.in_force(now) {
+            ConsentStatus::Active
+        } else {
+            ConsentStatus::Expired
+        };
+        ConsentView { consent, status }
+    }
+}
+
+/// What a consent event names: the enterprise, the consumer org and the purpose.
+fn describe(key: &ConsentKey) -> String {
+    format!(
+        "consent of unit `{}` to `{}` for `{}`",
+        key.unit, key.consumer_org, key.purpose
+    )
+}
+
 impl Governance {
     /// Records an enterprise's consent to a consumer org for a purpose (admins, on the
     /// enterprise's behalf).
@@ -26,10 +73,11 @@ impl Governance {
         ctx: &RequestContext,
         key: ConsentKey,
         valid_days: u64,
-    ) -> Result<Consent> {
+    ) -> Result<ConsentView> {
         let mut event = recorder.begin(ctx, Action::AddConsent);
         event.datasets = vec!["consents".into()];
-        event.message = format!("for `{}`, purpose `{}`", key.consumer_org, key.purpose);
+        event.query = describe(&key);
+        event.message = format!("add the {}", describe(&key));
         let outcome = (|| {
             require_role(ctx, &[PrincipalRole::Admin], "AddConsent")?;
             check_consent_key(&key)?;
@@ -44,7 +92,10 @@ impl Governance {
                 granted_at,
                 expires_at: granted_at + valid_days * DAY,
             };
-            Ok((consent.clone(), Some(Record::ConsentAdded(consent))))
+            Ok((
+                ConsentView::at(consent.clone(), granted_at),
+                Some(Record::ConsentAdded(consent)),
+            ))
         })();
         self.conclude(event, outcome).await
     }
@@ -58,7 +109,9 @@ impl Governance {
     ) -> Result<()> {
         let mut event = recorder.begin(ctx, Action::RevokeConsent);
         event.datasets = vec!["consents".into()];
-        event.message = format!("for `{}`, purpose `{}`", key.consumer_org, key.purpose);
+        // The enterprise is named: an auditor must see whose consent was withdrawn.
+        event.query = describe(&key);
+        event.message = format!("revoke the {}", describe(&key));
         let outcome = (|| {
             require_role(
                 ctx,
@@ -85,14 +138,14 @@ impl Governance {
         self.conclude(event, outcome).await
     }
 
-    /// Consents in force or lapsed (revoked ones are gone): admins see all (or one consumer
-    /// org's), a consumer its own org's.
+    /// Consents in force or not (expired ones stay listed, revoked ones are gone), each with its
+    /// status: admins see all (or one consumer org's), a consumer its own org's.
     pub(crate) async fn list_consents(
         &self,
         recorder: &Recorder,
         ctx: &RequestContext,
         consumer_org: Option<String>,
-    ) -> Result<Vec<Consent>> {
+    ) -> Result<Vec<ConsentView>> {
         let mut event = recorder.begin(ctx, Action::ListConsents);
         event.datasets = vec!["consents".into()];
         let outcome = (|| {
@@ -111,8 +164,12 @@ impl Governance {
                 }
                 (false, _) => Some(ctx.principal.org.clone()),
             };
-            let consents: Vec<Consent> =
-                self.registry().consents(org.as_deref()).cloned().collect();
+            let now = now();
+            let consents: Vec<ConsentView> = self
+                .registry()
+                .consents(org.as_deref())
+                .map(|c| ConsentView::at(c.clone(), now))
+                .collect();
             Ok((consents, None))
         })();
         self.conclude(event, outcome).await
@@ -129,6 +186,7 @@ impl Governance {
         let appends = consents.iter().map(|consent| {
             let mut event = recorder.begin_system(Action::AddConsent);
             event.datasets = vec!["consents".into()];
+            event.query = describe(&consent.key);
             event.message = "loaded from the demo consents table".into();
             event.record = Some(record_value(&Record::ConsentAdded(consent.clone())));
             event.allow()

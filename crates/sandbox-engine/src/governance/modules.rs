@@ -16,7 +16,9 @@ use sandbox_wasm::WasmRuntime;
 use crate::codes::{Action, EngineRule, JobKind};
 use crate::error::{EngineError, Result};
 use crate::governance::registry::Governance;
-use crate::governance::registry::{DAY, MAX_VALID_DAYS, now, require_role};
+use crate::governance::registry::{
+    AwaitingOwner, DAY, MAX_VALID_DAYS, awaiting_owners, now, require_role,
+};
 use crate::recorder::Recorder;
 use crate::types::RequestContext;
 
@@ -31,6 +33,8 @@ pub struct ModuleView {
     pub approvals: Vec<Approval>,
     pub runs: u64,
     pub runs_left: u64,
+    /// The owners whose approval it still waits for (state `pending` only).
+    pub awaiting: Vec<AwaitingOwner>,
 }
 
 /// What an owner approves.
@@ -62,7 +66,12 @@ impl Governance {
                 0,
             ),
         };
+        let awaiting = awaiting_owners(
+            state == "pending",
+            registry.module_awaiting(&module.sha256, |d| self.owner_of(d)),
+        );
         ModuleView {
+            awaiting,
             record: module.clone(),
             state: state.into(),
             reason,

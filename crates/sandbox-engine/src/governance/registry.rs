@@ -64,6 +64,32 @@ pub(crate) fn require_role(
     }
 }
 
+/// An owner org whose approval a pending module or template still waits for, with its datasets
+/// the artifact reads. The engine knows orgs, not logins: the server names who may approve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwaitingOwner {
+    pub org: String,
+    pub datasets: Vec<String>,
+}
+
+/// The registry's missing approvals as a view's list, in org order; none unless `pending` (an
+/// expired, exhausted, rejected or superseded artifact waits for no approval).
+pub(crate) fn awaiting_owners(
+    pending: bool,
+    missing: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Vec<AwaitingOwner> {
+    if !pending {
+        return Vec::new();
+    }
+    missing
+        .into_iter()
+        .map(|(org, datasets)| AwaitingOwner {
+            org,
+            datasets: datasets.into_iter().collect(),
+        })
+        .collect()
+}
+
 /// The governance part: the registry every decision reads, and the policy naming each dataset's
 /// owner.
 pub(crate) struct Governance {

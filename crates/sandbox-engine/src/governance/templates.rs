@@ -17,7 +17,9 @@ use sandbox_sql::SqlEngine;
 use crate::codes::{Action, EngineRule, JobKind};
 use crate::error::{EngineError, Result};
 use crate::governance::registry::Governance;
-use crate::governance::registry::{DAY, MAX_VALID_DAYS, now, record_value, require_role};
+use crate::governance::registry::{
+    AwaitingOwner, DAY, MAX_VALID_DAYS, awaiting_owners, now, record_value, require_role,
+};
 use crate::recorder::Recorder;
 use crate::types::{RequestContext, TemplateSeed};
 
@@ -35,6 +37,8 @@ pub struct TemplateView {
     pub approvals: Vec<TemplateApproval>,
     pub runs: u64,
     pub runs_left: u64,
+    /// The owners whose approval it still waits for (state `pending` only).
+    pub awaiting: Vec<AwaitingOwner>,
 }
 
 impl Governance {
@@ -60,7 +64,12 @@ impl Governance {
                 0,
             ),
         };
+        let awaiting = awaiting_owners(
+            state == "pending",
+            registry.template_awaiting(&record.sha256, |d| self.owner_of(d)),
+        );
         TemplateView {
+            awaiting,
             record: record.clone(),
             state: state.to_string(),
             reason,

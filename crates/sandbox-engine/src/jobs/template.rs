@@ -10,7 +10,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use sandbox_policy::{
-    AggregateFunction, AggregateMode, EffectiveTemplate, Mode, Record, Refusal, Role,
+    AggregateFunction, AggregateMode, EffectiveTemplate, Mode, ParamError, Record, Refusal, Role,
     TemplateOutput,
 };
 use sandbox_release::{ContractGate, release_contract};
@@ -49,13 +49,7 @@ impl Engine {
             })
             .map_err(|refusal| refusal_error(&refusal))?;
         let template = &effective.template;
-        let bound = template
-            .definition
-            .bind(values)
-            .map_err(|m| EngineError::Invalid {
-                rule: EngineRule::TemplateParameters,
-                message: m,
-            })?;
+        let bound = template.definition.bind(values).map_err(parameter_error)?;
         let params = placeholder_values(bound);
         let key = self.pseudonym_key(&ctx.principal);
         let planned = match &template.definition.output {
@@ -300,6 +294,19 @@ impl Engine {
                 .await
             }
         }
+    }
+}
+
+/// A refused parameter value: a malformed request (a value not of the declared type, a missing
+/// or unknown parameter) is invalid; a well-formed value outside the domain the owners approved
+/// is their policy's denial. Both under the one rule, `template-parameters`.
+fn parameter_error(error: ParamError) -> EngineError {
+    let rule = EngineRule::TemplateParameters;
+    let message = error.to_string();
+    if error.is_malformed() {
+        EngineError::Invalid { rule, message }
+    } else {
+        EngineError::Denied { rule, message }
     }
 }
 

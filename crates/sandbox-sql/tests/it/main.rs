@@ -72,6 +72,7 @@ fn sorted_rows(batches: &[RecordBatch], columns: usize) -> Vec<String> {
     rows
 }
 
+mod order;
 mod rows;
 
 #[tokio::test]
