@@ -165,6 +165,12 @@ pub fn transport_hint(
              --key F"
                 .to_string()
         }
+    } else if !https && speaks_tls(address) {
+        format!(
+            "the server answered plaintext HTTP/2 with a TLS alert: it expects TLS, use {} with \
+             --ca <data-dir>/tls/ca.pem (or --as NAME)",
+            address.replacen("http://", "https://", 1)
+        )
     } else if !https
         && (has("h2 protocol error")
             || has("connection reset")
@@ -172,14 +178,11 @@ pub fn transport_hint(
             || has("broken pipe")
             || has("Broken pipe")
             || has("connection closed")
-            || has("frame with invalid size")
             || has("unexpected end of file"))
     {
-        format!(
-            "the server closed the plaintext connection; it probably expects TLS: use {} with \
-             --ca <data-dir>/tls/ca.pem (or --as NAME)",
-            address.replacen("http://", "https://", 1)
-        )
+        "the server closed the plaintext connection: is this the sandbox's address, and does \
+         it expect TLS (then use https:// with --ca)?"
+            .to_string()
     } else if has("dns error") || has("failed to lookup") {
         "the host name does not resolve: check --addr / SANDBOX_ADDR".to_string()
     } else if has("timed out") {
@@ -188,6 +191,36 @@ pub fn transport_hint(
         "check --addr (or SANDBOX_ADDR), and for https:// --ca, --cert and --key".to_string()
     };
     format!("{hint} [{all}]")
+}
+
+/// Whether the server at a plaintext address answers the HTTP/2 preface with a TLS alert
+/// record (content type 21, version 3.x): then it expects TLS. A short blocking probe, made only
+/// to explain a failed call.
+fn speaks_tls(address: &str) -> bool {
+    use std::io::{Read as _, Write as _};
+    use std::net::ToSocketAddrs as _;
+    let Some(authority) = address
+        .strip_prefix("http://")
+        .map(|rest| rest.split('/').next().unwrap_or(rest))
+    else {
+        return false;
+    };
+    let Some(socket) = authority.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return false;
+    };
+    let timeout = std::time::Duration::from_secs(2);
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&socket, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    if stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).is_ok() && head == [0x15, 0x03]
 }
 
 /// Largest message to or from the governance service (an uploaded module).

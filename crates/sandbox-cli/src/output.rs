@@ -18,7 +18,7 @@ use arrow::error::ArrowError;
 use arrow::util::display::{ArrayFormatter, FormatOptions};
 
 /// Longest text a table cell shows before it is cut (`--wide` shows it whole).
-pub const CELL_WIDTH: usize = 60;
+pub const CELL_WIDTH: usize = 80;
 
 /// Output format, chosen with `--format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -286,22 +286,22 @@ impl Table {
         let width = self.columns.iter().map(|c| c.chars().count()).max();
         for row in &self.rows {
             for (column, value) in self.columns.iter().zip(row) {
-                let shown = for_people(value, float_decimals([value]), Style { wide: true });
+                let shown = match value {
+                    // A list wraps at the cell width, items whole.
+                    Value::List(items) if !style.wide => wrap(items),
+                    _ => for_people(value, float_decimals([value]), Style { wide: true }),
+                };
                 let mut lines = shown.lines();
                 let first = lines.next().unwrap_or_default();
-                let first = if style.wide {
+                let first = if style.wide || matches!(value, Value::List(_)) {
                     first.to_string()
                 } else {
                     cut(first)
                 };
-                let _ = writeln!(
-                    text,
-                    "{:<w$}  {first}",
-                    format!("{column}:"),
-                    w = width.unwrap_or(0) + 1
-                );
+                let indent = width.unwrap_or(0) + 3;
+                let _ = writeln!(text, "{:<w$}{first}", format!("{column}:"), w = indent);
                 for line in lines {
-                    let _ = writeln!(text, "    {line}");
+                    let _ = writeln!(text, "{:indent$}{line}", "");
                 }
             }
         }
@@ -393,7 +393,8 @@ fn float_decimals<'a>(values: impl IntoIterator<Item = &'a Value>) -> usize {
             _ => None,
         })
         .collect();
-    if floats.iter().all(|f| f.fract() == 0.0) {
+    // Sums of floats land a hair off whole numbers (0.9999999999 for an epsilon of 1).
+    if floats.iter().all(|f| (f - f.round()).abs() < 1e-6) {
         0
     } else if floats.iter().any(|f| f.abs() >= 1.0) {
         2
@@ -416,6 +417,29 @@ fn for_people(value: &Value, decimals: usize, style: Style) -> String {
     } else {
         cut(&text.replace('\n', " "))
     }
+}
+
+/// Items joined with `, `, in lines of at most [`CELL_WIDTH`] characters (an item longer than
+/// that has a line of its own).
+fn wrap(items: &[String]) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut line = String::new();
+    for (i, item) in items.iter().enumerate() {
+        let piece = if i + 1 < items.len() {
+            format!("{item},")
+        } else {
+            item.clone()
+        };
+        if !line.is_empty() && line.chars().count() + 1 + piece.chars().count() > CELL_WIDTH {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&piece);
+    }
+    lines.push(line);
+    lines.join("\n")
 }
 
 /// Text cut to [`CELL_WIDTH`] characters, the cut marked with `…`.
@@ -518,6 +542,22 @@ mod tests {
             record.render(Format::Json, Style::default()),
             "[{\"principal\":\"bank\",\"roles\":[\"consumer\"]}]\n"
         );
+    }
+
+    #[test]
+    fn a_long_list_in_a_record_wraps_whole() {
+        let items: Vec<String> = (0..40).map(|i| format!("Call{i}")).collect();
+        let text = Table::record(vec![("may_call", Value::List(items.clone()))])
+            .render(Format::Table, Style::default());
+        assert!(text.lines().count() > 1, "{text}");
+        assert!(
+            text.lines().all(|l| l.chars().count() <= CELL_WIDTH + 12),
+            "{text}"
+        );
+        for item in &items {
+            assert!(text.contains(item.as_str()), "{item} in {text}");
+        }
+        assert!(!text.contains('…'), "{text}");
     }
 
     #[test]

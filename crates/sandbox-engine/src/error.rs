@@ -99,6 +99,14 @@ pub enum EngineError {
     /// A code job's guest failed; its logs and work units are journaled.
     #[error("{}", .0.error.public_message())]
     Guest(Box<sandbox_wasm::GuestFailure>),
+    /// A code job's guest ran to its end, and what came after refused its output (the contract):
+    /// the error is the refusal's, and the guest's logs and work units are journaled with it.
+    #[error("{error}")]
+    AfterGuest {
+        error: Box<EngineError>,
+        logs: Vec<String>,
+        work_units: u64,
+    },
 }
 
 impl EngineError {
@@ -123,6 +131,7 @@ impl EngineError {
             EngineError::NotPermitted(_) => "not-permitted",
             EngineError::Wasm(e) => e.code(),
             EngineError::Guest(failure) => failure.error.code(),
+            EngineError::AfterGuest { error, .. } => error.code(),
             EngineError::Busy(_) => "wasm-busy",
             EngineError::ClientGone => "client-disconnected",
             EngineError::NotFetched(_) => "not-fetched",
@@ -173,6 +182,7 @@ impl EngineError {
             EngineError::NotPermitted(_) => ErrorKind::PermissionDenied,
             EngineError::Wasm(e) => wasm_kind(e),
             EngineError::Guest(failure) => wasm_kind(&failure.error),
+            EngineError::AfterGuest { error, .. } => error.kind(),
             EngineError::Busy(_) | EngineError::Throttled { .. } => ErrorKind::ResourceExhausted,
             EngineError::ClientGone | EngineError::NotFetched(_) => ErrorKind::Cancelled,
         }

@@ -243,7 +243,12 @@ impl Engine {
                     contract: &effective.contract,
                     consented: &consented,
                 },
-            )?;
+            )
+            .map_err(|error| EngineError::AfterGuest {
+                error: Box::new(error.into()),
+                logs: output.logs.clone(),
+                work_units: output.work_units,
+            })?;
             drop(_release);
             engine
                 .answers

@@ -217,6 +217,13 @@ impl Engine {
                     event.work_units = failure.work_units;
                     event.message = failure.error.to_string();
                 }
+                if let EngineError::AfterGuest {
+                    logs, work_units, ..
+                } = &error
+                {
+                    event.guest_log = logs.clone();
+                    event.work_units = *work_units;
+                }
                 let snapshot = JobSnapshot {
                     error: Some(error.kind()),
                     ..JobSnapshot::ended(&job_id, state, error.code(), error.to_string())

@@ -161,10 +161,18 @@ pub fn explain_transport(cli: &Cli, failure: Failure) -> Failure {
     let Some(status) = &failure.status else {
         return failure;
     };
-    let transport = matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown
-    ) && status.source().is_some();
+    // Every answer of the server carries its request id; a status without one was made by the
+    // client's transport (tonic reports a broken connection as Unknown, Unavailable, Internal
+    // or Cancelled, with or without a source).
+    let from_server = status.metadata().get("x-request-id").is_some();
+    let transport = !from_server
+        && matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
+        );
     if !transport {
         return failure;
     }

@@ -377,6 +377,18 @@ fn confirm(what: &str, preview: Table, yes: bool) -> Result<(), Failure> {
     }
 }
 
+/// What to say of an item the caller cannot see: it reads none of the caller's datasets (not
+/// permitted, exit 4), or does not exist; the server does not tell which.
+fn not_visible(what: &str, list: &str) -> Failure {
+    Failure::new(
+        crate::EXIT_NOT_PERMITTED,
+        format!(
+            "not permitted: {what} is not among those you may see: it reads none of your \
+             datasets, or there is none (`sandbox {list}` lists yours)"
+        ),
+    )
+}
+
 async fn find_module(
     client: &mut sandbox_cli::Client,
     sha256: &str,
@@ -386,11 +398,7 @@ async fn find_module(
     modules
         .into_iter()
         .find(|m| m.sha256 == sha256)
-        .ok_or_else(|| {
-            usage(format!(
-                "no module {sha256} among those you may see (`sandbox module list`)"
-            ))
-        })
+        .ok_or_else(|| not_visible(&format!("module {sha256}"), "module list"))
 }
 
 pub async fn module(cli: &Cli, command: &ModuleCommand) -> Result<(), Failure> {
@@ -505,10 +513,10 @@ async fn find_template(
         .collect();
     match (pending.as_slice(), named.as_slice()) {
         ([one], _) | ([], [one]) => Ok((*one).clone()),
-        ([], []) => Err(usage(format!(
-            "no template `{wanted}` (by name or SHA-256) among those you may see (`sandbox \
-             template list`)"
-        ))),
+        ([], []) => Err(not_visible(
+            &format!("template `{wanted}` (by name or SHA-256)"),
+            "template list",
+        )),
         (_, _) => Err(usage(format!(
             "`{wanted}` names several versions; give the SHA-256 of one: {}",
             named

@@ -189,7 +189,7 @@ pub async fn sql(cli: &Cli, query: &str, dp: bool, epsilon: Option<f64>) -> Resu
     let order = if query.to_ascii_uppercase().contains("ORDER BY") {
         ""
     } else {
-        " (ordered by the output columns; ORDER BY chooses another order)"
+        " (sorted by their columns, group keys first; ORDER BY sets another order)"
     };
     let Some(dp) = &summary.dp else {
         cli.print(&table);
@@ -270,7 +270,7 @@ pub async fn sql(cli: &Cli, query: &str, dp: bool, epsilon: Option<f64>) -> Resu
 /// A number rounded to what its interval makes meaningful: whole numbers above 10, two
 /// decimals below.
 pub fn round_for_display(value: f64) -> String {
-    if value.abs() >= 10.0 {
+    if value.abs() >= 10.0 || value.fract() == 0.0 {
         format!("{value:.0}")
     } else {
         format!("{value:.2}")

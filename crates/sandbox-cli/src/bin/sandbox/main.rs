@@ -61,7 +61,7 @@ struct Cli {
     /// Output format: `table` for people, `csv` or `json` (one array of objects) for programs.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     format: Format,
-    /// Tables: keep long text whole instead of cutting it at 60 characters.
+    /// Tables: keep long text whole instead of cutting it at 80 characters.
     #[arg(long, global = true)]
     wide: bool,
     #[command(subcommand)]
