@@ -353,6 +353,33 @@ async fn consents_awaited_owners_and_audit_sql_errors_read_plainly() {
     );
     assert!(!status.message().contains("ParserError"));
 
+    // Regression (fresh-attacker round of issue 18): an owner reading a consumer's dataset
+    // listing sees its own datasets in it, not every department's granted to that consumer.
+    let mut analyst = server.client("analyst").await.expect("client");
+    let listed = analyst.datasets().await.expect("datasets");
+    assert!(
+        listed.len() > 1,
+        "the analyst holds grants of several owners"
+    );
+    let mut owner = server.client("owner_tax").await.expect("client");
+    let (batches, answer) = owner
+        .audit_sql(
+            "SELECT datasets FROM events WHERE action = 'ListDatasets' AND principal = 'analyst'",
+        )
+        .await
+        .expect("audit SQL");
+    assert!(answer.rows >= 1);
+    for batch in &batches {
+        let shown = arrow::util::display::ArrayFormatter::try_new(
+            batch.column(0).as_ref(),
+            &Default::default(),
+        )
+        .expect("formatter");
+        for row in 0..batch.num_rows() {
+            assert_eq!(shown.value(row).to_string(), "[tax_monthly]");
+        }
+    }
+
     // A pending template names the owners it awaits, their logins and their datasets.
     let text = include_str!("../../examples/templates/industry_region_risk.toml")
         .replace("\"industry_region_risk\"", "\"risk_awaiting\"");

@@ -288,7 +288,7 @@ impl Table {
             for (column, value) in self.columns.iter().zip(row) {
                 let shown = match value {
                     // A list wraps at the cell width, items whole.
-                    Value::List(items) if !style.wide => wrap(items),
+                    Value::List(items) if !style.wide => visible(&wrap(items)),
                     _ => for_people(value, float_decimals([value]), Style { wide: true }),
                 };
                 let mut lines = shown.lines();
@@ -313,7 +313,7 @@ impl Table {
         // Writing to memory cannot fail but for an invariant of the csv crate.
         let _ = writer.write_record(&self.columns);
         for row in &self.rows {
-            let _ = writer.write_record(row.iter().map(Value::to_plain));
+            let _ = writer.write_record(row.iter().map(|v| visible(&v.to_plain())));
         }
         let bytes = writer.into_inner().unwrap_or_default();
         String::from_utf8_lossy(&bytes).into_owned()
@@ -403,6 +403,24 @@ fn float_decimals<'a>(values: impl IntoIterator<Item = &'a Value>) -> usize {
     }
 }
 
+/// Text with its control characters (C0, DEL, C1) shown as escapes, `\n` kept: journal fields
+/// hold text other principals wrote (a query's comment, a guest's log line), which must not
+/// move an auditor's cursor or rewrite what the terminal shows.
+fn visible(text: &str) -> String {
+    if !text.chars().any(|c| c.is_control() && c != '\n') {
+        return text.to_string();
+    }
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() && c != '\n' {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 fn for_people(value: &Value, decimals: usize, style: Style) -> String {
     let text = match value {
         Value::Null => String::new(),
@@ -412,6 +430,7 @@ fn for_people(value: &Value, decimals: usize, style: Style) -> String {
         Value::List(items) => items.join(", "),
         other => other.to_plain(),
     };
+    let text = visible(&text);
     if style.wide {
         text
     } else {
@@ -558,6 +577,33 @@ mod tests {
             assert!(text.contains(item.as_str()), "{item} in {text}");
         }
         assert!(!text.contains('…'), "{text}");
+    }
+
+    /// Regression (fresh-attacker round of issue 18): a query's comment drew over the principal
+    /// column of an owner's audit table with terminal escapes.
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        let mut table = Table::new(&["principal", "query"]);
+        table.push(vec![
+            Value::text("bank"),
+            Value::text("SELECT /*\u{1b}7\u{1b}[9Ganalyst\r\u{9b}2J*/ 1"),
+        ]);
+        for format in [Format::Table, Format::Csv] {
+            let text = table.render(format, Style::default());
+            assert!(
+                !text.chars().any(|c| c.is_control() && c != '\n'),
+                "{text:?}"
+            );
+            assert!(text.contains("\\u{1b}[9Ganalyst\\r"), "{text}");
+        }
+        let json = table.render(Format::Json, Style::default());
+        assert!(!json.contains('\u{1b}'), "{json:?}");
+        let record = Table::record(vec![("q", Value::text("a\u{1b}[2Jb"))]);
+        assert!(
+            !record
+                .render(Format::Table, Style::default())
+                .contains('\u{1b}')
+        );
     }
 
     #[test]

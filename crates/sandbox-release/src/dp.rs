@@ -125,6 +125,11 @@ pub struct DpSpec {
     pub public_groups: bool,
     pub max_rows_per_unit: u64,
     pub max_groups_per_unit: u64,
+    /// The query neither orders its rows nor outputs every group key, so the plan's order is
+    /// the data's (empty groups last, say): the gate sorts the released rows by their released
+    /// values, left to right, before OFFSET/LIMIT, so that their order tells nothing the values
+    /// do not.
+    pub sort_released: bool,
 }
 
 impl DpSpec {
@@ -638,6 +643,30 @@ pub fn release_dp(
     }
     let out_schema = crate::released_schema(&schema, Some(spec))?;
     let batch = RecordBatch::try_new(out_schema.clone(), columns)?;
+    // The released rows' order: the plan's, or their released values' (`sort_released`).
+    let order: Vec<usize> = if spec.sort_released && batch.num_rows() > 1 {
+        let keys: Vec<arrow::compute::SortColumn> = batch
+            .columns()
+            .iter()
+            .map(|values| arrow::compute::SortColumn {
+                values: values.clone(),
+                options: Some(arrow::compute::SortOptions {
+                    descending: false,
+                    nulls_first: false,
+                }),
+            })
+            .collect();
+        let indices = arrow::compute::lexsort_to_indices(&keys, None)?;
+        indices.values().iter().map(|i| *i as usize).collect()
+    } else {
+        (0..batch.num_rows()).collect()
+    };
+    let batch = if spec.sort_released {
+        let indices = arrow::array::UInt32Array::from_iter_values(order.iter().map(|i| *i as u32));
+        arrow::compute::take_record_batch(&batch, &indices)?
+    } else {
+        batch
+    };
 
     // An average's error depends on its count: each row's interval with its own noisy count,
     // the column's with the least of them (post-processing of released values, no cost).
@@ -658,7 +687,8 @@ pub fn release_dp(
         {
             let (sums, counts) = (floats(&noisy[*sum])?, ints(*count)?);
             noise.rows = (start..start + length)
-                .map(|i| {
+                .map(|position| {
+                    let i = order[position];
                     let rows = counts[i] as f64;
                     let average = (rows > 0.0).then(|| sums[i] / rows);
                     plan.average_accuracy(*sum, *count, (*low, *high), rows, average)
@@ -729,6 +759,7 @@ mod tests {
             public_groups: false,
             max_rows_per_unit: 1,
             max_groups_per_unit: 1,
+            sort_released: false,
         }
     }
 
@@ -978,6 +1009,63 @@ mod tests {
             (0.01..=0.055).contains(&rate),
             "outside the 95% interval: {rate}"
         );
+    }
+
+    /// Regression (fresh-attacker round of issue 18): groups counted without their keys came
+    /// back in the plan's order, with the really empty groups last; they are sorted by their
+    /// released values, before the LIMIT picks any.
+    #[test]
+    fn rows_without_their_keys_come_sorted_by_released_values() {
+        let spec = DpSpec {
+            public_groups: true,
+            sort_released: true,
+            ..spec(
+                vec![DpStat::Count],
+                vec![DpOutput::Count {
+                    name: "n".into(),
+                    stat: 0,
+                }],
+                true,
+            )
+        };
+        let plan = plan_noise(&spec, 1.0, 1e-7).unwrap();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(stat_column(0), DataType::Int64, true),
+            Field::new(UNITS_COLUMN, DataType::Int64, false),
+        ]));
+        let counts = vec![5000i64, 0, 3000];
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(counts.clone())),
+                Arc::new(Int64Array::from(counts)),
+            ],
+        )
+        .unwrap();
+        let (released, _) =
+            release_dp(schema.clone(), vec![batch.clone()], &plan, &gate()).unwrap();
+        let values: Vec<i64> = released.batches()[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .values()
+            .to_vec();
+        assert!(values.windows(2).all(|w| w[0] <= w[1]), "{values:?}");
+        assert!(values[0] < 1000 && values[2] > 4000, "{values:?}");
+        // The LIMIT takes the first of the sorted rows, not the plan's first.
+        let first = GatePolicy {
+            fetch: Some(1),
+            ..gate()
+        };
+        let (released, _) = release_dp(schema, vec![batch], &plan, &first).unwrap();
+        let value = released.batches()[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .value(0);
+        assert!(value < 1000, "{value}");
     }
 
     #[test]

@@ -375,6 +375,27 @@ pub enum Revoked {
     Principal(String),
 }
 
+/// A user name the caller sent, as a refusal quotes it (and the journal keeps it): control
+/// characters escaped, at most 64 characters, so that it can neither draw on an auditor's
+/// terminal nor fill the journal.
+fn shown_user(user: &str) -> String {
+    let mut shown: String = user
+        .chars()
+        .take(64)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if user.chars().count() > 64 {
+        shown.push('…');
+    }
+    shown
+}
+
 /// Two credentials that name different principals.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Mismatch {
@@ -643,16 +664,15 @@ impl Authenticator {
             .ok_or(AuthFailure::UnknownToken {
                 basic: matches!(credentials, Credentials::Basic { .. }),
             })?;
-        if let Credentials::Basic { user, .. } = &credentials
-            && *user != known.principal.id
-        {
-            return Err(AuthFailure::CredentialMismatch(Mismatch::UserAndToken {
-                user: user.clone(),
-                token: known.principal.id.clone(),
-            }));
-        }
+        // A revoked or expired token is refused as such before anything else is said of it:
+        // its holder learns no more than that (fresh-attacker round of issue 18).
         if DenyList::denies(&deny.token_sha256, &hash) {
             return Err(AuthFailure::Revoked(Revoked::Token));
+        }
+        if deny.denies_principal(&known.principal.id) {
+            return Err(AuthFailure::Revoked(Revoked::Principal(
+                known.principal.id.clone(),
+            )));
         }
         if let Some(at) = known.token_expires_at
             && SystemTime::now() >= at
@@ -661,6 +681,14 @@ impl Authenticator {
                 principal: known.principal.id.clone(),
                 expired_at: at,
             });
+        }
+        if let Credentials::Basic { user, .. } = &credentials
+            && *user != known.principal.id
+        {
+            return Err(AuthFailure::CredentialMismatch(Mismatch::UserAndToken {
+                user: shown_user(user),
+                token: known.principal.id.clone(),
+            }));
         }
         Ok(known.principal.clone())
     }
@@ -1005,6 +1033,23 @@ mod tests {
                 vec!["every credential of `banned` was revoked"],
                 vec!["banned"],
             ),
+            // A user name is quoted with its control characters escaped (it goes to the
+            // journal, read on an auditor's terminal).
+            (
+                Some(basic("\u{1b}[9Gbank\r", "analyst-token")),
+                None,
+                "credential-mismatch",
+                vec!["the user name `\\u{1b}[9Gbank\\r` is not the principal"],
+                vec!["analyst"],
+            ),
+            // A revoked principal's token under another user name: revoked, not a mismatch.
+            (
+                Some(basic("bank", "banned-token")),
+                None,
+                "revoked-credential",
+                vec!["every credential of `banned` was revoked"],
+                vec!["banned"],
+            ),
             (
                 None,
                 Some(&mallory_cert),
@@ -1046,6 +1091,15 @@ mod tests {
         });
         check(
             Some(&bearer("bank-token")),
+            None,
+            "revoked-credential",
+            &["the bearer token was revoked"],
+            &[],
+        );
+        // Regression (fresh-attacker round of issue 18): a revoked token under another user name
+        // is refused as revoked, without naming whose it was.
+        check(
+            Some(&basic("analyst", "bank-token")),
             None,
             "revoked-credential",
             &["the bearer token was revoked"],

@@ -350,6 +350,7 @@ pub(crate) fn guard_dp(
         (max_rows, max_groups),
         public.as_deref(),
     )?;
+    let every_key_output = (0..keys).all(|k| key_outputs.iter().any(|(i, _, _)| *i == k));
     let rewritten = match sort {
         // No ORDER BY: sorted by the group keys, the only outputs released without noise
         // (`order.rs`).
@@ -375,6 +376,9 @@ pub(crate) fn guard_dp(
         public_groups: public.is_some(),
         max_rows_per_unit: max_rows,
         max_groups_per_unit: max_groups,
+        // Sorted by the group keys in the plan when every one is an output; else the gate
+        // sorts the released values.
+        sort_released: sort.is_none() && !every_key_output,
     };
     Ok(Guarded {
         plan: rewritten,

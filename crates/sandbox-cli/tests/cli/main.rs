@@ -763,6 +763,37 @@ async fn cli_everyday_use() {
     assert!(out.stdout.contains("principal:"), "{}", out.stdout);
     assert!(out.stdout.contains("analyst"), "{}", out.stdout);
     assert!(out.stdout.contains("SubmitJob"), "{}", out.stdout);
+    // ...but not one that others may write (its tokens and CA could be planted).
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&data_dir)
+            .expect("data dir")
+            .permissions();
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let out = run_with(&sub, "", &env, &["--as", "analyst", "whoami"]);
+        std::fs::set_permissions(&data_dir, mode).expect("chmod back");
+        assert_eq!(out.code, 2, "{}", out.stderr);
+    }
+    // A token is not sent in clear text to another machine (refused before any connection).
+    let out = run_with(
+        &sub,
+        "",
+        &[],
+        &[
+            "--addr",
+            "http://10.0.0.1:50051",
+            "--as",
+            "analyst",
+            "whoami",
+        ],
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("refusing to send a token in clear text"),
+        "{}",
+        out.stderr
+    );
     // ...and from elsewhere says where it looked and how to point it.
     let out = run_with(dir.path(), "", &env, &["--as", "analyst", "datasets"]);
     assert_eq!(out.code, 2, "{}", out.stderr);

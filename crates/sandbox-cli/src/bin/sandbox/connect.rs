@@ -23,12 +23,44 @@ pub fn data_dir(cli: &Cli) -> PathBuf {
     if let Ok(current) = std::env::current_dir() {
         for folder in current.ancestors().skip(1) {
             let candidate = folder.join(DEFAULT_DATA_DIR);
-            if candidate.join("credentials").is_dir() {
+            if candidate.join("credentials").is_dir() && ours_alone(&candidate) {
                 return candidate;
             }
         }
     }
     here
+}
+
+/// Whether a data dir found in a parent folder is this user's and nobody else can write it or
+/// its credentials: a `sandbox-data` planted in a shared folder (its tokens, its CA) is not
+/// taken up unasked. Undecidable is no.
+fn ours_alone(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return false;
+    };
+    [dir.to_path_buf(), dir.join("credentials"), dir.join("tls")]
+        .iter()
+        .all(|path| match std::fs::metadata(path) {
+            Ok(meta) => meta.uid() == me && meta.mode() & 0o022 == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        })
+}
+
+/// Whether an address's host is this machine's loopback.
+fn is_loopback(address: &str) -> bool {
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The principals that have a token in `dir/credentials`, sorted.
@@ -135,6 +167,18 @@ fn tls_files(cli: &Cli) -> Result<Option<TlsFiles>, Failure> {
 pub async fn client(cli: &Cli) -> Result<Client, Failure> {
     let tls = tls_files(cli)?;
     let token = token(cli)?;
+    // A token over plaintext to another machine can be read on the way: refused unless asked.
+    if token.is_some()
+        && cli.addr.starts_with("http://")
+        && !is_loopback(&cli.addr)
+        && !cli.insecure_plaintext
+    {
+        return Err(usage(format!(
+            "refusing to send a token in clear text to {}: use https:// (sandboxd --tls), or \
+             --insecure-plaintext where a trusted network or proxy protects the path",
+            cli.addr
+        )));
+    }
     Client::connect_with(&cli.addr, token.as_deref(), tls.as_ref())
         .await
         .map_err(|e| match e {
@@ -185,5 +229,30 @@ pub fn explain_transport(cli: &Cli, failure: Failure) -> Failure {
             sandbox_cli::transport_hint(&cli.addr, tls.as_ref(), status)
         ),
         status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn loopback_hosts() {
+        for address in [
+            "http://127.0.0.1:50051",
+            "http://localhost:1",
+            "http://[::1]:50051",
+            "http://127.5.0.1",
+        ] {
+            assert!(is_loopback(address), "{address}");
+        }
+        for address in [
+            "http://10.0.0.1:50051",
+            "http://sandbox.example:50051",
+            "http://[2001:db8::1]:1",
+            "http://localhost.example:1",
+        ] {
+            assert!(!is_loopback(address), "{address}");
+        }
     }
 }

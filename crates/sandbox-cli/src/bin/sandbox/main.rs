@@ -61,6 +61,10 @@ struct Cli {
     /// Output format: `table` for people, `csv` or `json` (one array of objects) for programs.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     format: Format,
+    /// Send a token over plaintext `http://` to a host other than this machine (only where a
+    /// trusted network or a TLS-terminating proxy protects the path).
+    #[arg(long, global = true)]
+    insecure_plaintext: bool,
     /// Tables: keep long text whole instead of cutting it at 80 characters.
     #[arg(long, global = true)]
     wide: bool,
