@@ -201,7 +201,6 @@ pub async fn client(cli: &Cli) -> Result<Client, Failure> {
 /// A call that failed in the transport (a TLS refusal of the client certificate shows only at
 /// the first call) explained like a failed connection; other failures as they are.
 pub fn explain_transport(cli: &Cli, failure: Failure) -> Failure {
-    use std::error::Error as _;
     let Some(status) = &failure.status else {
         return failure;
     };
