@@ -636,6 +636,28 @@ async fn cli_code_jobs_and_consents() {
     server.shutdown().await.expect("shutdown");
 }
 
+/// The output contract's shape: a table for people is not empty, CSV has one header and rows of
+/// its width, JSON is one array of objects.
+fn assert_shape(format: &str, args: &[&str], stdout: &str) {
+    match format {
+        "table" => assert!(!stdout.trim().is_empty(), "{args:?}"),
+        "csv" => {
+            let mut reader = csv::Reader::from_reader(stdout.as_bytes());
+            let width = reader.headers().expect("a header line").len();
+            assert!(width > 0, "{args:?}");
+            for record in reader.records() {
+                assert_eq!(record.expect("a CSV row").len(), width, "{args:?}");
+            }
+        }
+        _ => {
+            let value: serde_json::Value = serde_json::from_str(stdout)
+                .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {stdout}"));
+            let rows = value.as_array().expect("one JSON array");
+            assert!(rows.iter().all(|r| r.is_object()), "{args:?}");
+        }
+    }
+}
+
 /// Every read-only command in every format: a table for people, CSV with one header and rows of
 /// its width, JSON as one array of objects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -694,23 +716,70 @@ async fn cli_every_command_in_every_format() {
             args.extend(command.iter().copied());
             let out = run(&addr, &data_dir, &args);
             assert_eq!(out.code, 0, "{args:?}\n{}\n{}", out.stdout, out.stderr);
-            match format {
-                "table" => assert!(!out.stdout.trim().is_empty(), "{args:?}"),
-                "csv" => {
-                    let mut reader = csv::Reader::from_reader(out.stdout.as_bytes());
-                    let width = reader.headers().expect("a header line").len();
-                    assert!(width > 0, "{args:?}");
-                    for record in reader.records() {
-                        assert_eq!(record.expect("a CSV row").len(), width, "{args:?}");
-                    }
-                }
-                _ => {
-                    let value: serde_json::Value = serde_json::from_str(&out.stdout)
-                        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", out.stdout));
-                    let rows = value.as_array().expect("one JSON array");
-                    assert!(rows.iter().all(|r| r.is_object()), "{args:?}");
-                }
-            }
+            assert_shape(format, &args, &out.stdout);
+        }
+    }
+    // The commands that change state, once per format (each on its own object).
+    let template =
+        std::fs::read_to_string(repository().join("examples/templates/industry_region_risk.toml"))
+            .expect("example template");
+    for format in ["table", "csv", "json"] {
+        let unit = format!("91450100MA5K{:0>5}X", format.len());
+        let template_file = dir.path().join(format!("{format}.toml"));
+        std::fs::write(
+            &template_file,
+            template.replace("\"industry_region_risk\"", &format!("\"risk_{format}\"")),
+        )
+        .expect("write");
+        let template_arg = template_file.display().to_string();
+        let out_dir = dir
+            .path()
+            .join(format!("bundle-{format}"))
+            .display()
+            .to_string();
+        let name = format!("risk_{format}");
+        let commands: Vec<Vec<&str>> = vec![
+            vec![
+                "--as",
+                "admin",
+                "consent",
+                "add",
+                &unit,
+                "--org",
+                "bank_demo",
+            ],
+            vec![
+                "--as",
+                "admin",
+                "consent",
+                "revoke",
+                &unit,
+                "--org",
+                "bank_demo",
+            ],
+            vec![
+                "--as",
+                "owner_tax",
+                "budget",
+                "refresh",
+                "--org",
+                "analytics",
+                "--dataset",
+                "tax_monthly",
+                "--reason",
+                "a test",
+            ],
+            vec!["--as", "bank", "template", "submit", &template_arg],
+            vec!["--as", "owner_court", "template", "approve", &name, "--yes"],
+            vec!["--as", "auditor", "audit", "export", "--out", &out_dir],
+            vec!["audit", "verify", "--bundle", &out_dir],
+        ];
+        for command in &commands {
+            let mut args = vec!["--format", format];
+            args.extend(command.iter().copied());
+            let out = run(&addr, &data_dir, &args);
+            assert_eq!(out.code, 0, "{args:?}\n{}\n{}", out.stdout, out.stderr);
+            assert_shape(format, &args, &out.stdout);
         }
     }
     // `-n 0` is none; an empty result keeps its header and says so.
