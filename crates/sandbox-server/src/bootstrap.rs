@@ -312,7 +312,18 @@ fn create_demo(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
 #[cfg(feature = "demo")]
 fn generate_datasets(data_dir: &Path, scale: f64) -> anyhow::Result<()> {
     let config = sandbox_demo::DemoConfig::scaled(scale);
-    let summary = sandbox_demo::generate(data_dir, &config).context("cannot generate demo data")?;
+    // A progress line on a terminal (indicatif draws nothing when stderr is not one): the first
+    // start writes millions of rows before it listens.
+    let progress = indicatif::ProgressBar::new_spinner().with_message(format!(
+        "first start: generating the demo data ({} enterprises, {} months) in {}",
+        config.enterprises,
+        config.months,
+        data_dir.display()
+    ));
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    let summary = sandbox_demo::generate(data_dir, &config);
+    progress.finish_and_clear();
+    let summary = summary.context("cannot generate demo data")?;
     for (table, rows) in &summary.tables {
         tracing::info!(table, rows, "demo dataset written");
     }
