@@ -119,7 +119,14 @@ pub fn transport_hint(
         }
         next = e.source();
     }
-    let all = causes.join(": ");
+    // Each layer repeats its source's text: keep each cause once.
+    let mut seen: Vec<&str> = Vec::new();
+    for cause in &causes {
+        if !seen.iter().any(|s| s.contains(cause.as_str())) {
+            seen.push(cause);
+        }
+    }
+    let all = seen.join(": ");
     let has = |needle: &str| all.contains(needle);
     let https = address.starts_with("https://");
     let has_ca = tls.is_some_and(|t| t.ca.is_some());

@@ -1118,7 +1118,7 @@ async fn cli_over_tls() {
                     "--ca", &ca, "--cert", &cert, "--key", &wrong_key, "datasets",
                 ],
                 5,
-                "key",
+                "the --key does not belong to the --cert",
             ),
             // Plain flags for TLS over http:// are a usage error.
             (
