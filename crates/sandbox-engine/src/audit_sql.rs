@@ -595,9 +595,7 @@ impl Engine {
         // The owner's datasets, fixed before reading: an owner sees an event when it names one.
         let owned: Vec<String> = self
             .policy
-            .datasets
-            .values()
-            .filter(|d| d.owner == ctx.principal.org)
+            .datasets_of_org(&ctx.principal.org)
             .map(|d| d.id.clone())
             .collect();
         let mut batches = Vec::new();

@@ -115,9 +115,7 @@ impl Engine {
     pub async fn who_am_i(&self, ctx: &RequestContext) -> Result<Identity> {
         let owns: Vec<String> = self
             .policy
-            .datasets
-            .values()
-            .filter(|d| d.owner == ctx.principal.org)
+            .datasets_of_org(&ctx.principal.org)
             .map(|d| d.id.clone())
             .collect();
         let mut event = self.recorder.begin(ctx, Action::WhoAmI);

@@ -704,8 +704,15 @@ impl PolicySet {
         principal: &'a Principal,
     ) -> impl Iterator<Item = &'a DatasetPolicy> + 'a {
         let is_owner = principal.roles.contains(&PrincipalRole::Owner);
-        self.datasets
-            .values()
-            .filter(move |d| is_owner && d.owner == principal.org)
+        self.datasets_of_org(&principal.org)
+            .filter(move |_| is_owner)
+    }
+
+    /// Datasets whose owner is `org`, whatever the role of whoever asks.
+    pub fn datasets_of_org<'a>(
+        &'a self,
+        org: &'a str,
+    ) -> impl Iterator<Item = &'a DatasetPolicy> + 'a {
+        self.datasets.values().filter(move |d| d.owner == org)
     }
 }

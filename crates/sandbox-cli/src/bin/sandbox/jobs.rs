@@ -186,11 +186,8 @@ pub async fn sql(cli: &Cli, query: &str, dp: bool, epsilon: Option<f64>) -> Resu
     let result = client(cli).await?.run(spec).await?;
     let mut table = Table::from_batches(&result.batches).map_err(anyhow::Error::from)?;
     let summary = &result.summary;
-    let order = if query.to_ascii_uppercase().contains("ORDER BY") {
-        ""
-    } else {
-        " (sorted by their columns, group keys first; ORDER BY sets another order)"
-    };
+    // The server orders rows by the query's ORDER BY, else by their columns (`order.rs`).
+    let order = " (in the order of the query's ORDER BY, else sorted by their columns)";
     let Some(dp) = &summary.dp else {
         cli.print(&table);
         eprintln!(
